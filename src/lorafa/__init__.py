@@ -1,0 +1,13 @@
+"""lorafa: data-aware low-rank adaptation on top of PEFT."""
+
+from .config import InitConfig
+from .methods import InitResult, init_factors, resolve_method
+from .peft_bridge import compute_init, initialize, save_adapter
+from .stats import LayerStats, collect_stats, load_stats, read_stats_config, save_stats, stat_batches
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InitConfig", "InitResult", "LayerStats", "collect_stats", "compute_init", "init_factors", "initialize",
+    "load_stats", "read_stats_config", "resolve_method", "save_adapter", "save_stats", "stat_batches",
+]

@@ -1,0 +1,130 @@
+"""Method names -> pure init functions, their option types and the statistics they need."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..stats.types import LayerStats
+from .activation_methods import CordaOptions, EvaOptions, corda_init, eva_init
+from .common import InitResult
+from .lora_fa import LoraFAOptions, lora_fa_init
+from .lora_ga import DIRECTIONS, LoraGAOptions, lora_ga_init
+from .lora_one import LoraOneOptions, lora_one_init
+from .weight_methods import NoOptions, lora_init, milora_init, pissa_init
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: callable
+    options: type
+    needs: str | None  # statistic kind: None, "grad", "kfac" or "act"
+    subtracts: bool  # SPEC §2's offset column
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("lora", lora_init, NoOptions, None, False),
+        Method("pissa", pissa_init, NoOptions, None, True),
+        Method("milora", milora_init, NoOptions, None, True),
+        Method("lora_ga", lora_ga_init, LoraGAOptions, "grad", True),
+        Method("lora_one", lora_one_init, LoraOneOptions, "grad", False),
+        Method("lora_fa", lora_fa_init, LoraFAOptions, "kfac", False),
+        Method("corda", corda_init, CordaOptions, "act", True),
+        Method("eva", eva_init, EvaOptions, "act", False),
+    )
+}
+
+
+def _key(name: str) -> str:
+    return str(name).strip().lower().replace("-", "_")
+
+
+def resolve_method(name: str) -> tuple[str, str | None]:
+    """Canonical method name (and lora_ga direction, if the name was one) for any accepted spelling.
+
+    Accepts our names, the seed's `LoRA-FA`/`LoRA-One`/`LoRA-GA` (case-insensitive) and lora_ga's direction names.
+
+    Raises:
+        ValueError: unknown name; the message lists the known ones.
+    """
+    key = _key(name)
+    if key in METHODS:
+        return key, None
+    for d in DIRECTIONS:
+        if key == d.lower():
+            return "lora_ga", d
+    known = sorted(METHODS) + ["LoRA-FA", "LoRA-One", "LoRA-GA"] + list(DIRECTIONS)
+    raise ValueError(f"Unknown init method {name!r}; known: {known}")
+
+
+def method_options(method: str) -> list[str]:
+    """Names of the options a method accepts (besides the common `svd` and `seed`)."""
+    return [f.name for f in dataclasses.fields(METHODS[resolve_method(method)[0]].options)]
+
+
+def make_options(method: str, **options):
+    """Build a method's typed options; an option the method does not have is an error naming the valid ones."""
+    spec = METHODS[resolve_method(method)[0]]
+    valid = method_options(spec.name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"{spec.name} has no option(s) {unknown}; its options are {valid or 'none'} (plus svd, seed).")
+    return spec.options(**options)
+
+
+def check_stats(name: str, method: Method, weight_shape, stats: LayerStats | None) -> None:
+    """Raise unless `stats` has what `method` needs, with shapes matching an m × n weight and finite values."""
+    if method.needs is None:
+        return
+    label = name or "this layer"
+    if stats is None or method.needs not in stats.kinds():
+        raise ValueError(
+            f"{method.name} needs '{method.needs}' statistics for {label!r}, which are missing. Run "
+            f"collect_stats(..., kinds=('{method.needs}',)) over the same target_modules, or pass batches to initialize."
+        )
+    m, n = weight_shape
+    expected = {"grad": (m, n), "in_cov": (n, n), "out_cov": (m, m)}
+    for kind, t in stats.tensors().items():
+        if tuple(t.shape) != expected[kind]:
+            raise ValueError(f"{kind} statistics for {label!r} have shape {tuple(t.shape)}, the layer needs "
+                             f"{expected[kind]}: they were computed for another model or layer.")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{kind} statistics for {label!r} contain NaN/inf; recompute them (fp32/bf16, not fp16).")
+
+
+def init_factors(method: str, weight: torch.Tensor, stats: LayerStats | None = None, *, rank: int, scaling: float,
+                 svd: str = "auto", seed: int = 0, name: str = "", **options) -> InitResult:
+    """Compute one layer's LoRA factors with a named method (a pure function of its inputs).
+
+    Args:
+        method: any accepted spelling (see `resolve_method`).
+        weight: W as an m × n (out × in) floating tensor.
+        stats: the layer's LayerStats, for methods that need them.
+        rank: r; scaling: s (α/r, or α/√r with rsLoRA).
+        svd: "auto", "exact" or "randomized"; seed: for random parts (LoRA's A, randomized SVD, lora_ga's random split).
+        name: module name, used in error messages.
+        **options: the method's options (e.g. direction=, scale=, stable_gamma=, reg=, reg_mode=, corda_method=).
+
+    Returns:
+        InitResult with fp32 A (r × n), B (m × r) and `subtract`.
+
+    Raises:
+        ValueError: unknown method/option, invalid rank, missing/mismatched/non-finite statistics.
+        TypeError: a non-floating weight.
+    """
+    canonical, direction = resolve_method(method)
+    if direction is not None:
+        options.setdefault("direction", direction)
+    spec = METHODS[canonical]
+    opts = make_options(canonical, **options)
+    if not torch.is_tensor(weight) or not torch.is_floating_point(weight) or weight.dim() != 2:
+        raise TypeError(f"weight for {name or 'the layer'!r} must be a 2-D floating tensor, got {getattr(weight, 'dtype', type(weight))}")
+    if not scaling > 0:
+        raise ValueError(f"scaling must be > 0, got {scaling}")
+    check_stats(name, spec, tuple(weight.shape), stats)
+    return spec.fn(weight.float(), stats, rank=rank, scaling=float(scaling), opts=opts, svd=svd, seed=seed)

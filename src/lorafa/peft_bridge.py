@@ -1,0 +1,236 @@
+"""Model surgery: InitResults into a PEFT LoraModel, base-weight offsets, and saving relative to the pristine base."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from peft.utils.other import get_pattern_key
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import InitConfig
+from .methods.common import InitResult
+from .methods.registry import init_factors
+from .stats.collect import collect_stats
+from .stats.distributed import world
+from .targets import is_transposed, resolve_targets, unwrap_model, weight_matrix
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InitRecord:
+    """What `save_adapter` needs to express the trained adapter relative to the original base weights."""
+
+    adapter_name: str
+    init_config: InitConfig
+    subtracted: bool
+    initial_state: dict[str, torch.Tensor] | None
+    infos: dict[str, dict] = field(default_factory=dict)
+
+
+# Keyed by the PeftModel object: nothing is stored as attributes on modules.
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def init_record(peft_model: PeftModel) -> InitRecord | None:
+    """The record `initialize` kept for this model (None if it did not create it)."""
+    return _RECORDS.get(peft_model)
+
+
+def layer_rank_and_scaling(lora_config: LoraConfig, name: str) -> tuple[int, float]:
+    """r and s for one module, resolving rank_pattern/alpha_pattern exactly as PEFT does."""
+    r = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), name), lora_config.r)
+    alpha = lora_config.alpha_pattern.get(get_pattern_key(lora_config.alpha_pattern.keys(), name), lora_config.lora_alpha)
+    return r, alpha / math.sqrt(r) if lora_config.use_rslora else alpha / r
+
+
+def _check_lora_config(lora_config, init_config: InitConfig) -> None:
+    if not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
+    if lora_config.init_lora_weights is not True:
+        raise ValueError(
+            f"lora_config.init_lora_weights={lora_config.init_lora_weights!r}: choose the method with "
+            f"InitConfig(method=...) and leave init_lora_weights=True, so PEFT does not run a second init."
+        )
+    if lora_config.use_dora and init_config.method != "lora":
+        raise ValueError("use_dora is not supported with data-aware inits (DoRA's magnitude would be taken from the "
+                         "wrong weight). Use InitConfig(method='lora') with DoRA, or turn DoRA off.")
+
+
+def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=None, batches=None, loss_fn=None,
+                 progress: bool = True) -> dict[str, InitResult]:
+    """Every target layer's InitResult, computed from the untouched base model (nothing is modified).
+
+    Raises:
+        ValueError: see `initialize`.
+    """
+    base = unwrap_model(model)
+    targets = resolve_targets(base, lora_config)
+    if init_config.needs is not None and stats is None:
+        if batches is None:
+            raise ValueError(f"{init_config.method} needs '{init_config.needs}' statistics: pass batches= (or stats=).")
+        stats = collect_stats(base, batches, list(targets), kinds=(init_config.needs,), loss_fn=loss_fn,
+                              max_batches=init_config.iters, progress=progress)
+    if stats is not None and init_config.needs is not None:
+        missing = [n for n in targets if n not in stats]
+        if missing:
+            raise ValueError(f"No statistics for target modules {missing[:6]}{' ...' if len(missing) > 6 else ''}: "
+                             "they were collected for other target_modules. Recompute them for this LoraConfig.")
+    results = {}
+    opts = init_config.method_options()
+    for i, (name, module) in enumerate(tqdm(targets.items(), desc=f"lorafa {init_config.method} init",
+                                            disable=not progress or world()[0] != 0, leave=False)):
+        r, s = layer_rank_and_scaling(lora_config, name)
+        results[name] = init_factors(init_config.method, weight_matrix(module), None if stats is None else stats.get(name),
+                                     rank=r, scaling=s, svd=init_config.svd, seed=init_config.seed + i, name=name, **opts)
+    return results
+
+
+def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = None, batches=None, stats=None, *,
+               adapter_name: str = "default", loss_fn=None, progress: bool = True) -> PeftModel:
+    """Build a PEFT model whose adapters are initialised by `init_config`.
+
+    Runs the statistics pass over `batches` if the method needs statistics and `stats` is None, computes every
+    layer's factors from the untouched weights (so a bad input fails before the model is changed), then calls
+    `peft.get_peft_model`, writes A and B in the adapter dtype and, for offset methods, sets the base weight to
+    W − s·B·A computed from the *cast* factors.
+
+    Args:
+        model: a transformers model (or any nn.Module with nn.Linear/Conv1D targets). Modified in place, as by PEFT.
+        lora_config: the PEFT LoraConfig (r, lora_alpha, use_rslora, rank_pattern, alpha_pattern, targets...).
+        init_config: the method and its options; default InitConfig() (LoRA-FA).
+        batches: statistics batches (HF-style dicts) for this process.
+        stats: precomputed statistics (module name -> LayerStats), e.g. from `load_stats`.
+        adapter_name: PEFT adapter name.
+        loss_fn: `loss_fn(model, batch)`, default `model(**batch).loss`.
+
+    Returns:
+        The PeftModel. `save_adapter` writes it so that it loads on the original base.
+
+    Raises:
+        ValueError/TypeError: unknown targets, unsupported layers, invalid rank, missing or bad statistics, an option
+        the method lacks, quantized weights, a conflicting init_lora_weights.
+    """
+    init_config = init_config or InitConfig()
+    _check_lora_config(lora_config, init_config)
+    results = compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress)
+    subtract = init_config.subtracts()
+    peft_model = get_peft_model(unwrap_model(model), lora_config, adapter_name=adapter_name)
+    layers = {n: m for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+    for name, res in results.items():
+        _write_layer(name, layers[name], adapter_name, res, subtract, *layer_rank_and_scaling(lora_config, name))
+    initial = None
+    if subtract:
+        initial = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()}
+    _RECORDS[peft_model] = InitRecord(adapter_name, init_config, subtract, initial, {n: r.info for n, r in results.items()})
+    logger.info("lorafa: %s init of %d layers (offset: %s)", init_config.method, len(results), subtract)
+    return peft_model
+
+
+@torch.no_grad()
+def _write_layer(name, layer, adapter_name, res: InitResult, subtract: bool, r: int, s: float) -> None:
+    lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    if layer.r[adapter_name] != r or not math.isclose(layer.scaling[adapter_name], s, rel_tol=1e-6):
+        raise RuntimeError(f"PEFT built {name!r} with r={layer.r[adapter_name]}, s={layer.scaling[adapter_name]}, "
+                           f"lorafa expected r={r}, s={s}: please report this.")
+    lora_A.copy_(res.A.to(lora_A.device, lora_A.dtype))
+    lora_B.copy_(res.B.to(lora_B.device, lora_B.dtype))
+    if subtract:
+        base = layer.get_base_layer()
+        w = weight_matrix(base) - s * (lora_B.float() @ lora_A.float()).to(base.weight.device)
+        base.weight.copy_((w.t() if is_transposed(base) else w).to(base.weight.dtype))
+
+
+@contextmanager
+def _conversion_safe_config(peft_model: PeftModel, adapter_name: str):
+    """PEFT's rank-2r conversion refuses rsLoRA together with rank/alpha patterns. The same adapter is expressed
+    without rsLoRA by giving every layer an explicit (r_l, α'_l = s_l·r_l), which PEFT converts correctly."""
+    config = peft_model.peft_config[adapter_name]
+    if not (config.use_rslora and (config.rank_pattern or config.alpha_pattern)):
+        yield
+        return
+    layers = {n: m for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+    replacement = LoraConfig(**{
+        **config.to_dict(), "use_rslora": False,
+        "rank_pattern": {re.escape(n): m.r[adapter_name] for n, m in layers.items()},
+        "alpha_pattern": {re.escape(n): m.scaling[adapter_name] * m.r[adapter_name] for n, m in layers.items()},
+    })
+    peft_model.peft_config[adapter_name] = replacement
+    try:
+        yield
+    finally:
+        peft_model.peft_config[adapter_name] = config
+
+
+def save_adapter(peft_model: PeftModel, path: str | os.PathLike, *, save_initial: bool = False) -> str:
+    """Save the adapter so that stock `PeftModel.from_pretrained(original_base, path)` reproduces the model.
+
+    For methods that offset the base weight, the trained adapter is converted to ΔW = s·B·A − s·B₀·A₀ relative to the
+    pristine base, a rank-2r LoRA, with PEFT's weight-converting `save_pretrained`. Other methods are saved as they
+    are. Files are written into a temporary folder and moved into `path` one by one, so a crash never leaves a
+    half-written file. A `lorafa_init.json` records the init.
+
+    Args:
+        peft_model: a model returned by `initialize` (possibly trained).
+        path: output directory (created if needed).
+        save_initial: also write the initial adapter (A₀, B₀, for the modified base) to `path/initial_adapter`.
+
+    Returns:
+        The path.
+
+    Raises:
+        ValueError: the model was not created by `initialize` in this process.
+    """
+    record = init_record(peft_model)
+    if record is None:
+        raise ValueError("This model was not created by lorafa.initialize in this process, so its initial adapter is "
+                         "unknown. Save a plain PEFT model with model.save_pretrained(path).")
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    if world()[0] != 0:
+        return path
+    name = record.adapter_name
+    with tempfile.TemporaryDirectory(dir=path, prefix=".lorafa-tmp-") as tmp:
+        out = os.path.join(tmp, "adapter")
+        if record.subtracted:
+            init_dir = os.path.join(tmp, f"lorafa_initial_{uuid.uuid4().hex[:8]}")
+            os.makedirs(init_dir)
+            save_file(record.initial_state, os.path.join(init_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+            with _conversion_safe_config(peft_model, name):
+                peft_model.save_pretrained(out, selected_adapters=[name], path_initial_model_for_weight_conversion=init_dir)
+            if save_initial:
+                _save_initial(peft_model, record, os.path.join(tmp, "initial_adapter"))
+        else:
+            peft_model.save_pretrained(out, selected_adapters=[name])
+        src = out if name == "default" else os.path.join(out, name)
+        with open(os.path.join(src, "lorafa_init.json"), "w") as f:
+            json.dump({"init_config": record.init_config.to_dict(), "converted_to_original_base": record.subtracted}, f, indent=2)
+        for fname in os.listdir(src):
+            if os.path.isfile(os.path.join(src, fname)):
+                os.replace(os.path.join(src, fname), os.path.join(path, fname))
+        if save_initial and record.subtracted:
+            target = os.path.join(path, "initial_adapter")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(os.path.join(tmp, "initial_adapter"), target)
+    return path
+
+
+def _save_initial(peft_model: PeftModel, record: InitRecord, directory: str) -> None:
+    os.makedirs(directory)
+    save_file(record.initial_state, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    peft_model.peft_config[record.adapter_name].save_pretrained(directory)

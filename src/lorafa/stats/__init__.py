@@ -1,0 +1,11 @@
+"""Statistics pass: gradients, K-FAC factors and input covariances, streamed, all-reduced and cached."""
+
+from .cache import load_stats, read_stats_config, save_stats
+from .collect import KINDS, StatsRecorder, collect_stats, normalize_kinds
+from .sampling import sample_indices, shard_batches, stat_batches
+from .types import LayerStats
+
+__all__ = [
+    "KINDS", "LayerStats", "StatsRecorder", "collect_stats", "load_stats", "normalize_kinds", "read_stats_config",
+    "sample_indices", "save_stats", "shard_batches", "stat_batches",
+]

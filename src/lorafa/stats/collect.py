@@ -1,0 +1,280 @@
+"""The statistics pass (SPEC §1): mean gradient and K-FAC factors, streamed into fp32 buffers one layer at a time."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..targets import is_transposed, out_in_features, resolve_targets, unwrap_model
+from .distributed import all_reduce_counts, all_reduce_sum_, world
+from .types import LayerStats
+
+logger = logging.getLogger(__name__)
+KINDS = ("grad", "kfac", "act")
+
+
+def normalize_kinds(kinds: Iterable[str] | str) -> frozenset[str]:
+    """Validate statistic kinds; `kfac` needs the gradient too (Ḡ is derived from it)."""
+    kinds = {kinds} if isinstance(kinds, str) else set(kinds)
+    unknown = kinds - set(KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"Unknown statistics kinds {sorted(unknown) or kinds}; choose from {KINDS}.")
+    if "kfac" in kinds:
+        kinds |= {"grad", "act"}
+    return frozenset(kinds)
+
+
+def _rows(t: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+    """The token rows of a (batch, seq, d) activation, padding removed, as fp32 (N, d)."""
+    if mask is None:
+        rows = t.reshape(-1, t.shape[-1])
+    elif t.shape[:-1] == mask.shape:
+        rows = t[mask]
+    elif t.dim() == 2 and t.shape[0] == mask.numel():
+        rows = t[mask.reshape(-1)]
+    else:
+        raise ValueError(
+            f"Cannot align the input of {name!r} (shape {tuple(t.shape)}) with attention_mask {tuple(mask.shape)}: "
+            "pass batches whose attention_mask matches the token layout, or drop attention_mask to count every token."
+        )
+    return rows.float()
+
+
+class StatsRecorder:
+    """Hooks that stream a model's per-layer statistics into fp32 buffers, restoring every flag on exit.
+
+    Only target weights require grad inside the context; each weight's gradient is added to its fp32 buffer as soon
+    as autograd has accumulated it, then freed, so no layer's gradient outlives its own backward step.
+    """
+
+    def __init__(self, model: nn.Module, targets: dict[str, nn.Module], kinds, accumulate_on=None, train_mode=False):
+        self.model, self.targets, self.kinds = model, targets, normalize_kinds(kinds)
+        self.accumulate_on, self.train_mode = accumulate_on, train_mode
+        self.mask: torch.Tensor | None = None
+        self.n_batches = 0
+        self.calls = dict.fromkeys(targets, 0)
+        self.tokens = dict.fromkeys(targets, 0)
+        self.out_calls = dict.fromkeys(targets, 0)
+        self.grad, self.in_sum, self.out_sum = {}, {}, {}
+        self.share: dict[str, str] = {}  # module -> module whose input covariance it reuses
+        self._seen: dict[int, tuple[str, weakref.ref]] = {}
+        self._handles = []
+
+    # -- context ---------------------------------------------------------------------------------------------
+    def __enter__(self):
+        m = self.model
+        self._saved_flags = {id(p): p.requires_grad for p in m.parameters()}
+        self._saved_grads = {n: mod.weight.grad for n, mod in self.targets.items()}
+        self._saved_mode = m.training
+        m.train(self.train_mode)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        for name, mod in self.targets.items():
+            self._install(name, mod)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for p in self.model.parameters():
+            p.requires_grad_(self._saved_flags.get(id(p), p.requires_grad))
+        for n, mod in self.targets.items():
+            mod.weight.grad = self._saved_grads[n]
+        self.model.train(self._saved_mode)
+        return False
+
+    def _buffer(self, store: dict, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+        if name not in store:
+            device = self.accumulate_on if self.accumulate_on is not None else like.device
+            store[name] = torch.zeros(shape, dtype=torch.float32, device=device)
+        return store[name]
+
+    def _install(self, name: str, mod: nn.Module) -> None:
+        transposed = is_transposed(mod)
+        if "grad" in self.kinds:
+            mod.weight.requires_grad_(True)
+
+            def on_grad(p, name=name):
+                g = p.grad.t() if transposed else p.grad
+                buf = self._buffer(self.grad, name, g.shape, g)
+                buf.add_(g.to(buf.device, torch.float32))
+                self.calls[name] += 1
+                p.grad = None  # free at once: never all layers' gradients in model dtype
+
+            self._handles.append(mod.weight.register_post_accumulate_grad_hook(on_grad))
+        if "act" in self.kinds:
+            self._handles.append(mod.register_forward_hook(lambda m, args, out, name=name: self._on_forward(name, args[0], out)))
+
+    def _on_forward(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        mask = self.mask
+        owner = self._seen.get(id(x))
+        shared = owner is not None and owner[1]() is x and owner[0] != name
+        if shared and self.n_batches == 0:
+            self.share.setdefault(name, owner[0])
+        if self.share.get(name) is not None and not (shared and owner[0] == self.share[name]):
+            raise RuntimeError(f"{name!r} shared its input with {self.share[name]!r} in one batch but not in another.")
+        with torch.no_grad():
+            rows = _rows(x.detach(), mask, name)
+            self.tokens[name] += rows.shape[0]
+            if name not in self.share:
+                self._seen[id(x)] = (name, weakref.ref(x))
+                buf = self._buffer(self.in_sum, name, (rows.shape[1], rows.shape[1]), rows)
+                buf.add_((rows.T @ rows).to(buf.device))
+        if "kfac" in self.kinds and out.requires_grad:
+            out.register_hook(lambda g, name=name, mask=mask: self._on_out_grad(name, g, mask))
+
+    def _on_out_grad(self, name: str, g: torch.Tensor, mask) -> None:
+        with torch.no_grad():
+            j = _rows(g, mask, name)
+            buf = self._buffer(self.out_sum, name, (j.shape[1], j.shape[1]), j)
+            buf.add_((j.T @ j).to(buf.device))
+            self.out_calls[name] += 1
+
+    # -- batches ---------------------------------------------------------------------------------------------
+    def begin_batch(self, attention_mask: torch.Tensor | None) -> None:
+        self.mask = None if attention_mask is None else attention_mask.bool()
+        self._seen.clear()
+
+    def end_batch(self) -> None:
+        self.n_batches += 1
+        self._seen.clear()
+        self.mask = None
+
+    # -- result ----------------------------------------------------------------------------------------------
+    def finalize(self, normalize_grad_by: str = "batches") -> dict[str, LayerStats]:
+        """All-reduce the sums over processes, normalise, check, and return module name -> LayerStats.
+
+        Args:
+            normalize_grad_by: "batches" (SPEC: G = Σ_b ∇L_b / iters) or "calls" (per-module count of backward
+                passes that reached the weight, PEFT's `preprocess_loraga` semantics).
+        """
+        names = list(self.targets)
+        device = next(self.model.parameters()).device
+        local = [self.n_batches] + [d[n] for d in (self.calls, self.tokens, self.out_calls) for n in names]
+        counts = all_reduce_counts(local, device)
+        k = len(names)
+        n_batches = counts[0]
+        calls, tokens, out_calls = (dict(zip(names, counts[1 + i * k : 1 + (i + 1) * k])) for i in range(3))
+        if n_batches == 0 and normalize_grad_by == "batches":
+            raise ValueError("The statistics pass saw no batches: `batches` is empty.")
+        out = {}
+        for name in names:
+            st = LayerStats(n_tokens=tokens[name], n_batches=n_batches if normalize_grad_by == "batches" else calls[name])
+            m, n = out_in_features(self.targets[name])
+            if "grad" in self.kinds:
+                st.grad = self._reduced(self.grad, name, (m, n), "gradient", calls[name] > 0) / max(st.n_batches, 1)
+            if "act" in self.kinds and tokens[name] == 0:
+                raise ValueError(f"{name!r} saw no non-padding tokens: check attention_mask and the batches.")
+            if "act" in self.kinds and name not in self.share:
+                st.in_cov = self._reduced(self.in_sum, name, (n, n), "input", True) / tokens[name]
+            if "kfac" in self.kinds:
+                st.out_cov = self._reduced(self.out_sum, name, (m, m), "output gradient", out_calls[name] > 0) / tokens[name]
+            out[name] = st
+        for name, owner in self.share.items():
+            out[name].in_cov = out[owner].in_cov
+        _check_finite(out)
+        return out
+
+    def _reduced(self, store: dict, name: str, shape, what: str, reached: bool) -> torch.Tensor:
+        # A process whose shard never reached this layer still joins the all-reduce, with zeros.
+        weight = self.targets[name].weight
+        local = store.pop(name, None)
+        if local is None:
+            local = torch.zeros(shape, dtype=torch.float32, device=self.accumulate_on or weight.device)
+        total = all_reduce_sum_(local)
+        if not reached:
+            raise ValueError(
+                f"{name!r} received no {what} during the statistics pass: is it used in the forward pass, and does "
+                "the loss depend on it? Remove it from target_modules otherwise."
+            )
+        return total
+
+
+def _check_finite(stats: dict[str, LayerStats]) -> None:
+    bad = [f"{n}.{k}" for n, st in stats.items() for k, t in st.tensors().items() if not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(
+            f"Non-finite (NaN/inf) statistics in {bad[:8]}{' ...' if len(bad) > 8 else ''}: the loss or activations "
+            "overflowed. Use fp32 or bf16 instead of fp16 for the statistics pass, or check the data."
+        )
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    if not isinstance(batch, dict):
+        raise TypeError(f"Each batch must be a dict of tensors (input_ids, attention_mask, labels), got {type(batch)}")
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    out = model(**batch)
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError("The model returned no loss: give batches with 'labels', or pass loss_fn(model, batch).")
+    return loss
+
+
+def collect_stats(
+    model: nn.Module,
+    batches: Iterable[dict],
+    target_modules,
+    kinds: Iterable[str] | str = ("grad",),
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
+    *,
+    max_batches: int | None = None,
+    accumulate_on: str | torch.device | None = None,
+    train_mode: bool = False,
+    progress: bool = True,
+) -> dict[str, LayerStats]:
+    """Run the statistics pass of SPEC §1 over `batches`.
+
+    Args:
+        model: the base model (un-wrapped; DDP wrappers are stripped).
+        batches: iterable of HF-style dicts (`input_ids`, `attention_mask`, `labels`); this process's shard.
+        target_modules: a LoraConfig, a regex or a list of names (PEFT's matching).
+        kinds: any of "grad" (mean gradient G), "kfac" (G, Σ, C), "act" (Σ only, forward passes only).
+        loss_fn: `loss_fn(model, batch) -> scalar`; default `model(**batch).loss`.
+        max_batches: stop after this many batches.
+        accumulate_on: device for the fp32 accumulators (e.g. "cpu" to offload them); default: the weight's device.
+        train_mode: run with dropout on (default off, so the pass is deterministic and identical across processes).
+        progress: show a progress bar on rank 0.
+
+    Returns:
+        dict module name -> LayerStats, identical on every process (sums are all-reduced when torch.distributed is
+        initialised).
+
+    Raises:
+        ValueError: unknown targets or kinds, empty batches, a non-finite loss or statistic, a layer without gradient.
+    """
+    model = unwrap_model(model)
+    kinds = normalize_kinds(kinds)
+    targets = resolve_targets(model, target_modules)
+    device = next(model.parameters()).device
+    needs_backward = "grad" in kinds
+    recorder = StatsRecorder(model, targets, kinds, accumulate_on=accumulate_on, train_mode=train_mode)
+    total = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
+    bar = tqdm(total=total, desc="lorafa statistics", disable=not progress or world()[0] != 0, leave=False)
+    with recorder, (torch.enable_grad() if needs_backward else torch.no_grad()):
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = _to_device(batch, device)
+            recorder.begin_batch(batch.get("attention_mask"))
+            if needs_backward:
+                loss = (loss_fn or _default_loss)(model, batch)
+                if not torch.isfinite(loss).all():
+                    raise ValueError(f"Non-finite loss {loss.item()} on statistics batch {i}: check the data and dtype.")
+                loss.backward()
+            else:
+                (loss_fn(model, batch) if loss_fn else model(**batch))
+            recorder.end_batch()
+            bar.update(1)
+    bar.close()
+    stats = recorder.finalize("batches")
+    logger.info("statistics %s over %d batches for %d layers", sorted(kinds), recorder.n_batches, len(stats))
+    return stats

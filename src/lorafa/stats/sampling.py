@@ -1,0 +1,54 @@
+"""Which examples the statistics pass sees, and how they are split across processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .distributed import world
+
+
+def sample_indices(n_examples: int, bsz: int, iters: int, sample: str = "random", seed: int = 0) -> list[list[int]]:
+    """The `iters` batches of `bsz` example indices the statistics pass uses, identical on every process.
+
+    Args:
+        n_examples: size of the training set.
+        bsz, iters: batch size and number of batches (bsz × iters examples in all).
+        sample: "random" (a seeded random sample, the default) or "first" (the first bsz·iters examples, as the
+            LoRA-GA reference code does).
+        seed: seed of the random sample.
+
+    Raises:
+        ValueError: bad sizes, an unknown `sample`, or fewer examples than bsz × iters.
+    """
+    if bsz < 1 or iters < 1:
+        raise ValueError(f"bsz and iters must be >= 1, got bsz={bsz}, iters={iters}")
+    need = bsz * iters
+    if n_examples < need:
+        raise ValueError(f"The statistics pass needs bsz*iters={need} examples, the dataset has {n_examples}: lower init.iters or init.bsz.")
+    if sample == "first":
+        order = list(range(need))
+    elif sample == "random":
+        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed))[:need].tolist()
+    else:
+        raise ValueError(f"sample must be 'random' or 'first', got {sample!r}")
+    return [order[i * bsz : (i + 1) * bsz] for i in range(iters)]
+
+
+def shard_batches(batches: Sequence, rank: int | None = None, world_size: int | None = None) -> list:
+    """This process's share of whole batches (batch b goes to rank b mod world_size).
+
+    Sharding whole batches keeps every batch's composition, so the all-reduced statistics equal a single-process
+    pass over the same batches.
+    """
+    if rank is None or world_size is None:
+        rank, world_size = world()
+    return list(batches[rank::world_size])
+
+
+def stat_batches(dataset: Sequence, collate_fn: Callable[[list], dict], bsz: int, iters: int,
+                 sample: str = "random", seed: int = 0) -> list[dict]:
+    """Collated statistics batches for this process: `sample_indices`, sharded, then `collate_fn` on each batch."""
+    chosen = shard_batches(sample_indices(len(dataset), bsz, iters, sample, seed))
+    return [collate_fn([dataset[i] for i in idx]) for idx in chosen]

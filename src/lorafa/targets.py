@@ -1,0 +1,137 @@
+"""Which modules are adapted, and how their weights read as the SPEC's `m × n` matrix.
+
+PEFT decides what a `target_modules` entry matches; we reuse its matcher so that the statistics pass and
+`get_peft_model` always agree on the set of layers. What we add is the checking PEFT does not do: every entry must
+match something, every match must be a layer whose weight we can read and change.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/accelerate wrappers; refuse a PEFT model (statistics are taken before adapters exist)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
+        raise TypeError(
+            "Statistics are computed on the base model before adapters exist: pass the model you will give to "
+            "get_peft_model, not a PeftModel."
+        )
+    return model
+
+
+def _as_config(target_modules) -> LoraConfig:
+    if isinstance(target_modules, LoraConfig):
+        return target_modules
+    if isinstance(target_modules, str):
+        return LoraConfig(target_modules=target_modules)
+    if isinstance(target_modules, Iterable):
+        names = list(target_modules)
+        if not names or not all(isinstance(t, str) for t in names):
+            raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+        return LoraConfig(target_modules=names)
+    raise TypeError(f"target_modules must be a LoraConfig, a regex string or a list of names, got {type(target_modules)}")
+
+
+def _default_targets(model: nn.Module) -> set[str]:
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in mapping:
+        raise ValueError(
+            f"target_modules is None and PEFT has no default targets for model_type={model_type!r}: "
+            "set LoraConfig(target_modules=[...])."
+        )
+    return set(mapping[model_type])
+
+
+def resolve_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
+    """Map module names (as in `model.named_modules()`) to the layers that will carry adapters.
+
+    Args:
+        model: the base model (not wrapped by PEFT).
+        target_modules: a `LoraConfig`, a regex (PEFT's full-match semantics) or a list of names (exact name or
+            name suffix, as PEFT matches them).
+
+    Returns:
+        Ordered dict name -> module, in `named_modules()` order.
+
+    Raises:
+        ValueError: an entry matches no module (close matches are listed), a match is not `nn.Linear`/`Conv1D`,
+            or its weight is quantized or not floating point.
+    """
+    config = _as_config(target_modules)
+    if config.target_modules is None:
+        config = LoraConfig(**{**config.to_dict(), "target_modules": _default_targets(model)})
+    named = dict(model.named_modules())
+    found = {n: m for n, m in named.items() if n and _is_match(check_target_module_exists(config, n))}
+    _check_every_entry_matched(config, named, found)
+    for name, mod in found.items():
+        check_layer(name, mod)
+    return found  # dicts keep named_modules() order
+
+
+def _is_match(result) -> bool:
+    # PEFT returns True, a re.Match, or a falsy/_ExcludedModule marker.
+    return result is True or (result is not None and type(result).__name__ == "Match")
+
+
+def _check_every_entry_matched(config: LoraConfig, named: dict, found: dict) -> None:
+    entries = config.target_modules
+    leaf_names = sorted({n.rsplit(".", 1)[-1] for n in named if n})
+    if isinstance(entries, str):
+        if not found:
+            raise ValueError(f"target_modules regex {entries!r} matches no module. Module leaf names: {leaf_names}")
+        return
+    missing = [e for e in entries if not any(n == e or n.endswith("." + e) for n in found)]
+    if missing:
+        hints = {e: difflib.get_close_matches(e.rsplit(".", 1)[-1], leaf_names, n=3) for e in missing}
+        raise ValueError(
+            "target_modules entries match no module: "
+            + "; ".join(f"{e!r} (close: {hints[e] or 'none'})" for e in missing)
+            + ". Fix the names or check layers_to_transform/exclude_modules."
+        )
+
+
+def check_layer(name: str, module: nn.Module) -> None:
+    """Raise a clear error unless `module` is a float `nn.Linear` or `Conv1D` lorafa can read and modify."""
+    if not isinstance(module, SUPPORTED_LAYERS):
+        raise ValueError(
+            f"Target {name!r} is a {type(module).__name__}; lorafa initialises nn.Linear and transformers Conv1D "
+            "layers only. Remove it from target_modules."
+        )
+    weight = module.weight
+    if hasattr(weight, "quant_state") or "4bit" in type(module).__name__ or "8bit" in type(module).__name__:
+        raise ValueError(
+            f"Target {name!r} holds quantized weights ({type(weight).__name__}); data-aware inits need full-precision "
+            "weights and gradients. Load the model in fp32/bf16/fp16 for the statistics pass and initialisation."
+        )
+    if not torch.is_floating_point(weight):
+        raise ValueError(f"Target {name!r} has a non-floating weight dtype {weight.dtype}: load it in fp32/bf16/fp16.")
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """Conv1D stores `weight` as (in, out): the SPEC's W (out × in) is its transpose."""
+    return isinstance(module, Conv1D)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as an fp32 `m × n` (out × in) matrix (a fresh tensor)."""
+    w = module.weight.detach()
+    return (w.t() if is_transposed(module) else w).float().clone()
+
+
+def out_in_features(module: nn.Module) -> tuple[int, int]:
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if is_transposed(module) else (w.shape[0], w.shape[1])
