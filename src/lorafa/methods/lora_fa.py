@@ -25,6 +25,8 @@ class LoraFAOptions:
 
     def __post_init__(self):
         self.scale = normalize_scale(self.scale)
+        if self.scale == "stable" and not self.stable_gamma > 0:  # checked here: the stable factor divides by √γ
+            raise ValueError(f"stable_gamma must be > 0, got {self.stable_gamma}")
         if self.reg_mode not in ("relative", "absolute"):
             raise ValueError(f"reg_mode must be 'relative' or 'absolute', got {self.reg_mode!r}")
         if not self.reg >= 0:

@@ -27,6 +27,8 @@ class LoraGAOptions:
             raise ValueError(f"Unknown lora_ga direction {self.direction!r}; choose from {DIRECTIONS}.")
         self.direction = match[0]
         self.scale = normalize_scale(self.scale)
+        if self.scale == "stable" and not self.stable_gamma > 0:  # checked here: the stable factor divides by √γ
+            raise ValueError(f"stable_gamma must be > 0, got {self.stable_gamma}")
 
 
 def split_pairs(direction: str, rank: int, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -16,6 +16,8 @@ class LoraOneOptions:
 
     def __post_init__(self):
         self.scale = normalize_scale(self.scale)
+        if self.scale == "stable" and not self.stable_gamma > 0:  # checked here: the stable factor divides by √γ
+            raise ValueError(f"stable_gamma must be > 0, got {self.stable_gamma}")
 
 
 def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

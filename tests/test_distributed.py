@@ -1,0 +1,126 @@
+"""A real 2-process statistics pass (gloo, CPU) equals a single-process pass, and both ranks init identically."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import make_batches, tiny_llama
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+import lorafa
+from lorafa.stats import shard_batches
+
+WORLD = 2
+N_BATCHES = 5  # odd: rank 0 gets 3 batches, rank 1 gets 2
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_config() -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+
+
+def _model_state(peft_model) -> dict[str, torch.Tensor]:
+    """Every tensor of the PEFT model (adapters and possibly offset base weights), as independent copies."""
+    return {k: v.detach().clone().contiguous() for k, v in peft_model.state_dict().items()}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        batches = make_batches(N_BATCHES)
+        mine = shard_batches(batches, rank, WORLD)
+        assert len(mine) == (3 if rank == 0 else 2)
+        auto = shard_batches(batches)  # rank and world size from torch.distributed
+        assert [b["input_ids"].data_ptr() for b in auto] == [b["input_ids"].data_ptr() for b in mine]
+        model = tiny_llama(seed=0)
+        stats = lorafa.collect_stats(model, mine, TARGETS, kinds=("kfac",), progress=False)
+        lorafa.save_stats(stats, os.path.join(out_dir, f"stats{rank}.safetensors"), config={"world": WORLD})
+        peft_model = lorafa.initialize(model, _lora_config(), lorafa.InitConfig(method="lora_fa"), stats=stats,
+                                       progress=False)
+        save_file(_model_state(peft_model), os.path.join(out_dir, f"model{rank}.safetensors"))
+
+        # fewer batches than processes: rank 1 sees none, yet must join the same all-reduces
+        few = shard_batches(make_batches(1), rank, WORLD)
+        assert len(few) == (1 if rank == 0 else 0)
+        stats = lorafa.collect_stats(tiny_llama(seed=0), few, TARGETS, kinds=("kfac",), progress=False)
+        lorafa.save_stats(stats, os.path.join(out_dir, f"few{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return out
+
+
+def test_two_rank_stats_equal_single_process(two_rank_run):
+    ranks = [lorafa.load_stats(two_rank_run / f"stats{r}.safetensors") for r in range(WORLD)]
+    single = lorafa.collect_stats(tiny_llama(seed=0), make_batches(N_BATCHES), TARGETS, kinds=("kfac",), progress=False)
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in make_batches(N_BATCHES))
+    assert list(ranks[0]) == list(ranks[1]) == list(single)
+    for name, ref in single.items():
+        a, b = ranks[0][name], ranks[1][name]
+        assert a.n_batches == b.n_batches == ref.n_batches == N_BATCHES
+        assert a.n_tokens == b.n_tokens == ref.n_tokens == n_tokens
+        assert set(a.tensors()) == set(b.tensors()) == set(ref.tensors()) == {"grad", "in_cov", "out_cov"}
+        for kind, t in ref.tensors().items():
+            assert torch.equal(a.tensors()[kind], b.tensors()[kind]), (name, kind)  # identical on every rank
+            torch.testing.assert_close(a.tensors()[kind], t, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a.cross, ref.cross, rtol=1e-5, atol=1e-7)
+    # sharing of the input covariance survives the all-reduce and the cache
+    q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
+    assert ranks[0][k].in_cov is ranks[0][q].in_cov
+
+
+def test_two_rank_adapters_identical(two_rank_run):
+    m0 = load_file(str(two_rank_run / "model0.safetensors"))
+    m1 = load_file(str(two_rank_run / "model1.safetensors"))
+    assert m0.keys() == m1.keys()
+    lora_keys = [k for k in m0 if "lora_A" in k or "lora_B" in k]
+    assert len(lora_keys) == 2 * 2 * len(TARGETS)
+    for k in m0:
+        assert torch.equal(m0[k], m1[k]), k
+    assert any(m0[k].abs().max() > 0 for k in lora_keys if "lora_B" in k)  # a data-aware init, not B = 0
+
+    # and they agree with the single-process init (the product B·A, which is sign-invariant)
+    single_model = tiny_llama(seed=0)
+    stats = lorafa.collect_stats(single_model, make_batches(N_BATCHES), TARGETS, kinds=("kfac",), progress=False)
+    single = _model_state(lorafa.initialize(single_model, _lora_config(), lorafa.InitConfig(method="lora_fa"),
+                                            stats=stats, progress=False))
+    assert single.keys() == m0.keys()
+    for k in lora_keys:
+        if ".lora_A." in k:
+            kb = k.replace(".lora_A.", ".lora_B.")
+            torch.testing.assert_close(m0[kb] @ m0[k], single[kb] @ single[k], rtol=1e-3, atol=1e-5)
+    for k in m0:
+        if "lora_" not in k:
+            torch.testing.assert_close(m0[k], single[k], rtol=1e-4, atol=1e-6)
+
+
+def test_rank_without_batches_joins_the_reduction(two_rank_run):
+    ranks = [lorafa.load_stats(two_rank_run / f"few{r}.safetensors") for r in range(WORLD)]
+    single = lorafa.collect_stats(tiny_llama(seed=0), make_batches(1), TARGETS, kinds=("kfac",), progress=False)
+    for name, ref in single.items():
+        for st in ranks:
+            assert st[name].n_batches == 1 and st[name].n_tokens == ref.n_tokens
+            for kind, t in ref.tensors().items():
+                torch.testing.assert_close(st[name].tensors()[kind], t, rtol=1e-5, atol=1e-7)
+    for st in ranks:  # the rank that saw nothing still knows q/k/v share one covariance
+        assert st["model.layers.1.self_attn.v_proj"].in_cov is st["model.layers.1.self_attn.q_proj"].in_cov
