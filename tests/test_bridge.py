@@ -324,6 +324,18 @@ def test_save_initial_and_clean_directory(mbatches, base_logits, tmp_path):
     assert_clean_dir(out, initial=True)
 
 
+@pytest.mark.parametrize("method", ["pissa", "lora_fa"])
+def test_round_trip_named_adapter(method, mbatches, tmp_path):
+    pm = lorafa.initialize(tiny_llama(), lora_config(), InitConfig(method=method), batches=mbatches,
+                           adapter_name="mine", progress=False)
+    train(pm, mbatches)
+    trained = logits(pm, mbatches)
+    lorafa.save_adapter(pm, tmp_path)
+    assert_clean_dir(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), os.fspath(tmp_path))
+    torch.testing.assert_close(logits(loaded, mbatches), trained, atol=1e-5, rtol=0)
+
+
 def test_save_no_offset_method_is_plain(mbatches, tmp_path):
     pm = init(tiny_llama(), "lora_fa", mbatches)
     lorafa.save_adapter(pm, tmp_path)

@@ -351,7 +351,7 @@ def test_lora_ga_authors_scale_aliases(alias, name):
 
 
 def _sgd_step_change(A0, B0, G, s, lr):
-    """(s·B₁A₁ − s·B₀A₀) after one SGD step on ⟨G, s·B·A⟩ (so ∂L/∂W_eff = G), gradients by autograd (fp64)."""
+    """s·B₁A₁ − s·B₀A₀ after one SGD step on ⟨G, s·B·A⟩ (so ∂L/∂W_eff = G); gradients by autograd, fp64."""
     A = A0.double().clone().requires_grad_(True)
     B = B0.double().clone().requires_grad_(True)
     loss = (G.double() * (s * B @ A)).sum()
@@ -427,12 +427,19 @@ def test_lora_one_stable_spectral_norm_is_s_over_gamma():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def clamped_roots(cov: torch.Tensor, reg: float, relative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """cov_λ^{1/2}, cov_λ^{-1/2} by eigh with eigenvalues clamped ≥ 1e-8 (× the largest in relative mode), fp64."""
+    w, Q = torch.linalg.eigh(damped(cov, reg, relative))
+    w = w.clamp_min(max(1e-8 * float(w.max()) if relative else 1e-8, 1e-8))
+    return (Q * w.sqrt()) @ Q.T, (Q * w.rsqrt()) @ Q.T
+
+
 def lora_fa_reference(st: LayerStats, r: int, reg: float, relative: bool) -> torch.Tensor:
-    """M / σ₁(M), M = C_λ^{-1/2} [−C_λ^{1/2} Ḡ Σ_λ^{1/2}]_r Σ_λ^{-1/2}, independently in fp64."""
-    Cl = damped(st.out_cov, reg, relative)
-    Sl = damped(st.in_cov, reg, relative)
-    H = sqrtm(Cl) @ st.cross.double() @ sqrtm(Sl)
-    Mx = sqrtm(Cl, -0.5) @ truncate(-H, r) @ sqrtm(Sl, -0.5)
+    """M / σ₁(M), M = C_λ^{-1/2} [−C_λ^{1/2} Ḡ Σ_λ^{1/2}]_r Σ_λ^{-1/2}, independently in fp64 (SPEC §2.2)."""
+    c_root, c_inv_root = clamped_roots(st.out_cov, reg, relative)
+    s_root, s_inv_root = clamped_roots(st.in_cov, reg, relative)
+    H = c_root @ st.cross.double() @ s_root
+    Mx = c_inv_root @ truncate(-H, r) @ s_inv_root
     return Mx / torch.linalg.matrix_norm(Mx, 2)
 
 
@@ -465,6 +472,20 @@ def test_lora_fa_matches_whitened_reference(reg_mode, reg, shape):
     # not simply LoRA-One: the covariances change the product
     one = init_factors("lora_one", W, st, rank=R, scaling=S_LORA)
     assert torch.linalg.norm(product(res) - product(one)) > 0.05 * torch.linalg.norm(product(one))
+
+
+@pytest.mark.parametrize("reg_mode,reg", [("absolute", 0.0), ("relative", 0.0), ("absolute", 1e-12)])
+def test_lora_fa_singular_covariances_use_the_eigenvalue_floor(reg_mode, reg):
+    """Fewer tokens than features (C = JᵀJ/N of rank N < m, Σ of rank < n) and (almost) no damping: the roots
+    fall back to clamped eigenvalues, still matching SPEC §2.2."""
+    W, st = weight_matrix(M, N), full_stats(M, N)
+    J = torch.randn(10, M, generator=_gen(3), dtype=torch.float64)
+    X = torch.randn(12, N, generator=_gen(4), dtype=torch.float64)
+    sing = LayerStats(grad=st.grad, in_cov=(X.T @ X / 12).float(), out_cov=(J.T @ J / 10).float(),
+                      n_tokens=st.n_tokens, n_batches=st.n_batches)
+    res = fa(W, sing, reg=reg, reg_mode=reg_mode, scale="unit")
+    assert torch.isfinite(res.A).all() and torch.isfinite(res.B).all()
+    assert_rel_close(product(res), lora_fa_reference(sing, R, reg, reg_mode == "relative"), tol=1e-4)
 
 
 def test_lora_fa_default_options():
@@ -550,7 +571,9 @@ def _decaying(m=120, n=80, seed=4):
 def test_randomized_svd_finds_top_subspace_and_is_seeded(k):
     X = _decaying()
     U0, S0, Vh0 = svd64(X)
-    for fn in (lambda seed: randomized_svd(X, k, seed=seed), lambda seed: top_svd(X, k, svd="randomized", seed=seed)[:3]):
+    backends = (lambda seed: randomized_svd(X, k, seed=seed),
+                lambda seed: top_svd(X, k, svd="randomized", seed=seed)[:3])
+    for fn in backends:
         U, S, Vh = fn(7)
         assert U.shape == (120, k) and S.shape == (k,) and Vh.shape == (k, 80)
         cos_u = torch.linalg.svdvals(U0[:, :k].T @ U.double())
@@ -616,6 +639,8 @@ def test_lora_ga_needs_2r_pairs():
     ("lora_one", "grad", LayerStats(in_cov=torch.eye(N))),
     ("lora_fa", "kfac", LayerStats(grad=torch.ones(M, N), in_cov=torch.eye(N), n_tokens=4, n_batches=1)),
     ("corda", "act", LayerStats(grad=torch.ones(M, N))),
+    # kfac without a token count cannot give Ḡ = G·n_batches/n_tokens
+    ("lora_fa", "kfac", LayerStats(grad=torch.ones(M, N), in_cov=torch.eye(N), out_cov=torch.eye(M))),
     ("eva", "act", None),
 ])
 def test_missing_stats(method, kind, stats):
@@ -659,6 +684,8 @@ def test_non_floating_weight(weight):
     ("corda", {"corda_method": "xpm"}, r"corda_method must be 'ipm' or 'kpm'"),
     ("corda", {"reg": 0.0}, r"corda reg must be > 0"),
     ("lora_ga", {"stable_gamma": 0.0}, r"stable_gamma must be > 0"),
+    ("lora_one", {"stable_gamma": 0.0}, r"stable_gamma must be > 0"),
+    ("lora_fa", {"stable_gamma": -1.0}, r"stable_gamma must be > 0"),
 ])
 def test_invalid_options(method, options, pattern):
     with pytest.raises(ValueError, match=pattern):

