@@ -475,9 +475,9 @@ def test_lora_fa_matches_whitened_reference(reg_mode, reg, shape):
 
 
 @pytest.mark.parametrize("reg_mode,reg", [("absolute", 0.0), ("relative", 0.0), ("absolute", 1e-12)])
-def test_lora_fa_singular_covariances_use_the_eigenvalue_floor(reg_mode, reg):
-    """Fewer tokens than features (C = JᵀJ/N of rank N < m, Σ of rank < n) and (almost) no damping: the roots
-    fall back to clamped eigenvalues, still matching SPEC §2.2."""
+def test_lora_fa_singular_covariances_without_damping(reg_mode, reg):
+    """Fewer tokens than features (C = JᵀJ/N of rank N < m, Σ of rank < n) and (almost) no damping: the eigenvalue
+    floor keeps the roots finite and M is still SPEC §2.2's. The tolerance allows fp32 roots (cond(C_λ^{1/2}) ~ 1e4)."""
     W, st = weight_matrix(M, N), full_stats(M, N)
     J = torch.randn(10, M, generator=_gen(3), dtype=torch.float64)
     X = torch.randn(12, N, generator=_gen(4), dtype=torch.float64)
@@ -485,7 +485,7 @@ def test_lora_fa_singular_covariances_use_the_eigenvalue_floor(reg_mode, reg):
                       n_tokens=st.n_tokens, n_batches=st.n_batches)
     res = fa(W, sing, reg=reg, reg_mode=reg_mode, scale="unit")
     assert torch.isfinite(res.A).all() and torch.isfinite(res.B).all()
-    assert_rel_close(product(res), lora_fa_reference(sing, R, reg, reg_mode == "relative"), tol=1e-4)
+    assert_rel_close(product(res), lora_fa_reference(sing, R, reg, reg_mode == "relative"), tol=5e-3)
 
 
 def test_lora_fa_default_options():
