@@ -67,7 +67,7 @@ def test_demo_on_the_embedded_model(tmp_path):
 
     main(["--out", str(tmp_path), "--bsz", "2", "--iters", "2", "--held-out", "2", "--max-length", "128"])
     r = json.loads((tmp_path / "demo_results.json").read_text())
-    assert r["layers"] == 120 and r["reload_max_abs_logit_diff"] < 1e-4
+    assert r["layers"] == 120 and r["reload_max_abs_logit_diff"] < 1e-3
     assert os.path.isfile(os.path.join(r["adapter_dir"], "adapter_model.safetensors"))
     assert r["stats_s"] > 0 and r["floor_s"] > 0
     assert torch.isfinite(torch.tensor(r["held_out_loss"]["after_init"]))

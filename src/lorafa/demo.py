@@ -90,17 +90,18 @@ def run(args) -> dict:
     targets = list(resolve_targets(model, lora_config))
     target_mb = sum(dict(model.named_modules())[n].weight.numel() for n in targets) * 4 / 2**20
 
+    init = InitConfig(method=args.method, bsz=args.bsz, iters=args.iters, max_length=args.max_length, seed=args.seed)
+    kinds = (init.needs or "grad",)
     floor_pass(model, batches[:1], targets)  # warm-up
     rss0 = _peak_rss_mb()
     floor_s = floor_pass(model, batches, targets)
     rss_floor = _peak_rss_mb()
     t = time.perf_counter()
-    stats = collect_stats(model, batches, lora_config, kinds=("kfac",), progress=False)
+    stats = collect_stats(model, batches, lora_config, kinds=kinds, progress=False)
     stats_s = time.perf_counter() - t
     rss_stats = _peak_rss_mb()
 
     loss_base = mean_loss(model, held_out)
-    init = InitConfig(method=args.method, bsz=args.bsz, iters=args.iters, max_length=args.max_length, seed=args.seed)
     t = time.perf_counter()
     peft_model = initialize(model, lora_config, init, stats=stats, progress=False)
     init_s = time.perf_counter() - t
@@ -114,9 +115,9 @@ def run(args) -> dict:
     with torch.no_grad():
         reload_diff = float((reloaded(**probe).logits - peft_model(**probe).logits).abs().max())
 
-    n_tokens = next(iter(stats.values())).n_tokens
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     results = {
-        "model": args.model, "method": init.method, "layers": len(targets), "rank": args.rank,
+        "model": args.model, "method": init.method, "stat_kinds": list(kinds), "layers": len(targets), "rank": args.rank,
         "stat_examples": args.bsz * args.iters, "stat_tokens": n_tokens, "load_s": round(load_s, 2),
         "floor_s": round(floor_s, 3), "stats_s": round(stats_s, 3), "stats_over_floor": round(stats_s / floor_s, 3),
         "decomposition_s": round(init_s, 3), "stats_mb": round(stats_bytes(stats) / 2**20, 2),
@@ -148,7 +149,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     r = run(args)
     print(f"\nlorafa demo: {r['method']} on {r['model']} ({r['layers']} layers, r={r['rank']}, rsLoRA)")
-    print(f"  statistics pass : {r['stats_s']:.2f} s over {r['stat_examples']} examples / {r['stat_tokens']} tokens "
+    print(f"  statistics pass : {r['stat_kinds'][0]}, {r['stats_s']:.2f} s over {r['stat_examples']} examples / {r['stat_tokens']} tokens "
           f"= {r['stats_over_floor']:.2f}x the plain forward+backward ({r['floor_s']:.2f} s)")
     print(f"  statistics held : {r['stats_mb']:.1f} MB (target weights in fp32: {r['target_weights_fp32_mb']:.1f} MB); "
           f"peak RSS {r['peak_rss_mb']['floor']} MB after floor pass, {r['peak_rss_mb']['stats']} MB after statistics")
