@@ -510,3 +510,13 @@ def test_error_save_adapter_foreign_model(tmp_path):
     with pytest.raises(ValueError, match="not created by lorafa.initialize"):
         lorafa.save_adapter(pm, out)
     assert not out.exists()
+
+
+def test_iters_caps_the_batches_used(mbatches):
+    """InitConfig.iters bounds the statistics pass when batches= is given (here 2 of 3 batches)."""
+    pm = init(tiny_llama(), "lora_one", mbatches, iters=2)
+    stats = lorafa.collect_stats(tiny_llama(), mbatches[:2], TARGETS, progress=False)
+    ref = lorafa.initialize(tiny_llama(), lora_config(), InitConfig(method="lora_one"), stats=stats, progress=False)
+    for (k1, v1), (k2, v2) in zip(pm.state_dict().items(), ref.state_dict().items()):
+        assert k1 == k2
+        torch.testing.assert_close(v1, v2)

@@ -84,8 +84,10 @@ def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=
     if init_config.needs is not None and stats is None:
         if batches is None:
             raise ValueError(f"{init_config.method} needs '{init_config.needs}' statistics: pass batches= (or stats=).")
+        rank, world_size = world()
+        # init.iters counts batches over all processes: batch b belongs to rank b mod world_size
         stats = collect_stats(base, batches, list(targets), kinds=(init_config.needs,), loss_fn=loss_fn,
-                              max_batches=init_config.iters, progress=progress)
+                              max_batches=len(range(rank, init_config.iters, world_size)), progress=progress)
     if stats is not None and init_config.needs is not None:
         missing = [n for n in targets if n not in stats]
         if missing:
@@ -114,7 +116,8 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
         model: a transformers model (or any nn.Module with nn.Linear/Conv1D targets). Modified in place, as by PEFT.
         lora_config: the PEFT LoraConfig (r, lora_alpha, use_rslora, rank_pattern, alpha_pattern, targets...).
         init_config: the method and its options; default InitConfig() (LoRA-FA).
-        batches: statistics batches (HF-style dicts) for this process.
+        batches: statistics batches (HF-style dicts) for this process; at most its share of `init_config.iters`
+            batches (batch b belongs to rank b mod world size) is used.
         stats: precomputed statistics (module name -> LayerStats), e.g. from `load_stats`.
         adapter_name: PEFT adapter name.
         loss_fn: `loss_fn(model, batch)`, default `model(**batch).loss`.
