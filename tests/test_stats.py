@@ -602,3 +602,17 @@ def test_stat_batches():
 
 def test_vocab_fixture_sanity():
     assert all(int(b["input_ids"].max()) < VOCAB for b in make_batches())
+
+
+def test_kfac_refuses_gradient_checkpointing_in_train_mode():
+    model = tiny_llama()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        lorafa.collect_stats(model, make_batches(1), ["q_proj"], kinds=("kfac",), train_mode=True, progress=False)
+    # eval mode (the default) does not checkpoint, so the statistics equal those of the plain model
+    got = lorafa.collect_stats(model, make_batches(1), ["q_proj"], kinds=("kfac",), progress=False)
+    ref = lorafa.collect_stats(tiny_llama(), make_batches(1), ["q_proj"], kinds=("kfac",), progress=False)
+    for name in ref:
+        for kind, t in ref[name].tensors().items():
+            torch.testing.assert_close(got[name].tensors()[kind], t)
+        assert got[name].n_tokens == ref[name].n_tokens

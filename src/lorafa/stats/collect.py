@@ -111,7 +111,9 @@ class StatsRecorder:
 
             self._handles.append(mod.weight.register_post_accumulate_grad_hook(on_grad))
         if "act" in self.kinds:
-            self._handles.append(mod.register_forward_hook(lambda m, args, out, name=name: self._on_forward(name, args[0], out)))
+            self._handles.append(mod.register_forward_hook(
+                lambda m, args, kwargs, out, name=name: self._on_forward(name, args[0] if args else kwargs["input"], out),
+                with_kwargs=True))
 
     def _on_forward(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
         mask = self.mask
@@ -212,6 +214,13 @@ def _check_finite(stats: dict[str, LayerStats]) -> None:
         )
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr) or attr in vars(model):
+            return bool(getattr(model, attr))
+    return False
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     if not isinstance(batch, dict):
         raise TypeError(f"Each batch must be a dict of tensors (input_ids, attention_mask, labels), got {type(batch)}")
@@ -261,6 +270,9 @@ def collect_stats(
     model = unwrap_model(model)
     kinds = normalize_kinds(kinds)
     targets = resolve_targets(model, target_modules)
+    if "kfac" in kinds and train_mode and _checkpointing(model):  # transformers checkpoints in train mode only
+        raise ValueError("kfac statistics need each layer's forward to run once per batch, but gradient checkpointing "
+                         "re-runs it during backward: call model.gradient_checkpointing_disable() or use train_mode=False.")
     device = next(model.parameters()).device
     needs_backward = "grad" in kinds
     recorder = StatsRecorder(model, targets, kinds, accumulate_on=accumulate_on, train_mode=train_mode)
