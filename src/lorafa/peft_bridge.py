@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -166,11 +167,11 @@ def _conversion_safe_config(peft_model: PeftModel, adapter_name: str):
         yield
         return
     layers = {n: m for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
-    replacement = LoraConfig(**{
-        **config.to_dict(), "use_rslora": False,
-        "rank_pattern": {re.escape(n): m.r[adapter_name] for n, m in layers.items()},
-        "alpha_pattern": {re.escape(n): m.scaling[adapter_name] * m.r[adapter_name] for n, m in layers.items()},
-    })
+    replacement = dataclasses.replace(
+        config, use_rslora=False,
+        rank_pattern={re.escape(n): m.r[adapter_name] for n, m in layers.items()},
+        alpha_pattern={re.escape(n): m.scaling[adapter_name] * m.r[adapter_name] for n, m in layers.items()},
+    )
     peft_model.peft_config[adapter_name] = replacement
     try:
         yield
