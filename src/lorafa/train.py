@@ -1,0 +1,242 @@
+"""The training recipe, read top to bottom: data -> model -> statistics + init -> Trainer -> save -> evaluate.
+
+HF Trainer underneath (so DDP/FSDP/DeepSpeed come from accelerate), lorafa's initialisation before training,
+PEFT's Riemannian preconditioner (`model.prec_reg`) or LoRA+ (`peft.use_loraplus`) as the optimiser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import torch
+
+from .peft_bridge import initialize, save_adapter
+from .runconfig import RunConfig
+from .run_io import MetricsLogger, atomic_write_json, plot_curves, prepare_run_dir, report_to, resolve_targets_keyword
+from .stats import collect_stats, load_stats, save_stats, stat_batches
+
+logger = logging.getLogger("lorafa.train")
+
+
+def _device_checks(cfg: RunConfig) -> torch.dtype:
+    if cfg.model.bf16:
+        if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            raise ValueError("model.bf16=true needs a GPU with bf16 support (CUDA compute capability >= 8.0); this "
+                             "machine has none. Set ++model.bf16=false.")
+        return torch.bfloat16
+    return torch.float32
+
+
+def _load_model(cfg: RunConfig, task, dtype):
+    from .models import load_causal_lm, load_sequence_classifier
+
+    if cfg.model.type == "CausalLM":
+        if task.kind != "causal_lm":
+            raise ValueError(f"model.type=CausalLM needs a prompt/answer dataset; {task.name} is {task.kind}.")
+        return load_causal_lm(cfg.model.name, dtype=dtype)
+    if cfg.model.type == "SequenceClassification":
+        if task.kind != "classification":
+            raise ValueError(f"model.type=SequenceClassification needs a text/label dataset; {task.name} is {task.kind}.")
+        return load_sequence_classifier(cfg.model.name, num_labels=task.num_labels, dtype=dtype)
+    raise ValueError(f"model.type must be CausalLM or SequenceClassification, got {cfg.model.type!r}")
+
+
+def _collator(cfg: RunConfig, task, tokenizer, max_length):
+    from .data import CausalLMCollator, ClassificationCollator
+
+    cls = CausalLMCollator if task.kind == "causal_lm" else ClassificationCollator
+    return cls(tokenizer, max_length=max_length)
+
+
+def _lora_config(cfg: RunConfig, model, task):
+    from peft import LoraConfig, TaskType
+
+    p = cfg.peft
+    return LoraConfig(
+        r=p.lora_r, lora_alpha=p.lora_alpha, use_rslora=p.use_rslora, lora_dropout=p.lora_dropout,
+        target_modules=resolve_targets_keyword(model, p.target_modules), rank_pattern=dict(p.rank_pattern),
+        alpha_pattern=dict(p.alpha_pattern),
+        task_type=TaskType.CAUSAL_LM if task.kind == "causal_lm" else TaskType.SEQ_CLS,
+    )
+
+
+def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, collate, state):
+    """Statistics for the init: from the cache when the same config produced them before, else a pass."""
+    if init_config.needs is None:
+        return None
+    from .targets import resolve_targets
+
+    targets = sorted(resolve_targets(model, lora_config))
+    key = {"model": cfg.model.name, "dataset_name": cfg.dataset_name, "dataset": dataclasses.asdict(cfg.dataset),
+           "kind": init_config.needs, "bsz": init_config.bsz, "iters": init_config.iters,
+           "max_length": init_config.max_length, "sample": init_config.sample, "seed": init_config.seed,
+           "targets": targets, "dtype": str(next(model.parameters()).dtype)}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cfg.output_root, ".stats_cache", f"{digest}.safetensors")
+    if cfg.init.cache and os.path.exists(path):
+        logger.info("statistics from cache %s", path)
+        return load_stats(path, expected_config=key, device=model.device)
+    batches = stat_batches(task.train, collate, init_config.bsz, init_config.iters, init_config.sample, init_config.seed)
+    stats = collect_stats(model, batches, targets, kinds=(init_config.needs,))
+    if cfg.init.cache and state.is_main_process:
+        save_stats(stats, path, config=key)
+    return stats
+
+
+def _optimizer(cfg: RunConfig, model):
+    m, p = cfg.model, cfg.peft
+    cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}.get(m.optimizer)
+    if cls is None:
+        raise ValueError(f"model.optimizer must be adamw or sgd, got {m.optimizer!r}")
+    if m.prec_reg is not None and p.use_loraplus:
+        raise ValueError("model.prec_reg (Riemannian preconditioner) and peft.use_loraplus cannot be combined: pick one.")
+    if m.prec_reg is not None:
+        from peft.optimizers import create_riemannian_optimizer
+
+        return create_riemannian_optimizer(model, cls, lr=m.learning_rate, reg=m.prec_reg, weight_decay=m.weight_decay)
+    if p.use_loraplus:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, cls, lr=m.learning_rate, loraplus_lr_ratio=p.loraplus_lr_ratio,
+                                         weight_decay=m.weight_decay)
+    return cls([q for q in model.parameters() if q.requires_grad], lr=m.learning_rate, weight_decay=m.weight_decay)
+
+
+def _training_args(cfg: RunConfig, run_dir: str, n_train: int, world: int):
+    from transformers import TrainingArguments
+
+    m = cfg.model
+    per_step = m.per_device_batch_size * world
+    if m.real_batch_size % per_step:
+        raise ValueError(f"model.real_batch_size={m.real_batch_size} must be a multiple of per_device_batch_size × "
+                         f"processes = {per_step}.")
+    accum = m.real_batch_size // per_step
+    steps_per_epoch = max(1, math.ceil(n_train / m.real_batch_size))
+    eval_steps = m.eval_steps or max(1, round(m.eval_epochs * steps_per_epoch))
+    return TrainingArguments(
+        output_dir=os.path.join(run_dir, "checkpoints"), per_device_train_batch_size=m.per_device_batch_size,
+        per_device_eval_batch_size=m.per_device_batch_size, gradient_accumulation_steps=accum,
+        num_train_epochs=m.epochs, max_steps=m.max_steps, learning_rate=m.learning_rate,
+        lr_scheduler_type=m.lr_scheduler_type, warmup_steps=m.warmup if m.warmup >= 1 else 0.0,
+        weight_decay=m.weight_decay, logging_steps=m.logging_steps, eval_strategy="steps", eval_steps=eval_steps,
+        save_strategy="steps" if m.save_steps else "no", save_steps=m.save_steps or 500, save_total_limit=2,
+        bf16=m.bf16, seed=cfg.seed, data_seed=cfg.seed, report_to=report_to(cfg), remove_unused_columns=False,
+        dataloader_num_workers=0, gradient_checkpointing=m.gradient_checkpointing, disable_tqdm=False,
+        run_name=os.path.basename(run_dir), **({"warmup_ratio": m.warmup} if m.warmup < 1 else {}),
+    )
+
+
+def evaluate_task(cfg: RunConfig, model, tokenizer, task, collate) -> dict:
+    """Accuracy on the task's test split: GSM-style answers by greedy generation, or classification."""
+    examples = task.test[: cfg.eval.n] if cfg.eval.n else task.test
+    if task.kind == "causal_lm":
+        from .eval.gsm8k import evaluate_gsm8k
+
+        result = evaluate_gsm8k(model, tokenizer, examples, batch_size=cfg.eval.batch_size,
+                                max_new_tokens=cfg.eval.max_new_tokens)
+    else:
+        from .eval.classification import classification_accuracy
+
+        result = classification_accuracy(model, collate, examples, batch_size=cfg.eval.batch_size)
+    return result
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run one experiment; returns the results dict (also written to `<run_dir>/results.json`)."""
+    from accelerate import PartialState
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
+
+    from .data.datasets import load_task
+
+    state = PartialState()  # initialises torch.distributed under accelerate launch / torchrun
+    dtype = _device_checks(cfg)
+    init_config = cfg.init_config()
+    set_seed(cfg.seed)
+    t_start = time.perf_counter()
+    run_dir = prepare_run_dir(cfg, state)
+    task = load_task(cfg.dataset_name, path=cfg.dataset.path, test_path=cfg.dataset.test_path, seed=cfg.seed,
+                     n_train=cfg.dataset.n_train, n_test=cfg.dataset.n_test, columns=dict(cfg.dataset.columns) or None)
+    model, tokenizer = _load_model(cfg, task, dtype)
+    model.to(state.device)
+    collate = _collator(cfg, task, tokenizer, cfg.model.max_length)
+    _check_lengths(task, collate)
+    results = {"run_dir": run_dir, "dataset": task.name, "n_train": len(task.train), "n_test": len(task.test),
+               "model": cfg.model.name, "method": init_config.method, "world_size": state.num_processes}
+    if cfg.dry_run:
+        return results
+
+    if cfg.eval.enabled and cfg.eval.before and not cfg.resume:
+        t = time.perf_counter()
+        results["before"] = _summary(evaluate_task(cfg, model, tokenizer, task, collate), time.perf_counter() - t)
+    lora_config = _lora_config(cfg, model, task)
+    t = time.perf_counter()
+    stats = _stats_for_init(cfg, model, lora_config, init_config, task,
+                            _collator(cfg, task, tokenizer, init_config.max_length), state)
+    peft_model = initialize(model, lora_config, init_config, stats=stats)
+    results["init_s"] = round(time.perf_counter() - t, 2)
+    del stats
+
+    eval_set = task.test[: min(len(task.test), 64)]
+    args = _training_args(cfg, run_dir, len(task.train), state.num_processes)
+    callbacks = [MetricsLogger(run_dir)]
+    if cfg.model.early_stopping_patience:
+        args.load_best_model_at_end, args.metric_for_best_model = True, "eval_loss"
+        args.save_strategy = "steps"
+        callbacks.append(EarlyStoppingCallback(cfg.model.early_stopping_patience))
+    trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, eval_dataset=eval_set,
+                      data_collator=collate, optimizers=(_optimizer(cfg, peft_model), None), callbacks=callbacks)
+    t = time.perf_counter()
+    resume = cfg.resume and _has_checkpoint(args.output_dir)
+    train_out = trainer.train(resume_from_checkpoint=True if resume else None)
+    results["train_s"] = round(time.perf_counter() - t, 2)
+    results["train_loss"] = train_out.training_loss
+    results["steps"] = trainer.state.global_step
+
+    results["adapter_dir"] = save_adapter(peft_model, os.path.join(run_dir, "adapter"))
+    if cfg.eval.enabled:
+        t = time.perf_counter()
+        results["after"] = _summary(evaluate_task(cfg, peft_model, tokenizer, task, collate), time.perf_counter() - t)
+    if cfg.model.saving:
+        results["merged_dir"] = _save_merged(peft_model, tokenizer, run_dir, state)
+    results["wall_s"] = round(time.perf_counter() - t_start, 2)
+    if state.is_main_process:
+        results["plot"] = plot_curves(run_dir)
+        atomic_write_json(os.path.join(run_dir, "results.json"), results)
+    state.wait_for_everyone()
+    return results
+
+
+def _summary(result: dict, seconds: float) -> dict:
+    return {"accuracy": result["accuracy"], "correct": result["correct"], "n": result["n"], "seconds": round(seconds, 2)}
+
+
+def _check_lengths(task, collate) -> None:
+    """A prompt longer than max_length is an error before any long work (the collator raises it)."""
+    if task.kind == "causal_lm":
+        longest = max(task.train[:256] + task.test[:64], key=lambda ex: len(ex["prompt"]))
+        collate([longest])
+
+
+def _has_checkpoint(folder: str) -> bool:
+    return os.path.isdir(folder) and any(d.startswith("checkpoint-") for d in os.listdir(folder))
+
+
+def _save_merged(peft_model, tokenizer, run_dir: str, state) -> str | None:
+    """`model.saving`: W + ΔW as a normal transformers checkpoint, written to a temporary folder and renamed."""
+    target = os.path.join(run_dir, "merged")
+    merged = peft_model.merge_and_unload()
+    if state.is_main_process:
+        tmp = target + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
