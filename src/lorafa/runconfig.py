@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,7 +181,13 @@ def _coerce(value, hint, key: str):
     """Check scalar types loosely (YAML gives ints for floats, strings for None-able fields)."""
     if dataclasses.is_dataclass(value) or value is None:
         return value
-    base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    base = [t for t in typing.get_args(hint) if t is not type(None)] if union else [hint]
+    if any(typing.get_origin(t) in (list, dict) for t in base):
+        expected = list if typing.get_origin(base[0]) is list else dict
+        if not isinstance(value, expected):
+            raise ValueError(f"Config key {key} must be a {expected.__name__}, got {value!r}")
+        return value
     if float in base and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if bool in base and not isinstance(value, bool):

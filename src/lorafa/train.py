@@ -124,12 +124,12 @@ def _training_args(cfg: RunConfig, run_dir: str, n_train: int, world: int):
         output_dir=os.path.join(run_dir, "checkpoints"), per_device_train_batch_size=m.per_device_batch_size,
         per_device_eval_batch_size=m.per_device_batch_size, gradient_accumulation_steps=accum,
         num_train_epochs=m.epochs, max_steps=m.max_steps, learning_rate=m.learning_rate,
-        lr_scheduler_type=m.lr_scheduler_type, warmup_steps=m.warmup if m.warmup >= 1 else 0.0,
+        lr_scheduler_type=m.lr_scheduler_type, warmup_steps=m.warmup,  # < 1: a ratio of the steps
         weight_decay=m.weight_decay, logging_steps=m.logging_steps, eval_strategy="steps", eval_steps=eval_steps,
         save_strategy="steps" if m.save_steps else "no", save_steps=m.save_steps or 500, save_total_limit=2,
         bf16=m.bf16, seed=cfg.seed, data_seed=cfg.seed, report_to=report_to(cfg), remove_unused_columns=False,
         dataloader_num_workers=0, gradient_checkpointing=m.gradient_checkpointing, disable_tqdm=False,
-        run_name=os.path.basename(run_dir), **({"warmup_ratio": m.warmup} if m.warmup < 1 else {}),
+        run_name=os.path.basename(run_dir),
     )
 
 
