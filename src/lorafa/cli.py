@@ -21,7 +21,8 @@ def run_from_config(cfg: DictConfig | dict) -> dict:
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     run_cfg = parse_run_config(data)
     results = run(run_cfg)
-    _report(results)
+    if results.get("is_main_process", True):
+        _report(results)
     return results
 
 

@@ -129,7 +129,7 @@ def _training_args(cfg: RunConfig, run_dir: str, n_train: int, world: int):
         save_strategy="steps" if m.save_steps else "no", save_steps=m.save_steps or 500, save_total_limit=2,
         bf16=m.bf16, seed=cfg.seed, data_seed=cfg.seed, report_to=report_to(cfg), remove_unused_columns=False,
         dataloader_num_workers=0, gradient_checkpointing=m.gradient_checkpointing, disable_tqdm=False,
-        run_name=os.path.basename(run_dir),
+        run_name=os.path.basename(run_dir), use_cpu=not torch.cuda.is_available(),
     )
 
 
@@ -155,7 +155,8 @@ def run(cfg: RunConfig) -> dict:
 
     from .data.datasets import load_task
 
-    state = PartialState()  # initialises torch.distributed under accelerate launch / torchrun
+    # initialises torch.distributed under accelerate launch / torchrun (gloo on a CPU-only machine)
+    state = PartialState(cpu=not torch.cuda.is_available())
     dtype = _device_checks(cfg)
     init_config = cfg.init_config()
     set_seed(cfg.seed)
@@ -168,7 +169,8 @@ def run(cfg: RunConfig) -> dict:
     collate = _collator(cfg, task, tokenizer, cfg.model.max_length)
     _check_lengths(task, collate)
     results = {"run_dir": run_dir, "dataset": task.name, "n_train": len(task.train), "n_test": len(task.test),
-               "model": cfg.model.name, "method": init_config.method, "world_size": state.num_processes}
+               "model": cfg.model.name, "method": init_config.method, "world_size": state.num_processes,
+               "is_main_process": state.is_main_process}
     if cfg.dry_run:
         return results
 
