@@ -1,0 +1,196 @@
+"""The experiment runner: config composition and validation, the seed commands end to end, 2 processes, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from tiny_assets import arithmetic_rows, save_tiny_causal_lm, save_tiny_classifier, write_jsonl
+
+from lorafa.runconfig import RunConfig, parse_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "src" / "lorafa" / "conf"
+SEED_OVERRIDES = ("++dataset_name=meta_math ++model.epochs=1 ++model.eval_epochs=1 +init=gradient "
+                  "++init.direction=LoRA-FA ++init.weight=stable ++init.stable_gamma=128 +peft=qv ++peft.lora_r=8 "
+                  "++peft.use_rslora=True ++peft.lora_alpha=16 ++wandb.name={name} ++wandb.project=lorafa "
+                  "++init.iters=4").split()
+
+
+def composed(overrides=()) -> dict:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("assets")
+    model = save_tiny_causal_lm(str(d / "tiny-lm"))
+    gsm = d / "gsm8k"
+    write_jsonl(str(gsm / "train.jsonl"), arithmetic_rows(48, seed=0))
+    write_jsonl(str(gsm / "test.jsonl"), arithmetic_rows(8, seed=1))
+    metamath = [{"query": r["question"], "response": r["answer"].replace("####", "The answer is:"), "type": "GSM_Rephrased"}
+                for r in arithmetic_rows(48, seed=2)]
+    write_jsonl(str(d / "metamath.jsonl"), metamath)
+    return {"model": model, "gsm8k": str(gsm), "metamath": str(d / "metamath.jsonl"), "root": d}
+
+
+def local(assets, out, steps=4):
+    return ["++dataset_name=meta_math", f"++model.name={assets['model']}", f"++dataset.path={assets['metamath']}",
+            f"++dataset.test_path={assets['gsm8k']}", f"++output_root={out}", f"++model.max_steps={steps}",
+            "++eval.n=4", "++eval.max_new_tokens=8", "++eval.batch_size=4", "++init.bsz=2"]
+
+
+# -- composition ---------------------------------------------------------------------------------------------------
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("override", [f"+init={o}" for o in _group_options("init")]
+                         + [f"+peft={o}" for o in _group_options("peft")]
+                         + [f"model={o}" for o in _group_options("model")]
+                         + [f"+experiment={o}" for o in _group_options("experiment")] + ["--none--"])
+def test_every_yaml_composes_and_validates(override):
+    cfg = parse_run_config(composed([] if override == "--none--" else [override]))
+    assert isinstance(cfg, RunConfig)
+
+
+def test_schema_defaults_equal_the_default_groups():
+    """Without +init/+peft the runner uses init/gradient and peft/qv: the schema's defaults must equal them."""
+    bare = parse_run_config(composed())
+    explicit = parse_run_config(composed(["+init=gradient", "+peft=qv"]))
+    assert bare == explicit
+
+
+def test_seed_command_overrides_map_to_the_library():
+    cfg = parse_run_config(composed([o.format(name="x") for o in SEED_OVERRIDES]))
+    init = cfg.init_config()
+    assert (init.method, init.scale, init.stable_gamma, init.iters) == ("lora_fa", "stable", 128.0, 4)
+    assert cfg.dataset_name == "meta_math" and cfg.peft.use_rslora and cfg.wandb.name == "x"
+    lora_one = parse_run_config(composed(["+init=gradient", "++init.direction=LoRA-One", "+peft=all"]))
+    assert lora_one.init_config().method == "lora_one" and lora_one.peft.target_modules == ["all-linear"]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("++model.learning_rat=1e-4", "model.learning_rat .*learning_rate"),
+    ("++init.stable_gama=3", "init.stable_gama"),
+    ("++datset_name=gsm8k", "datset_name"),
+    ("++init.direction=LoRA-XX", "Unknown init method"),
+    ("++model.bf16=maybe", "true/false"),
+])
+def test_bad_keys_and_values_are_named(override, match):
+    with pytest.raises(ValueError, match=match):
+        parse_run_config(composed([override]))
+
+
+def test_method_must_fit_the_init_group():
+    with pytest.raises(ValueError, match="svd"):
+        parse_run_config(composed(["+init=gradient", "++init.direction=pissa"])).init_config()
+    with pytest.raises(ValueError, match="has no option|does not have"):
+        parse_run_config(composed(["+init=svd", "++init.stable_gamma=4"]))
+
+
+# -- runs ----------------------------------------------------------------------------------------------------------
+def _run(args, cwd, env_extra=None, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), **(env_extra or {})}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def test_seed_commands_run_as_written(assets, tmp_path):
+    """`python run_exp.py -m <seed overrides>` trains, saves and is evaluated by `eval_gsm8k.py --wandb_name`."""
+    out = tmp_path / "runs"
+    seed = [o.format(name="seedrun") for o in SEED_OVERRIDES]
+    _run([sys.executable, str(ROOT / "run_exp.py"), "-m", *seed, *local(assets, out)], cwd=tmp_path)
+    run_dir = out / "seedrun"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["method"] == "lora_fa" and results["steps"] == 4
+    assert {"before", "after"} <= set(results) and (run_dir / "loss_curve.png").exists()
+    config = json.loads((run_dir / "run_config.json").read_text())
+    assert config["init"]["direction"] == "LoRA-FA" and "torch" in config["versions"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in rows) and sum("loss" in r for r in rows) == 4
+    assert (run_dir / "metrics.csv").exists()
+
+    _run([sys.executable, str(ROOT / "eval_gsm8k.py"), "--wandb_name=seedrun", f"--runs_root={out}",
+          f"--data_path={assets['gsm8k']}", "--n=4", "--max_new_tokens=8"], cwd=tmp_path)
+    evaluated = json.loads((run_dir / "eval_gsm8k.json").read_text())
+    assert evaluated["n"] == 4 and 0.0 <= evaluated["accuracy"] <= 1.0
+
+
+def test_accelerate_launch_two_processes(assets, tmp_path):
+    out = tmp_path / "runs"
+    port = str(random.randint(20000, 60000))
+    seed = [o.format(name="ddp") for o in SEED_OVERRIDES]
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--main_process_port", port, str(ROOT / "run_exp.py"), "-m", *seed, *local(assets, out),
+          "++model.real_batch_size=8"], cwd=tmp_path)
+    results = json.loads((out / "ddp" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 4
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), str(out / "ddp" / "adapter"))
+    assert any("lora_A" in n for n, _ in loaded.named_parameters())
+
+
+def _in_process(overrides):
+    from lorafa.cli import run_from_config
+
+    return run_from_config(composed(overrides))
+
+
+def test_resume_continues_the_same_loss_curve(assets, tmp_path):
+    common = ["+init=gradient", "++init.direction=LoRA-One", *local(assets, tmp_path / "runs", steps=6),
+              "++model.save_steps=3", "++eval.enabled=false", "++model.lr_scheduler_type=constant"]
+    _in_process(common + ["++wandb.name=full"])
+    full = [json.loads(x) for x in (tmp_path / "runs" / "full" / "metrics.jsonl").read_text().splitlines()]
+
+    _in_process(common + ["++wandb.name=cut"])
+    cut = tmp_path / "runs" / "cut"
+    import shutil
+
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-6")  # "interrupted" after step 3
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full if r["step"] <= 3 and "loss" in r))
+    _in_process(common + ["++wandb.name=cut", "++resume=true"])
+    resumed = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    loss = lambda rows: {r["step"]: r["loss"] for r in rows if "loss" in r}  # noqa: E731
+    assert set(loss(resumed)) == {1, 2, 3, 4, 5, 6}
+    for step in (4, 5, 6):
+        assert loss(resumed)[step] == pytest.approx(loss(full)[step], rel=1e-4)
+
+
+def test_classification_preset_runs(tmp_path):
+    model = save_tiny_classifier(str(tmp_path / "tiny-bert"))
+    rows = [{"text": ("good fun " if i % 2 else "dull bad ") * 3 + str(i), "label": i % 2} for i in range(64)]
+    write_jsonl(str(tmp_path / "cls" / "train.jsonl"), rows[:48])
+    write_jsonl(str(tmp_path / "cls" / "test.jsonl"), rows[48:])
+    results = _in_process(["+experiment=classification", f"++model.name={model}", "++dataset_name=jsonl",
+                           f"++dataset.path={tmp_path / 'cls'}", f"++output_root={tmp_path / 'runs'}",
+                           "++model.max_steps=6", "++model.real_batch_size=8", "++model.per_device_batch_size=8",
+                           "++init.bsz=8", "++init.iters=2", "++wandb.name=cls"])
+    assert results["after"]["n"] == 16 and results["method"] == "lora_fa"
+
+
+def test_runner_errors_before_long_work(assets, tmp_path):
+    base = ["+init=gradient", *local(assets, tmp_path / "runs")]
+    with pytest.raises(ValueError, match="bf16"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            pytest.skip("this machine supports bf16")
+        _in_process(base + ["++model.bf16=true", "++wandb.name=a"])
+    with pytest.raises(ValueError, match="Unknown dataset|unknown dataset"):
+        _in_process(base + ["++dataset_name=nosuchset", "++wandb.name=b"])
+    with pytest.raises(ValueError, match="max_length"):
+        _in_process(base + ["++model.max_length=8", "++wandb.name=c"])
+    _in_process(base + ["++wandb.name=d", "++eval.enabled=false", "++model.max_steps=1"])
+    with pytest.raises(ValueError, match="already exists"):
+        _in_process(base + ["++wandb.name=d"])
