@@ -1,5 +1,18 @@
-"""Prompt/answer examples to HF-style training batches (labels −100 on prompt and padding tokens)."""
+"""Datasets (a registry of tasks, local files) and collators (prompt/answer and text/label examples to batches)."""
 
-from .collate import PROMPT_TEMPLATE, CausalLMCollator, format_prompt
+from .collate import PROMPT_TEMPLATE, CausalLMCollator, ClassificationCollator, format_prompt
+from .datasets import KNOWN_DATASETS, LoadOptions, TaskData, final_number, load_task, read_rows, split_rows
 
-__all__ = ["PROMPT_TEMPLATE", "CausalLMCollator", "format_prompt"]
+__all__ = [
+    "PROMPT_TEMPLATE",
+    "CausalLMCollator",
+    "ClassificationCollator",
+    "format_prompt",
+    "KNOWN_DATASETS",
+    "LoadOptions",
+    "TaskData",
+    "final_number",
+    "load_task",
+    "read_rows",
+    "split_rows",
+]

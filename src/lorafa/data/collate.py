@@ -46,3 +46,49 @@ class CausalLMCollator:
             attention_mask[i, : len(ids)] = 1
             labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class ClassificationCollator:
+    """Collate `{"text": str, "label": int}` examples into right-padded batches for a sequence-classification head.
+
+    Texts longer than `max_length` tokens are truncated from the right. Padding uses the tokenizer's pad token, or its
+    EOS token when it has none (as CausalLMCollator does).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (callable on a string, returning "input_ids").
+        max_length: the most tokens kept per text.
+
+    Returns:
+        (when called on a list of examples) a dict of LongTensors: input_ids and attention_mask (batch, longest
+        text), labels (batch,).
+
+    Raises:
+        ValueError: the tokenizer has neither a pad nor an EOS token, or an example has no "text"/"label".
+    """
+
+    tokenizer: object
+    max_length: int = 512
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else self.tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("The tokenizer has no pad or EOS token: set tokenizer.pad_token before collating.")
+        return pad
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        missing = [i for i, ex in enumerate(examples) if "text" not in ex or "label" not in ex]
+        if missing:
+            raise ValueError(f"Examples {missing} lack 'text' or 'label': classification examples are "
+                             "{'text': str, 'label': int} (see lorafa.data.load_task).")
+        encoded = [self.tokenizer(ex["text"], add_special_tokens=True, truncation=True,
+                                  max_length=self.max_length)["input_ids"][: self.max_length] for ex in examples]
+        width = max(1, max(len(ids) for ids in encoded))
+        input_ids = torch.full((len(encoded), width), self._pad_id(), dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, : len(ids)] = 1
+        labels = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
