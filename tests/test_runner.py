@@ -64,9 +64,9 @@ def test_every_yaml_composes_and_validates(override):
 
 
 def test_schema_defaults_equal_the_default_groups():
-    """Without +init/+peft the runner uses init/gradient and peft/qv: the schema's defaults must equal them."""
+    """Without +init/+peft the runner uses init/gradient and peft/all: the schema defaults must equal them."""
     bare = parse_run_config(composed())
-    explicit = parse_run_config(composed(["+init=gradient", "+peft=qv"]))
+    explicit = parse_run_config(composed(["+init=gradient", "+peft=all"]))
     assert bare == explicit
 
 

@@ -26,13 +26,13 @@ class ModelSection:
     type: str = "CausalLM"  # CausalLM | SequenceClassification
     bf16: bool = False
     max_length: int = 256
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     eval_epochs: float = 1.0  # held-out loss every this many epochs
-    eval_steps: int | None = None  # or every this many steps (overrides eval_epochs)
+    eval_steps: int | None = 20  # or every this many steps (overrides eval_epochs)
     real_batch_size: int = 8  # global batch size: per_device_batch_size × processes × accumulation
-    per_device_batch_size: int = 4
+    per_device_batch_size: int = 8
     warmup: float = 0.03  # warmup ratio
     lr_scheduler_type: str = "cosine"
     weight_decay: float = 0.0
@@ -76,7 +76,7 @@ class PeftSection:
     lora_alpha: float = 16
     use_rslora: bool = True
     lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_loraplus: bool = False
@@ -92,6 +92,7 @@ class DatasetSection:
     n_train: int | None = None
     n_test: int | None = None
     columns: dict[str, Any] = field(default_factory=dict)
+    task_config: dict[str, Any] = field(default_factory=dict)  # generated tasks: the generator's settings
 
 
 @dataclass
@@ -100,9 +101,9 @@ class EvalSection:
 
     enabled: bool = True
     before: bool = True
-    n: int | None = 100
-    batch_size: int = 16
-    max_new_tokens: int = 128
+    n: int | None = None  # None: the whole test split
+    batch_size: int = 50
+    max_new_tokens: int | None = None  # None: the task's own bound (64 for leg_counting, 256 for GSM-style)
 
 
 @dataclass
@@ -115,7 +116,7 @@ class WandbSection:
 
 @dataclass
 class RunConfig:
-    dataset_name: str = "gsm_symbolic"
+    dataset_name: str = "leg_counting"
     seed: int = 0
     dry_run: bool = False
     output_root: str = "outputs/runs"

