@@ -121,10 +121,12 @@ def test_seed_commands_run_as_written(assets, tmp_path):
     assert any("eval_loss" in r for r in rows) and sum("loss" in r for r in rows) == 4
     assert (run_dir / "metrics.csv").exists()
 
-    _run([sys.executable, str(ROOT / "eval_gsm8k.py"), "--wandb_name=seedrun", f"--runs_root={out}",
-          f"--data_path={assets['gsm8k']}", "--n=4", "--max_new_tokens=8"], cwd=tmp_path)
+    # torchrun --nproc_per_node=2 eval_gsm8k.py --wandb_name="$runname" (runs root and data passed: no hub here)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={random.randint(20000, 60000)}",
+          str(ROOT / "eval_gsm8k.py"), "--wandb_name=seedrun", f"--runs_root={out}", f"--data_path={assets['gsm8k']}",
+          "--limit=4", "--max_new_tokens=8"], cwd=tmp_path)
     evaluated = json.loads((run_dir / "eval_gsm8k.json").read_text())
-    assert evaluated["n"] == 4 and 0.0 <= evaluated["accuracy"] <= 1.0
+    assert evaluated["n"] == 4 and evaluated["n_processes"] == 2 and 0.0 <= evaluated["accuracy"] <= 1.0
 
 
 def test_accelerate_launch_two_processes(assets, tmp_path):
@@ -133,7 +135,7 @@ def test_accelerate_launch_two_processes(assets, tmp_path):
     seed = [o.format(name="ddp") for o in SEED_OVERRIDES]
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--main_process_port", port, str(ROOT / "run_exp.py"), "-m", *seed, *local(assets, out),
-          "++model.real_batch_size=8"], cwd=tmp_path)
+          "++model.real_batch_size=8", "++model.per_device_batch_size=4"], cwd=tmp_path)
     results = json.loads((out / "ddp" / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 4
     from peft import PeftModel
@@ -219,3 +221,33 @@ def test_classification_preset_on_the_embedded_encoder(tmp_path):
     results = _in_process(["+experiment=classification", f"++output_root={tmp_path / 'r'}", "++wandb.name=cls"])
     assert results["after"]["n"] == results["n_test"] > 400
     assert results["after"]["accuracy"] > results["before"]["accuracy"] + 0.1  # measured: 0.58 -> 0.81
+
+
+@pytest.mark.parametrize("extra", [["++model.prec_reg=0.01", "++model.saving=true"], ["++peft.use_loraplus=true"]])
+def test_optimisers_and_merged_checkpoint(assets, tmp_path, extra):
+    """prec_reg selects PEFT's Riemannian optimiser, use_loraplus LoRA+; model.saving writes a merged checkpoint
+    that reproduces the adapter-on-original-base model."""
+    results = _in_process(["+init=gradient", "++init.direction=LoRA-GA", *local(assets, tmp_path / "runs", steps=3),
+                           "++eval.enabled=false", "++wandb.name=opt", *extra])
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), results["adapter_dir"])
+    assert results["train_loss"] > 0
+    if "merged_dir" in results:
+        merged = AutoModelForCausalLM.from_pretrained(results["merged_dir"])
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_prec_reg_and_loraplus_together_is_an_error(assets, tmp_path):
+    with pytest.raises(ValueError, match="cannot be combined"):
+        _in_process(["+init=gradient", *local(assets, tmp_path / "runs"), "++eval.enabled=false", "++wandb.name=x",
+                     "++model.prec_reg=0.01", "++peft.use_loraplus=true"])
+
+
+def test_unknown_model_lists_the_embedded_ones(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="Embedded"):
+        _in_process(["+init=gradient", *local(assets, tmp_path / "runs"), "++wandb.name=m",
+                     f"++model.name={tmp_path / 'no-such-model'}"])

@@ -77,8 +77,13 @@ def load_causal_lm(name_or_path: str = EMBEDDED_CAUSAL_LM, dtype=None, **kwargs)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:  # missing path, unknown id, or an id the hub client rejects
+        raise ValueError(f"Cannot load model {name_or_path!r}: not a local checkpoint, and the hub is unreachable or "
+                         f"has no such id. Embedded (offline) models: {EMBEDDED_CAUSAL_LM!r} (causal LM), "
+                         "'all-minilm-l6-v2' (encoder). Pass a local path with ++model.name=...") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -105,9 +110,13 @@ def load_sequence_classifier(name_or_path: str, num_labels: int, dtype=None, **k
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = embedded_encoder_path() if str(name_or_path).lower() in EMBEDDED_ENCODERS else name_or_path
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                               dtype=dtype or torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                   dtype=dtype or torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:  # missing path, unknown id, or an id the hub client rejects
+        raise ValueError(f"Cannot load model {name_or_path!r}: not a local checkpoint, and the hub is unreachable or "
+                         "has no such id. Embedded (offline) encoder: 'all-minilm-l6-v2'. Pass a local path.") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_path", help=f"folder with {{split}}.jsonl, a .jsonl file or a hub id (default: "
                    f"run_config.json's eval.data_path, else {DEFAULT_DATA})")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=None, help="evaluate the first n examples only")
+    # `--limit` is the spelling to use under torchrun, whose own parser takes `--n...` as an abbreviation of its options
+    p.add_argument("--limit", "--n", dest="n", type=int, default=None, help="evaluate the first n examples only")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--out", help="result file (default: {run_dir}/eval_gsm8k.json, else ./eval_gsm8k.json)")
