@@ -18,22 +18,12 @@ import time
 import torch
 
 from . import InitConfig, collect_stats, initialize, save_adapter
-from .data import CausalLMCollator, format_prompt
+from .data import CausalLMCollator, load_task
 from .models import EMBEDDED_CAUSAL_LM, load_causal_lm
 from .stats import stat_batches
 from .targets import resolve_targets
 
 logger = logging.getLogger("lorafa.demo")
-
-
-def gsm_symbolic_examples(n: int, seed: int) -> list[dict]:
-    """`n` prompt/answer pairs from reasoning-gym's gsm_symbolic generator (offline, seeded)."""
-    try:
-        import reasoning_gym
-    except ImportError as exc:
-        raise ImportError("The demo's data come from reasoning-gym: pip install 'lorafa[demo]'") from exc
-    data = reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
-    return [{"prompt": format_prompt(x["question"]), "answer": str(x["answer"])} for x in data]
 
 
 def _peak_rss_mb() -> float:
@@ -81,10 +71,10 @@ def run(args) -> dict:
     model, tokenizer = load_causal_lm(args.model)
     model.eval()
     load_s = time.perf_counter() - t0
-    examples = gsm_symbolic_examples(args.bsz * args.iters + args.held_out, seed=args.seed)
+    task = load_task("gsm_symbolic", n_train=args.bsz * args.iters, n_test=args.held_out, seed=args.seed)
     collate = CausalLMCollator(tokenizer, max_length=args.max_length)
-    batches = stat_batches(examples[: args.bsz * args.iters], collate, args.bsz, args.iters, seed=args.seed)
-    held_out = [collate(examples[-args.held_out :])]
+    batches = stat_batches(task.train, collate, args.bsz, args.iters, seed=args.seed)
+    held_out = [collate(task.test)]
     lora_config = LoraConfig(r=args.rank, lora_alpha=args.alpha, use_rslora=True,
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     targets = list(resolve_targets(model, lora_config))
