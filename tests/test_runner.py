@@ -223,7 +223,8 @@ def test_classification_preset_on_the_embedded_encoder(tmp_path):
     assert results["after"]["accuracy"] > results["before"]["accuracy"] + 0.1  # measured: 0.58 -> 0.81
 
 
-@pytest.mark.parametrize("extra", [["++model.prec_reg=0.01", "++model.saving=true"], ["++peft.use_loraplus=true"]])
+@pytest.mark.parametrize("extra", [["++model.prec_reg=0.01", "++model.saving=true"],
+                                   ["++peft.use_loraplus=true", "++model.early_stopping_patience=1", "++model.eval_steps=1"]])
 def test_optimisers_and_merged_checkpoint(assets, tmp_path, extra):
     """prec_reg selects PEFT's Riemannian optimiser, use_loraplus LoRA+; model.saving writes a merged checkpoint
     that reproduces the adapter-on-original-base model."""
@@ -238,6 +239,11 @@ def test_optimisers_and_merged_checkpoint(assets, tmp_path, extra):
     if "merged_dir" in results:
         merged = AutoModelForCausalLM.from_pretrained(results["merged_dir"])
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_dry_run_checks_without_writing(assets, tmp_path):
+    results = _in_process(["+init=gradient", *local(assets, tmp_path / "runs"), "++wandb.name=dry", "++dry_run=true"])
+    assert results["run_dir"] is None and results["n_train"] > 0 and not (tmp_path / "runs").exists()
 
 
 def test_prec_reg_and_loraplus_together_is_an_error(assets, tmp_path):

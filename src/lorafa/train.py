@@ -120,13 +120,19 @@ def _training_args(cfg: RunConfig, run_dir: str, n_train: int, world: int):
     accum = m.real_batch_size // per_step
     steps_per_epoch = max(1, math.ceil(n_train / m.real_batch_size))
     eval_steps = m.eval_steps or max(1, round(m.eval_epochs * steps_per_epoch))
+    early = bool(m.early_stopping_patience)  # keeps the best checkpoint: saves must fall on evaluation steps
+    save_steps = m.save_steps or (eval_steps if early else 500)
+    if early and save_steps % eval_steps:
+        raise ValueError(f"model.early_stopping_patience needs model.save_steps ({save_steps}) to be a multiple of the "
+                         f"evaluation interval ({eval_steps} steps).")
     return TrainingArguments(
         output_dir=os.path.join(run_dir, "checkpoints"), per_device_train_batch_size=m.per_device_batch_size,
         per_device_eval_batch_size=m.per_device_batch_size, gradient_accumulation_steps=accum,
         num_train_epochs=m.epochs, max_steps=m.max_steps, learning_rate=m.learning_rate,
         lr_scheduler_type=m.lr_scheduler_type, warmup_steps=m.warmup,  # < 1: a ratio of the steps
         weight_decay=m.weight_decay, logging_steps=m.logging_steps, eval_strategy="steps", eval_steps=eval_steps,
-        save_strategy="steps" if m.save_steps else "no", save_steps=m.save_steps or 500, save_total_limit=2,
+        save_strategy="steps" if (m.save_steps or early) else "no", save_steps=save_steps, save_total_limit=2,
+        load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None,
         bf16=m.bf16, seed=cfg.seed, data_seed=cfg.seed, report_to=report_to(cfg), remove_unused_columns=False,
         dataloader_num_workers=0, gradient_checkpointing=m.gradient_checkpointing, disable_tqdm=False,
         run_name=os.path.basename(run_dir), use_cpu=not torch.cuda.is_available(),
@@ -161,7 +167,7 @@ def run(cfg: RunConfig) -> dict:
     init_config = cfg.init_config()
     set_seed(cfg.seed)
     t_start = time.perf_counter()
-    run_dir = prepare_run_dir(cfg, state)
+    run_dir = None if cfg.dry_run else prepare_run_dir(cfg, state)  # a dry run checks data and model, writes nothing
     task = load_task(cfg.dataset_name, path=cfg.dataset.path, test_path=cfg.dataset.test_path, seed=cfg.seed,
                      n_train=cfg.dataset.n_train, n_test=cfg.dataset.n_test, columns=dict(cfg.dataset.columns) or None,
                      task_config=dict(cfg.dataset.task_config) or None)
@@ -190,8 +196,6 @@ def run(cfg: RunConfig) -> dict:
     args = _training_args(cfg, run_dir, len(task.train), state.num_processes)
     callbacks = [MetricsLogger(run_dir)]
     if cfg.model.early_stopping_patience:
-        args.load_best_model_at_end, args.metric_for_best_model = True, "eval_loss"
-        args.save_strategy = "steps"
         callbacks.append(EarlyStoppingCallback(cfg.model.early_stopping_patience))
     trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, eval_dataset=eval_set,
                       data_collator=collate, optimizers=(_optimizer(cfg, peft_model), None), callbacks=callbacks)
