@@ -257,3 +257,31 @@ def test_unknown_model_lists_the_embedded_ones(assets, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="Embedded"):
         _in_process(["+init=gradient", *local(assets, tmp_path / "runs"), "++wandb.name=m",
                      f"++model.name={tmp_path / 'no-such-model'}"])
+
+
+def test_optimizer_selection_uses_peft():
+    """prec_reg -> PEFT's Riemannian optimiser (LoRA gradients preconditioned); use_loraplus -> B at ratio × lr."""
+    from conftest import tiny_llama
+    from peft import LoraConfig, get_peft_model
+
+    from lorafa.train import _optimizer
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    cfg = parse_run_config(composed(["++model.learning_rate=0.01", "++peft.use_loraplus=true",
+                                     "++peft.loraplus_lr_ratio=8"]))
+    lrs = {g["lr"] for g in _optimizer(cfg, pm).param_groups if g["params"]}
+    assert {0.01, 0.08} <= {round(x, 6) for x in lrs}
+
+    cfg = parse_run_config(composed(["++model.learning_rate=0.01", "++model.prec_reg=0.5"]))
+    opt = _optimizer(cfg, pm)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        B.fill_(0.3)
+    A.grad, B.grad = torch.ones_like(A), torch.ones_like(B)
+    expected = torch.linalg.pinv(B.T @ B + 0.5 * torch.eye(2)) @ torch.ones_like(A)
+    before = A.detach().clone()
+    opt.step()
+    assert isinstance(opt, torch.optim.AdamW) and not torch.equal(A.grad, torch.ones_like(A))
+    torch.testing.assert_close(A.grad, expected)
+    assert not torch.equal(A.detach(), before)
