@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .methods.registry import METHODS, make_options, method_options, resolve_method
+from .stats.sketch import sketch_sizes
 
 METHOD_OPTION_FIELDS = ("direction", "scale", "stable_gamma", "reg", "reg_mode", "corda_method")
 
@@ -31,6 +32,9 @@ class InitConfig:
         seed: seed of the sample and of every random choice in the init.
         offset: auto (the method's own rule) | subtract | none.
         svd: auto | exact | randomized.
+        sketch, sketch_l: accumulate the gradient as a streaming randomized sketch of sizes k = `sketch` and
+            l = `sketch_l` (default 2k + 1) instead of densely: O(m·k + l·n) memory per layer instead of m·n. The
+            gradient methods then use its rank-k reconstruction; k > 2r is advised (lora_ga uses 2r directions).
     """
 
     method: str = "lora_fa"
@@ -47,6 +51,8 @@ class InitConfig:
     seed: int = 0
     offset: Literal["auto", "subtract", "none"] = "auto"
     svd: Literal["auto", "exact", "randomized"] = "auto"
+    sketch: int | None = None
+    sketch_l: int | None = None
     weight: str | None = None  # alias of `scale`
 
     def __post_init__(self):
@@ -66,6 +72,12 @@ class InitConfig:
         for key in ("bsz", "iters", "max_length"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.sketch is not None or self.sketch_l is not None:
+            if self.sketch is None:
+                raise ValueError("sketch_l is the second size of a gradient sketch: set sketch=k too, or drop it.")
+            if self.needs not in ("grad", "kfac"):
+                raise ValueError(f"sketch= approximates the gradient, which {self.method} does not use: drop it.")
+            sketch_sizes(self.sketch, self.sketch_l)
         self.method_options()  # validates the options against the method
 
     def method_options(self) -> dict:
@@ -88,6 +100,11 @@ class InitConfig:
     def subtracts(self) -> bool:
         """Whether the base weight is offset by −s·B·A."""
         return METHODS[self.method].subtracts if self.offset == "auto" else self.offset == "subtract"
+
+    @property
+    def sketch_sizes(self) -> tuple[int, int] | None:
+        """(k, l) of the gradient sketch, or None for the exact gradient."""
+        return None if self.sketch is None else sketch_sizes(self.sketch, self.sketch_l)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -64,6 +64,8 @@ class InitSection:
     seed: int | None = None  # default: the run's seed
     offset: str = "auto"
     svd: str = "auto"
+    sketch: int | None = None  # gradient as a streaming sketch of size k (see lorafa.stats.sketch); None: exact
+    sketch_l: int | None = None  # the sketch's second size l >= k; None: 2k + 1
     dtype: str = "fp32"  # statistics are always accumulated in fp32; accepted for seed configs
     cache: bool = True  # cache statistics (safetensors) under the output root
 
@@ -149,7 +151,7 @@ class RunConfig:
         if direction is not None:
             options["direction"] = direction
         return InitConfig(method=method, bsz=i.bsz, iters=i.iters, max_length=i.max_length, sample=i.sample,
-                          seed=self.seed if i.seed is None else i.seed, offset=i.offset, svd=i.svd, **options)
+                          seed=self.seed if i.seed is None else i.seed, offset=i.offset, svd=i.svd, sketch=i.sketch, sketch_l=i.sketch_l, **options)
 
 
 def _check_keys(cls, data: dict, where: str) -> None:

@@ -77,6 +77,7 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
     key = {"model": cfg.model.name, "dataset_name": cfg.dataset_name, "dataset": dataclasses.asdict(cfg.dataset),
            "kind": init_config.needs, "bsz": init_config.bsz, "iters": init_config.iters,
            "max_length": init_config.max_length, "sample": init_config.sample, "seed": init_config.seed,
+           "sketch": init_config.sketch_sizes,
            "targets": targets, "dtype": str(next(model.parameters()).dtype)}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cfg.output_root, ".stats_cache", f"{digest}.safetensors")
@@ -84,7 +85,7 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
         logger.info("statistics from cache %s", path)
         return load_stats(path, expected_config=key, device=model.device)
     batches = stat_batches(task.train, collate, init_config.bsz, init_config.iters, init_config.sample, init_config.seed)
-    stats = collect_stats(model, batches, targets, kinds=(init_config.needs,))
+    stats = collect_stats(model, batches, targets, kinds=(init_config.needs,), sketch=init_config.sketch_sizes)
     if cfg.init.cache and state.is_main_process:
         save_stats(stats, path, config=key)
     return stats

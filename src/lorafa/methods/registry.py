@@ -126,5 +126,7 @@ def init_factors(method: str, weight: torch.Tensor, stats: LayerStats | None = N
         raise TypeError(f"weight for {name or 'the layer'!r} must be a 2-D floating tensor, got {getattr(weight, 'dtype', type(weight))}")
     if not scaling > 0:
         raise ValueError(f"scaling must be > 0, got {scaling}")
+    if spec.needs in ("grad", "kfac") and stats is not None:
+        stats = stats.densified()  # a gradient sketch becomes its rank-k reconstruction, one layer at a time
     check_stats(name, spec, tuple(weight.shape), stats)
     return spec.fn(weight.float(), stats, rank=rank, scaling=float(scaling), opts=opts, svd=svd, seed=seed)

@@ -9,6 +9,7 @@ import tempfile
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .sketch import GradSketch
 from .types import LayerStats
 
 _FORMAT = "lorafa.stats.v1"
@@ -28,6 +29,8 @@ def save_stats(stats: dict[str, LayerStats], path: str | os.PathLike, config: di
     tensors, layout, owners = {}, {}, {}
     for name, st in stats.items():
         entry = {"n_tokens": st.n_tokens, "n_batches": st.n_batches}
+        if st.grad_sketch is not None:
+            entry["sketch_seed"] = st.grad_sketch.seed
         for kind, t in st.tensors().items():
             if kind == "in_cov" and id(t) in owners:
                 entry["in_cov_shared_with"] = owners[id(t)]
@@ -88,6 +91,8 @@ def load_stats(path: str | os.PathLike, expected_config: dict | None = None, dev
                 grad=get("grad"), in_cov=get("in_cov"), out_cov=get("out_cov"),
                 n_tokens=int(entry["n_tokens"]), n_batches=int(entry["n_batches"]),
             )
+            if "sketch_seed" in entry:
+                out[name].grad_sketch = GradSketch(get("grad_sketch.y"), get("grad_sketch.z"), int(entry["sketch_seed"]))
         for name, entry in layout.items():
             if "in_cov_shared_with" in entry:
                 out[name].in_cov = out[entry["in_cov_shared_with"]].in_cov

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..targets import is_transposed, out_in_features, resolve_targets, unwrap_model
 from .distributed import all_gather_objects, all_reduce_counts, all_reduce_sum_, world
+from .sketch import DEFAULT_SKETCH_SEED, GradSketch, gaussian_matrix, sketch_sizes
 from .types import LayerStats
 
 logger = logging.getLogger(__name__)
@@ -50,11 +51,16 @@ class StatsRecorder:
 
     Only target weights require grad inside the context; each weight's gradient is added to its fp32 buffer as soon
     as autograd has accumulated it, then freed, so no layer's gradient outlives its own backward step.
+    With `sketch=(k, l)` no weight requires grad at all: each target's input does, and the gradient is accumulated
+    as the two sketches G·Ω and Ψᵀ·G from the layer's inputs and output gradients (see `stats.sketch`).
     """
 
-    def __init__(self, model: nn.Module, targets: dict[str, nn.Module], kinds, accumulate_on=None, train_mode=False):
+    def __init__(self, model: nn.Module, targets: dict[str, nn.Module], kinds, accumulate_on=None, train_mode=False,
+                 sketch: tuple[int, int] | None = None, sketch_seed: int = DEFAULT_SKETCH_SEED):
         self.model, self.targets, self.kinds = model, targets, normalize_kinds(kinds)
         self.accumulate_on, self.train_mode = accumulate_on, train_mode
+        self.sketch, self.sketch_seed = sketch, sketch_seed
+        self.sk_y, self.sk_z, self._gauss, self._sketch_rows = {}, {}, {}, {}
         self.mask: torch.Tensor | None = None
         self.n_batches = 0
         self.calls = dict.fromkeys(targets, 0)
@@ -99,7 +105,9 @@ class StatsRecorder:
 
     def _install(self, name: str, mod: nn.Module) -> None:
         transposed = is_transposed(mod)
-        if "grad" in self.kinds:
+        if "grad" in self.kinds and self.sketch is not None:
+            self._handles.append(mod.register_forward_pre_hook(_input_requires_grad, with_kwargs=True))
+        elif "grad" in self.kinds:
             mod.weight.requires_grad_(True)
 
             def on_grad(p, name=name):
@@ -110,12 +118,40 @@ class StatsRecorder:
                 p.grad = None  # free at once: never all layers' gradients in model dtype
 
             self._handles.append(mod.weight.register_post_accumulate_grad_hook(on_grad))
-        if "act" in self.kinds:
+        if "act" in self.kinds or ("grad" in self.kinds and self.sketch is not None):
             self._handles.append(mod.register_forward_hook(
                 lambda m, args, kwargs, out, name=name: self._on_forward(name, args[0] if args else kwargs["input"], out),
                 with_kwargs=True))
 
     def _on_forward(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        if "act" in self.kinds:
+            self._on_forward_act(name, x, out)
+        if self.sketch is not None and out.requires_grad:
+            cached = self._sketch_rows.get(id(x))  # q/k/v reading one input share one copy of its rows
+            if cached is not None and cached[0]() is x:
+                rows = cached[1]
+            else:
+                rows = _rows(x.detach(), self.mask, name)  # kept until this layer's backward, as autograd keeps x
+                self._sketch_rows[id(x)] = (weakref.ref(x), rows)
+            out.register_hook(lambda g, name=name, mask=self.mask, rows=rows: self._on_sketch_grad(name, g, mask, rows))
+
+    def _gaussian(self, rows: int, cols: int, device) -> torch.Tensor:
+        key = (rows, cols, device)
+        if key not in self._gauss:  # one Ω (Ψ) per shape, shared by every layer of that shape
+            self._gauss[key] = gaussian_matrix(rows, cols, self.sketch_seed, device)
+        return self._gauss[key]
+
+    def _on_sketch_grad(self, name: str, g: torch.Tensor, mask, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            d = _rows(g, mask, name)  # (N, m)
+            (m, k), (n, l) = (d.shape[1], self.sketch[0]), (x.shape[1], self.sketch[1])
+            y = self._buffer(self.sk_y, name, (m, k), d)
+            z = self._buffer(self.sk_z, name, (l, n), d)
+            y.add_((d.T @ (x @ self._gaussian(n, k, x.device))).to(y.device))  # Δᵀ(XΩ) = G_b Ω
+            z.add_(((d @ self._gaussian(m, l, d.device)).T @ x).to(z.device))  # (ΔΨ)ᵀX = Ψᵀ G_b
+            self.calls[name] += 1
+
+    def _on_forward_act(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
         mask = self.mask
         owner = self._seen.get(id(x))
         shared = owner is not None and owner[1]() is x and owner[0] != name
@@ -144,10 +180,12 @@ class StatsRecorder:
     def begin_batch(self, attention_mask: torch.Tensor | None) -> None:
         self.mask = None if attention_mask is None else attention_mask.bool()
         self._seen.clear()
+        self._sketch_rows.clear()
 
     def end_batch(self) -> None:
         self.n_batches += 1
         self._seen.clear()
+        self._sketch_rows.clear()
         self.mask = None
 
     # -- result ----------------------------------------------------------------------------------------------
@@ -176,7 +214,13 @@ class StatsRecorder:
         for name in names:
             st = LayerStats(n_tokens=tokens[name], n_batches=n_batches if normalize_grad_by == "batches" else calls[name])
             m, n = out_in_features(self.targets[name])
-            if "grad" in self.kinds:
+            if "grad" in self.kinds and self.sketch is not None:
+                k, l = self.sketch
+                reached = calls[name] > 0
+                y = self._reduced(self.sk_y, name, (m, k), "gradient", reached) / max(st.n_batches, 1)
+                z = self._reduced(self.sk_z, name, (l, n), "gradient", reached) / max(st.n_batches, 1)
+                st.grad_sketch = GradSketch(y, z, self.sketch_seed)
+            elif "grad" in self.kinds:
                 st.grad = self._reduced(self.grad, name, (m, n), "gradient", calls[name] > 0) / max(st.n_batches, 1)
             if "act" in self.kinds and tokens[name] == 0:
                 raise ValueError(f"{name!r} saw no non-padding tokens: check attention_mask and the batches.")
@@ -203,6 +247,14 @@ class StatsRecorder:
                 "the loss depend on it? Remove it from target_modules otherwise."
             )
         return total
+
+
+def _input_requires_grad(module, args, kwargs):
+    """Sketch mode: make a target's input a grad-requiring leaf, so backward reaches it with no weight gradients."""
+    x = args[0] if args else kwargs.get("input")
+    if torch.is_tensor(x) and x.is_floating_point() and not x.requires_grad and torch.is_grad_enabled():
+        x.requires_grad_(True)
+        x.register_post_accumulate_grad_hook(lambda t: setattr(t, "grad", None))  # its gradient is never needed
 
 
 def _check_finite(stats: dict[str, LayerStats]) -> None:
@@ -246,6 +298,8 @@ def collect_stats(
     accumulate_on: str | torch.device | None = None,
     train_mode: bool = False,
     progress: bool = True,
+    sketch: int | tuple[int, int] | None = None,
+    sketch_seed: int = DEFAULT_SKETCH_SEED,
 ) -> dict[str, LayerStats]:
     """Run the statistics pass of SPEC §1 over `batches`.
 
@@ -259,6 +313,10 @@ def collect_stats(
         accumulate_on: device for the fp32 accumulators (e.g. "cpu" to offload them); default: the weight's device.
         train_mode: run with dropout on (default off, so the pass is deterministic and identical across processes).
         progress: show a progress bar on rank 0.
+        sketch: accumulate the gradient as a streaming randomized sketch instead of densely: k, or (k, l) with
+            l >= k (default l = 2k + 1). Memory per layer O(m·k + l·n) instead of m·n; the methods then use the
+            rank-k reconstruction. Needs a `grad` (or `kfac`) kind.
+        sketch_seed: seed of the sketches' Gaussian test matrices (the same on every process).
 
     Returns:
         dict module name -> LayerStats, identical on every process (sums are all-reduced when torch.distributed is
@@ -275,7 +333,12 @@ def collect_stats(
                          "re-runs it during backward: call model.gradient_checkpointing_disable() or use train_mode=False.")
     device = next(model.parameters()).device
     needs_backward = "grad" in kinds
-    recorder = StatsRecorder(model, targets, kinds, accumulate_on=accumulate_on, train_mode=train_mode)
+    if sketch is not None:
+        if "grad" not in kinds:
+            raise ValueError(f"sketch= sketches the gradient, but kinds={sorted(kinds)} has none: add 'grad' or 'kfac'.")
+        sketch = sketch_sizes(*((sketch,) if isinstance(sketch, int) else tuple(sketch)))
+    recorder = StatsRecorder(model, targets, kinds, accumulate_on=accumulate_on, train_mode=train_mode,
+                             sketch=sketch, sketch_seed=sketch_seed)
     total = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
     bar = tqdm(total=total, desc="lorafa statistics", disable=not progress or world()[0] != 0, leave=False)
     with recorder, (torch.enable_grad() if needs_backward else torch.no_grad()):
@@ -286,6 +349,9 @@ def collect_stats(
             recorder.begin_batch(batch.get("attention_mask"))
             if needs_backward:
                 loss = (loss_fn or _default_loss)(model, batch)
+                if not loss.requires_grad:
+                    raise ValueError("The loss does not depend on any target module's weights: check target_modules "
+                                     "and loss_fn.")
                 if not torch.isfinite(loss).all():
                     raise ValueError(f"Non-finite loss {loss.item()} on statistics batch {i}: check the data and dtype.")
                 loss.backward()

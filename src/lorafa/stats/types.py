@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from .sketch import GradSketch
 
 
 @dataclass
@@ -18,6 +21,8 @@ class LayerStats:
         out_cov: C = JᵀJ / N, J the gradient of the loss w.r.t. the layer output (m × m).
         n_tokens: N, the non-padding tokens seen by this layer (all processes).
         n_batches: batches averaged into `grad` (all processes).
+        grad_sketch: instead of `grad`, the streaming sketch of G (`collect_stats(..., sketch=k)`); the init methods
+            use its rank-k reconstruction (`densified`).
     """
 
     grad: torch.Tensor | None = None
@@ -25,6 +30,13 @@ class LayerStats:
     out_cov: torch.Tensor | None = None
     n_tokens: int = 0
     n_batches: int = 0
+    grad_sketch: GradSketch | None = None
+
+    def densified(self) -> LayerStats:
+        """A copy whose `grad` is the sketch's rank-k reconstruction (self if `grad` is already dense)."""
+        if self.grad is not None or self.grad_sketch is None:
+            return self
+        return dataclasses.replace(self, grad=self.grad_sketch.reconstruct(), grad_sketch=None)
 
     @property
     def cross(self) -> torch.Tensor | None:
@@ -36,13 +48,18 @@ class LayerStats:
     def kinds(self) -> set[str]:
         """The statistic kinds this record can serve (`grad`, `act`, `kfac`)."""
         out = set()
-        if self.grad is not None:
+        has_grad = self.grad is not None or self.grad_sketch is not None
+        if has_grad:
             out.add("grad")
         if self.in_cov is not None:
             out.add("act")
-        if self.grad is not None and self.in_cov is not None and self.out_cov is not None and self.n_tokens > 0:
+        if has_grad and self.in_cov is not None and self.out_cov is not None and self.n_tokens > 0:
             out.add("kfac")
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in (("grad", self.grad), ("in_cov", self.in_cov), ("out_cov", self.out_cov)) if v is not None}
+        """The tensors held, by kind (a sketch as `grad_sketch.y` and `grad_sketch.z`)."""
+        sk = self.grad_sketch
+        pairs = (("grad", self.grad), ("in_cov", self.in_cov), ("out_cov", self.out_cov),
+                 ("grad_sketch.y", sk.y if sk else None), ("grad_sketch.z", sk.z if sk else None))
+        return {k: v for k, v in pairs if v is not None}

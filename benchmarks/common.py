@@ -1,0 +1,139 @@
+"""Shared pieces of the benchmark scripts: device choice, peak-memory sampling, result tables and plots.
+
+Benchmarks never run inside the unit tests; they print tables, write markdown + CSV and draw PNG plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+def device_info() -> dict:
+    """What the numbers were measured on (recorded in every results file)."""
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "machine": platform.machine()}
+    if torch.cuda.is_available():
+        info.update(device="cuda", gpu=torch.cuda.get_device_name(0))
+    else:
+        info.update(device="cpu")
+    return info
+
+
+def pick_device(requested: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16 when present (the GPU recipe), else CPU fp32."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return device, dtype
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator peak on GPU, else resident set size sampled every 2 ms.
+
+    The CPU figure is the process's resident-set high-water mark minus its value at entry, so transient buffers
+    count; memory the allocator kept from earlier phases can hide part of it (run each measurement in a fresh
+    process for a clean figure, as the benchmarks do).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_bytes = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base = _rss_bytes()
+            self._peak, self._stop = self._base, threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self._peak, _rss_bytes()) - self._base
+        return False
+
+    @property
+    def mb(self) -> float:
+        return self.peak_bytes / 2**20
+
+
+@contextmanager
+def timed(device: torch.device):
+    """`with timed(device) as t: ...; t["s"]` — wall seconds, synchronising CUDA."""
+    out = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    yield out
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    out["s"] = time.perf_counter() - t0
+
+
+def atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, default=str))
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.3g}"
+    return str(v)
+
+
+def write_table(rows: list[dict], columns: list[str], path_stem: str, title: str = "") -> str:
+    """Write `rows` as `<stem>.csv` and `<stem>.md`; returns the markdown (also printed by callers)."""
+    tmp = f"{path_stem}.csv.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, f"{path_stem}.csv")
+    lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(columns) + " |",
+                                                      "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    md = "\n".join(lines) + "\n"
+    atomic_write(f"{path_stem}.md", md)
+    return md
+
+
+def save_figure(fig, path: str) -> str:
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
