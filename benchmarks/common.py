@@ -41,12 +41,35 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator peak on GPU, else resident set size sampled every 2 ms.
+def _reset_hwm() -> bool:
+    """Reset the kernel's resident-set high-water mark (Linux: `echo 5 > /proc/self/clear_refs`)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
-    The CPU figure is the process's resident-set high-water mark minus its value at entry, so transient buffers
-    count; memory the allocator kept from earlier phases can hide part of it (run each measurement in a fresh
-    process for a clean figure, as the benchmarks do).
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM")
+
+
+# Large allocations always mmapped, so freed memory leaves the resident set at once and RSS tracks live memory
+# (glibc's dynamic threshold would otherwise keep freed blocks on the heap). Set for the benchmark's child processes.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: the CUDA allocator's peak on GPU; on CPU the kernel's resident-set
+    high-water mark (reset at entry), or RSS sampled every 2 ms where the mark cannot be reset.
+
+    The CPU figure counts transient buffers. Run each measurement in a fresh process started with MALLOC_ENV, as
+    the benchmarks do, so memory freed by an earlier phase does not hide part of it.
     """
 
     def __init__(self, device: torch.device):
@@ -57,6 +80,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
+        elif _reset_hwm():
+            self._base, self._thread = _rss_bytes(), None
         else:
             self._base = _rss_bytes()
             self._peak, self._stop = self._base, threading.Event()
@@ -73,6 +98,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
+        elif self._thread is None:
+            self.peak_bytes = _hwm_bytes() - self._base
         else:
             self._stop.set()
             self._thread.join()

@@ -31,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import PeakMemory, device_info, pick_device, save_figure, timed, write_json, write_table  # noqa: E402
+from common import MALLOC_ENV, PeakMemory, device_info, pick_device, save_figure, timed, write_json, write_table  # noqa: E402
 
 PEFT_INITS = {"lora": True, "pissa": "pissa", "olora": "olora", "peft_lora_ga": "lora_ga"}
 METHODS = ["lora", "pissa", "olora", "peft_lora_ga", "lora_ga", "lora_one", "lora_fa", "lora_fa+prec"]
@@ -75,10 +75,12 @@ def parse_spec(spec: str) -> tuple[str, bool, dict]:
     options = {}
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
-        try:
-            options[key] = float(value)
-        except ValueError:
-            options[key] = value
+        for cast in (int, float, str):
+            try:
+                options[key] = cast(value)
+                break
+            except ValueError:
+                continue
     return name, flag == "prec", options
 
 
@@ -383,6 +385,7 @@ def main(argv=None) -> None:
     for m in methods:
         parse_spec(m)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    os.environ.update(MALLOC_ENV)  # inherited by the spawned run processes (see common.PeakMemory)
     probe_files = {}
     if args.probe:
         device, dtype = pick_device(args.device)

@@ -46,6 +46,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                                        progress=False)
         save_file(_model_state(peft_model), os.path.join(out_dir, f"model{rank}.safetensors"))
 
+        sketch = lorafa.collect_stats(tiny_llama(seed=0), mine, TARGETS, sketch=(3, 5), progress=False)
+        lorafa.save_stats(sketch, os.path.join(out_dir, f"sketch{rank}.safetensors"))
+
         # fewer batches than processes: rank 1 sees none, yet must join the same all-reduces
         few = shard_batches(make_batches(1), rank, WORLD)
         assert len(few) == (1 if rank == 0 else 0)
@@ -124,3 +127,13 @@ def test_rank_without_batches_joins_the_reduction(two_rank_run):
                 torch.testing.assert_close(st[name].tensors()[kind], t, rtol=1e-5, atol=1e-7)
     for st in ranks:  # the rank that saw nothing still knows q/k/v share one covariance
         assert st["model.layers.1.self_attn.v_proj"].in_cov is st["model.layers.1.self_attn.q_proj"].in_cov
+
+
+def test_two_rank_gradient_sketch_equals_single_process(two_rank_run):
+    ranks = [lorafa.load_stats(two_rank_run / f"sketch{r}.safetensors") for r in range(WORLD)]
+    single = lorafa.collect_stats(tiny_llama(seed=0), make_batches(N_BATCHES), TARGETS, sketch=(3, 5), progress=False)
+    for name, ref in single.items():
+        for st in ranks:
+            assert st[name].n_batches == N_BATCHES
+            torch.testing.assert_close(st[name].grad_sketch.y, ref.grad_sketch.y, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(st[name].grad_sketch.z, ref.grad_sketch.z, rtol=1e-5, atol=1e-7)

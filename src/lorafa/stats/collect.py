@@ -112,8 +112,12 @@ class StatsRecorder:
 
             def on_grad(p, name=name):
                 g = p.grad.t() if transposed else p.grad
-                buf = self._buffer(self.grad, name, g.shape, g)
-                buf.add_(g.to(buf.device, torch.float32))
+                home = torch.device(self.accumulate_on) if self.accumulate_on is not None else g.device
+                if name not in self.grad and g.dtype == torch.float32 and g.device == home:
+                    self.grad[name] = g.contiguous()  # an fp32 first gradient becomes the accumulator: no copy
+                else:
+                    buf = self._buffer(self.grad, name, g.shape, g)
+                    buf.add_(g.to(buf.device, torch.float32))
                 self.calls[name] += 1
                 p.grad = None  # free at once: never all layers' gradients in model dtype
 

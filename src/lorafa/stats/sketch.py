@@ -76,13 +76,22 @@ def principal_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def subspace_agreement(exact: torch.Tensor, approx: torch.Tensor, r: int) -> dict[str, float]:
-    """How well `approx` recovers the top-r singular subspaces of `exact`: the smallest principal-angle cosine on the
-    left (column) and right (row) side, and the relative Frobenius error of the rank-r truncations."""
-    ue, se, vhe = torch.linalg.svd(exact.double(), full_matrices=False)
+    """How well `approx` recovers the top-r singular subspaces of `exact` (both m × n).
+
+    Returns:
+        min_cos_left / min_cos_right: the smallest principal-angle cosine between the top-r left (right) singular
+            subspaces; mean_cos2: the mean squared cosine over both sides (the subspaces' overlap, 1 = identical);
+        captured: ‖U_aᵀ G V_a‖_F / ‖[G]_r‖_F, the share of the best rank-r part of G that the approximate
+            subspaces capture (1 = as good as the exact ones); rel_err_rank_r: ‖[G]_r − [Ĝ]_r‖_F / ‖[G]_r‖_F.
+    """
+    g = exact.double()
+    ue, se, vhe = torch.linalg.svd(g, full_matrices=False)
     ua, sa, vha = torch.linalg.svd(approx.double(), full_matrices=False)
     left = principal_cosines(ue[:, :r], ua[:, :r])
     right = principal_cosines(vhe[:r].T, vha[:r].T)
     er = (ue[:, :r] * se[:r]) @ vhe[:r]
     ar = (ua[:, :r] * sa[:r]) @ vha[:r]
     return {"min_cos_left": float(left.min()), "min_cos_right": float(right.min()),
+            "mean_cos2": float(torch.cat([left, right]).pow(2).mean()),
+            "captured": float(torch.linalg.norm(ua[:, :r].T @ g @ vha[:r].T) / torch.linalg.norm(se[:r])),
             "rel_err_rank_r": float(torch.linalg.norm(er - ar) / torch.linalg.norm(er))}
