@@ -195,7 +195,7 @@ def build(spec: str, model, task, collate, p: Preset, args, seed: int, device):
 
     init = InitConfig(method=name, bsz=p.init_bsz, iters=p.init_iters, seed=seed, **options)
     return initialize(model, lora_config(p, args, task, True), init,
-                      batches=[to_device(b, device) for b in init_batches])
+                      batches=[to_device(b, device) for b in init_batches], progress=False)
 
 
 def optimizer(model, lr: float, prec: bool, args):
@@ -376,7 +376,10 @@ def main(argv=None) -> None:
     ap.add_argument("--summary-only", action="store_true", help="summarise the runs present, run nothing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    p = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in dict(
+    preset = PRESETS[args.preset]
+    if pick_device(args.device)[0].type == "cuda" and args.batch is None:  # the GPU recipe: a larger batch
+        preset = dataclasses.replace(preset, batch=preset.batch * 4)
+    p = dataclasses.replace(preset, **{k: v for k, v in dict(
         steps=args.steps, eval_every=args.eval_every, n_heldout=args.n_heldout, batch=args.batch,
         lrs=args.lrs).items() if v is not None})
     if args.probe and args.preset != "classification":

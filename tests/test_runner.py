@@ -77,6 +77,8 @@ def test_seed_command_overrides_map_to_the_library():
     assert cfg.dataset_name == "meta_math" and cfg.peft.use_rslora and cfg.wandb.name == "x"
     lora_one = parse_run_config(composed(["+init=gradient", "++init.direction=LoRA-One", "+peft=all"]))
     assert lora_one.init_config().method == "lora_one" and lora_one.peft.target_modules == ["all-linear"]
+    sketched = parse_run_config(composed(["++init.sketch=24", "++init.accumulate_on=cpu"])).init_config()
+    assert sketched.sketch_sizes == (24, 49) and sketched.accumulate_on == "cpu"
 
 
 @pytest.mark.parametrize("override,match", [

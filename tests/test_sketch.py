@@ -119,3 +119,13 @@ def test_bad_sketch_settings_are_clear_errors():
     with pytest.raises(ValueError, match="zero"):
         zero.reconstruct()
     assert InitConfig(method="lora_ga", sketch=8).sketch_sizes == (8, 17)
+
+
+def test_offloaded_accumulators_give_the_same_init():
+    model, batches = tiny_llama(), make_batches()
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    a = compute_init(model, cfg, InitConfig(method="lora_one", iters=3, bsz=4), batches=batches, progress=False)
+    b = compute_init(model, cfg, InitConfig(method="lora_one", iters=3, bsz=4, accumulate_on="cpu"), batches=batches,
+                     progress=False)
+    for name in a:
+        torch.testing.assert_close(a[name].B @ a[name].A, b[name].B @ b[name].A)

@@ -35,6 +35,8 @@ class InitConfig:
         sketch, sketch_l: accumulate the gradient as a streaming randomized sketch of sizes k = `sketch` and
             l = `sketch_l` (default 2k + 1) instead of densely: O(m·k + l·n) memory per layer instead of m·n. The
             gradient methods then use its rank-k reconstruction; k > 2r is advised (lora_ga uses 2r directions).
+        accumulate_on: device of the fp32 statistics accumulators, e.g. "cpu" to keep them off the GPU (each
+            layer's contribution is copied over as soon as it is computed); None: the weights' device.
     """
 
     method: str = "lora_fa"
@@ -53,6 +55,7 @@ class InitConfig:
     svd: Literal["auto", "exact", "randomized"] = "auto"
     sketch: int | None = None
     sketch_l: int | None = None
+    accumulate_on: str | None = None
     weight: str | None = None  # alias of `scale`
 
     def __post_init__(self):

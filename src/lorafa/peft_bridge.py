@@ -89,7 +89,7 @@ def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=
         # init.iters counts batches over all processes: batch b belongs to rank b mod world_size
         stats = collect_stats(base, batches, list(targets), kinds=(init_config.needs,), loss_fn=loss_fn,
                               max_batches=len(range(rank, init_config.iters, world_size)), progress=progress,
-                              sketch=init_config.sketch_sizes)
+                              sketch=init_config.sketch_sizes, accumulate_on=init_config.accumulate_on)
     if stats is not None and init_config.needs is not None:
         missing = [n for n in targets if n not in stats]
         if missing:

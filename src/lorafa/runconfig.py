@@ -66,6 +66,7 @@ class InitSection:
     svd: str = "auto"
     sketch: int | None = None  # gradient as a streaming sketch of size k (see lorafa.stats.sketch); None: exact
     sketch_l: int | None = None  # the sketch's second size l >= k; None: 2k + 1
+    accumulate_on: str | None = None  # "cpu": statistics accumulators off the GPU; None: the model's device
     dtype: str = "fp32"  # statistics are always accumulated in fp32; accepted for seed configs
     cache: bool = True  # cache statistics (safetensors) under the output root
 
@@ -151,7 +152,8 @@ class RunConfig:
         if direction is not None:
             options["direction"] = direction
         return InitConfig(method=method, bsz=i.bsz, iters=i.iters, max_length=i.max_length, sample=i.sample,
-                          seed=self.seed if i.seed is None else i.seed, offset=i.offset, svd=i.svd, sketch=i.sketch, sketch_l=i.sketch_l, **options)
+                          seed=self.seed if i.seed is None else i.seed, offset=i.offset, svd=i.svd, sketch=i.sketch, sketch_l=i.sketch_l,
+                          accumulate_on=i.accumulate_on, **options)
 
 
 def _check_keys(cls, data: dict, where: str) -> None:

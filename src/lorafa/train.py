@@ -85,7 +85,8 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
         logger.info("statistics from cache %s", path)
         return load_stats(path, expected_config=key, device=model.device)
     batches = stat_batches(task.train, collate, init_config.bsz, init_config.iters, init_config.sample, init_config.seed)
-    stats = collect_stats(model, batches, targets, kinds=(init_config.needs,), sketch=init_config.sketch_sizes)
+    stats = collect_stats(model, batches, targets, kinds=(init_config.needs,), sketch=init_config.sketch_sizes,
+                          accumulate_on=init_config.accumulate_on)
     if cfg.init.cache and state.is_main_process:
         save_stats(stats, path, config=key)
     return stats
