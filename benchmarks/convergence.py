@@ -260,6 +260,10 @@ def run_one(job: dict) -> dict:
 
 
 # -- orchestration ----------------------------------------------------------------------------------------------
+def mid(lrs: list) -> float:
+    return sorted(lrs)[len(lrs) // 2]
+
+
 def run_id(method: str, lr: float, seed: int) -> str:
     return f"{method.replace(':', '_').replace(',', '_').replace('=', '')}_lr{lr:g}_s{seed}"
 
@@ -292,7 +296,7 @@ def summarise(results: list[dict], methods: list[str], out: str, title: str) -> 
     for m in methods:
         seed0 = [r for r in results if r["method"] == m and r["seed"] == min(x["seed"] for x in results)]
         for r in sorted(seed0, key=lambda r: r["lr"]):
-            grid.append({"method": m, "lr": r["lr"], "final_loss": r["final_loss"]})
+            grid.append({"method": m, "lr": f"{r['lr']:g}", "final_loss": r["final_loss"]})
         best_lr[m] = min(seed0, key=lambda r: r["final_loss"])["lr"]
     best = {m: [r for r in results if r["method"] == m and r["lr"] == best_lr[m]] for m in methods}
     ref = "lora" if "lora" in best else methods[0]
@@ -324,6 +328,7 @@ def summarise(results: list[dict], methods: list[str], out: str, title: str) -> 
     md += "\n" + write_table(grid, ["method", "lr", "final_loss"], os.path.join(out, "lr_grid"),
                              "Learning-rate grid (final held-out loss, first seed)")
     plot(best, grid, methods, target, out, title)
+    plot_bars(best, methods, target, ref_steps, out, title)
     return md
 
 
@@ -344,11 +349,41 @@ def plot(best: dict, grid: list, methods: list, target: float, out: str, title: 
     ax.set(xlabel="step", ylabel="held-out loss", title=f"{title}: best lr per method")
     ax.legend(fontsize=7)
     for m in methods:
-        pts = sorted((g["lr"], g["final_loss"]) for g in grid if g["method"] == m)
+        pts = sorted((float(g["lr"]), g["final_loss"]) for g in grid if g["method"] == m)
         ax2.plot([a for a, _ in pts], [b if math.isfinite(b) else float("nan") for _, b in pts], marker="o", label=m)
     ax2.set(xscale="log", xlabel="learning rate", ylabel="final held-out loss", title="learning-rate grid")
     ax2.legend(fontsize=7)
     save_figure(fig, os.path.join(out, "convergence.png"))
+    plt.close(fig)
+
+
+def plot_bars(best: dict, methods: list, target: float, ref_steps: float, out: str, title: str) -> None:
+    """Bars per method (best rate, mean over seeds): speed-up, final loss, test accuracy, init time, init memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def mean(m, f):
+        vals = [f(r) for r in best[m]]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    def speed(r):
+        s = steps_to_reach(r["curve"], target)
+        return ref_steps / s if s else 0.0
+
+    panels = [("speed-up to default LoRA's final loss (×)", speed), ("final held-out loss", lambda r: r["final_loss"]),
+              ("test accuracy", lambda r: r.get("test_acc")), ("init wall time (s)", lambda r: r["init_s"]),
+              ("init peak memory (MB)", lambda r: r["init_peak_mb"])]
+    panels = [p for p in panels if any(p[1](r) is not None for m in methods for r in best[m])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4))
+    for ax, (label, f) in zip(axes, panels):
+        ax.bar(range(len(methods)), [mean(m, f) for m in methods], color="tab:blue")
+        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(title)
+    save_figure(fig, os.path.join(out, "summary.png"))
     plt.close(fig)
 
 
@@ -374,6 +409,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary-only", action="store_true", help="summarise the runs present, run nothing")
+    ap.add_argument("--full-grid", action="store_true", help="run every rate, not only the ones that can win")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     preset = PRESETS[args.preset]
@@ -408,12 +444,16 @@ def main(argv=None) -> None:
 
     grid_methods = methods + (["full"] if args.full else [])
     lrs_of = {m: (p.full_lrs if m == "full" else p.lrs) for m in grid_methods}
-    # the middle rate of every method first, so that a partial benchmark already compares them all
-    order = lambda lrs: [lrs[len(lrs) // 2]] + [x for i, x in enumerate(lrs) if i != len(lrs) // 2]  # noqa: E731
-    n_rates = max(len(v) for v in lrs_of.values())
-    grid_jobs = [job(m, order(lrs_of[m])[i], args.seeds[0]) for i in range(n_rates) for m in grid_methods
-                 if i < len(lrs_of[m])]
-    first = run_jobs(grid_jobs, args.jobs, run=not args.summary_only)
+    # the middle rate of every method first, then the higher one; the lower one only where the middle rate beat the
+    # higher one (with a loss unimodal in the rate, it cannot win otherwise). `--full-grid` runs every rate.
+    first = run_jobs([job(m, mid(lrs_of[m]), args.seeds[0]) for m in grid_methods], args.jobs, run=not args.summary_only)
+    first += run_jobs([job(m, lr, args.seeds[0]) for m in grid_methods for lr in sorted(lrs_of[m]) if lr > mid(lrs_of[m])],
+                      args.jobs, run=not args.summary_only)
+    final = {(r["method"], r["lr"]): r["final_loss"] for r in first}
+    lower = [job(m, lr, args.seeds[0]) for m in grid_methods for lr in sorted(lrs_of[m]) if lr < mid(lrs_of[m])
+             and (args.full_grid or all(final.get((m, mid(lrs_of[m])), 0) <= final.get((m, h), float("inf"))
+                                        for h in lrs_of[m] if h > mid(lrs_of[m])))]
+    first += run_jobs(lower, args.jobs, run=not args.summary_only)
     best = {m: min((r for r in first if r["method"] == m), key=lambda r: r["final_loss"])["lr"] for m in grid_methods
             if any(r["method"] == m for r in first)}
     rest = run_jobs([job(m, best[m], s) for m in best for s in args.seeds[1:]], args.jobs, run=not args.summary_only)
