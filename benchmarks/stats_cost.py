@@ -52,6 +52,8 @@ def setup(args):
 
 
 def floor(model, batches, targets) -> None:
+    """The plain passes, gradients accumulated in `.grad` across batches as a training step or PEFT's
+    `preprocess_loraga` would (lorafa.demo.floor_pass frees them per batch instead, which times the same)."""
     modules = dict(model.named_modules())
     flags = {id(p): p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
@@ -65,18 +67,9 @@ def floor(model, batches, targets) -> None:
         p.requires_grad_(flags[id(p)])
 
 
-def stats_bytes(stats) -> int:
-    seen, total = set(), 0
-    for st in stats.values():
-        for t in st.tensors().values():
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-    return total
-
-
 def worker(args) -> dict:
     """One measurement in this process; prints a JSON line (rank 0)."""
+    from lorafa.demo import stats_bytes
     from lorafa.stats import collect_stats, save_stats
     from lorafa.stats.distributed import world
 
