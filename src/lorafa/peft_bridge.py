@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import InitConfig
 from .methods.common import InitResult
+from .methods.lora_fa import whitener_scope
 from .methods.registry import init_factors
 from .stats.collect import collect_stats
 from .stats.distributed import world
@@ -95,8 +96,12 @@ def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=
         if missing:
             raise ValueError(f"No statistics for target modules {missing[:6]}{' ...' if len(missing) > 6 else ''}: "
                              "they were collected for other target_modules. Recompute them for this LoraConfig.")
+    with whitener_scope():
+        return _init_layers(targets, lora_config, init_config, stats, init_config.method_options(), progress)
+
+
+def _init_layers(targets, lora_config, init_config, stats, opts, progress) -> dict[str, InitResult]:
     results = {}
-    opts = init_config.method_options()
     for i, (name, module) in enumerate(tqdm(targets.items(), desc=f"lorafa {init_config.method} init",
                                             disable=not progress or world()[0] != 0, leave=False)):
         r, s = layer_rank_and_scaling(lora_config, name)

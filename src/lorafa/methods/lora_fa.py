@@ -6,7 +6,8 @@ C = Σ = I this is LoRA-One's [−G]_r.
 
 from __future__ import annotations
 
-import weakref
+import contextvars
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -70,18 +71,34 @@ class Whitener:
         return self.V @ (self.evals.rsqrt()[:, None] * U)
 
 
-_WHITENERS: dict[int, tuple] = {}  # id(cov) -> (weakref, version, reg, relative, Whitener): q/k/v share one Σ
+# Modules that read one input (q/k/v, gate/up) share one Σ tensor and are initialised one after another, so the
+# last Σ's factor is kept, inside `whitener_scope()` (one `compute_init` call) only: the fp64 factors are released
+# as the next input comes and when the call ends, never living through training.
+_SCOPE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lorafa_whiteners", default=None)
 
 
-def whitener(cov: torch.Tensor, reg: float, relative: bool) -> Whitener:
-    """A memoised Whitener: modules that read the same input share one Σ tensor, so it is factored once."""
-    hit = _WHITENERS.get(id(cov))
-    if hit is not None and hit[0]() is cov and hit[1:4] == (cov._version, reg, relative):
-        return hit[4]
+@contextmanager
+def whitener_scope():
+    """Reuse the factor of a shared input covariance within the block; nothing is kept after it."""
+    token = _SCOPE.set({})
+    try:
+        yield
+    finally:
+        _SCOPE.get().clear()
+        _SCOPE.reset(token)
+
+
+def whitener(cov: torch.Tensor, reg: float, relative: bool, shared: bool = False) -> Whitener:
+    """A Whitener of `cov`. With `shared=True`, inside `whitener_scope()`, a tensor equal by identity to the last
+    shared one (and unmodified since) is not factored again."""
+    memo = _SCOPE.get() if shared else None
+    key = (id(cov), cov._version, reg, relative)
+    last = memo.get("last") if memo is not None else None
+    if last is not None and last[0] == key and last[1] is cov:
+        return last[2]
     w = Whitener(cov, reg, relative)
-    for key in [k for k, v in _WHITENERS.items() if v[0]() is None]:
-        del _WHITENERS[key]
-    _WHITENERS[id(cov)] = (weakref.ref(cov), cov._version, reg, relative, w)
+    if memo is not None:
+        memo["last"] = (key, cov, w)  # one entry: the previous factor is freed here
     return w
 
 
@@ -100,7 +117,7 @@ def lora_fa_init(weight: torch.Tensor, stats, *, rank: int, scaling: float, opts
     check_rank(rank, m, n)
     relative = opts.reg_mode == "relative"
     wc = whitener(stats.out_cov, opts.reg, relative)
-    ws = whitener(stats.in_cov, opts.reg, relative)
+    ws = whitener(stats.in_cov, opts.reg, relative, shared=True)
     h = wc.t_mul(ws.t_mul(stats.cross.T).T)  # H̃ = F_Cᵀ Ḡ F_Σ
     U, S, Vh, used = top_svd(-h.float(), rank, svd, seed)  # [−H̃]_r
     P, Q = wc.t_solve(U).float(), ws.t_solve(Vh.T).float()  # M = P diag(S) Qᵀ
