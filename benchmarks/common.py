@@ -143,6 +143,16 @@ def fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
+def markdown_table(rows: list[dict], columns: list[str], title: str = "", header: list[str] | None = None) -> str:
+    """`rows` as a markdown table (cells through `fmt`, a missing or None cell as "—"), under `### title` if given.
+    `header` renames the columns in the header line only. The one renderer of every results table: the `.md` files
+    the benchmarks write and the generated blocks in README/docs (benchmarks/tables.py)."""
+    lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(header or columns) + " |",
+                                                      "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write_table(rows: list[dict], columns: list[str], path_stem: str, title: str = "") -> str:
     """Write `rows` as `<stem>.csv` and `<stem>.md`; returns the markdown (also printed by callers)."""
     tmp = f"{path_stem}.csv.tmp{os.getpid()}"
@@ -151,12 +161,19 @@ def write_table(rows: list[dict], columns: list[str], path_stem: str, title: str
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, f"{path_stem}.csv")
-    lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(columns) + " |",
-                                                      "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    md = "\n".join(lines) + "\n"
+    md = markdown_table(rows, columns, title)
     atomic_write(f"{path_stem}.md", md)
     return md
+
+
+def read_table(path: str) -> tuple[list[str], list[dict]]:
+    """A CSV written by `write_table`, back as (columns, rows): cells stay strings and an empty cell is None (as it
+    was before writing). For a table of string cells (convergence.py's summaries) `markdown_table(rows, columns)`
+    then renders exactly the `.md` beside it; a table of floats needs its JSON (floats print with `fmt`'s digits)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [{k: (v if v != "" else None) for k, v in r.items()} for r in reader]
+        return list(reader.fieldnames or []), rows
 
 
 def save_figure(fig, path: str) -> str:

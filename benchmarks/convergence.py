@@ -290,7 +290,11 @@ def steps_to_reach(curve: list, target: float) -> float | None:
     return None
 
 
-def summarise(results: list[dict], methods: list[str], out: str, title: str) -> str:
+def summary_tables(results: list[dict], methods: list[str]) -> dict:
+    """The summary of a set of runs, without writing anything: `rows` (the summary table, one per method, as
+    strings), `grid` (final loss per rate at the first seed), and the numbers behind them: `best_lr` and `best`
+    (method -> its runs at that rate), `target` (default LoRA's mean final loss) and `ref_steps` (default LoRA's mean
+    steps to it, the last step where a seed does not reach it)."""
     import statistics as st
 
     best_lr, grid = {}, []
@@ -324,13 +328,32 @@ def summarise(results: list[dict], methods: list[str], out: str, title: str) -> 
             "test acc": ms([r.get("test_acc") for r in rs]),
             "init s": ms([r["init_s"] for r in rs], 1), "init peak MB": ms([r["init_peak_mb"] for r in rs], 0),
         })
-    cols = list(rows[0])
-    md = write_table(rows, cols, os.path.join(out, "summary"), title)
-    md += "\n" + write_table(grid, ["method", "lr", "final_loss"], os.path.join(out, "lr_grid"),
+    return {"rows": rows, "grid": grid, "best_lr": best_lr, "best": best, "target": target, "ref_steps": ref_steps}
+
+
+def summarise(results: list[dict], methods: list[str], out: str, title: str) -> str:
+    s = summary_tables(results, methods)
+    md = write_table(s["rows"], list(s["rows"][0]), os.path.join(out, "summary"), title)
+    md += "\n" + write_table(s["grid"], ["method", "lr", "final_loss"], os.path.join(out, "lr_grid"),
                              "Learning-rate grid (final held-out loss, first seed)")
-    plot(best, grid, methods, target, out, title)
-    plot_bars(best, methods, target, ref_steps, out, title)
+    plot(s["best"], s["grid"], methods, s["target"], out, title)
+    plot_bars(s["best"], methods, s["target"], s["ref_steps"], out, title)
     return md
+
+
+def saved_runs(out: str) -> tuple[list[dict], list[str]]:
+    """The runs cached under `<out>/runs/` and the method order of the benchmark that wrote `<out>/meta.json`
+    (`--methods`, then `full` with `--full`): what `--summary-only` summarises, read without torch or the data."""
+    with open(os.path.join(out, "meta.json")) as f:
+        args = json.load(f)["args"]
+    methods = list(args["methods"] or METHODS) + (["full"] if args.get("full") else [])
+    runs_dir = os.path.join(out, "runs")
+    results = []
+    for name in sorted(os.listdir(runs_dir)):
+        if name.endswith(".json"):
+            with open(os.path.join(runs_dir, name)) as f:
+                results.append(json.load(f))
+    return results, [m for m in methods if any(r["method"] == m for r in results)]
 
 
 def plot(best: dict, grid: list, methods: list, target: float, out: str, title: str) -> None:

@@ -30,6 +30,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import MALLOC_ENV, PeakMemory, device_info, pick_device, timed, write_json, write_table  # noqa: E402
 
+# the results table's columns, in order (stats_cost.csv/.md; benchmarks/tables.py renders the docs' tables from them)
+COLUMNS = ["mode", "processes", "s", "× floor", "held MB", "held / target fp32", "peak MB above model", "decompose s",
+           "min_cos", "median_cos", "mean_cos2", "captured", "median_rel_err", "speed-up vs 1 process",
+           "max rel diff vs 1 process"]
+
 TARGETS = {"qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
            "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
@@ -228,11 +233,9 @@ def main(argv=None) -> None:
             if kind == "grad":
                 row["max rel diff vs 1 process"] = equality(args.out, "grad")
             rows.append(row)
-    cols = ["mode", "processes", "s", "× floor", "held MB", "held / target fp32", "peak MB above model", "decompose s",
-            "min_cos", "median_cos", "mean_cos2", "captured", "median_rel_err", "speed-up vs 1 process", "max rel diff vs 1 process"]
     title = (f"Statistics pass: {args.model}, {args.targets} ({res['grad']['target_fp32_mb']:.0f} MB of target weights "
              f"in fp32), GSM8K {args.bsz}×{args.iters} examples, {device_info()['device']}, {args.threads} threads")
-    md = write_table(rows, cols, os.path.join(args.out, "stats_cost"), title)
+    md = write_table(rows, COLUMNS, os.path.join(args.out, "stats_cost"), title)
     write_json(os.path.join(args.out, "stats_cost.json"), {"rows": rows, "raw": res, "device": device_info(),
                                                           "args": vars(args), "time": time.ctime()})
     for f in os.listdir(args.out):  # the statistics files served the comparisons; they are large

@@ -163,19 +163,15 @@ def test_init_half_precision_preserves_outputs(method, dtype, eps, mbatches):
 
 
 @pytest.mark.parametrize("method", ["pissa", "lora_ga"])
-def test_offset_uses_cast_factors_with_bf16_adapters(method, mbatches, monkeypatch):
+def test_offset_uses_cast_factors_with_bf16_adapters(method, mbatches):
     """PEFT upcasts adapters of a bf16 base to fp32 by default; without that (adapters stored in bf16) the offset
     must be computed from the bf16-rounded A and B that the layer actually holds, not from the fp32 factors."""
-    import functools
-
-    import lorafa.peft_bridge as bridge
-
-    monkeypatch.setattr(bridge, "get_peft_model", functools.partial(get_peft_model, autocast_adapter_dtype=False))
     model = tiny_llama().to(torch.bfloat16)
     ref = logits(model, mbatches)
     orig = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     fp32 = lorafa.compute_init(model, lora_config(), InitConfig(method=method), batches=mbatches, progress=False)
-    pm = init(model, method, mbatches)
+    pm = lorafa.initialize(model, lora_config(), InitConfig(method=method), batches=mbatches, progress=False,
+                           autocast_adapter_dtype=False)
     mismatch_vs_fp32 = 0
     for name, layer in lora_layers(pm).items():
         A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
@@ -507,9 +503,77 @@ def test_error_peft_model_as_base(mbatches):
 def test_error_save_adapter_foreign_model(tmp_path):
     pm = get_peft_model(tiny_llama(), lora_config())
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="not created by lorafa.initialize"):
+    with pytest.raises(ValueError, match="initial_adapter="):
         lorafa.save_adapter(pm, out)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------- the initial adapter on disk (SPEC §3)
+@pytest.mark.parametrize("method", ["pissa", "lora_fa"])
+def test_initial_adapter_dir_lets_a_copy_or_another_process_save(method, mbatches, tmp_path):
+    """With initialize(initial_adapter_dir=) the record is on disk: a deepcopy, or a model rebuilt elsewhere, saves
+    an adapter that reproduces the trained model on the pristine base; no A₀/B₀ stay in memory."""
+    import copy
+
+    init_dir = tmp_path / "initial_adapter"
+    pm = lorafa.initialize(tiny_llama(), lora_config(), InitConfig(method=method), batches=mbatches, progress=False,
+                           initial_adapter_dir=init_dir)
+    assert lorafa.peft_bridge.init_record(pm).initial_state is None
+    assert {"adapter_model.safetensors", "adapter_config.json", "lorafa_init.json"} <= saved_files(init_dir)
+    assert not [n for n in saved_files(tmp_path) if n.startswith(".lorafa-initial-")]
+    record = lorafa.read_initial_adapter(init_dir)
+    assert record.init_config.method == method and record.subtracted is (method == "pissa")
+    assert len(record.infos) == len(lora_layers(pm)) and all("svd" in i for i in record.infos.values() if i)
+    train(pm, mbatches)
+    twin = copy.deepcopy(pm)
+    trained = logits(twin, mbatches)
+    with pytest.raises(ValueError, match="initial_adapter="):
+        lorafa.save_adapter(twin, tmp_path / "no")
+    out = lorafa.save_adapter(twin, tmp_path / "adapter", initial_adapter=init_dir)
+    loaded = PeftModel.from_pretrained(tiny_llama(), out)
+    torch.testing.assert_close(logits(loaded, mbatches), trained, atol=1e-5, rtol=0)
+
+
+def test_initial_adapter_holds_the_initial_factors(mbatches, base_logits, tmp_path):
+    init_dir = tmp_path / "init"
+    pm = lorafa.initialize(tiny_llama(), lora_config(), InitConfig(method="lora_fa"), batches=mbatches,
+                           progress=False, initial_adapter_dir=init_dir)
+    at_init = logits(pm, mbatches)
+    loaded = PeftModel.from_pretrained(tiny_llama(), os.fspath(init_dir))  # no offset: on the original base
+    torch.testing.assert_close(logits(loaded, mbatches), at_init, atol=1e-6, rtol=0)
+    assert (at_init - base_logits).abs().max() > 1e-4  # LoRA-FA starts as a real update
+
+
+def test_read_initial_adapter_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="initial_adapter_dir"):
+        lorafa.read_initial_adapter(tmp_path)
+
+
+def test_whiteners_are_released_after_init(mbatches):
+    """The fp64 factors of C and Σ live only during compute_init (issue: they used to outlive it)."""
+    import gc
+    import weakref
+
+    from lorafa.methods import lora_fa
+
+    made = []
+    original = lora_fa.Whitener.__init__
+
+    def spy(self, *a, **k):
+        original(self, *a, **k)
+        made.append(weakref.ref(self))
+
+    lora_fa.Whitener.__init__ = spy
+    try:
+        pm = init(tiny_llama(), "lora_fa", mbatches)
+    finally:
+        lora_fa.Whitener.__init__ = original
+    gc.collect()
+    assert made and all(r() is None for r in made)
+    assert lora_fa._SCOPE.get() is None
+    # a shared Σ (q/k/v read one input) is factored once per group, not once per module
+    n_layers = len(lora_layers(pm))
+    assert len(made) < 2 * n_layers
 
 
 def test_iters_caps_the_batches_used(mbatches):

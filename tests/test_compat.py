@@ -155,3 +155,103 @@ def test_plain_configs_pass_through_to_peft():
     pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     assert isinstance(pm, PeftModel)
     assert lorafa.peft_bridge.init_record(pm) is None
+
+
+
+# --- issue 8 item 10: every argument of peft.get_peft_model honoured or refused by name ---------------------------
+
+def _preprocessed(dtype=torch.float32, peft_own=False):
+    """A tiny llama after lorafa's (or PEFT's own) preprocess_loraga on one batch."""
+    model, batch = tiny_llama(dtype=dtype), make_batches()[0]
+    (peft.preprocess_loraga if peft_own else preprocess_loraga)(model, _peft_lora_ga_config(),
+                                                                lambda: model(**batch).loss.backward())
+    return model
+
+
+def _lora_params(pm, adapter_name="default"):
+    return {n: p for n, p in pm.named_parameters() if "lora_" in n and n.endswith(f".{adapter_name}.weight")}
+
+
+def _no_ga_config():
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="lora_ga")
+
+
+def test_signature_matches_peft_get_peft_model():
+    import inspect
+
+    ours, theirs = inspect.signature(get_peft_model).parameters, inspect.signature(peft.get_peft_model).parameters
+    assert [(p.name, p.default) for p in ours.values()] == [(p.name, p.default) for p in theirs.values()]
+    with pytest.raises(TypeError, match="not_a_peft_argument"):
+        get_peft_model(_preprocessed(), _peft_lora_ga_config(), not_a_peft_argument=1)
+
+
+def test_lora_ga_config_none_raises_clear_error_like_peft():
+    with pytest.raises(ValueError, match="lora_ga_config"):  # PEFT's own lora_ga init refuses it too
+        peft.get_peft_model(_preprocessed(peft_own=True), _no_ga_config())
+    model = _preprocessed()
+    with pytest.raises(ValueError, match=r"lora_ga_config=peft\.LoraGAConfig\(\)"):
+        get_peft_model(model, _no_ga_config())
+    assert not any("lora_" in n for n, _ in model.named_parameters())  # refused before the model was touched
+    assert _lora_params(get_peft_model(model, _peft_lora_ga_config()))  # and the gradients are still there
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("autocast", [True, False])
+def test_adapter_dtype_matches_peft_and_init_keeps_outputs(dtype, autocast):
+    batch = make_batches()[0]
+    original = tiny_llama(dtype=dtype)
+    before = _logits(original, batch).float()
+    theirs = peft.get_peft_model(_preprocessed(dtype, peft_own=True), _peft_lora_ga_config(),
+                                 autocast_adapter_dtype=autocast)
+    ours = get_peft_model(_preprocessed(dtype), _peft_lora_ga_config(), autocast_adapter_dtype=autocast)
+    expected = {n: p.dtype for n, p in _lora_params(theirs).items()}
+    assert len(expected) == 8 and {n: p.dtype for n, p in _lora_params(ours).items()} == expected
+    assert set(expected.values()) == {torch.float32 if autocast else dtype}
+    for name, layer in ours.base_model.model.named_modules():
+        if isinstance(layer, peft.tuners.lora.LoraLayer):
+            # the offset is W − s·B·A of the factors as stored in the adapter, rounded once to the base dtype
+            A, B = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+            offset = (original.get_submodule(name).weight.float() - layer.scaling["default"] * B @ A).to(dtype)
+            torch.testing.assert_close(layer.base_layer.weight, offset, rtol=torch.finfo(dtype).eps, atol=0)
+    tol = 4 * torch.finfo(dtype).eps * before.abs().max().item() + 1e-6
+    assert (_logits(ours, batch).float() - before).abs().max() < tol
+
+
+def test_authors_config_honours_autocast_adapter_dtype():
+    model, batches = tiny_llama(dtype=torch.bfloat16), make_batches()
+    named_grad = estimate_gradient(model=tiny_llama(), dataloader=batches[:1])
+    with LoraGAContext(model=model, named_grad=named_grad):
+        pm = get_peft_model(model, LoraGAConfig(r=2, target_modules=["q_proj"]), autocast_adapter_dtype=False)
+    assert {p.dtype for p in _lora_params(pm).values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("argument", ["mixed", "low_cpu_mem_usage"])
+def test_lora_ga_refuses_mixed_and_low_cpu_mem_usage_by_name(argument):
+    model = _preprocessed()
+    with pytest.raises(ValueError, match=f"{argument}=True"):
+        get_peft_model(model, _peft_lora_ga_config(), **{argument: True})
+    with LoraGAContext(model=model, named_grad={}), pytest.raises(ValueError, match=f"{argument}=True"):
+        get_peft_model(model, LoraGAConfig(r=2, target_modules=["q_proj"]), **{argument: True})
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_lora_ga_honours_revision_and_adapter_name(tmp_path):
+    config = _peft_lora_ga_config()
+    config.revision = "v0"
+    with pytest.warns(UserWarning, match="overwriting with revision v1"):  # PEFT's warning
+        pm = get_peft_model(_preprocessed(), config, adapter_name="ga", revision="v1")
+    assert config.revision == "v1" and pm.peft_config["ga"].revision == "v1"  # PEFT sets it on the given config
+    assert _lora_params(pm, "ga") and not _lora_params(pm, "default")
+    save_loraga_model_final(pm, str(tmp_path))
+    assert peft.PeftConfig.from_pretrained(str(tmp_path)).revision == "v1"
+
+
+def test_plain_configs_pass_every_argument_to_peft():
+    plain = LoraConfig(r=2, target_modules=["q_proj"])
+    assert isinstance(get_peft_model(tiny_llama(), plain, mixed=True), peft.PeftMixedModel)
+    meta = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), low_cpu_mem_usage=True)
+    assert {p.device.type for p in _lora_params(meta).values()} == {"meta"}
+    bf16 = get_peft_model(tiny_llama(dtype=torch.bfloat16), LoraConfig(r=2, target_modules=["q_proj"]),
+                          adapter_name="x", autocast_adapter_dtype=False, revision="v2")
+    assert {p.dtype for p in _lora_params(bf16, "x").values()} == {torch.bfloat16}
+    assert bf16.peft_config["x"].revision == "v2"

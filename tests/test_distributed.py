@@ -137,3 +137,149 @@ def test_two_rank_gradient_sketch_equals_single_process(two_rank_run):
             assert st[name].n_batches == N_BATCHES
             torch.testing.assert_close(st[name].grad_sketch.y, ref.grad_sketch.y, rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(st[name].grad_sketch.z, ref.grad_sketch.z, rtol=1e-5, atol=1e-7)
+
+
+# -- failure modes: a failure on one rank reaches every rank; the cache hit is decided together ----------------------
+import json  # noqa: E402
+import types  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+TIMEOUT_S = 150  # the whole spawned run; a hang (the regression) fails the tests instead of blocking CI
+
+
+def _outcome(fn) -> list:
+    try:
+        fn()
+        return ["ok", ""]
+    except Exception as e:  # noqa: BLE001 - recorded for the test to check on the parent side
+        return [type(e).__name__, str(e)]
+
+
+def _examples(n: int) -> list[dict]:
+    rows = [{k: b[k][i] for k in b} for b in make_batches(n // 4 + 1) for i in range(4)]
+    return rows[:n]
+
+
+def _stack(rows: list[dict]) -> dict:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _cached_init(rank: int, out_dir: str, model=None) -> tuple[object, int]:
+    """`train._stats_for_init` with a per-rank output root (nodes that share no filesystem); returns (stats, passes)."""
+    from lorafa import train
+    from lorafa.runconfig import InitSection, RunConfig
+
+    cfg = RunConfig(output_root=os.path.join(out_dir, f"root{rank}"), init=InitSection(direction="LoRA-One", bsz=2, iters=3))
+    passes = []
+    real = train.collect_stats
+    train.collect_stats = lambda *a, **k: passes.append(1) or real(*a, **k)
+    try:
+        state = types.SimpleNamespace(is_main_process=rank == 0, is_local_main_process=rank == 0)
+        stats = train._stats_for_init(cfg, model or tiny_llama(seed=0), LoraConfig(target_modules=["q_proj", "v_proj"]),
+                                      cfg.init_config(), types.SimpleNamespace(train=_examples(8)), _stack, state)
+    finally:
+        train.collect_stats = real
+    return stats, len(passes)
+
+
+def _failure_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                           timeout=timedelta(seconds=60))
+    results = {}
+    try:
+        mine = shard_batches(make_batches(N_BATCHES), rank, WORLD)  # rank 0: 3 batches, rank 1: 2
+
+        def nan_on_rank1_second_batch(model, batch, calls=[]):  # noqa: B006 - counts this rank's calls
+            calls.append(1)
+            loss = model(**batch).loss
+            return loss * float("nan") if rank == 1 and len(calls) == 2 else loss
+
+        results["nan"] = _outcome(lambda: lorafa.collect_stats(tiny_llama(), mine, TARGETS, kinds="kfac",
+                                                               loss_fn=nan_on_rank1_second_batch, progress=False))
+        # rank 0's fourth batch is not a dict; rank 1 ran out of batches two steps before
+        bad = mine + [torch.zeros(2, 3, dtype=torch.long)] if rank == 0 else mine
+        results["bad_batch"] = _outcome(lambda: lorafa.collect_stats(tiny_llama(), bad, TARGETS, progress=False))
+        # the process group still works after an agreed failure
+        results["after"] = _outcome(lambda: lorafa.collect_stats(tiny_llama(), mine, TARGETS, progress=False))
+
+        # cache: miss everywhere, then only rank 0 has the file (per-rank output roots), then both have it
+        _, first = _cached_init(rank, out_dir)
+        _, only_rank0 = _cached_init(rank, out_dir)
+        if rank == 0:
+            src = os.path.join(out_dir, "root0", ".stats_cache")
+            os.makedirs(os.path.join(out_dir, "root1"), exist_ok=True)
+            import shutil
+
+            shutil.copytree(src, os.path.join(out_dir, "root1", ".stats_cache"), dirs_exist_ok=True)
+        dist.barrier()
+        stats, both = _cached_init(rank, out_dir)
+        lorafa.save_stats(stats, os.path.join(out_dir, f"cached{rank}.safetensors"))
+        results["passes"] = [first, only_rank0, both]
+
+        different = tiny_llama(seed=0)
+        if rank == 1:
+            with torch.no_grad():
+                different.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
+        results["weights_differ"] = _outcome(lambda: _cached_init(rank, out_dir, model=different))
+    finally:
+        with open(os.path.join(out_dir, f"results{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def failure_run(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("ddp_failures")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_failure_worker, args=(r, port, str(out))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=TIMEOUT_S)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join()
+    assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s: a collective deadlocked"
+    results = {}
+    for r in range(WORLD):
+        path = out / f"results{r}.json"
+        assert path.exists(), f"rank {r} crashed (exit code {procs[r].exitcode})"
+        results[r] = json.loads(path.read_text())
+    return out, results
+
+
+def test_nan_loss_on_one_rank_raises_on_both(failure_run):
+    _, res = failure_run
+    assert res[1]["nan"][0] == "ValueError" and "Non-finite loss" in res[1]["nan"][1]  # the rank's own error
+    kind, msg = res[0]["nan"]
+    assert kind == "RankFailedError"
+    assert "statistics batch 1" in msg and "rank 1: ValueError: Non-finite loss" in msg
+
+
+def test_bad_batch_on_one_rank_raises_on_both_even_after_the_other_ran_out(failure_run):
+    _, res = failure_run
+    assert res[0]["bad_batch"][0] == "TypeError" and "dict" in res[0]["bad_batch"][1]
+    kind, msg = res[1]["bad_batch"]
+    assert kind == "RankFailedError" and "rank 0: TypeError" in msg and "statistics batch 3" in msg
+    assert res[0]["after"] == res[1]["after"] == ["ok", ""]
+
+
+def test_cache_hit_is_decided_by_all_ranks(failure_run):
+    out, res = failure_run
+    # a miss, then a local hit on rank 0 only (both recompute), then a hit on both (no pass anywhere)
+    assert res[0]["passes"] == res[1]["passes"] == [1, 1, 0]
+    a, b = (lorafa.load_stats(out / f"cached{r}.safetensors") for r in range(WORLD))
+    for name in a:
+        assert torch.equal(a[name].grad, b[name].grad)
+
+
+def test_ranks_with_different_weights_fail_together(failure_run):
+    _, res = failure_run
+    for r in range(WORLD):
+        kind, msg = res[r]["weights_differ"]
+        assert kind == "ValueError" and "weights" in msg and "rank 0=" in msg and "rank 1=" in msg

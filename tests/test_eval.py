@@ -199,10 +199,28 @@ def test_load_gsm8k_examples_from_unreachable_hub_id_says_pass_a_local_path(monk
         load_gsm8k_examples("no-such-owner/no-such-gsm8k-copy")
 
 
-@pytest.mark.skipif(not os.path.isfile("/work/shared/data/gsm8k/test.jsonl"), reason="shared GSM8K copy not present")
-def test_load_the_shared_gsm8k_copy():
-    examples = load_gsm8k_examples("/work/shared/data/gsm8k", "test", n=3)
+def test_load_gsm8k_examples_in_the_gsm8k_file_format(tmp_path):
+    """Rows as GSM8K stores them: calculator annotations in the solution, the gold after '####', commas in numbers."""
+    rows = [{"question": "Ducks lay 16 eggs; 7 are used. Eggs sell for $2. Earnings?",
+             "answer": "16 - 7 = <<16-7=9>>9 eggs.\n9 * 2 = $<<9*2=18>>18.\n#### 18"},
+            {"question": "A robe takes 2 bolts and half that much more. Total?", "answer": "2/2=<<2/2=1>>1\n#### 3"},
+            {"question": "A house worth $80,000 gains 150% of its value minus $50,000. Profit?",
+             "answer": "... #### 70,000"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_gsm8k_examples(os.fspath(tmp_path), "test", n=3)
     assert [ex["final"] for ex in examples] == ["18", "3", "70000"]
+    assert examples[0]["prompt"].startswith("Q: Ducks lay 16 eggs") and examples[0]["prompt"].endswith("A: ")
+    assert load_gsm8k_examples(os.fspath(tmp_path / "test.jsonl"), n=2) == examples[:2]
+
+
+SHARED_GSM8K = Path(os.environ.get("LORAFA_GSM8K_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"))
+
+
+@pytest.mark.skipif(not (SHARED_GSM8K / "test.jsonl").is_file(),
+                    reason="no real GSM8K copy: set LORAFA_GSM8K_DIR to a folder with test.jsonl")
+def test_load_the_real_gsm8k_copy():
+    examples = load_gsm8k_examples(os.fspath(SHARED_GSM8K), "test")
+    assert len(examples) == 1319 and [ex["final"] for ex in examples[:3]] == ["18", "3", "70000"]
 
 
 # ---------------------------------------------------------------- two processes (gloo)
@@ -375,7 +393,7 @@ def test_wandb_logging_is_optional_and_offline_without_network(monkeypatch):
         return FakeRun()
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setattr(eval_cli, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(eval_cli, "network_reachable", lambda *a, **k: False)
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
     eval_cli._log_wandb("proj", "run", {"accuracy": 0.5, "correct": 1, "n": 2})
     assert calls["init"]["mode"] == "offline" and calls["init"]["project"] == "proj" and calls["finished"]

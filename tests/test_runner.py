@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -46,7 +47,8 @@ def assets(tmp_path_factory):
 def local(assets, out, steps=4):
     return ["++dataset_name=meta_math", f"++model.name={assets['model']}", f"++dataset.path={assets['metamath']}",
             f"++dataset.test_path={assets['gsm8k']}", f"++output_root={out}", f"++model.max_steps={steps}",
-            "++eval.n=4", "++eval.max_new_tokens=8", "++eval.batch_size=4", "++init.bsz=2"]
+            "++eval.n=4", "++eval.max_new_tokens=8", "++eval.batch_size=4", "++init.bsz=2",
+            "++dataset.validation_size=8"]
 
 
 # -- composition ---------------------------------------------------------------------------------------------------
@@ -128,7 +130,19 @@ def test_seed_commands_run_as_written(assets, tmp_path):
           str(ROOT / "eval_gsm8k.py"), "--wandb_name=seedrun", f"--runs_root={out}", f"--data_path={assets['gsm8k']}",
           "--limit=4", "--max_new_tokens=8"], cwd=tmp_path)
     evaluated = json.loads((run_dir / "eval_gsm8k.json").read_text())
-    assert evaluated["n"] == 4 and evaluated["n_processes"] == 2 and 0.0 <= evaluated["accuracy"] <= 1.0
+    assert evaluated["n"] == 4 and evaluated["n_processes"] == 2
+    # the sharded evaluation of the saved adapter gives exactly what one process gives with the trained model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafa.eval import evaluate_gsm8k, load_gsm8k_examples
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), str(run_dir / "adapter"))
+    single = evaluate_gsm8k(model.eval(), AutoTokenizer.from_pretrained(assets["model"]),
+                            load_gsm8k_examples(assets["gsm8k"], "test", n=4), batch_size=4, max_new_tokens=8)
+    assert [r["generation"] for r in evaluated["records"]] == [r["generation"] for r in single["records"]]
+    assert evaluated["correct"] == single["correct"] == results["after"]["correct"]
+    assert evaluated["accuracy"] == pytest.approx(evaluated["correct"] / 4)
 
 
 def test_accelerate_launch_two_processes(assets, tmp_path):
@@ -171,6 +185,54 @@ def test_resume_continues_the_same_loss_curve(assets, tmp_path):
     assert set(loss(resumed)) == {1, 2, 3, 4, 5, 6}
     for step in (4, 5, 6):
         assert loss(resumed)[step] == pytest.approx(loss(full)[step], rel=1e-4)
+
+
+def test_validation_set_comes_from_training_data_never_the_test_set(assets, tmp_path, monkeypatch):
+    """The held-out loss during training (and early stopping) uses a validation split carved from the training
+    data; the test problems are only evaluated for the final report."""
+    import transformers
+
+    from lorafa.data import load_task
+
+    seen = {}
+
+    class Spy(transformers.Trainer):
+        def __init__(self, *a, **kw):
+            seen["eval"], seen["train"] = list(kw["eval_dataset"]), list(kw["train_dataset"])
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(transformers, "Trainer", Spy)
+    results = _in_process(["+init=gradient", *local(assets, tmp_path / "runs", steps=2), "++wandb.name=val",
+                           "++model.eval_steps=1", "++model.early_stopping_patience=2"])
+    task = load_task("meta_math", path=assets["metamath"], test_path=assets["gsm8k"])
+    from collections import Counter
+
+    rows = lambda part: Counter((r["prompt"], r["answer"]) for r in part)  # noqa: E731
+    assert len(seen["eval"]) == results["n_validation"] == 8 and results["n_train"] == len(task.train) - 8
+    assert rows(seen["eval"]) + rows(seen["train"]) == rows(task.train)  # a disjoint split of the training data
+    assert rows(seen["eval"]) != rows(task.test[:8]) and rows(seen["eval"]) != rows(task.test[:64])
+    assert results["validation_loss"]["last"] > 0 and results["after"]["n"] == 4
+
+
+def test_baseline_trains_on_the_same_batches(assets, tmp_path):
+    """baseline=lora trains plain LoRA from a fresh base on the same batches; both are reported and plotted."""
+    results = _in_process(["+init=gradient", "++init.direction=LoRA-One", *local(assets, tmp_path / "runs", steps=3),
+                           "++wandb.name=cmp", "++baseline=lora", "++model.eval_steps=3"])
+    base = results["baseline"]
+    assert base["method"] == "lora" and results["method"] == "lora_one" and base["steps"] == results["steps"] == 3
+    assert base["after"]["n"] == results["after"]["n"] == 4
+    run_dir = Path(results["run_dir"])
+    main_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    base_rows = [json.loads(x) for x in (run_dir / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    losses = lambda rows: [r["loss"] for r in rows if "loss" in r]  # noqa: E731
+    assert len(losses(main_rows)) == len(losses(base_rows)) == 3
+    assert losses(main_rows) != losses(base_rows)  # LoRA-One starts as a real update, plain LoRA at ΔW = 0
+    assert (run_dir / "baseline" / "adapter" / "adapter_model.safetensors").exists()
+    assert (run_dir / "initial_adapter" / "lorafa_init.json").exists()
+    from lorafa.cli import report_lines
+
+    text = "\n".join(report_lines(results))
+    assert "(baseline)" in text and "accuracy before" in text and str(run_dir / "adapter") in text
 
 
 def test_classification_preset_runs(tmp_path):
@@ -236,8 +298,11 @@ def test_optimisers_and_merged_checkpoint(assets, tmp_path, extra):
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), results["adapter_dir"])
-    assert results["train_loss"] > 0
+    base = AutoModelForCausalLM.from_pretrained(assets["model"])
+    base_logits = base(ids).logits
+    adapted = PeftModel.from_pretrained(base, results["adapter_dir"])
+    assert results["steps"] == 3 and math.isfinite(results["train_loss"])
+    assert (adapted(ids).logits - base_logits).abs().max() > 1e-4  # training moved the model, and the adapter holds it
     if "merged_dir" in results:
         merged = AutoModelForCausalLM.from_pretrained(results["merged_dir"])
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)

@@ -26,18 +26,45 @@ def run_from_config(cfg: DictConfig | dict) -> dict:
     return results
 
 
-def _report(r: dict) -> None:
-    lines = [f"lorafa run finished: {r.get('run_dir')}"]
-    for phase in ("before", "after"):
-        if phase in r:
-            p = r[phase]
-            lines.append(f"  accuracy {phase:6}: {p['accuracy']:.4f} ({p['correct']}/{p['n']}, {p['seconds']} s)")
-    for key in ("init_s", "train_s", "steps", "wall_s", "adapter_dir", "merged_dir", "plot"):
-        if r.get(key) is not None:
-            lines.append(f"  {key:14}: {r[key]}")
+def _accuracy(p: dict) -> str:
+    return f"{100 * p['accuracy']:.1f}% ({p['correct']}/{p['n']})"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def report_lines(r: dict) -> list[str]:
+    """The run's summary as the last lines a user sees: accuracy before -> after (and the baseline's), the time, and
+    where the adapter, the plot and the results are."""
+    arms = [r] + ([r["baseline"]] if r.get("baseline") else [])
+    lines = [f"lorafa run finished: {r.get('dataset')} with {r.get('model')}"]
+    if "before" in r:
+        lines.append(f"  accuracy before training : {_accuracy(r['before'])}")
+    for arm in arms:
+        if "after" in arm:
+            tag = "" if arm is r else " (baseline)"
+            lines.append(f"  accuracy after, {arm['method']:<8}: {_accuracy(arm['after'])}{tag}")
+    for arm in arms:
+        if "validation_loss" in arm:
+            v = arm["validation_loss"]
+            lines.append(f"  validation loss, {arm['method']:<7}: {v['first']:.4f} -> {v['last']:.4f}")
+    if r.get("wall_s") is not None:
+        parts = ", ".join(f"{a['method']}: init {_minutes(a['init_s'])}, {a['steps']} steps {_minutes(a['train_s'])}"
+                          for a in arms if "train_s" in a)
+        lines.append(f"  time                     : {_minutes(r['wall_s'])} ({parts})")
+    for label, key in (("adapter", "adapter_dir"), ("merged model", "merged_dir"), ("loss curves", "plot")):
+        if r.get(key):
+            lines.append(f"  {label:<25}: {r[key]}")
+    if r.get("baseline", {}).get("adapter_dir"):
+        lines.append(f"  {'baseline adapter':<25}: {r['baseline']['adapter_dir']}")
     if r.get("run_dir"):
-        lines.append(f"  results       : {os.path.join(r['run_dir'], 'results.json')}")
-    logger.info("\n".join(lines))
+        lines.append(f"  {'results':<25}: {os.path.join(r['run_dir'], 'results.json')}")
+    return lines
+
+
+def _report(r: dict) -> None:
+    logger.info("\n".join(report_lines(r)))
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,33 +151,84 @@ def _peft_lora_ga_init_config(lora_config: LoraConfig) -> tuple[LoraConfig, Init
     return plain, init
 
 
-def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", **kwargs):
-    """`peft.get_peft_model`, with LoRA-GA configs initialised by lorafa.
+def _check_lora_ga_call(peft_config, mixed: bool, low_cpu_mem_usage: bool) -> None:
+    """Refuse, before anything is changed, what a LoRA-GA init cannot honour (PEFT crashes on the last two)."""
+    if not isinstance(peft_config, LoraGAConfig) and peft_config.lora_ga_config is None:
+        raise ValueError("LoraConfig(init_lora_weights='lora_ga') needs lora_ga_config, as in PEFT: pass "
+                         "lora_ga_config=peft.LoraGAConfig() (PEFT's defaults: direction='ArB2r', scale='stable', "
+                         "stable_gamma=16) or peft.LoraGAConfig(direction=..., scale=..., stable_gamma=...).")
+    if mixed:
+        raise ValueError("mixed=True is not supported with LoRA-GA: a PeftMixedModel cannot be saved (PEFT raises "
+                         "NotImplementedError), so the initialised adapter could never be written relative to the "
+                         "original base. Use mixed=False, save the adapter, and load it into a PeftMixedModel.")
+    if low_cpu_mem_usage:
+        raise ValueError("low_cpu_mem_usage=True is not supported with LoRA-GA: it creates the adapter weights on the "
+                         "meta device to be filled from a checkpoint, while LoRA-GA computes them now (PEFT's own "
+                         "lora_ga init fails on it). Use low_cpu_mem_usage=False; to load a saved adapter use "
+                         "PeftModel.from_pretrained(base, path, low_cpu_mem_usage=True).")
 
-    - the authors' `LoraGAConfig`: gradients from the enclosing `LoraGAContext`;
-    - PEFT's `LoraConfig(init_lora_weights='lora_ga', ...)`: gradients from `preprocess_loraga`;
-    - anything else goes to `peft.get_peft_model` unchanged.
 
-    Raises:
-        ValueError: LoRA-GA requested but no gradients were estimated for this model.
-    """
-    base = unwrap_model(model)
+def _set_revision(peft_config, revision: str | None) -> None:
+    """PEFT's `get_peft_model` handling of `revision`: it overrides the config's, with a warning if they differ."""
+    if revision is None:
+        return
+    if peft_config.revision is not None and peft_config.revision != revision:
+        warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, "
+                      f"overwriting with revision {revision}")
+    peft_config.revision = revision
+
+
+def _lora_ga_inputs(model: nn.Module, base: nn.Module, peft_config) -> tuple[LoraConfig, InitConfig, dict]:
     if isinstance(peft_config, LoraGAConfig):
         named_grad = _CONTEXT_GRADS.get(model, _CONTEXT_GRADS.get(base))
         if named_grad is None:
             raise ValueError("LoraGAConfig needs gradients: call get_peft_model inside "
                              "`with LoraGAContext(model=model, named_grad=estimate_gradient(...)):`.")
         stats = {n: LayerStats(grad=g.float(), n_batches=1) for n, g in named_grad.items()}
-        return initialize(base, peft_config.to_lora_config(), peft_config.to_init_config(), stats=stats,
-                          adapter_name=adapter_name)
-    if isinstance(peft_config, LoraConfig) and peft_config.init_lora_weights == "lora_ga":
-        stats = _PREPROCESSED.pop(base, None)
-        if stats is None:
-            raise ValueError("init_lora_weights='lora_ga' needs gradients: call "
-                             "lorafa.compat.preprocess_loraga(model, lora_config, train_step) first.")
-        plain, init = _peft_lora_ga_init_config(peft_config)
-        return initialize(base, plain, init, stats=stats, adapter_name=adapter_name)
-    return peft.get_peft_model(model, peft_config, adapter_name=adapter_name, **kwargs)
+        return peft_config.to_lora_config(), peft_config.to_init_config(), stats
+    stats = _PREPROCESSED.get(base)
+    if stats is None:
+        raise ValueError("init_lora_weights='lora_ga' needs gradients: call "
+                         "lorafa.compat.preprocess_loraga(model, lora_config, train_step) first.")
+    return (*_peft_lora_ga_init_config(peft_config), stats)
+
+
+def get_peft_model(model: nn.Module, peft_config, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None, low_cpu_mem_usage: bool = False):
+    """`peft.get_peft_model` (same arguments, same meaning), with LoRA-GA configs initialised by lorafa.
+
+    - the authors' `LoraGAConfig`: gradients from the enclosing `LoraGAContext`;
+    - PEFT's `LoraConfig(init_lora_weights='lora_ga', ...)`: gradients from `preprocess_loraga`;
+    - anything else goes to `peft.get_peft_model` unchanged.
+
+    Args:
+        model, peft_config, adapter_name: as in PEFT.
+        mixed: as in PEFT; refused for LoRA-GA (a PeftMixedModel cannot be saved).
+        autocast_adapter_dtype: as in PEFT: True keeps fp16/bf16 models' adapters in fp32, False in the model's
+            dtype. The factors are written in the adapter dtype and the offset is computed from the cast factors.
+        revision: as in PEFT: stored in the config (and in the saved adapter_config.json).
+        low_cpu_mem_usage: as in PEFT; refused for LoRA-GA (the adapter weights are computed, not loaded).
+
+    Raises:
+        ValueError: LoRA-GA requested without lora_ga_config, with mixed=True or low_cpu_mem_usage=True, or with no
+            gradients estimated for this model.
+    """
+    if not isinstance(peft_config, LoraGAConfig) and not (
+            isinstance(peft_config, LoraConfig) and peft_config.init_lora_weights == "lora_ga"):
+        return peft.get_peft_model(model, peft_config, adapter_name=adapter_name, mixed=mixed,
+                                   autocast_adapter_dtype=autocast_adapter_dtype, revision=revision,
+                                   low_cpu_mem_usage=low_cpu_mem_usage)
+    base = unwrap_model(model)
+    _check_lora_ga_call(peft_config, mixed, low_cpu_mem_usage)
+    lora_config, init, stats = _lora_ga_inputs(model, base, peft_config)
+    _set_revision(peft_config, revision)
+    lora_config.revision = peft_config.revision
+    peft_model = initialize(base, lora_config, init, stats=stats, adapter_name=adapter_name,
+                            autocast_adapter_dtype=autocast_adapter_dtype)
+    _PREPROCESSED.pop(base, None)
+    # PEFT records the base model's name on the config it was given; lorafa's init worked on a copy
+    peft_config.base_model_name_or_path = peft_model.peft_config[adapter_name].base_model_name_or_path
+    return peft_model
 
 
 def save_loraga_model_init(model, save_dir: str) -> None:

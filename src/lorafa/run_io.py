@@ -68,7 +68,8 @@ def prepare_run_dir(cfg, state) -> str:
     return run_dir
 
 
-def _network_reachable(host: str = "api.wandb.ai", port: int = 443, timeout: float = 2.0) -> bool:
+def network_reachable(host: str = "api.wandb.ai", port: int = 443, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout` (wandb logs offline otherwise)."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -93,7 +94,7 @@ def report_to(cfg) -> list[str]:
         os.environ.setdefault("WANDB_PROJECT", cfg.wandb.project)
         if cfg.wandb.entity:
             os.environ.setdefault("WANDB_ENTITY", cfg.wandb.entity)
-        if "WANDB_MODE" not in os.environ and not _network_reachable():
+        if "WANDB_MODE" not in os.environ and not network_reachable():
             logger.info("no network: wandb logs offline (sync later with `wandb sync`)")
             os.environ["WANDB_MODE"] = "offline"
         out.append("wandb")
@@ -134,27 +135,37 @@ def read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(run_dir: str) -> str | None:
-    """Training loss and held-out loss against the step, as `<run_dir>/loss_curve.png`."""
-    rows = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train and not held:
+def plot_curves(run_dir: str, label: str | None = None, others: dict[str, str] | None = None) -> str | None:
+    """Training loss and validation loss against the step, as `<run_dir>/loss_curve.png`.
+
+    Args:
+        run_dir: the folder whose metrics.jsonl is plotted.
+        label: its name in the legend (e.g. the method).
+        others: more runs on the same axes, legend label -> folder (e.g. a baseline trained on the same batches).
+    """
+    series = {label or os.path.basename(run_dir): read_metrics(run_dir)}
+    series.update({name: read_metrics(folder) for name, folder in (others or {}).items()})
+    if not any(series.values()):
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="training loss", alpha=0.7)
-    if held:
-        ax.plot(*zip(*held), "o-", label="held-out loss")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (name, rows) in enumerate(series.items()):
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        color = f"C{i}"
+        if train:
+            ax.plot(*zip(*train), color=color, alpha=0.35, label=f"{name}: training loss")
+        if held:
+            ax.plot(*zip(*held), "o-", color=color, label=f"{name}: validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    ax.set_yscale("log")
     ax.set_title(os.path.basename(run_dir))
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(run_dir, "loss_curve.png")
     fig.savefig(path + ".tmp.png", dpi=120)

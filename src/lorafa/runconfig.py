@@ -42,7 +42,8 @@ class ModelSection:
     logging_steps: int = 1
     save_steps: int | None = None  # checkpoint every this many steps (resume); None: only at the end
     early_stopping_patience: int | None = None
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute activations in backward (transformers' name since v5)
+    gradient_checkpointing: bool | None = None  # the older name, accepted as an alias
 
 
 @dataclass
@@ -96,6 +97,7 @@ class DatasetSection:
     n_test: int | None = None
     columns: dict[str, Any] = field(default_factory=dict)
     task_config: dict[str, Any] = field(default_factory=dict)  # generated tasks: the generator's settings
+    validation_size: int = 64  # carved from the training data (seeded, disjoint): the held-out loss during training
 
 
 @dataclass
@@ -126,6 +128,7 @@ class RunConfig:
     resume: bool = False
     overwrite: bool = False
     tensorboard: bool = False
+    baseline: str | None = None  # also train this method (e.g. lora) on the same batches, and report it beside
     model: ModelSection = field(default_factory=ModelSection)
     init: InitSection = field(default_factory=InitSection)
     peft: PeftSection = field(default_factory=PeftSection)
@@ -154,6 +157,15 @@ class RunConfig:
         return InitConfig(method=method, bsz=i.bsz, iters=i.iters, max_length=i.max_length, sample=i.sample,
                           seed=self.seed if i.seed is None else i.seed, offset=i.offset, svd=i.svd, sketch=i.sketch, sketch_l=i.sketch_l,
                           accumulate_on=i.accumulate_on, **options)
+
+
+    def baseline_init_config(self) -> InitConfig | None:
+        """The InitConfig of `baseline`: that method with its own defaults, the statistics pass as in `init`."""
+        if self.baseline is None:
+            return None
+        main = self.init_config()
+        return InitConfig(method=self.baseline, bsz=main.bsz, iters=main.iters, max_length=main.max_length,
+                          sample=main.sample, seed=main.seed, svd=main.svd, accumulate_on=main.accumulate_on)
 
 
 def _check_keys(cls, data: dict, where: str) -> None:
@@ -212,5 +224,13 @@ def parse_run_config(data: dict) -> RunConfig:
     """
     data = {k: v for k, v in data.items() if k != "hydra"}
     cfg = _build(RunConfig, data)
+    m = cfg.model
+    if m.gradient_checkpointing is not None:
+        if m.activation_checkpointing and not m.gradient_checkpointing:
+            raise ValueError("model.activation_checkpointing and its alias model.gradient_checkpointing disagree: set one.")
+        m.activation_checkpointing, m.gradient_checkpointing = m.gradient_checkpointing, None
+    if cfg.dataset.validation_size < 0:
+        raise ValueError(f"dataset.validation_size must be >= 0 (0: no validation set), got {cfg.dataset.validation_size}")
     cfg.init_config()  # method and options are validated up front, before any long work
+    cfg.baseline_init_config()
     return cfg

@@ -7,6 +7,7 @@ PEFT's Riemannian preconditioner (`model.prec_reg`) or LoRA+ (`peft.use_loraplus
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -20,7 +21,8 @@ import torch
 from .peft_bridge import initialize, save_adapter
 from .runconfig import RunConfig
 from .run_io import MetricsLogger, atomic_write_json, plot_curves, prepare_run_dir, report_to, resolve_targets_keyword
-from .stats import collect_stats, load_stats, save_stats, stat_batches
+from .stats import collect_stats, load_cached_stats, save_stats, stat_batches, weights_fingerprint
+from .stats.distributed import check_same_on_all_ranks, world
 
 logger = logging.getLogger("lorafa.train")
 
@@ -68,7 +70,8 @@ def _lora_config(cfg: RunConfig, model, task):
 
 
 def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, collate, state):
-    """Statistics for the init: from the cache when the same config produced them before, else a pass."""
+    """Statistics for the init: from the cache when every process has it for this config and these weights (keyed
+    by a fingerprint of their values), else a pass on all processes."""
     if init_config.needs is None:
         return None
     from .targets import resolve_targets
@@ -79,16 +82,28 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
            "max_length": init_config.max_length, "sample": init_config.sample, "seed": init_config.seed,
            "sketch": init_config.sketch_sizes,
            "targets": targets, "dtype": str(next(model.parameters()).dtype)}
+    if cfg.init.cache or world()[1] > 1:  # keyed by content: a checkpoint overwritten in place misses the cache
+        t = time.perf_counter()
+        key["weights"] = weights_fingerprint(model)
+        logger.info("weights fingerprint %s (%.2f s)", key["weights"], time.perf_counter() - t)
+    # paths may differ between nodes (local copies); what they hold, and the pass's settings, may not
+    check_same_on_all_ranks({k: v for k, v in key.items() if k not in ("model", "dataset")},
+                            "statistics settings and weights fingerprint")
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cfg.output_root, ".stats_cache", f"{digest}.safetensors")
-    if cfg.init.cache and os.path.exists(path):
-        logger.info("statistics from cache %s", path)
-        return load_stats(path, expected_config=key, device=model.device)
+    if cfg.init.cache:
+        stats = load_cached_stats(path, key, device=model.device)  # a hit only if every process hits
+        if stats is not None:
+            logger.info("statistics from cache %s", path)
+            return stats
     batches = stat_batches(task.train, collate, init_config.bsz, init_config.iters, init_config.sample, init_config.seed)
     stats = collect_stats(model, batches, targets, kinds=(init_config.needs,), sketch=init_config.sketch_sizes,
                           accumulate_on=init_config.accumulate_on)
-    if cfg.init.cache and state.is_main_process:
-        save_stats(stats, path, config=key)
+    if cfg.init.cache and state.is_local_main_process:  # one copy per node: nodes may not share a filesystem
+        try:
+            save_stats(stats, path, config=key)
+        except OSError as e:  # raising here alone would strand the other processes in training's collectives
+            logger.warning("statistics cache %s not written: %s", path, e)
     return stats
 
 
@@ -111,7 +126,7 @@ def _optimizer(cfg: RunConfig, model):
     return cls([q for q in model.parameters() if q.requires_grad], lr=m.learning_rate, weight_decay=m.weight_decay)
 
 
-def _training_args(cfg: RunConfig, run_dir: str, n_train: int, world: int):
+def _training_args(cfg: RunConfig, run_dir: str, n_train: int, world: int, evaluate: bool = True):
     from transformers import TrainingArguments
 
     m = cfg.model
@@ -123,6 +138,8 @@ def _training_args(cfg: RunConfig, run_dir: str, n_train: int, world: int):
     steps_per_epoch = max(1, math.ceil(n_train / m.real_batch_size))
     eval_steps = m.eval_steps or max(1, round(m.eval_epochs * steps_per_epoch))
     early = bool(m.early_stopping_patience)  # keeps the best checkpoint: saves must fall on evaluation steps
+    if early and not evaluate:
+        raise ValueError("model.early_stopping_patience needs a validation set: set dataset.validation_size > 0.")
     save_steps = m.save_steps or (eval_steps if early else 500)
     if early and save_steps % eval_steps:
         raise ValueError(f"model.early_stopping_patience needs model.save_steps ({save_steps}) to be a multiple of the "
@@ -132,13 +149,24 @@ def _training_args(cfg: RunConfig, run_dir: str, n_train: int, world: int):
         per_device_eval_batch_size=m.per_device_batch_size, gradient_accumulation_steps=accum,
         num_train_epochs=m.epochs, max_steps=m.max_steps, learning_rate=m.learning_rate,
         lr_scheduler_type=m.lr_scheduler_type, warmup_steps=m.warmup,  # < 1: a ratio of the steps
-        weight_decay=m.weight_decay, logging_steps=m.logging_steps, eval_strategy="steps", eval_steps=eval_steps,
+        weight_decay=m.weight_decay, logging_steps=m.logging_steps, eval_strategy="steps" if evaluate else "no",
+        eval_steps=eval_steps,
         save_strategy="steps" if (m.save_steps or early) else "no", save_steps=save_steps, save_total_limit=2,
         load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None,
         bf16=m.bf16, seed=cfg.seed, data_seed=cfg.seed, report_to=report_to(cfg), remove_unused_columns=False,
-        dataloader_num_workers=0, gradient_checkpointing=m.gradient_checkpointing, disable_tqdm=False,
+        dataloader_num_workers=0, disable_tqdm=False, **_checkpointing_arg(m.activation_checkpointing),
         run_name=os.path.basename(run_dir), use_cpu=not torch.cuda.is_available(),
     )
+
+
+def _checkpointing_arg(enabled: bool) -> dict:
+    """transformers 5 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns)."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    new = "activation_checkpointing" in inspect.signature(TrainingArguments).parameters
+    return {"activation_checkpointing" if new else "gradient_checkpointing": enabled}
 
 
 def evaluate_task(cfg: RunConfig, model, tokenizer, task, collate) -> dict:
@@ -157,69 +185,105 @@ def evaluate_task(cfg: RunConfig, model, tokenizer, task, collate) -> dict:
 
 
 def run(cfg: RunConfig) -> dict:
-    """Run one experiment; returns the results dict (also written to `<run_dir>/results.json`)."""
-    from accelerate import PartialState
-    from transformers import EarlyStoppingCallback, Trainer, set_seed
+    """Run one experiment; returns the results dict (also written to `<run_dir>/results.json`).
 
-    from .data.datasets import load_task
+    The training data are split into the training set and a validation set (`dataset.validation_size`, seeded,
+    disjoint) that serves the held-out loss during training, early stopping and `load_best_model_at_end`; the test
+    split is used only for the accuracy reported before and after training. With `baseline=<method>` a second
+    adapter is initialised by that method on a freshly loaded base and trained on the same batches in the same order,
+    and reported beside the first.
+    """
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    from .data.datasets import load_task, split_validation
 
     # initialises torch.distributed under accelerate launch / torchrun (gloo on a CPU-only machine)
     state = PartialState(cpu=not torch.cuda.is_available())
     dtype = _device_checks(cfg)
     init_config = cfg.init_config()
+    baseline_config = cfg.baseline_init_config()
     set_seed(cfg.seed)
     t_start = time.perf_counter()
     run_dir = None if cfg.dry_run else prepare_run_dir(cfg, state)  # a dry run checks data and model, writes nothing
     task = load_task(cfg.dataset_name, path=cfg.dataset.path, test_path=cfg.dataset.test_path, seed=cfg.seed,
                      n_train=cfg.dataset.n_train, n_test=cfg.dataset.n_test, columns=dict(cfg.dataset.columns) or None,
                      task_config=dict(cfg.dataset.task_config) or None)
+    train_set, validation = split_validation(task.train, cfg.dataset.validation_size, cfg.seed)
+    task = dataclasses.replace(task, train=train_set)  # the statistics pass and training never see the validation set
     model, tokenizer = _load_model(cfg, task, dtype)
     model.to(state.device)
     collate = _collator(cfg, task, tokenizer, cfg.model.max_length)
     _check_lengths(task, collate)
-    results = {"run_dir": run_dir, "dataset": task.name, "n_train": len(task.train), "n_test": len(task.test),
-               "model": cfg.model.name, "method": init_config.method, "world_size": state.num_processes,
-               "is_main_process": state.is_main_process}
+    results = {"run_dir": run_dir, "dataset": task.name, "n_train": len(task.train), "n_validation": len(validation),
+               "n_test": len(task.test), "model": cfg.model.name, "method": init_config.method,
+               "world_size": state.num_processes, "is_main_process": state.is_main_process}
     if cfg.dry_run:
         return results
 
     if cfg.eval.enabled and cfg.eval.before and not cfg.resume:
         t = time.perf_counter()
         results["before"] = _summary(evaluate_task(cfg, model, tokenizer, task, collate), time.perf_counter() - t)
+    results.update(_train_arm(cfg, model, tokenizer, task, validation, collate, init_config, run_dir, state))
+    if baseline_config is not None:
+        del model
+        gc.collect()
+        set_seed(cfg.seed)  # the same seed: the same batches in the same order, and the same adapter RNG draws
+        model = _load_model(cfg, task, dtype)[0].to(state.device)
+        results["baseline"] = _train_arm(cfg, model, tokenizer, task, validation, collate, baseline_config,
+                                         os.path.join(run_dir, "baseline"), state, merge=False)
+    results["wall_s"] = round(time.perf_counter() - t_start, 2)
+    if state.is_main_process:
+        others = {f"baseline ({baseline_config.method})": os.path.join(run_dir, "baseline")} if baseline_config else {}
+        results["plot"] = plot_curves(run_dir, label=init_config.method, others=others)
+        atomic_write_json(os.path.join(run_dir, "results.json"), results)
+    state.wait_for_everyone()
+    return results
+
+
+def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init_config, run_dir: str, state,
+               merge: bool = True) -> dict:
+    """Statistics + init -> train -> save the initial and trained adapters -> accuracy after, into `run_dir`."""
+    from transformers import EarlyStoppingCallback, Trainer
+
+    os.makedirs(run_dir, exist_ok=True)
+    out = {"method": init_config.method}
     lora_config = _lora_config(cfg, model, task)
     t = time.perf_counter()
     stats = _stats_for_init(cfg, model, lora_config, init_config, task,
                             _collator(cfg, task, tokenizer, init_config.max_length), state)
-    peft_model = initialize(model, lora_config, init_config, stats=stats)
-    results["init_s"] = round(time.perf_counter() - t, 2)
+    initial_dir = os.path.join(run_dir, "initial_adapter")
+    peft_model = initialize(model, lora_config, init_config, stats=stats, initial_adapter_dir=initial_dir)
+    out["init_s"] = round(time.perf_counter() - t, 2)
     del stats
+    state.wait_for_everyone()  # rank 0 has written the initial adapter
 
-    eval_set = task.test[: min(len(task.test), 64)]
-    args = _training_args(cfg, run_dir, len(task.train), state.num_processes)
+    args = _training_args(cfg, run_dir, len(task.train), state.num_processes, evaluate=bool(validation))
     callbacks = [MetricsLogger(run_dir)]
     if cfg.model.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.model.early_stopping_patience))
-    trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, eval_dataset=eval_set,
+    trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, eval_dataset=validation or None,
                       data_collator=collate, optimizers=(_optimizer(cfg, peft_model), None), callbacks=callbacks)
     t = time.perf_counter()
     resume = cfg.resume and _has_checkpoint(args.output_dir)
     train_out = trainer.train(resume_from_checkpoint=True if resume else None)
-    results["train_s"] = round(time.perf_counter() - t, 2)
-    results["train_loss"] = train_out.training_loss
-    results["steps"] = trainer.state.global_step
+    out["train_s"] = round(time.perf_counter() - t, 2)
+    out["train_loss"] = train_out.training_loss
+    out["steps"] = trainer.state.global_step
+    held = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
+    if held:
+        out["validation_loss"] = {"first": held[0], "last": held[-1], "best": min(held)}
 
-    results["adapter_dir"] = save_adapter(peft_model, os.path.join(run_dir, "adapter"))
+    out["adapter_dir"] = save_adapter(peft_model, os.path.join(run_dir, "adapter"), initial_adapter=initial_dir)
+    out["initial_adapter_dir"] = initial_dir
     if cfg.eval.enabled:
         t = time.perf_counter()
-        results["after"] = _summary(evaluate_task(cfg, peft_model, tokenizer, task, collate), time.perf_counter() - t)
-    if cfg.model.saving:
-        results["merged_dir"] = _save_merged(peft_model, tokenizer, run_dir, state)
-    results["wall_s"] = round(time.perf_counter() - t_start, 2)
-    if state.is_main_process:
-        results["plot"] = plot_curves(run_dir)
-        atomic_write_json(os.path.join(run_dir, "results.json"), results)
-    state.wait_for_everyone()
-    return results
+        out["after"] = _summary(evaluate_task(cfg, peft_model, tokenizer, task, collate), time.perf_counter() - t)
+    if merge and cfg.model.saving:
+        out["merged_dir"] = _save_merged(peft_model, tokenizer, run_dir, state)
+    del trainer, peft_model
+    gc.collect()
+    return out
 
 
 def _summary(result: dict, seconds: float) -> dict:

@@ -1,7 +1,7 @@
 """Datasets (a registry of tasks, local files) and collators (prompt/answer and text/label examples to batches)."""
 
 from .collate import PROMPT_TEMPLATE, CausalLMCollator, ClassificationCollator, format_prompt
-from .datasets import KNOWN_DATASETS, LoadOptions, TaskData, final_number, load_task, read_rows, split_rows
+from .datasets import KNOWN_DATASETS, LoadOptions, TaskData, final_number, load_task, read_rows, split_rows, split_validation
 
 __all__ = [
     "PROMPT_TEMPLATE",
@@ -15,4 +15,5 @@ __all__ = [
     "load_task",
     "read_rows",
     "split_rows",
+    "split_validation",
 ]

@@ -192,6 +192,28 @@ def split_rows(rows: list, test_fraction: float = TEST_FRACTION, seed: int = SPL
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
+def split_validation(train: list, size: int, seed: int) -> tuple[list, list]:
+    """Carve a validation set out of the training examples: `size` of them drawn with `seed`, disjoint from the
+    rest; both parts keep the input order. The test split is left for the final report only.
+
+    Args:
+        train: the training examples.
+        size: how many to hold out (0: none).
+        seed: the draw's seed.
+
+    Returns:
+        (the remaining training examples, the validation examples).
+
+    Raises:
+        ValueError: size < 0, or size leaving fewer than one training example.
+    """
+    if size < 0 or (size and size >= len(train)):
+        raise ValueError(f"dataset.validation_size={size} must be >= 0 and smaller than the {len(train)} training "
+                         "examples: lower it, or give more training data (dataset.n_train).")
+    held = set(random.Random(seed).sample(range(len(train)), size))
+    return [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held]
+
+
 def _check_columns(rows: list[dict], needed: list[str], source: str, hint: str = "") -> None:
     for i, row in enumerate(rows):
         missing = [c for c in needed if c not in row]

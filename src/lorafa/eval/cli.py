@@ -12,13 +12,13 @@ import argparse
 import json
 import logging
 import os
-import socket
 import time
 
 import torch
 import torch.distributed as dist
 
 from ..models import load_causal_lm, resolve_model_path
+from ..run_io import atomic_write_json, network_reachable
 from ..stats.distributed import world
 from ..targets import out_in_features
 from .gsm8k import evaluate_gsm8k, load_gsm8k_examples
@@ -217,35 +217,13 @@ def _init_distributed() -> bool:
     return True
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write `payload` as JSON to a temporary name beside `path`, then rename it into place.
-
-    Args:
-        path: the destination file (its folder is created if needed).
-        payload: JSON-serialisable data.
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _online(host: str = "api.wandb.ai", timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _log_wandb(project: str, name: str | None, summary: dict) -> None:
     try:
         import wandb
     except ImportError:
         logger.warning("--wandb_project given but wandb is not installed: the accuracy is only in the result file.")
         return
-    mode = None if "WANDB_MODE" in os.environ or _online() else "offline"
+    mode = None if "WANDB_MODE" in os.environ or network_reachable() else "offline"
     try:
         run = wandb.init(project=project, name=name, job_type="eval", mode=mode, config=summary)
         run.log({f"gsm8k/{k}": summary[k] for k in ("accuracy", "correct", "n")})
@@ -284,7 +262,7 @@ def evaluate_run(argv: list[str] | None = None) -> dict:
                    "split": args.split, "n_processes": size, "batch_size": args.batch_size,
                    "max_new_tokens": args.max_new_tokens, "bf16": args.bf16, "wall_time_s": round(time.time() - t0, 3)}
         if rank == 0:
-            write_json_atomic(run["out"], {**summary, "records": result["records"]})
+            atomic_write_json(run["out"], {**summary, "records": result["records"]})
             line = f"GSM8K accuracy: {result['accuracy']:.4f} ({result['correct']}/{result['n']})"
             logger.info("%s -> %s", line, run["out"])
             print(line, flush=True)

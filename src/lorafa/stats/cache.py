@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .distributed import all_agree, world
 from .sketch import GradSketch
 from .types import LayerStats
 
+logger = logging.getLogger(__name__)
 _FORMAT = "lorafa.stats.v1"
 
 
@@ -97,6 +100,34 @@ def load_stats(path: str | os.PathLike, expected_config: dict | None = None, dev
             if "in_cov_shared_with" in entry:
                 out[name].in_cov = out[entry["in_cov_shared_with"]].in_cov
     return out
+
+
+def load_cached_stats(path: str | os.PathLike, expected_config: dict, device="cpu") -> dict[str, LayerStats] | None:
+    """Statistics from a cache file if every process can load it with `expected_config`, else None on every process.
+
+    Under torch.distributed each process tries its own copy (nodes may not share a filesystem), then they agree: a
+    hit only if all of them hit, otherwise all recompute. A per-process decision would deadlock (the processes that
+    missed wait in the pass's all-reduces for those that hit). A missing, unreadable or mismatched file is a miss.
+
+    Args:
+        path: the safetensors file (may differ between processes).
+        expected_config: must equal the stored config (include a weights fingerprint, see `weights_fingerprint`).
+        device: where to put the tensors.
+
+    Returns:
+        The statistics (identical on every process if the caches were), or None on every process.
+    """
+    stats = None
+    if os.path.exists(path):
+        try:
+            stats = load_stats(path, expected_config=expected_config, device=device)
+        except Exception as e:  # noqa: BLE001 - any unreadable cache is a miss: recompute and overwrite it
+            logger.warning("statistics cache %s not used (rank %d): %s", path, world()[0], e)
+    if all_agree(stats is not None):
+        return stats
+    if stats is not None:
+        logger.info("statistics cache %s found here but not on every process: recomputing", path)
+    return None
 
 
 def _check_format(path, meta: dict) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..targets import is_transposed, out_in_features, resolve_targets, unwrap_model
-from .distributed import all_gather_objects, all_reduce_counts, all_reduce_sum_, world
+from .distributed import agree_step, all_gather_objects, all_reduce_counts, all_reduce_sum_, world
 from .sketch import DEFAULT_SKETCH_SEED, GradSketch, gaussian_matrix, sketch_sizes
 from .types import LayerStats
 
@@ -291,6 +291,30 @@ def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return loss
 
 
+_END = object()
+
+
+def _one_batch(model, recorder: StatsRecorder, batch_iter, i: int, device, needs_backward: bool, loss_fn) -> bool:
+    """Process this process's next batch; False when it has none left."""
+    batch = next(batch_iter, _END)
+    if batch is _END:
+        return False
+    batch = _to_device(batch, device)
+    recorder.begin_batch(batch.get("attention_mask"))
+    if needs_backward:
+        loss = (loss_fn or _default_loss)(model, batch)
+        if not loss.requires_grad:
+            raise ValueError("The loss does not depend on any target module's weights: check target_modules "
+                             "and loss_fn.")
+        if not torch.isfinite(loss).all():
+            raise ValueError(f"Non-finite loss {loss.item()} on statistics batch {i}: check the data and dtype.")
+        loss.backward()
+    else:
+        (loss_fn(model, batch) if loss_fn else model(**batch))
+    recorder.end_batch()
+    return True
+
+
 def collect_stats(
     model: nn.Module,
     batches: Iterable[dict],
@@ -328,6 +352,9 @@ def collect_stats(
 
     Raises:
         ValueError: unknown targets or kinds, empty batches, a non-finite loss or statistic, a layer without gradient.
+        RankFailedError: under torch.distributed, on every process but the one whose batch failed (that one raises
+            its own error): each batch step agrees on a failure flag (one int64 all-reduce), so no process is left
+            waiting in a collective.
     """
     model = unwrap_model(model)
     kinds = normalize_kinds(kinds)
@@ -346,23 +373,20 @@ def collect_stats(
     total = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
     bar = tqdm(total=total, desc="lorafa statistics", disable=not progress or world()[0] != 0, leave=False)
     with recorder, (torch.enable_grad() if needs_backward else torch.no_grad()):
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
+        batch_iter, done, step = None, False, 0
+        while True:  # all processes step together: a failure, or one running out early, is agreed on by all
+            error, active = None, not done and (max_batches is None or step < max_batches)
+            if active:
+                try:
+                    batch_iter = iter(batches) if batch_iter is None else batch_iter
+                    active = _one_batch(model, recorder, batch_iter, step, device, needs_backward, loss_fn)
+                    done = not active
+                except Exception as e:  # noqa: BLE001 - re-raised by agree_step, here and (named) on the others
+                    error = e
+            if not agree_step(error, active, f"statistics batch {step}"):
                 break
-            batch = _to_device(batch, device)
-            recorder.begin_batch(batch.get("attention_mask"))
-            if needs_backward:
-                loss = (loss_fn or _default_loss)(model, batch)
-                if not loss.requires_grad:
-                    raise ValueError("The loss does not depend on any target module's weights: check target_modules "
-                                     "and loss_fn.")
-                if not torch.isfinite(loss).all():
-                    raise ValueError(f"Non-finite loss {loss.item()} on statistics batch {i}: check the data and dtype.")
-                loss.backward()
-            else:
-                (loss_fn(model, batch) if loss_fn else model(**batch))
-            recorder.end_batch()
-            bar.update(1)
+            step += 1
+            bar.update(int(active))
     bar.close()
     stats = recorder.finalize("batches")
     logger.info("statistics %s over %d batches for %d layers", sorted(kinds), recorder.n_batches, len(stats))

@@ -42,3 +42,63 @@ def all_gather_objects(obj) -> list:
     out = [None] * world()[1]
     dist.all_gather_object(out, obj)
     return out
+
+
+class RankFailedError(RuntimeError):
+    """Another process failed in a collective pass; raised on every process that did nothing wrong itself."""
+
+
+def agree_step(error: Exception | None, active: bool, what: str) -> bool:
+    """One step of a pass whose processes may fail, or run out of work, at different times.
+
+    Every process calls it once per step with its own outcome, so a failure on one rank is raised on all of them at
+    the same step instead of leaving the others waiting in the next all-reduce. The cost is one all-reduce of two
+    int64 per step (plus an object gather only when a step failed); single-process, no communication at all.
+
+    Args:
+        error: the exception this process hit during the step, or None.
+        active: whether this process did a step (False once it has no work left).
+        what: the step, for messages (e.g. "statistics batch 3").
+
+    Returns:
+        Whether any process still had work at this step (all processes see the same value, so they loop together).
+
+    Raises:
+        `error` itself on a process that failed; RankFailedError naming the failed ranks and their errors elsewhere.
+    """
+    if world()[1] == 1:
+        if error is not None:
+            raise error
+        return active
+    flags = torch.tensor([int(error is not None), int(active)], dtype=torch.int64)
+    n_failed, n_active = all_reduce_sum_(flags).tolist()
+    if n_failed:
+        messages = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+        raise RankFailedError(f"{what} failed on another process ({failed}). Rank {world()[0]} stops too, so that no "
+                              "process waits forever in a collective: fix the cause reported by the failing rank.")
+    return n_active > 0
+
+
+def all_agree(flag: bool) -> bool:
+    """True on every process if `flag` is true on every process (single-process: `flag`)."""
+    if world()[1] == 1:
+        return bool(flag)
+    return all_reduce_counts([int(bool(flag))], torch.device("cpu"))[0] == world()[1]
+
+
+def check_same_on_all_ranks(value: dict, what: str) -> None:
+    """Raise on every process (together) unless all processes hold an equal `value` (a picklable dict).
+
+    Raises:
+        ValueError: naming the entries that differ and each rank's value of them.
+    """
+    values = all_gather_objects(value)
+    if all(v == values[0] for v in values):
+        return
+    keys = sorted({k for v in values for k in v if any(w.get(k) != v.get(k) for w in values)})
+    detail = "; ".join(f"{k}: " + ", ".join(f"rank {r}={v.get(k)!r}" for r, v in enumerate(values)) for k in keys)
+    raise ValueError(f"Processes disagree on the {what} ({detail}). Every process must load the same model weights "
+                     "and config: check the checkpoint each node reads.")
