@@ -1,0 +1,454 @@
+"""The tables in README.md and docs/*.md that report benchmark numbers, rendered from the committed results files.
+
+Project rule: every figure in README/docs comes from a committed results file, and its table is generated from that
+file by this script, never retyped. A generated block in a markdown file is
+
+    <!-- generated: NAME (python benchmarks/tables.py) -->
+
+    | ... the table, owned by this script ... |
+
+    <!-- /generated -->
+
+where NAME is a key of `BLOCKS`. Everything between the two markers is rewritten; nothing outside them is touched.
+
+    python benchmarks/tables.py            # rewrite every stale block in place (atomic: temp file + rename)
+    python benchmarks/tables.py --check    # exit 1 naming every stale block (tests/test_benchmarks.py runs this)
+    python benchmarks/tables.py --list     # the registered blocks and the results files behind each
+
+To add a table: write `render_x(root) -> str` that reads only committed files under `root` (the repository), register
+it in `BLOCKS` with those files as its sources, put an empty marker pair where the table goes, and run the script.
+The benchmark scripts' own code renders the cells (`common.markdown_table`, `convergence.summary_tables`), so a table
+here shows exactly what the results files say. Nothing here runs a benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import glob
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import convergence  # noqa: E402
+import stats_cost  # noqa: E402
+from common import markdown_table, read_table  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC_GLOBS = ["README.md", "docs/**/*.md"]  # the files whose generated blocks the script owns
+
+CAUSAL = "benchmarks/results/causal_cpu"
+CLS = "benchmarks/results/cls_cpu"
+CLS_PROBE = "benchmarks/results/cls_probe_cpu"
+STATS = "benchmarks/results/stats_cpu/stats_cost.json"
+# the main job's results (`python run_exp.py` writes `<run_dir>/results.json`; the lead commits one here)
+MAIN_JOB = "docs/results/main_job/results.json"
+
+BEGIN = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) \(python benchmarks/tables\.py\) -->[ \t]*$", re.M)
+END = re.compile(r"^<!-- /generated -->[ \t]*$", re.M)
+
+
+# -- reading the results files ---------------------------------------------------------------------------------
+def _path(root: str, rel: str) -> str:
+    return os.path.join(root, rel)
+
+
+def _summary_csv(root: str, results_dir: str) -> tuple[list[str], list[dict]]:
+    """convergence.py's summary table, as it wrote it (`summary.csv`, cells as strings)."""
+    return read_table(_path(root, os.path.join(results_dir, "summary.csv")))
+
+
+@functools.lru_cache(maxsize=None)
+def _runs_summary(root: str, results_dir: str) -> dict:
+    """The same summary recomputed from the cached runs (`runs/*.json`) with convergence.py's own code, for the raw
+    numbers the CSV rounds (steps to the reference loss, default LoRA's steps, per-seed accuracies)."""
+    results, methods = convergence.saved_runs(_path(root, results_dir))
+    return convergence.summary_tables(results, methods)
+
+
+@functools.lru_cache(maxsize=None)
+def _stats(root: str) -> dict:
+    with open(_path(root, STATS)) as f:
+        return json.load(f)
+
+
+def _stats_row(root: str, mode: str, processes: int = 1) -> dict:
+    for r in _stats(root)["rows"]:
+        if r["mode"] == mode and r["processes"] == processes:
+            return r
+    raise KeyError(f"{STATS} has no row for mode {mode!r} with {processes} process(es)")
+
+
+# -- the convergence tables ------------------------------------------------------------------------------------
+def render_convergence(root: str, results_dir: str) -> str:
+    """The whole summary table of one convergence benchmark (docs/benchmarks.md), as `summary.md` shows it."""
+    columns, rows = _summary_csv(root, results_dir)
+    return markdown_table(rows, columns)
+
+
+def _steps_column(columns: list[str]) -> str:
+    return next(c for c in columns if c.startswith("steps to "))
+
+
+def render_causal_brief(root: str, results_dir: str = CAUSAL) -> str:
+    """README: the causal-LM summary without the seeds, accuracy and init-cost columns."""
+    columns, rows = _summary_csv(root, results_dir)
+    keep = ["method", "best lr", "loss at 0", "final loss", _steps_column(columns), "speed-up"]
+    header = ["init", "best lr", "loss after init", "final loss", _steps_column(columns), "speed-up"]
+    return markdown_table(rows, keep, header=header)
+
+
+def render_cls_brief(root: str, random_head: str = CLS, probe_first: str = CLS_PROBE) -> str:
+    """README: the two classification variants side by side (best lr, final loss, test accuracy of each)."""
+    _, a = _summary_csv(root, random_head)
+    _, b = _summary_csv(root, probe_first)
+    by_method = {r["method"]: r for r in b}
+    methods = [r["method"] for r in a] + [m for m in by_method if m not in {r["method"] for r in a}]
+    first = {r["method"]: r for r in a}
+    rows = []
+    for m in methods:
+        ra, rb = first.get(m, {}), by_method.get(m, {})
+        rows.append({"init": m, "a_lr": ra.get("best lr"), "a_loss": ra.get("final loss"), "a_acc": ra.get("test acc"),
+                     "b_lr": rb.get("best lr"), "b_loss": rb.get("final loss"), "b_acc": rb.get("test acc")})
+    header = ["init", "random head: best lr", "final loss", "test accuracy", "probe first: best lr", "final loss",
+              "test accuracy"]
+    return markdown_table(rows, ["init", "a_lr", "a_loss", "a_acc", "b_lr", "b_loss", "b_acc"], header=header)
+
+
+# -- the statistics-pass tables --------------------------------------------------------------------------------
+def render_stats(root: str) -> str:
+    """docs/benchmarks.md: stats_cost.py's whole table, as `stats_cost.md` shows it (without its title)."""
+    return markdown_table(_stats(root)["rows"], stats_cost.COLUMNS)
+
+
+STATS_LABELS = {"floor": "floor", "grad": "grad (lora_ga, lora_one)", "kfac": "kfac (lora_fa)",
+                "grad_offload": "grad, accumulated on CPU", "peft_lora_ga": "PEFT preprocess_loraga"}
+
+
+def render_stats_brief(root: str) -> str:
+    """README: seconds (with the 2-process speed-up), × floor, held MB and its ratio to the target weights, and the
+    sketches' captured share and median worst cosine."""
+    data = _stats(root)
+    rank = data.get("args", {}).get("rank", "r")
+    rows = []
+    for r in data["rows"]:
+        m = r["mode"]
+        label = f"grad sketch k={m.split('_k')[1]}" if m.startswith("sketch_k") else STATS_LABELS.get(m, m)
+        seconds = f"{r['s']:.2f}"
+        if r.get("speed-up vs 1 process") is not None:
+            seconds += f" ({r['speed-up vs 1 process']:.2f}× vs 1 process)"
+        held = r.get("held MB")
+        rows.append({"statistics": label, "processes": r["processes"], "seconds": seconds,
+                     "× floor": f"{r['× floor']:.2f}",
+                     "held": f"{held:.0f} MB" if held else None,
+                     "ratio": f"{r['held / target fp32']:.3f}" if held else None,
+                     "sketch": (f"{r['captured']:.3f}, {r['median_cos']:.2f}" if r.get("captured") is not None
+                                else None)})
+    header = ["statistics", "processes", "seconds", "× floor", "held", "held / target weights (fp32)",
+              f"top-{rank} subspace: captured, median worst cos"]
+    return markdown_table(rows, ["statistics", "processes", "seconds", "× floor", "held", "ratio", "sketch"],
+                          header=header)
+
+
+# -- the issue's targets (docs/benchmarks.md) ------------------------------------------------------------------
+def _reach(s: dict, method: str) -> tuple[list[float], int]:
+    """Steps each seed of `method` (at its best rate) took to reach default LoRA's final loss (seeds that did), and
+    the number of seeds."""
+    steps = [convergence.steps_to_reach(r["curve"], s["target"]) for r in s["best"][method]]
+    return [x for x in steps if x is not None], len(steps)
+
+
+def _mean(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _sci(x: float) -> str:
+    mant, exp = f"{x:.1e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
+def _verdict(met: list[str], missed: list[str]) -> str:
+    if not missed:
+        return "met"
+    if not met:
+        return "missed"
+    return f"met for {', '.join(met)}; missed for {', '.join(missed)}"
+
+
+def render_targets(root: str) -> str:
+    """The issue's targets with what the results files say, and met / missed computed from them."""
+    causal = _runs_summary(root, CAUSAL)
+    variants = [("random head", _runs_summary(root, CLS)), ("probe first", _runs_summary(root, CLS_PROBE))]
+    versions = [("LoRA-FA", "lora_fa"), ("LoRA-FA+prec", "lora_fa+prec")]
+    rows = []
+
+    reached, n = _reach(causal, "lora_fa")
+    if len(reached) == n:
+        ratio = statistics.mean(reached) / causal["ref_steps"]
+        measured = f"{statistics.mean(reached):.1f} of {causal['ref_steps']:.0f} steps ({ratio:.2f})"
+    else:
+        ratio, measured = None, f"reached on {len(reached)} of {n} seeds"
+    rows.append(("LoRA-FA reaches default LoRA's final loss in ≤ 1/3 of the steps (causal)", measured,
+                 "met" if ratio is not None and ratio <= 1 / 3 else "missed"))
+
+    parts, met, missed = [], [], []
+    for label, s in variants:
+        texts = []
+        for name, m in versions:
+            if m not in s["best"]:
+                continue
+            reached, n = _reach(s, m)
+            if len(reached) == n:
+                ratio = statistics.mean(reached) / s["ref_steps"]
+                texts.append(f"{name} {statistics.mean(reached):.0f} steps vs default LoRA's {s['ref_steps']:.0f} "
+                             f"({ratio:.2f})")
+            else:
+                ratio = None
+                texts.append(f"{name} reaches it on {len(reached)} of {n} seeds")
+            (met if ratio is not None and ratio <= 1 / 3 else missed).append(f"{label} {name}")
+        parts.append(f"{label}: {', '.join(texts)}")
+    # met when, on every variant, LoRA-FA with or without the preconditioner gets there in a third of the steps
+    rows.append(("the same on the classification preset", "; ".join(parts),
+                 "met" if all(any(v.startswith(lab) for v in met) for lab, _ in variants) else "missed"))
+
+    parts, met, missed = [], [], []
+    for label, s in variants:
+        acc = {m: _mean(r.get("test_acc") for r in s["best"][m]) for m in s["best"]}
+        texts = [f"{name} {_pct(acc[m])}" for name, m in versions if acc.get(m) is not None]
+        parts.append(f"{label}: {', '.join(texts)} vs default LoRA {_pct(acc['lora'])} and PEFT's lora_ga "
+                     f"{_pct(acc['peft_lora_ga'])}")
+        for name, m in versions:
+            if acc.get(m) is not None:
+                ok = acc[m] >= acc["lora"] and acc[m] >= acc["peft_lora_ga"]
+                (met if ok else missed).append(f"{label} {name}")
+    if all(r.get("test_acc") is None for rs in causal["best"].values() for r in rs):
+        parts.append("causal: not measured")
+    rows.append(("LoRA-FA's test accuracy ≥ default LoRA and ≥ PEFT's lora_ga", "; ".join(parts),
+                 _verdict(met, missed)))
+
+    floor = _stats_row(root, "floor")
+    for mode, name, limit in (("grad", "grad", 1.2), ("kfac", "kfac", 1.5)):
+        x = _stats_row(root, mode)["× floor"]
+        rows.append((f"statistics pass ≤ {limit}× the floor ({name})", f"{x:.2f}×",
+                     "met" if x <= limit else "missed"))
+    grad = _stats_row(root, "grad")
+    rows.append(("exact grad holds ≤ the target weights in fp32",
+                 f"{grad['held / target fp32']:.2f}× ({grad['held MB']:.0f} MB)",
+                 "met" if grad["held / target fp32"] <= 1.0 else "missed"))
+
+    rank = _stats(root).get("args", {}).get("rank", "r")
+    sketches = sorted((r for r in _stats(root)["rows"] if r["mode"].startswith("sketch_k") and r["processes"] == 1),
+                      key=lambda r: int(r["mode"].split("_k")[1]))
+    texts = []
+    for i, r in enumerate(sketches):
+        k = r["mode"].split("_k")[1]
+        texts.append(f"k = {k}: {_pct(r['held / target fp32'])} held, median worst cosine {r['median_cos']:.2f}, "
+                     f"{_pct(r['captured'])} of the rank-{rank} part captured" if i == 0 else
+                     f"k = {k}: {_pct(r['held / target fp32'])}, {r['median_cos']:.2f}, {_pct(r['captured'])}")
+    ok = any(r["held / target fp32"] <= 0.05 and r["median_cos"] >= 0.95 for r in sketches)
+    rows.append(("sketch ≤ 5% of that, top-r cosines ≥ 0.95", "; ".join(texts) or "not measured",
+                 "met" if ok else "missed"))
+
+    peft = _stats_row(root, "peft_lora_ga")
+    t, p = grad["s"] / peft["s"], grad["peak MB above model"] / peft["peak MB above model"]
+    rows.append(("time and peak memory ≤ PEFT's `preprocess_loraga`",
+                 f"{t:.2f}× time, {p:.2f}× peak ({grad['peak MB above model']} vs {peft['peak MB above model']} MB)",
+                 "met" if t <= 1 and p <= 1 else "missed"))
+
+    two = [r for r in _stats(root)["rows"] if r["mode"] == "grad" and r["processes"] == 2]
+    rows.append(("2 processes: speed-up and equality",
+                 f"{two[0]['speed-up vs 1 process']:.2f}×, max relative difference "
+                 f"{_sci(two[0]['max rel diff vs 1 process'])}" if two else "not measured",
+                 "reported" if two else "not run"))
+
+    devices = [_stats(root).get("device", {})] + [r.get("device", {}) for s in [causal] + [v for _, v in variants]
+                                                    for rs in s["best"].values() for r in rs]
+    gpus = sorted({d["gpu"] for d in devices if d.get("device") == "cuda" and d.get("gpu")})
+    rows.append(("GPU table", f"measured on {', '.join(gpus)}" if gpus else
+                 "no GPU was lent in this session; the scripts pick CUDA + bf16 + 4× batch automatically",
+                 "run" if gpus else "not run"))
+    return markdown_table([dict(zip(("target", "measured", "verdict"), r)) for r in rows],
+                          ["target", "measured", "verdict"])
+
+
+# -- the main job (run_exp.py) ---------------------------------------------------------------------------------
+def _accuracy(p: dict | None) -> str | None:
+    if not p or p.get("accuracy") is None:
+        return None
+    extra = f" ({p['correct']}/{p['n']})" if p.get("correct") is not None and p.get("n") else ""
+    return f"{_pct(p['accuracy'])}{extra}"
+
+
+def _seconds(x) -> str | None:
+    if x is None:
+        return None
+    return f"{x:.1f} s" if x < 60 else f"{x:.1f} s ({int(x // 60)} min {x % 60:.0f} s)"
+
+
+def render_main_job(root: str, path: str = MAIN_JOB) -> str:
+    """The main job's accuracy before → after and its time, from the `results.json` that `python run_exp.py` writes
+    (lorafa.train.run). Keys used (dotted = nested): `before.accuracy`, `after.accuracy` (fractions; `.correct` and
+    `.n` are shown when present), `init_s`, `train_s`, `wall_s` (seconds), and optionally `method`, `steps`, and a
+    `baseline` arm with the same keys but `before`/`wall_s` (a second row). A missing key renders as "—"."""
+    full = _path(root, path)
+    if not os.path.exists(full):
+        raise FileNotFoundError(f"{path}: the main job's results.json is not committed yet (the block needs it)")
+    with open(full) as f:
+        r = json.load(f)
+    arms = [r] + ([r["baseline"]] if isinstance(r.get("baseline"), dict) else [])
+    rows = [{"run": a.get("method", "main job") + ("" if a is r else " (baseline)"), "steps": a.get("steps"),
+             "before": _accuracy(r.get("before")), "after": _accuracy(a.get("after")),
+             "init": _seconds(a.get("init_s")), "train": _seconds(a.get("train_s")),
+             "wall": _seconds(a.get("wall_s")) if a is r else None} for a in arms]
+    return markdown_table(rows, ["run", "steps", "before", "after", "init", "train", "wall"],
+                          header=["run", "steps", "accuracy before", "accuracy after", "init (statistics + init)",
+                                  "training", "whole run"])
+
+
+# -- the registry ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Block:
+    render: Callable[[str], str]  # root -> the markdown between the markers
+    sources: tuple[str, ...]  # the committed files it reads, relative to the root
+    doc: str = ""
+
+
+BLOCKS: dict[str, Block] = {
+    "causal_convergence": Block(lambda root: render_convergence(root, CAUSAL), (f"{CAUSAL}/summary.csv",),
+                                "docs/benchmarks.md: the causal-LM summary"),
+    "cls_convergence": Block(lambda root: render_convergence(root, CLS), (f"{CLS}/summary.csv",),
+                             "docs/benchmarks.md: classification, random head"),
+    "cls_probe_convergence": Block(lambda root: render_convergence(root, CLS_PROBE), (f"{CLS_PROBE}/summary.csv",),
+                                   "docs/benchmarks.md: classification, probe first"),
+    "stats_cost": Block(render_stats, (STATS,), "docs/benchmarks.md: the statistics pass"),
+    "targets": Block(render_targets, (f"{CAUSAL}/runs/", f"{CLS}/runs/", f"{CLS_PROBE}/runs/", STATS),
+                     "docs/benchmarks.md: the issue's targets, met and missed"),
+    "causal_convergence_brief": Block(render_causal_brief, (f"{CAUSAL}/summary.csv",), "README: causal LM"),
+    "cls_convergence_brief": Block(render_cls_brief, (f"{CLS}/summary.csv", f"{CLS_PROBE}/summary.csv"),
+                                   "README: classification, both variants"),
+    "stats_cost_brief": Block(render_stats_brief, (STATS,), "README: the statistics pass"),
+    # no marker yet: the lead adds `<!-- generated: main_job ... -->` once docs/results/main_job/results.json is in
+    "main_job": Block(render_main_job, (MAIN_JOB,), "the main job's before/after accuracy and time"),
+}
+
+
+# -- rewriting the blocks ----------------------------------------------------------------------------------------
+class BlockError(ValueError):
+    pass
+
+
+def doc_files(root: str) -> list[str]:
+    files = set()
+    for pattern in DOC_GLOBS:
+        files.update(glob.glob(os.path.join(root, pattern), recursive=True))
+    return sorted(files)
+
+
+def find_blocks(text: str, where: str = "") -> list[tuple[str, int, int]]:
+    """(name, start, end) of each block's content: from after the opening marker's line to the closing marker."""
+    out, pos = [], 0
+    for m in BEGIN.finditer(text):
+        if m.start() < pos:
+            raise BlockError(f"{where}: block {m['name']!r} opens inside the previous block")
+        end = END.search(text, m.end())
+        nxt = BEGIN.search(text, m.end())
+        if end is None or (nxt is not None and nxt.start() < end.start()):
+            raise BlockError(f"{where}: block {m['name']!r} has no closing <!-- /generated -->")
+        out.append((m["name"], m.end() + 1, end.start()))
+        pos = end.end()
+    if len(END.findall(text)) != len(out):  # each block is closed by the first closing marker after it
+        raise BlockError(f"{where}: a <!-- /generated --> without an opening marker")
+    return out
+
+
+def render_block(name: str, root: str, where: str = "") -> str:
+    if name not in BLOCKS:
+        raise BlockError(f"{where}: unknown generated block {name!r}; known: {', '.join(BLOCKS)}")
+    return "\n" + BLOCKS[name].render(root) + "\n"
+
+
+def regenerate(text: str, root: str, where: str = "") -> tuple[str, list[str]]:
+    """`text` with every block rendered afresh, and the names of the blocks that changed."""
+    parts, stale, last = [], [], 0
+    for name, start, end in find_blocks(text, where):
+        new = render_block(name, root, where)
+        if text[start:end] != new:
+            stale.append(name)
+        parts += [text[last:start], new]
+        last = end
+    parts.append(text[last:])
+    return "".join(parts), stale
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    shutil.copymode(path, tmp)
+    os.replace(tmp, path)
+
+
+def run(root: str = ROOT, check: bool = False, out=sys.stdout) -> list[tuple[str, str]]:
+    """Regenerate (or, with `check`, only compare) every block under `root`; returns the stale (file, block) pairs."""
+    _runs_summary.cache_clear()  # read the results files afresh on every run
+    _stats.cache_clear()
+    stale_all = []
+    for path in doc_files(root):
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+        rel = os.path.relpath(path, root)
+        new, stale = regenerate(text, root, rel)
+        for name in stale:
+            stale_all.append((rel, name))
+        if not stale:
+            continue
+        if check:
+            for name in stale:
+                print(f"stale: {rel}: block {name!r} differs from its results files "
+                      f"({', '.join(BLOCKS[name].sources)}); run `python benchmarks/tables.py`", file=out)
+            diff = difflib.unified_diff(text.splitlines(True), new.splitlines(True), f"{rel} (committed)",
+                                        f"{rel} (from the results files)", n=0)
+            out.write("".join(diff))
+        else:
+            atomic_write_text(path, new)
+            print(f"updated {rel}: {', '.join(stale)}", file=out)
+    return stale_all
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if any generated block is stale")
+    ap.add_argument("--list", action="store_true", help="list the registered blocks and their results files")
+    ap.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.list:
+        for name, b in BLOCKS.items():
+            print(f"{name:26} {b.doc}\n{'':26} from {', '.join(b.sources)}")
+        return 0
+    try:
+        stale = run(args.root, check=args.check)
+    except (BlockError, OSError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check and stale:
+        print(f"{len(stale)} stale generated block(s)", file=sys.stderr)
+        return 1
+    if not stale:
+        print("every generated block is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
