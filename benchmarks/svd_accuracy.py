@@ -64,31 +64,26 @@ def collect(args):
     return model, stats
 
 
-def matrices(weight, st, r):
-    """(kind, M, k) exactly as lora_fa / lora_one / lora_ga / pissa hand them to top_svd."""
+def matrices(weight, st):
+    """(kind, M, k per unit of r) exactly as lora_fa / lora_one / lora_ga / pissa hand them to top_svd."""
     from lorafa.methods.lora_fa import LoraFAOptions, whitener
 
     opts = LoraFAOptions()
     relative = opts.reg_mode == "relative"
     wc, ws = whitener(st.out_cov, opts.reg, relative), whitener(st.in_cov, opts.reg, relative)
     h = wc.t_mul(ws.t_mul(st.cross.T).T)
-    return [("fa_H", -h.float(), r), ("G", -st.grad, r), ("G_2r", st.grad, 2 * r), ("W", weight.float(), r)]
-
-
-def range_finder(M, k, seed, niter):
-    from lorafa.methods.common import randomized_svd
-
-    return randomized_svd(M, k, seed=seed, niter=niter)
+    return [("fa_H", -h.float(), 1), ("G", -st.grad, 1), ("G_2r", st.grad, 2), ("W", weight.float(), 1)]
 
 
 def variants(niters):
-    from lorafa.methods.common import top_svd
+    """name -> fn(M, k, seed) -> (U, S, Vh[, used])."""
+    from lorafa.methods.common import randomized_svd, top_svd
 
-    out = {"randomized": lambda M, k, s: top_svd(M, k, "randomized", s)[:3],
-           "exact": lambda M, k, s: top_svd(M, k, "exact", s)[:3],
+    out = {"randomized": lambda M, k, s: top_svd(M, k, "randomized", s),
+           "exact": lambda M, k, s: top_svd(M, k, "exact", s),
            "auto": lambda M, k, s: top_svd(M, k, "auto", s)}
     for p in niters:
-        out[f"rs_p{p}"] = lambda M, k, s, p=p: range_finder(M, k, s, p)
+        out[f"rs_p{p}"] = lambda M, k, s, p=p: randomized_svd(M, k, seed=s, niter=p)
     return out
 
 
@@ -106,56 +101,78 @@ def compare(U, S, Vh, ref, k) -> dict:
             "prod_err": float(torch.linalg.norm(approx - Mk) / torch.linalg.norm(Mk))}
 
 
-def timed_call(fn, *a, reps=1):
-    best, out = float("inf"), None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn(*a)
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+def measure_layer(name, weight, st, ranks, fns, seed) -> list[dict]:
+    """One row per (matrix kind, r, variant), against an fp64 SVD of the same fp32 matrix."""
+    from lorafa.methods.common import RANDOMIZED_NITER, _range_finder, range_finder_error
 
-
-def measure_layer(name, weight, st, r, fns, seed) -> list[dict]:
-    rows = []
-    for kind, M, k in matrices(weight, st, r):
-        ref = torch.linalg.svd(M.double(), full_matrices=False)
+    rows, refs = [], {}
+    for kind, M, per_r in matrices(weight, st):
+        if kind == "G_2r":  # SVD(G) = (−U) S Vᵀ from SVD(−G)
+            U0, S0, Vh0 = refs["G"]
+            ref = (-U0, S0, Vh0)
+        else:
+            ref = refs[kind] = torch.linalg.svd(M.double(), full_matrices=False)
         S0 = ref[1]
-        q = min(2 * k + 10, min(M.shape) - 1)
-        base = {"layer": name, "type": name.rsplit(".", 1)[-1], "kind": kind, "shape": f"{M.shape[0]}x{M.shape[1]}",
-                "r": r, "k": k, "gap": float(S0[k - 1] / S0[k]), "flat": float(S0[q] / S0[k - 1])}
-        for vname, fn in fns.items():
-            res, secs = timed_call(fn, M, k, seed)
-            used = res[3] if len(res) == 4 else vname
-            rows.append({**base, "variant": vname, "used": used, "s": secs, **compare(*res[:3], ref, k)})
+        for r in ranks:
+            k = per_r * r
+            q = min(2 * k + 10, min(M.shape))
+            ritz = _range_finder(M, k, seed, RANDOMIZED_NITER)[1]
+            flat = float(S0[q] / S0[k - 1]) if q < len(S0) else 0.0
+            base = {"layer": name, "type": name.rsplit(".", 1)[-1], "kind": kind, "shape": f"{M.shape[0]}x{M.shape[1]}",
+                    "r": r, "k": k, "gap": float(S0[k - 1] / S0[k]), "flat": flat,
+                    "ritz_ratio": float(ritz[-1] / ritz[k - 1]), "predicted": range_finder_error(ritz, k)}
+            for vname, fn in fns.items():
+                t0 = time.perf_counter()
+                res = fn(M, k, seed)
+                secs = time.perf_counter() - t0
+                used = res[3] if len(res) == 4 else vname
+                rows.append({**base, "variant": vname, "used": used, "s": secs, **compare(*res[:3], ref, k)})
     return rows
 
 
-def whole_model_time(model, stats, r, mode) -> float:
+def whole_model_time(model, stats, r, method, mode) -> float:
     from peft import LoraConfig
 
     from lorafa import InitConfig, compute_init
 
     cfg = LoraConfig(r=r, lora_alpha=16, use_rslora=True, target_modules=ALL)
     t0 = time.perf_counter()
-    compute_init(model, cfg, InitConfig(method="lora_fa", svd=mode), stats=stats, progress=False)
+    compute_init(model, cfg, InitConfig(method=method, svd=mode), stats=stats, progress=False)
     return time.perf_counter() - t0
 
 
-def summarise(rows) -> list[dict]:
+def e(v) -> str:
+    return f"{v:.1e}"
+
+
+def summarise(rows, by_type: bool) -> list[dict]:
     out = []
     keys = sorted({(r["kind"], r["r"], r["variant"]) for r in rows}, key=lambda t: (KINDS.index(t[0]), t[1], t[2]))
     for kind, r, v in keys:
         sel = [x for x in rows if (x["kind"], x["r"], x["variant"]) == (kind, r, v)]
-        for typ in [None, *sorted({x["type"] for x in sel})]:
+        for typ in sorted({x["type"] for x in sel}) if by_type else [None]:
             s = [x for x in sel if typ is None or x["type"] == typ]
-            out.append({"kind": kind, "r": r, "variant": v, "type": typ or "ALL", "layers": len(s),
-                        "max sin": max(x["sin"] for x in s), "median sin": statistics.median(x["sin"] for x in s),
-                        "max prod_err": max(x["prod_err"] for x in s),
-                        "median prod_err": statistics.median(x["prod_err"] for x in s),
-                        "> 1e-3": sum(x["sin"] > 1e-3 for x in s), "total s": sum(x["s"] for x in s),
-                        "min gap": min(x["gap"] for x in s), "max flat": max(x["flat"] for x in s),
-                        "used": "/".join(sorted({x["used"] for x in s}))})
+            used = {u: sum(x["used"] == u for x in s) for u in sorted({x["used"] for x in s})}
+            out.append({"kind": kind, "r": r, "variant": v, "type": typ or "all", "layers": len(s),
+                        "max sin": e(max(x["sin"] for x in s)), "median sin": e(statistics.median(x["sin"] for x in s)),
+                        "max prod_err": e(max(x["prod_err"] for x in s)),
+                        "median prod_err": e(statistics.median(x["prod_err"] for x in s)),
+                        "sin > 1e-3": sum(x["sin"] > 1e-3 for x in s), "total s": round(sum(x["s"] for x in s), 2),
+                        "min gap": round(min(x["gap"] for x in s), 4), "max flat": round(max(x["flat"] for x in s), 3),
+                        "max predicted": e(max(x["predicted"] for x in s)),
+                        "used": " ".join(f"{u}:{c}" for u, c in used.items())})
     return out
+
+
+def prediction_check(rows) -> dict:
+    """How well range_finder_error predicts the range finder's measured error (variant `randomized`)."""
+    rs = [x for x in rows if x["variant"] == "randomized"]
+    over = [x["sin"] / x["predicted"] for x in rs if x["sin"] > 1e-4 and x["predicted"] > 0]  # above the fp32 floor
+    missed = [x for x in rs if x["sin"] > 1e-3 and x["predicted"] <= 1e-4]
+    return {"max sin/predicted (sin > 1e-4)": max(over, default=None), "layers": len(rs),
+            "sin > 1e-3 but predicted <= 1e-4": len(missed),
+            "max sin where predicted <= 1e-4": max((x["sin"] for x in rs if x["predicted"] <= 1e-4), default=None),
+            "min predicted where sin > 1e-3": min((x["predicted"] for x in rs if x["sin"] > 1e-3), default=None)}
 
 
 def main(argv=None) -> None:
@@ -166,11 +183,13 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16])
-    ap.add_argument("--niters", type=int, nargs="*", default=[8, 16], help="range-finder variants' power iterations")
+    ap.add_argument("--niters", type=int, nargs="*", default=[16], help="range-finder variants' power iterations")
     ap.add_argument("--layers", type=int, default=None, help="only the first N target layers (sorted names)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stats-cache", default="/tmp/lorafa_svd_accuracy_stats.safetensors")
     ap.add_argument("--no-whole-model", action="store_true")
+    ap.add_argument("--whole-methods", nargs="*", default=["lora_fa", "pissa"],
+                    help="methods whose whole-model compute_init is timed with svd = randomized / auto / exact")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -181,24 +200,29 @@ def main(argv=None) -> None:
     names = sorted(stats)[: args.layers]
     fns = variants(args.niters)
     rows = []
-    for r in args.ranks:
-        for i, name in enumerate(names):
-            rows += measure_layer(name, modules[name].weight.detach(), stats[name], r, fns, seed=i)
-        logging.info("r=%d done", r)
-    summary = summarise(rows)
+    t0 = time.perf_counter()
+    for i, name in enumerate(names):
+        rows += measure_layer(name, modules[name].weight.detach(), stats[name], args.ranks, fns, seed=i)
+        logging.info("%d/%d %s (%.0f s)", i + 1, len(names), name, time.perf_counter() - t0)
     cols = ["kind", "r", "variant", "type", "layers", "max sin", "median sin", "max prod_err", "median prod_err",
-            "> 1e-3", "total s", "min gap", "max flat", "used"]
-    print(write_table(summary, cols, os.path.join(args.out, "svd_accuracy"), title="top-k SVD vs fp64 exact"))
+            "sin > 1e-3", "total s", "min gap", "max flat", "max predicted", "used"]
+    summary, by_type = summarise(rows, False), summarise(rows, True)
+    print(write_table(summary, cols, os.path.join(args.out, "svd_accuracy"),
+                      title="top-k SVD vs fp64 exact SVD, all target layers"))
+    write_table(by_type, cols, os.path.join(args.out, "svd_accuracy_by_type"), title="by layer type")
+    check = prediction_check(rows)
+    print("range_finder_error as a predictor:", check)
     whole = {}
     if not args.no_whole_model:
         sub = {n: stats[n] for n in names}
-        for r in args.ranks:
+        for method in args.whole_methods:
             for mode in ("randomized", "auto", "exact"):
-                whole[f"r{r}_{mode}"] = min(whole_model_time(model, sub, r, mode) for _ in range(2))
-        print("\nwhole-model lora_fa compute_init seconds (best of 2):", whole)
+                whole[f"{method}_r{args.ranks[0]}_{mode}"] = min(
+                    whole_model_time(model, sub, args.ranks[0], method, mode) for _ in range(2))
+        print("\nwhole-model compute_init seconds (best of 2):", whole)
     write_json(os.path.join(args.out, "svd_accuracy.json"),
-               {"args": vars(args), "device": device_info(), "whole_model_lora_fa_s": whole, "summary": summary,
-                "layers": rows})
+               {"args": vars(args), "device": device_info(), "whole_model_compute_init_s": whole,
+                "prediction_check": check, "summary": summary, "by_type": by_type, "layers": rows})
 
 
 if __name__ == "__main__":

@@ -746,3 +746,61 @@ def test_every_registered_method_resolves_to_itself():
     for name in METHODS:
         assert resolve_method(name) == (name, None)
         assert resolve_method(name.upper().replace("_", "-")) == (name, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# svd="auto" and slowly decaying spectra (issue 8.7; benchmarks/svd_accuracy.py)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _flat_spectrum(k: int, r: int = R) -> torch.Tensor:
+    """r leading values separated from a slowly decaying tail: the top-r subspace is well defined (σ_r/σ_{r+1} ≈ 1.07)
+    but σ_q/σ_r ≈ 0.9 at q = 2r + 10, so 4 power iterations leave the range finder far from it."""
+    return torch.cat([torch.linspace(1.0, 0.96, r, dtype=torch.float64),
+                      torch.linspace(0.9, 0.6, k - r, dtype=torch.float64)])
+
+
+def _sin_theta(X: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest principal-angle sine between span(X) and span(ref) (fp64)."""
+    return float(torch.linalg.matrix_norm(projector(X) - projector(ref), 2))
+
+
+def test_auto_svd_is_exact_where_the_range_finder_is_inaccurate():
+    from lorafa.methods.common import EXACT_SVD_MAX_DIM, RANDOMIZED_TOL, range_finder_error
+
+    m, n, k = 300, 200, 4
+    assert min(m, n) > EXACT_SVD_MAX_DIM
+    flat = with_spectrum(m, n, _flat_spectrum(n, k), seed=11).float()
+    steep = with_spectrum(m, n, 0.8 ** torch.arange(n, dtype=torch.float64), seed=12).float()
+    for X, expect in ((flat, "exact"), (steep, "randomized")):
+        U0, _, Vh0 = svd64(X)
+        U, S, Vh, used = top_svd(X, k, svd="auto", seed=3)
+        assert used == expect
+        assert max(_sin_theta(U, U0[:, :k]), _sin_theta(Vh.T, Vh0[:k].T)) < 1e-4
+    # the explicit request is honoured, and on the flat spectrum it is what `auto` avoids
+    U, S, Vh, used = top_svd(flat, k, svd="randomized", seed=3)
+    assert used == "randomized" and _sin_theta(U, svd64(flat)[0][:, :k]) > 1e-2
+    assert range_finder_error(torch.tensor([1.0, 0.9, 0.5]), 2) == pytest.approx((0.5 / 0.9) ** 9)
+    assert range_finder_error(torch.zeros(20), 4) == math.inf > RANDOMIZED_TOL
+    assert top_svd(torch.zeros(300, 200), k, svd="auto")[3] == "exact"  # a zero matrix: no Ritz ratio
+
+
+def test_lora_fa_auto_svd_on_a_flat_whitened_spectrum():
+    """H̃ = F_Cᵀ Ḡ F_Σ with a slowly decaying spectrum and min(m, n) > 128: `auto` gives the exact SVD's adapter
+    (and says so); the range finder, still available as svd="randomized", misses the top-r subspace."""
+    m, n, reg = 200, 160, 1e-6
+    in_cov, out_cov = spd(n, 21), spd(m, 22)
+    H = with_spectrum(m, n, _flat_spectrum(n), seed=23)
+    cross = sqrtm(damped(out_cov, reg, True), -0.5) @ H @ sqrtm(damped(in_cov, reg, True), -0.5)
+    n_tokens, n_batches = 64, 4
+    st = LayerStats(grad=(cross * n_tokens / n_batches).float(), in_cov=in_cov, out_cov=out_cov,
+                    n_tokens=n_tokens, n_batches=n_batches)
+    W = weight_matrix(m, n)
+    auto, exact, rnd = (fa(W, st, svd=mode, seed=5) for mode in ("auto", "exact", "randomized"))
+    assert (auto.info["svd"], exact.info["svd"], rnd.info["svd"]) == ("exact", "exact", "randomized")
+    assert_rel_close(product(auto), product(exact), tol=1e-6)
+    ref = lora_fa_reference(st, R, reg, True) / 128.0
+    assert_rel_close(product(auto), ref, tol=1e-4)
+    U_ref = svd64(ref)[0][:, :R]
+    assert _sin_theta(auto.B, U_ref) < 1e-4
+    assert _sin_theta(rnd.B, U_ref) > 1e-2

