@@ -50,6 +50,9 @@ CLS_PROBE = "benchmarks/results/cls_probe_cpu"
 STATS = "benchmarks/results/stats_cpu/stats_cost.json"
 # the main job's results (`python run_exp.py` writes `<run_dir>/results.json`; the lead commits one here)
 MAIN_JOB = "docs/results/main_job/results.json"
+FIRST_COMMAND = "docs/results/main_job/first_command.json"
+CLASSIFICATION_JOB = "docs/results/classification/results.json"
+INIT_MEMORY = "benchmarks/results/init_memory"
 
 BEGIN = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) \(python benchmarks/tables\.py\) -->[ \t]*$", re.M)
 END = re.compile(r"^<!-- /generated -->[ \t]*$", re.M)
@@ -308,13 +311,38 @@ def render_main_job(root: str, path: str = MAIN_JOB) -> str:
     with open(full) as f:
         r = json.load(f)
     arms = [r] + ([r["baseline"]] if isinstance(r.get("baseline"), dict) else [])
+    val = lambda a: (f"{a['validation_loss']['first']:.3f} → {a['validation_loss']['last']:.3f}"  # noqa: E731
+                     if a.get("validation_loss") else None)
     rows = [{"run": a.get("method", "main job") + ("" if a is r else " (baseline)"), "steps": a.get("steps"),
-             "before": _accuracy(r.get("before")), "after": _accuracy(a.get("after")),
+             "before": _accuracy(r.get("before")), "after": _accuracy(a.get("after")), "val": val(a),
              "init": _seconds(a.get("init_s")), "train": _seconds(a.get("train_s")),
              "wall": _seconds(a.get("wall_s")) if a is r else None} for a in arms]
-    return markdown_table(rows, ["run", "steps", "before", "after", "init", "train", "wall"],
-                          header=["run", "steps", "accuracy before", "accuracy after", "init (statistics + init)",
-                                  "training", "whole run"])
+    return markdown_table(rows, ["run", "steps", "before", "after", "val", "init", "train", "wall"],
+                          header=["run", "steps", "accuracy before", "accuracy after", "validation loss",
+                                  "init (statistics + init)", "training", "whole run"])
+
+
+def render_first_command(root: str, path: str = FIRST_COMMAND) -> str:
+    """The README's first command timed phase by phase in a fresh clone with an empty pip cache
+    (benchmarks/first_command.py writes the file)."""
+    with open(_path(root, path)) as f:
+        r = json.load(f)
+    rows = [{"phase": f"`{t['command'][:70]}{'…' if len(t['command']) > 70 else ''}`", "s": _seconds(t["seconds"])}
+            for t in r["phases"]]
+    rows += [{"phase": "**install (venv + pip, empty cache)**", "s": _seconds(r["install_s"])},
+             {"phase": "**the whole first command**", "s": _seconds(r["total_s"])}]
+    return markdown_table(rows, ["phase", "s"], header=["phase", "seconds"])
+
+
+def render_init_memory(root: str, folder: str = INIT_MEMORY) -> str:
+    """Peak and held memory of `lorafa.initialize` on the main job's set-up, before and after a change
+    (benchmarks/init_memory.py writes one JSON per label)."""
+    rows = []
+    for label in ("before", "after"):
+        with open(_path(root, f"{folder}/{label}.json")) as f:
+            rows.append(json.load(f))
+    return markdown_table(rows, ["label", "layers", "init_peak_mb", "held_after_init_mb"],
+                          header=["code", "LoRA-FA layers", "peak during initialize (MB)", "held after it (MB)"])
 
 
 # -- the registry ------------------------------------------------------------------------------------------------
@@ -339,8 +367,12 @@ BLOCKS: dict[str, Block] = {
     "cls_convergence_brief": Block(render_cls_brief, (f"{CLS}/summary.csv", f"{CLS_PROBE}/summary.csv"),
                                    "README: classification, both variants"),
     "stats_cost_brief": Block(render_stats_brief, (STATS,), "README: the statistics pass"),
-    # no marker yet: the lead adds `<!-- generated: main_job ... -->` once docs/results/main_job/results.json is in
     "main_job": Block(render_main_job, (MAIN_JOB,), "the main job's before/after accuracy and time"),
+    "classification_job": Block(lambda root: render_main_job(root, CLASSIFICATION_JOB), (CLASSIFICATION_JOB,),
+                                "docs/main_job.md: the classification preset"),
+    "first_command": Block(render_first_command, (FIRST_COMMAND,), "the README's first command, timed"),
+    "init_memory": Block(render_init_memory, (f"{INIT_MEMORY}/before.json", f"{INIT_MEMORY}/after.json"),
+                         "docs/main_job.md: memory of the init before and after issue 8"),
 }
 
 
