@@ -16,8 +16,9 @@ and compares each SVD variant's top-k triplets with an fp64 `torch.linalg.svd` o
 
 Variants: `randomized` (top_svd(svd="randomized"), the range finder `auto` used above 128 dimensions), `exact`
 (top_svd(svd="exact"): fp64 up to 512, fp32 above), `auto` (top_svd(svd="auto"), whatever the current rule picks),
-and range-finder variants `rs_p{niter}` (more power iterations). It also times the whole-model LoRA-FA decomposition
-(`compute_init`, statistics given) with svd = randomized / auto / exact.
+and range-finder variants `rs_p{niter}` (more power iterations). Results: svd_accuracy.{md,csv,json} (and
+_by_type.{md,csv}). It also times the whole-model `compute_init` (statistics given: whiteners, SVDs, scales) of
+lora_fa, lora_one, lora_ga and pissa with svd = randomized / auto / exact: whole_model.{md,csv,json}.
 
     python benchmarks/svd_accuracy.py --out benchmarks/results/svd_accuracy
 
@@ -103,7 +104,7 @@ def compare(U, S, Vh, ref, k) -> dict:
 
 def measure_layer(name, weight, st, ranks, fns, seed) -> list[dict]:
     """One row per (matrix kind, r, variant), against an fp64 SVD of the same fp32 matrix."""
-    from lorafa.methods.common import RANDOMIZED_NITER, _range_finder, range_finder_error
+    from lorafa.methods.common import RANDOMIZED_NITER, _range_finder, iterations_needed, range_finder_error
 
     rows, refs = [], {}
     for kind, M, per_r in matrices(weight, st):
@@ -120,7 +121,8 @@ def measure_layer(name, weight, st, ranks, fns, seed) -> list[dict]:
             flat = float(S0[q] / S0[k - 1]) if q < len(S0) else 0.0
             base = {"layer": name, "type": name.rsplit(".", 1)[-1], "kind": kind, "shape": f"{M.shape[0]}x{M.shape[1]}",
                     "r": r, "k": k, "gap": float(S0[k - 1] / S0[k]), "flat": flat,
-                    "ritz_ratio": float(ritz[-1] / ritz[k - 1]), "predicted": range_finder_error(ritz, k)}
+                    "ritz_ratio": float(ritz[-1] / ritz[k - 1]), "predicted": range_finder_error(ritz, k),
+                    "niter_needed": iterations_needed(ritz, k)}
             for vname, fn in fns.items():
                 t0 = time.perf_counter()
                 res = fn(M, k, seed)
@@ -135,7 +137,7 @@ def whole_model_time(model, stats, r, method, mode) -> float:
 
     from lorafa import InitConfig, compute_init
 
-    cfg = LoraConfig(r=r, lora_alpha=16, use_rslora=True, target_modules=ALL)
+    cfg = LoraConfig(r=r, lora_alpha=16, use_rslora=True, target_modules=sorted(stats))
     t0 = time.perf_counter()
     compute_init(model, cfg, InitConfig(method=method, svd=mode), stats=stats, progress=False)
     return time.perf_counter() - t0
@@ -165,14 +167,35 @@ def summarise(rows, by_type: bool) -> list[dict]:
 
 
 def prediction_check(rows) -> dict:
-    """How well range_finder_error predicts the range finder's measured error (variant `randomized`)."""
+    """How well range_finder_error predicts the range finder's measured error (variant `randomized`), and what
+    `auto`'s threshold RANDOMIZED_TOL leaves to it."""
+    from lorafa.methods.common import RANDOMIZED_TOL as tol
+
     rs = [x for x in rows if x["variant"] == "randomized"]
-    over = [x["sin"] / x["predicted"] for x in rs if x["sin"] > 1e-4 and x["predicted"] > 0]  # above the fp32 floor
-    missed = [x for x in rs if x["sin"] > 1e-3 and x["predicted"] <= 1e-4]
-    return {"max sin/predicted (sin > 1e-4)": max(over, default=None), "layers": len(rs),
-            "sin > 1e-3 but predicted <= 1e-4": len(missed),
-            "max sin where predicted <= 1e-4": max((x["sin"] for x in rs if x["predicted"] <= 1e-4), default=None),
-            "min predicted where sin > 1e-3": min((x["predicted"] for x in rs if x["sin"] > 1e-3), default=None)}
+    conv = [x for x in rs if x["sin"] > 1e-4 and x["predicted"] > 1e-6]  # convergence-limited, above the fp32 floor
+    kept = [x for x in rs if x["predicted"] <= tol]
+    ratio = [x["sin"] / x["predicted"] for x in conv]
+    return {"tol": tol, "cases": len(rs), "max sin/predicted": max(ratio, default=None),
+            "median sin/predicted": statistics.median(ratio) if ratio else None,
+            "kept randomized": len(kept), "kept with sin > 1e-3": sum(x["sin"] > 1e-3 for x in kept),
+            "max sin kept": max((x["sin"] for x in kept), default=None),
+            "min predicted with sin > 1e-3": min((x["predicted"] for x in rs if x["sin"] > 1e-3), default=None)}
+
+
+def whole_model(model, stats, args) -> list[dict]:
+    """compute_init over every target layer, statistics given (whiteners, SVDs, scales), interleaved repetitions."""
+    times: dict = {}
+    for _ in range(args.reps):
+        for method in args.whole_methods:
+            for mode in ("randomized", "auto", "exact"):
+                times.setdefault((method, mode), []).append(whole_model_time(model, stats, args.ranks[0], method, mode))
+    rows = []
+    for method in args.whole_methods:
+        row = {"method": method, "r": args.ranks[0]}
+        for mode in ("randomized", "auto", "exact"):
+            row[f"{mode} s"] = round(min(times[(method, mode)]), 2)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> None:
@@ -187,8 +210,10 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=None, help="only the first N target layers (sorted names)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stats-cache", default="/tmp/lorafa_svd_accuracy_stats.safetensors")
+    ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--no-whole-model", action="store_true")
-    ap.add_argument("--whole-methods", nargs="*", default=["lora_fa", "pissa"],
+    ap.add_argument("--reps", type=int, default=3, help="whole-model timings: repetitions (min reported)")
+    ap.add_argument("--whole-methods", nargs="*", default=["lora_fa", "lora_one", "lora_ga", "pissa"],
                     help="methods whose whole-model compute_init is timed with svd = randomized / auto / exact")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -196,8 +221,19 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     model, stats = collect(args)
-    modules = dict(model.named_modules())
     names = sorted(stats)[: args.layers]
+    if not args.no_accuracy:
+        accuracy(model, stats, names, args)
+    if not args.no_whole_model:
+        rows = whole_model(model, {n: stats[n] for n in names}, args)
+        title = f"whole-model compute_init seconds (min of {args.reps}; svd = randomized / auto / exact)"
+        print(write_table(rows, list(rows[0]), os.path.join(args.out, "whole_model"), title=title))
+        write_json(os.path.join(args.out, "whole_model.json"),
+                   {"args": vars(args), "device": device_info(), "rows": rows})
+
+
+def accuracy(model, stats, names, args) -> None:
+    modules = dict(model.named_modules())
     fns = variants(args.niters)
     rows = []
     t0 = time.perf_counter()
@@ -212,17 +248,9 @@ def main(argv=None) -> None:
     write_table(by_type, cols, os.path.join(args.out, "svd_accuracy_by_type"), title="by layer type")
     check = prediction_check(rows)
     print("range_finder_error as a predictor:", check)
-    whole = {}
-    if not args.no_whole_model:
-        sub = {n: stats[n] for n in names}
-        for method in args.whole_methods:
-            for mode in ("randomized", "auto", "exact"):
-                whole[f"{method}_r{args.ranks[0]}_{mode}"] = min(
-                    whole_model_time(model, sub, args.ranks[0], method, mode) for _ in range(2))
-        print("\nwhole-model compute_init seconds (best of 2):", whole)
     write_json(os.path.join(args.out, "svd_accuracy.json"),
-               {"args": vars(args), "device": device_info(), "whole_model_compute_init_s": whole,
-                "prediction_check": check, "summary": summary, "by_type": by_type, "layers": rows})
+               {"args": vars(args), "device": device_info(), "prediction_check": check, "summary": summary,
+                "by_type": by_type, "layers": rows})
 
 
 if __name__ == "__main__":

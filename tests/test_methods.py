@@ -765,24 +765,42 @@ def _sin_theta(X: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(projector(X) - projector(ref), 2))
 
 
-def test_auto_svd_is_exact_where_the_range_finder_is_inaccurate():
-    from lorafa.methods.common import EXACT_SVD_MAX_DIM, RANDOMIZED_TOL, range_finder_error
+def test_auto_svd_iterates_or_goes_exact_where_the_range_finder_is_inaccurate():
+    """`auto` above 128 dimensions: 4 power iterations where they suffice (steep spectrum), more where the Ritz values
+    say up to 16 will do (moderate decay), the exact SVD where not even 16 would (flat tail)."""
+    from lorafa.methods.common import EXACT_SVD_MAX_DIM, MAX_NITER, RANDOMIZED_NITER, iterations_needed
 
     m, n, k = 300, 200, 4
     assert min(m, n) > EXACT_SVD_MAX_DIM
-    flat = with_spectrum(m, n, _flat_spectrum(n, k), seed=11).float()
-    steep = with_spectrum(m, n, 0.8 ** torch.arange(n, dtype=torch.float64), seed=12).float()
-    for X, expect in ((flat, "exact"), (steep, "randomized")):
+    idx = torch.arange(n, dtype=torch.float64)
+    cases = {"steep": (0.8 ** idx, "randomized", False), "moderate": (0.97 ** idx, "randomized", True),
+             "flat": (_flat_spectrum(n, k), "exact", True)}
+    for seed, (name, (svals, expect, plain_misses)) in enumerate(cases.items()):
+        X = with_spectrum(m, n, svals, seed=11 + seed).float()
         U0, _, Vh0 = svd64(X)
         U, S, Vh, used = top_svd(X, k, svd="auto", seed=3)
-        assert used == expect
-        assert max(_sin_theta(U, U0[:, :k]), _sin_theta(Vh.T, Vh0[:k].T)) < 1e-4
-    # the explicit request is honoured, and on the flat spectrum it is what `auto` avoids
-    U, S, Vh, used = top_svd(flat, k, svd="randomized", seed=3)
-    assert used == "randomized" and _sin_theta(U, svd64(flat)[0][:, :k]) > 1e-2
-    assert range_finder_error(torch.tensor([1.0, 0.9, 0.5]), 2) == pytest.approx((0.5 / 0.9) ** 9)
+        assert used == expect, name
+        assert max(_sin_theta(U, U0[:, :k]), _sin_theta(Vh.T, Vh0[:k].T)) < 1e-4, name
+        # svd="randomized" is honoured: RANDOMIZED_NITER iterations, whatever the accuracy
+        U, S, Vh, used = top_svd(X, k, svd="randomized", seed=3)
+        assert used == "randomized"
+        assert (_sin_theta(U, U0[:, :k]) > 1e-3) == plain_misses, name
+        need = iterations_needed(randomized_svd(X, 2 * k + 10, seed=3)[1], k)  # all q Ritz values
+        assert (need <= RANDOMIZED_NITER, need <= MAX_NITER) == {"steep": (True, True), "moderate": (False, True),
+                                                                 "flat": (False, False)}[name]
+
+
+def test_range_finder_error_and_iterations_needed():
+    from lorafa.methods.common import RANDOMIZED_TOL, iterations_needed, range_finder_error
+
+    S = torch.tensor([1.0, 0.9, 0.5])
+    assert range_finder_error(S, 2) == pytest.approx((0.5 / 0.9) ** 9)
+    p = iterations_needed(S, 2, tol=1e-6)
+    assert range_finder_error(S, 2, niter=p) <= 1e-6 < range_finder_error(S, 2, niter=p - 1)
+    assert iterations_needed(torch.tensor([1.0, 0.0]), 1) == 0  # rank k: nothing beyond it to converge against
     assert range_finder_error(torch.zeros(20), 4) == math.inf > RANDOMIZED_TOL
-    assert top_svd(torch.zeros(300, 200), k, svd="auto")[3] == "exact"  # a zero matrix: no Ritz ratio
+    assert iterations_needed(torch.ones(20), 4) == math.inf  # no decay at all
+    assert top_svd(torch.zeros(300, 200), 4, svd="auto")[3] == "exact"  # a zero matrix: no Ritz ratio
 
 
 def test_lora_fa_auto_svd_on_a_flat_whitened_spectrum():

@@ -249,8 +249,8 @@ def test_classification_preset_runs(tmp_path):
     results = _in_process(["+experiment=classification", f"++model.name={model}", "++dataset_name=jsonl",
                            f"++dataset.path={tmp_path / 'cls'}", f"++output_root={tmp_path / 'runs'}",
                            "++model.max_steps=6", "++model.real_batch_size=8", "++model.per_device_batch_size=8",
-                           "++init.bsz=8", "++init.iters=2", "++wandb.name=cls"])
-    assert results["after"]["n"] == 16 and results["method"] == "lora_fa"
+                           "++init.bsz=8", "++init.iters=2", "++wandb.name=cls", "++dataset.validation_size=8"])
+    assert results["after"]["n"] == 16 and results["method"] == "lora_fa" and results["n_train"] == 40
 
 
 def test_runner_errors_before_long_work(assets, tmp_path):
