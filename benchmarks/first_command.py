@@ -61,7 +61,8 @@ def main(argv=None) -> None:
         if "run_exp.py" in part:
             tail = proc.stdout.strip().splitlines()[-12:]
     total = round(time.perf_counter() - t_all, 1)
-    install = round(sum(t["seconds"] for t in timings if "pip install" in t["command"] or "venv" in t["command"]), 1)
+    run_at = next((i for i, t in enumerate(timings) if "run_exp.py" in t["command"]), len(timings))
+    install = round(sum(t["seconds"] for t in timings[:run_at]), 1)  # everything before the run: venv and pip
     summary = {"command": command, "phases": timings, "install_s": install, "total_s": total,
                "pip_cache": "empty (PIP_NO_CACHE_DIR=1)", "ok": all(t["rc"] == 0 for t in timings)}
     os.makedirs(args.out, exist_ok=True)

@@ -268,8 +268,10 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
                       data_collator=collate, optimizers=(_optimizer(cfg, peft_model), None), callbacks=callbacks)
     t = time.perf_counter()
     resume = cfg.resume and _has_checkpoint(args.output_dir)
+    if validation and not resume:
+        trainer.evaluate()  # the validation loss at step 0: what the init alone did
     train_out = trainer.train(resume_from_checkpoint=True if resume else None)
-    out["train_s"] = round(time.perf_counter() - t, 2)
+    out["train_s"] = round(time.perf_counter() - t, 2)  # includes the step-0 and periodic validation passes
     out["train_loss"] = train_out.training_loss
     out["steps"] = trainer.state.global_step
     held = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
