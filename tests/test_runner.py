@@ -233,6 +233,9 @@ def test_baseline_trains_on_the_same_batches(assets, tmp_path):
     losses = lambda rows: [r["loss"] for r in rows if "loss" in r]  # noqa: E731
     assert len(losses(main_rows)) == len(losses(base_rows)) == 3
     assert losses(main_rows) != losses(base_rows)  # LoRA-One starts as a real update, plain LoRA at ΔW = 0
+    # the validation loss at step 0 is the init's own effect: plain LoRA starts at the base model, LoRA-One does not
+    assert results["validation_loss"]["at_init"] != pytest.approx(base["validation_loss"]["at_init"], rel=1e-6)
+    assert base["validation_loss"]["first"] == base["validation_loss"]["at_init"]
     assert (run_dir / "baseline" / "adapter" / "adapter_model.safetensors").exists()
     assert (run_dir / "initial_adapter" / "lorafa_init.json").exists()
     from lorafa.cli import report_lines

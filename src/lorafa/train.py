@@ -268,15 +268,17 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
                       data_collator=collate, optimizers=(_optimizer(cfg, peft_model), None), callbacks=callbacks)
     t = time.perf_counter()
     resume = cfg.resume and _has_checkpoint(args.output_dir)
-    if validation and not resume:
-        trainer.evaluate()  # the validation loss at step 0: what the init alone did
+    at_init = trainer.evaluate()["eval_loss"] if validation and not resume else None  # what the init alone did
     train_out = trainer.train(resume_from_checkpoint=True if resume else None)
     out["train_s"] = round(time.perf_counter() - t, 2)  # includes the step-0 and periodic validation passes
     out["train_loss"] = train_out.training_loss
     out["steps"] = trainer.state.global_step
     held = [r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r]
-    if held:
-        out["validation_loss"] = {"first": held[0], "last": held[-1], "best": min(held)}
+    if held:  # train() starts a new log history: the step-0 value comes from the evaluate() above
+        first = held[0] if at_init is None else at_init
+        out["validation_loss"] = {"first": first, "last": held[-1], "best": min(held + [first])}
+        if at_init is not None:
+            out["validation_loss"]["at_init"] = at_init
 
     out["adapter_dir"] = save_adapter(peft_model, os.path.join(run_dir, "adapter"), initial_adapter=initial_dir)
     out["initial_adapter_dir"] = initial_dir
