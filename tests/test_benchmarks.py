@@ -144,15 +144,16 @@ def test_main_job_table_from_a_results_json(tmp_path):
         "method": "lora_fa", "steps": 80, "init_s": 38.51, "train_s": 293.67, "wall_s": 440.77,
         "before": {"accuracy": 0.01, "correct": 2, "n": 200, "seconds": 58.61},
         "after": {"accuracy": 0.565, "correct": 113, "n": 200, "seconds": 48.99},
+        "validation_loss": {"first": 0.8, "last": 0.05},
         "baseline": {"method": "lora", "steps": 80, "init_s": 0.5, "train_s": 280.0, "after": {"accuracy": 0.5}}}))
     md = tables.render_main_job(str(tmp_path))
     lines = md.splitlines()
-    assert lines[2] == ("| lora_fa | 80 | 1.0% (2/200) | 56.5% (113/200) | 38.5 s | 293.7 s (4 min 54 s) "
-                        "| 440.8 s (7 min 21 s) |")
-    assert lines[3] == "| lora (baseline) | 80 | 1.0% (2/200) | 50.0% | 0.5 s | 280.0 s (4 min 40 s) | — |"
+    assert lines[2] == ("| lora_fa | 80 | 1.0% (2/200) | 56.5% (113/200) | 0.800 → 0.050 | 38.5 s "
+                        "| 293.7 s (4 min 54 s) | 440.8 s (7 min 21 s) |")
+    assert lines[3] == "| lora (baseline) | 80 | 1.0% (2/200) | 50.0% | — | 0.5 s | 280.0 s (4 min 40 s) | — |"
     assert "main_job" in tables.BLOCKS and tables.BLOCKS["main_job"].sources == (tables.MAIN_JOB,)
     # only the required keys
     path.write_text(json.dumps({"before": {"accuracy": 0.1}, "after": {"accuracy": 0.2}, "init_s": 1, "train_s": 2,
                                 "wall_s": 3}))
     row = tables.render_main_job(str(tmp_path)).splitlines()[2]
-    assert row == "| main job | — | 10.0% | 20.0% | 1.0 s | 2.0 s | 3.0 s |"
+    assert row == "| main job | — | 10.0% | 20.0% | — | 1.0 s | 2.0 s | 3.0 s |"
