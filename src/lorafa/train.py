@@ -148,7 +148,7 @@ def _training_args(cfg: RunConfig, run_dir: str, n_train: int, world: int, evalu
         output_dir=os.path.join(run_dir, "checkpoints"), per_device_train_batch_size=m.per_device_batch_size,
         per_device_eval_batch_size=m.per_device_batch_size, gradient_accumulation_steps=accum,
         num_train_epochs=m.epochs, max_steps=m.max_steps, learning_rate=m.learning_rate,
-        lr_scheduler_type=m.lr_scheduler_type, warmup_steps=m.warmup,  # < 1: a ratio of the steps
+        lr_scheduler_type=m.lr_scheduler_type, **_warmup_arg(m.warmup),
         weight_decay=m.weight_decay, logging_steps=m.logging_steps, eval_strategy="steps" if evaluate else "no",
         eval_steps=eval_steps,
         save_strategy="steps" if (m.save_steps or early) else "no", save_steps=save_steps, save_total_limit=2,
@@ -157,6 +157,30 @@ def _training_args(cfg: RunConfig, run_dir: str, n_train: int, world: int, evalu
         dataloader_num_workers=0, disable_tqdm=False, **_checkpointing_arg(m.activation_checkpointing),
         run_name=os.path.basename(run_dir), use_cpu=not torch.cuda.is_available(),
     )
+
+
+def _warmup_arg(warmup: float) -> dict:
+    """`model.warmup` < 1 is a ratio of the training steps, >= 1 a number of steps. transformers 5 reads a fractional
+    `warmup_steps` as that ratio; 4.x needs `warmup_ratio` (its `warmup_steps` must be an int count)."""
+    import transformers
+
+    if 0 < warmup < 1 and int(transformers.__version__.split(".")[0]) < 5:
+        return {"warmup_ratio": warmup}
+    return {"warmup_steps": int(warmup) if float(warmup).is_integer() else warmup}
+
+
+def _evaluate_at_end():
+    """A callback that evaluates after the last step when it is off the evaluation interval, so the last validation
+    loss is the trained model's. transformers >= 5.4 does this itself (the two requests are one evaluation)."""
+    from transformers import TrainerCallback
+
+    class EvaluateAtEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if (state.global_step >= state.max_steps and args.eval_strategy == "steps" and state.eval_steps
+                    and state.global_step % state.eval_steps and args.eval_delay <= state.global_step):
+                control.should_evaluate = True
+
+    return EvaluateAtEnd()
 
 
 def _checkpointing_arg(enabled: bool) -> dict:
@@ -261,7 +285,7 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     state.wait_for_everyone()  # rank 0 has written the initial adapter
 
     args = _training_args(cfg, run_dir, len(task.train), state.num_processes, evaluate=bool(validation))
-    callbacks = [MetricsLogger(run_dir)]
+    callbacks = [MetricsLogger(run_dir), _evaluate_at_end()]
     if cfg.model.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.model.early_stopping_patience))
     trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, eval_dataset=validation or None,
