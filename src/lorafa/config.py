@@ -6,10 +6,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from .methods.registry import METHODS, make_options, method_options, resolve_method
+from .methods.registry import METHODS, make_options, method_needs, method_options, resolve_method
 from .stats.sketch import sketch_sizes
 
-METHOD_OPTION_FIELDS = ("direction", "scale", "stable_gamma", "reg", "reg_mode", "corda_method")
+METHOD_OPTION_FIELDS = ("direction", "scale", "stable_gamma", "reg", "reg_mode", "corda_method", "target",
+                        "step_factor", "line_search_from", "factor_gamma", "rho")
+RANK_RULES = ("energy", "effective", "budget", "importance")
 
 
 @dataclass
@@ -23,14 +25,27 @@ class InitConfig:
         method: lora | pissa | milora | lora_ga | lora_one | lora_fa | corda | eva (or LoRA-FA, LoRA-One, LoRA-GA,
             or a lora_ga direction name, which selects lora_ga with that direction).
         direction: lora_ga's ArB2r | A2rBr | ArBr | random.
-        scale: stable | gd_scale | unit | weight_svd (aliases gd, weightS) for lora_ga, lora_one, lora_fa.
+        scale: stable | gd_scale | unit | weight_svd (aliases gd, weightS) for lora_ga, lora_one, lora_fa; and for
+            lora_one and lora_fa (SPEC §2.5) `kfac` (each layer's step from the K-FAC quadratic model of the loss)
+            or `line_search` (one global factor on the steps, chosen by the loss on the statistics batches: needs
+            `batches` at init).
         stable_gamma: γ of the `stable` scale (defaults: 16 for lora_ga, 128 for lora_one and lora_fa).
+        target: lora_fa's gradient (−Ḡ) | natural (−C⁻¹ḠΣ⁻¹, the K-FAC natural-gradient step).
+        step_factor: global factor on the `kfac` steps (default 1); line_search_from: stable | kfac, the steps
+            `line_search` scales; factor_gamma: with offset="partial", the factors' γ (norm m^{1/4}/√γ, default 16).
         reg, reg_mode: damping of lora_fa (1e-6, relative|absolute); corda's damping (0.01).
         corda_method: ipm | kpm.
+        rho: eva's rank redistribution (default 2: a layer takes at most round(2r); 1: none).
+        rank: None (LoraConfig's r and rank_pattern) or "auto": per-layer ranks from the method's spectra (SPEC §6),
+            written into the LoraConfig's rank_pattern/alpha_pattern; rank_rule: energy | effective | budget |
+            importance; rank_budget: Σ r_l (budget_by="rank", default r × layers) or Σ r_l(m_l + n_l)
+            (budget_by="params", default r·Σ(m_l + n_l)); r_min, r_max: bounds per layer (r_max default 2r);
+            tau: the energy rule's threshold.
         bsz, iters, max_length: the statistics pass's batch size, number of batches and token limit.
         sample: random (seeded) | first.
         seed: seed of the sample and of every random choice in the init.
-        offset: auto (the method's own rule) | subtract | none.
+        offset: auto (the method's own rule) | subtract | none | partial (lora_one, lora_fa: factors at a trainable
+            scale, the base offset by the difference, so the model starts at W + the init step; SPEC §2.5).
         svd: auto | exact | randomized.
         sketch, sketch_l: accumulate the gradient as a streaming randomized sketch of sizes k = `sketch` and
             l = `sketch_l` (default 2k + 1) instead of densely: O(m·k + l·n) memory per layer instead of m·n. The
@@ -46,12 +61,24 @@ class InitConfig:
     reg: float | None = None
     reg_mode: str | None = None
     corda_method: str | None = None
+    target: str | None = None
+    step_factor: float | None = None
+    line_search_from: str | None = None
+    factor_gamma: float | None = None
+    rho: float | None = None
+    rank: str | None = None
+    rank_rule: str = "energy"
+    rank_budget: int | None = None
+    budget_by: Literal["rank", "params"] = "rank"
+    r_min: int = 1
+    r_max: int | None = None
+    tau: float = 0.9
     bsz: int = 2
     iters: int = 64
     max_length: int = 1024
     sample: Literal["random", "first"] = "random"
     seed: int = 0
-    offset: Literal["auto", "subtract", "none"] = "auto"
+    offset: Literal["auto", "subtract", "none", "partial"] = "auto"
     svd: Literal["auto", "exact", "randomized"] = "auto"
     sketch: int | None = None
     sketch_l: int | None = None
@@ -70,7 +97,11 @@ class InitConfig:
                 raise ValueError(f"scale={self.scale!r} and its alias weight={self.weight!r} disagree: set one.")
             self.scale, self.weight = self.weight, None
         _check_choice("sample", self.sample, ("random", "first"))
-        _check_choice("offset", self.offset, ("auto", "subtract", "none"))
+        _check_choice("offset", self.offset, ("auto", "subtract", "none", "partial"))
+        if self.offset == "partial" and self.method not in ("lora_one", "lora_fa"):
+            raise ValueError(f"offset='partial' separates the init step from the factors' scale, which only the "
+                             f"one-step methods lora_one and lora_fa have (not {self.method}).")
+        self._check_rank()
         _check_choice("svd", self.svd, ("auto", "exact", "randomized"))
         for key in ("bsz", "iters", "max_length"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
@@ -83,26 +114,56 @@ class InitConfig:
             sketch_sizes(self.sketch, self.sketch_l)
         self.method_options()  # validates the options against the method
 
+    def _check_rank(self) -> None:
+        if self.rank is None:
+            return
+        if self.rank != "auto":
+            raise ValueError(f"rank must be None (the LoraConfig's r and rank_pattern) or 'auto', got {self.rank!r}; "
+                             "fixed per-layer ranks go into LoraConfig(rank_pattern=...).")
+        if METHODS[self.method].spectrum is None:
+            raise ValueError(f"rank='auto' draws ranks from the method's spectrum; {self.method} has none. Use one of "
+                             f"{sorted(m for m, spec in METHODS.items() if spec.spectrum is not None)}.")
+        _check_choice("rank_rule", self.rank_rule, RANK_RULES)
+        _check_choice("budget_by", self.budget_by, ("rank", "params"))
+        if self.rank_rule == "importance" and METHODS[self.method].needs not in ("grad", "kfac"):
+            raise ValueError(f"rank_rule='importance' is GoRA's mean|W ⊙ G|, which needs the gradient; {self.method} "
+                             "has none.")
+        if not isinstance(self.r_min, int) or self.r_min < 0:
+            raise ValueError(f"r_min must be an integer >= 0, got {self.r_min!r}")
+        if self.r_max is not None and (not isinstance(self.r_max, int) or self.r_max < max(self.r_min, 1)):
+            raise ValueError(f"r_max must be an integer >= max(r_min, 1) = {max(self.r_min, 1)}, got {self.r_max!r}")
+        if self.rank_budget is not None and (not isinstance(self.rank_budget, int) or self.rank_budget < 1):
+            raise ValueError(f"rank_budget must be a positive integer, got {self.rank_budget!r}")
+        if not 0 < self.tau <= 1:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+
     def method_options(self) -> dict:
         """The options that were set, checked against the method (unknown ones raise, naming the valid ones)."""
         given = {k: getattr(self, k) for k in METHOD_OPTION_FIELDS if getattr(self, k) is not None}
-        unknown = sorted(set(given) - set(method_options(self.method)))
+        unknown = sorted(set(given) - set(method_options(self.method)) - {"partial"})
         if unknown:
             raise ValueError(
                 f"InitConfig sets {unknown}, which {self.method} does not have; its options are "
-                f"{method_options(self.method) or 'none'}. Remove them or choose another method."
+                f"{[o for o in method_options(self.method) if o != 'partial'] or 'none'}. Remove them or choose another method."
             )
+        if self.offset == "partial":
+            given["partial"] = True
         make_options(self.method, **given)  # type/choice validation by the method itself
         return given
 
     @property
     def needs(self) -> str | None:
-        """The statistic kind the method needs (None, grad, kfac or act)."""
-        return METHODS[self.method].needs
+        """The statistic kind the method needs (None, grad, kfac or act): lora_one's `kfac` step needs kfac."""
+        return method_needs(self.method, make_options(self.method, **self.method_options()))
+
+    @property
+    def line_search(self) -> bool:
+        """Whether the init ends with a line search over the statistics batches (needs them at init)."""
+        return self.scale == "line_search"
 
     def subtracts(self) -> bool:
         """Whether the base weight is offset by −s·B·A."""
-        return METHODS[self.method].subtracts if self.offset == "auto" else self.offset == "subtract"
+        return METHODS[self.method].subtracts if self.offset == "auto" else self.offset in ("subtract", "partial")
 
     @property
     def sketch_sizes(self) -> tuple[int, int] | None:

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from .config import InitConfig
 from .methods.common import InitResult
 from .methods.lora_fa import whitener_scope
-from .methods.registry import init_factors
+from .methods.registry import METHODS, init_factors, make_options
 from .stats.collect import collect_stats
-from .stats.distributed import world
+from .stats.distributed import all_reduce_sum_, world
 from .targets import is_transposed, resolve_targets, unwrap_model, weight_matrix
 
 logger = logging.getLogger(__name__)
@@ -53,11 +53,29 @@ class InitRecord:
     initial_state: dict[str, torch.Tensor] | None = None  # A₀, B₀ in PEFT's state-dict format
     infos: dict[str, dict] = field(default_factory=dict)
     initial_dir: str | None = None
+    summary: dict = field(default_factory=dict)  # model-wide facts of the init: rank allocation, line search
+
+    def offset_state(self) -> dict[str, torch.Tensor]:
+        """The factors of the base offset, W_base = W − s·B_off·A₀ (PEFT's conversion input, SPEC §3): A₀ and B₀,
+        with each layer's B₀ scaled by its `offset_scale` (1 unless offset="partial")."""
+        state = dict(self.initial_tensors())
+        for key, value in state.items():
+            if ".lora_B." in key:
+                c = self.infos.get(_module_of_key(key), {}).get("offset_scale", 1.0)
+                if c != 1.0:
+                    state[key] = value * c
+        return state
 
     def initial_tensors(self) -> dict[str, torch.Tensor]:
         if self.initial_state is not None:
             return self.initial_state
         return load_file(os.path.join(self.initial_dir, INITIAL_WEIGHTS))
+
+
+def _module_of_key(key: str) -> str:
+    """'base_model.model.<module>.lora_B.weight' -> '<module>'."""
+    module = key.split(".lora_B.")[0].split(".lora_A.")[0]
+    return module[len("base_model.model."):] if module.startswith("base_model.model.") else module
 
 
 # The records of models built by `initialize` in this process, keyed weakly by the PeftModel (a record dies with its
@@ -88,7 +106,7 @@ def read_initial_adapter(path: str | os.PathLike) -> InitRecord:
     with open(meta_path) as f:
         meta = json.load(f)
     return InitRecord(meta["adapter_name"], InitConfig(**meta["init_config"]), bool(meta["subtracted"]),
-                      infos=meta.get("infos", {}), initial_dir=path)
+                      infos=meta.get("infos", {}), initial_dir=path, summary=meta.get("summary", {}))
 
 
 def layer_rank_and_scaling(lora_config: LoraConfig, name: str) -> tuple[int, float]:
@@ -115,26 +133,152 @@ def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=
                  progress: bool = True) -> dict[str, InitResult]:
     """Every target layer's InitResult, computed from the untouched base model (nothing is modified).
 
+    With `init_config.rank="auto"` each result has its allocated rank (`info["rank"]`); `initialize` also writes
+    the allocation into the LoraConfig.
+
     Raises:
         ValueError: see `initialize`.
     """
+    return _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress)[0]
+
+
+def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress):
+    """(results, the LoraConfig the results are for, summary)."""
     base = unwrap_model(model)
     targets = resolve_targets(base, lora_config)
-    if init_config.needs is not None and stats is None:
+    needs = init_config.needs
+    _check_sketch_size(init_config, lora_config, targets)
+    _check_budget(init_config, targets)
+    if init_config.line_search and batches is None:
+        raise ValueError("scale='line_search' chooses the step by the loss on the statistics batches: pass batches= "
+                         "to initialize (also when stats= are given), or use scale='stable' or 'kfac'.")
+    if needs is not None and stats is None:
         if batches is None:
-            raise ValueError(f"{init_config.method} needs '{init_config.needs}' statistics: pass batches= (or stats=).")
+            raise ValueError(f"{init_config.method} needs '{needs}' statistics: pass batches= (or stats=).")
         rank, world_size = world()
         # init.iters counts batches over all processes: batch b belongs to rank b mod world_size
-        stats = collect_stats(base, batches, list(targets), kinds=(init_config.needs,), loss_fn=loss_fn,
+        stats = collect_stats(base, batches, list(targets), kinds=(needs,), loss_fn=loss_fn,
                               max_batches=len(range(rank, init_config.iters, world_size)), progress=progress,
                               sketch=init_config.sketch_sizes, accumulate_on=init_config.accumulate_on)
-    if stats is not None and init_config.needs is not None:
+    if stats is not None and needs is not None:
         missing = [n for n in targets if n not in stats]
         if missing:
             raise ValueError(f"No statistics for target modules {missing[:6]}{' ...' if len(missing) > 6 else ''}: "
                              "they were collected for other target_modules. Recompute them for this LoraConfig.")
+    summary = {}
+    opts = init_config.method_options()
     with whitener_scope():
-        return _init_layers(targets, lora_config, init_config, stats, init_config.method_options(), progress)
+        lora_config, targets, summary["ranks"] = _allocate(targets, lora_config, init_config, stats, opts)
+        results = _init_layers(targets, lora_config, init_config, stats, opts, progress)
+    if init_config.line_search:
+        summary["line_search"] = line_search(base, targets, results, lora_config, batches, loss_fn,
+                                             offset=init_config.offset == "partial",
+                                             max_batches=len(range(world()[0], init_config.iters, world()[1])))
+    if summary["ranks"] is None:
+        del summary["ranks"]
+    return results, lora_config, summary
+
+
+def _check_budget(init_config, targets) -> None:
+    """A rank budget that cannot give every layer r_min: an error before the statistics pass."""
+    if init_config.rank != "auto" or init_config.rank_budget is None:
+        return
+    sizes = [sum(weight_matrix(m).shape) for m in targets.values()]
+    need = init_config.r_min * (len(sizes) if init_config.budget_by == "rank" else sum(sizes))
+    if init_config.rank_budget < need:
+        raise ValueError(f"rank_budget={init_config.rank_budget} ({init_config.budget_by}s) cannot give each of the "
+                         f"{len(sizes)} target layers r_min={init_config.r_min}: it needs at least {need}. Raise the "
+                         "budget, or set r_min=0 to let layers drop out.")
+
+
+def _check_sketch_size(init_config, lora_config, targets) -> None:
+    """A rank-k gradient sketch holds k directions: a method needing more (r, or 2r for lora_ga) would take noise."""
+    if init_config.sketch is None:
+        return
+    pairs = 2 if init_config.method == "lora_ga" else 1
+    if init_config.rank == "auto":
+        need = pairs * (init_config.r_max if init_config.r_max is not None else 2 * lora_config.r)
+    else:
+        need = pairs * max(layer_rank_and_scaling(lora_config, n)[0] for n in targets)
+    if init_config.sketch < need:
+        raise ValueError(f"sketch={init_config.sketch} keeps {init_config.sketch} gradient directions, but "
+                         f"{init_config.method} uses up to {need} here ({'2r' if pairs == 2 else 'r'}"
+                         f"{', r_max with rank=auto' if init_config.rank == 'auto' else ''}): set sketch >= {need} "
+                         "(more than that is advised), or lower the rank.")
+
+
+def _allocate(targets, lora_config, init_config, stats, opts):
+    """Per-layer ranks from the method's spectra (SPEC §6), or EVA's redistribution; (LoraConfig, targets, info)."""
+    from . import ranks as R
+
+    method = METHODS[init_config.method]
+    eva = init_config.method == "eva" and init_config.rank is None and make_options("eva", **opts).rho > 1
+    if init_config.rank != "auto" and not eva:
+        return lora_config, targets, None
+    layer_r = {n: layer_rank_and_scaling(lora_config, n)[0] for n in targets}
+    sizes = {n: tuple(weight_matrix(m).shape) for n, m in targets.items()}
+    method_opts = make_options(init_config.method, **opts)
+    spectra = {}
+    for name, module in targets.items():
+        st = stats[name].densified() if stats is not None else None
+        spectra[name] = method.spectrum(weight_matrix(module).float(), st, method_opts).detach().float().cpu()
+    if eva:
+        rho = method_opts.rho
+        explained = {n: s / s.sum().clamp_min(1e-30) for n, s in spectra.items()}
+        owners = {}  # layers reading one input (one Σ tensor): PEFT's EVA keys the group by its first layer
+        equal = {}
+        for n in targets:
+            key = id(stats[n].in_cov)
+            if key in owners:
+                equal[n] = owners[key]
+            else:
+                owners[key] = n
+        allocation = R.eva_ranks(explained, r=lora_config.r, rho=rho, equal_inputs=equal)
+        rule, budget = f"eva (rho={rho:g})", lora_config.r * len(targets)
+    else:
+        pairs = 2 if init_config.method == "lora_ga" else 1
+        r_max = init_config.r_max if init_config.r_max is not None else 2 * max(layer_r.values())
+        r_max = min(r_max, min(min(sz) // pairs for sz in sizes.values()))
+        if init_config.budget_by == "params":
+            budget = init_config.rank_budget or sum(layer_r[n] * sum(sizes[n]) for n in targets)
+        else:
+            budget = init_config.rank_budget or sum(layer_r.values())
+        importance = None
+        if init_config.rank_rule == "importance":
+            importance = {}
+            for n, m in targets.items():
+                w = weight_matrix(m).float()
+                importance[n] = float((w * stats[n].densified().grad.to(w.device)).abs().mean())
+        allocation = R.allocate_ranks(spectra, budget, rule=init_config.rank_rule, r_min=init_config.r_min,
+                                      r_max=r_max, tau=init_config.tau, sizes=sizes, budget_by=init_config.budget_by,
+                                      importance=importance)
+        rule = init_config.rank_rule
+    kept = {n: r for n, r in allocation.items() if r > 0}
+    rank_pattern, alpha_pattern, dropped = R.rank_patterns(allocation, lora_config.r, lora_config.lora_alpha,
+                                                           lora_config.use_rslora)
+    new_config = dataclasses.replace(
+        lora_config, rank_pattern={**lora_config.rank_pattern, **rank_pattern},
+        alpha_pattern={**lora_config.alpha_pattern, **alpha_pattern},
+        exclude_modules=_merge_exclude(lora_config.exclude_modules, dropped))
+    info = {"rule": rule, "budget": budget, "budget_by": "rank" if eva else init_config.budget_by,
+            "ranks": allocation, "energy": {n: _energy(spectra[n], r) for n, r in allocation.items()}}
+    logger.info("lorafa: ranks by %s (budget %s):\n%s", rule, budget, R.rank_table(allocation, spectra, lora_config.r))
+    return new_config, {n: targets[n] for n in kept}, info
+
+
+def _merge_exclude(existing, dropped):
+    """LoraConfig.exclude_modules plus the layers whose allocated rank is 0 (PEFT reads a list as module names or
+    name suffixes, a string as one regex)."""
+    if not dropped:
+        return existing
+    if existing is None or not isinstance(existing, str):
+        return list(existing or []) + list(dropped)
+    return f"(?:{existing})|" + "|".join(re.escape(n) for n in dropped)
+
+
+def _energy(spectrum: torch.Tensor, r: int) -> float:
+    sq = spectrum.double() ** 2
+    return float(sq[:r].sum() / sq.sum()) if float(sq.sum()) > 0 else 0.0
 
 
 def _init_layers(targets, lora_config, init_config, stats, opts, progress) -> dict[str, InitResult]:
@@ -144,7 +288,91 @@ def _init_layers(targets, lora_config, init_config, stats, opts, progress) -> di
         r, s = layer_rank_and_scaling(lora_config, name)
         results[name] = init_factors(init_config.method, weight_matrix(module), None if stats is None else stats.get(name),
                                      rank=r, scaling=s, svd=init_config.svd, seed=init_config.seed + i, name=name, **opts)
+        results[name].info["rank"] = r
     return results
+
+
+LINE_SEARCH_MAX_DOUBLINGS = 6  # up to 64× the starting steps
+LINE_SEARCH_MAX_HALVINGS = 10  # down to 1/1024 of them
+
+
+@torch.no_grad()
+def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, offset: bool,
+                max_batches: int | None = None) -> dict:
+    """Choose one global factor g on every layer's init step by the loss on the statistics batches (forward passes
+    only, SPEC §2.5), and apply it to `results`.
+
+    g = 1 (the steps as computed: `stable` or `kfac`) is tried first, then doubled while the loss falls, else halved
+    while it falls; the lowest loss tried is kept, so on these batches the result is never worse than g = 1 nor
+    than the model before the init (g = 0, a candidate when the base is offset; without an offset both factors would
+    be zero and could not train, so there the smallest g tried is 2^-10). The steps are applied through forward
+    hooks (x ↦ y + g·c·s·(x Aᵀ) Bᵀ), so the weights are never modified and nothing is rounded.
+
+    Returns:
+        {"tried": [[g, loss], ...], "chosen": g, "loss_before": loss at g = 0, "loss_chosen": ...}.
+    """
+    batches = list(batches)[: max_batches] if max_batches is not None else list(batches)
+    if not batches:
+        raise ValueError("scale='line_search' got no statistics batches for this process.")
+    deltas = {}
+    for name, res in results.items():
+        _, s = layer_rank_and_scaling(lora_config, name)
+        B, A, c = res.initial_update(s)
+        deltas[name] = (A, B, c * s)
+    g_now = {"g": 0.0}
+
+    def hook(module, args, out, name):
+        A, B, coef = deltas[name]
+        x = args[0]
+        return out + (g_now["g"] * coef) * ((x @ A.to(x.device, x.dtype).T) @ B.to(x.device, x.dtype).T)
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in targets.items()]
+    was = model.training
+    model.eval()
+    tried: dict[float, float] = {}
+
+    def loss_at(g: float) -> float:
+        if g not in tried:
+            g_now["g"] = g
+            total = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
+            for b in batches:
+                b = {k: v.to(total.device) if torch.is_tensor(v) else v for k, v in b.items()}
+                loss = (loss_fn(model, b) if loss_fn else model(**b).loss).double()
+                total += torch.stack([loss, torch.ones_like(loss)])
+            all_reduce_sum_(total)
+            tried[g] = float(total[0] / total[1])
+            if not math.isfinite(tried[g]):
+                tried[g] = math.inf
+        return tried[g]
+
+    try:
+        before = loss_at(0.0)
+        best = 1.0
+        if loss_at(2.0) < loss_at(1.0):
+            for k in range(2, LINE_SEARCH_MAX_DOUBLINGS + 1):
+                if loss_at(2.0 ** k) >= loss_at(2.0 ** (k - 1)):
+                    break
+            best = min((g for g in tried if g > 0), key=lambda g: tried[g])
+        else:
+            for k in range(1, LINE_SEARCH_MAX_HALVINGS + 1):
+                if loss_at(2.0 ** -k) >= loss_at(2.0 ** (1 - k)):
+                    break
+            best = min((g for g in tried if g > 0), key=lambda g: tried[g])
+        if offset and before < tried[best]:
+            best = 0.0
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    for res in results.values():
+        res.scale_step(best)
+        res.info.update(step_norm=res.info.get("step_norm", 0.0) * best, global_factor=best)
+        if res.subtract:
+            res.info["offset_scale"] = res.offset_scale
+    logger.info("lorafa line search: factor %g (loss %.4f; %.4f before the init, %.4f at factor 1)", best,
+                tried[best], before, tried[1.0])
+    return {"tried": sorted([g, v] for g, v in tried.items()), "chosen": best, "loss_before": before,
+            "loss_chosen": tried[best], "loss_at_1": tried[1.0]}
 
 
 def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = None, batches=None, stats=None, *,
@@ -182,7 +410,7 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     """
     init_config = init_config or InitConfig()
     _check_lora_config(lora_config, init_config)
-    results = compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress)
+    results, lora_config, summary = _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress)
     subtract = init_config.subtracts()
     with quiet_checkpointing_rename():
         peft_model = get_peft_model(unwrap_model(model), lora_config, adapter_name=adapter_name,
@@ -191,7 +419,8 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     for name, res in results.items():
         _write_layer(name, layers[name], adapter_name, res, subtract, *layer_rank_and_scaling(lora_config, name))
     initial = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()}
-    record = InitRecord(adapter_name, init_config, subtract, initial, {n: r.info for n, r in results.items()})
+    record = InitRecord(adapter_name, init_config, subtract, initial, {n: r.info for n, r in results.items()},
+                        summary=summary)
     _RECORDS[peft_model] = record
     if initial_adapter_dir is not None:
         save_initial_adapter(peft_model, initial_adapter_dir)
@@ -219,7 +448,8 @@ def _write_layer(name, layer, adapter_name, res: InitResult, subtract: bool, r: 
     lora_B.copy_(res.B.to(lora_B.device, lora_B.dtype))
     if subtract:
         base = layer.get_base_layer()
-        w = weight_matrix(base) - s * (lora_B.float() @ lora_A.float()).to(base.weight.device)
+        c = res.offset_scale if res.subtract else 1.0
+        w = weight_matrix(base) - (c * s) * (lora_B.float() @ lora_A.float()).to(base.weight.device)
         base.weight.copy_((w.t() if is_transposed(base) else w).to(base.weight.dtype))
 
 
@@ -285,7 +515,7 @@ def save_adapter(peft_model: PeftModel, path: str | os.PathLike, *, save_initial
         if record.subtracted:
             init_dir = os.path.join(tmp, f"lorafa_initial_{uuid.uuid4().hex[:8]}")
             os.makedirs(init_dir)
-            save_file(record.initial_tensors(), os.path.join(init_dir, INITIAL_WEIGHTS), metadata={"format": "pt"})
+            save_file(record.offset_state(), os.path.join(init_dir, INITIAL_WEIGHTS), metadata={"format": "pt"})
             with _conversion_safe_config(peft_model, name):
                 peft_model.save_pretrained(out, selected_adapters=[name], path_initial_model_for_weight_conversion=init_dir)
         else:
@@ -344,7 +574,7 @@ def _save_initial(peft_model: PeftModel, record: InitRecord, directory: str) -> 
     save_file(record.initial_tensors(), os.path.join(directory, INITIAL_WEIGHTS), metadata={"format": "pt"})
     peft_model.peft_config[record.adapter_name].save_pretrained(directory)
     meta = {"adapter_name": record.adapter_name, "init_config": record.init_config.to_dict(),
-            "subtracted": record.subtracted, "infos": _jsonable(record.infos)}
+            "subtracted": record.subtracted, "infos": _jsonable(record.infos), "summary": _jsonable(record.summary)}
     with open(os.path.join(directory, INIT_FILE), "w") as f:
         json.dump(meta, f, indent=1)
 

@@ -58,6 +58,18 @@ class InitSection:
     reg: float | None = None
     reg_mode: str | None = None
     corda_method: str | None = None
+    target: str | None = None  # lora_fa: gradient | natural (SPEC §2.5)
+    step_factor: float | None = None
+    line_search_from: str | None = None
+    factor_gamma: float | None = None
+    rho: float | None = None  # eva's rank redistribution
+    rank: str | None = None  # "auto": per-layer ranks from the method's spectra (SPEC §6)
+    rank_rule: str = "energy"
+    rank_budget: int | None = None
+    budget_by: str = "rank"
+    r_min: int = 1
+    r_max: int | None = None
+    tau: float = 0.9
     bsz: int = 4
     iters: int = 4
     max_length: int = 256
@@ -151,7 +163,9 @@ class RunConfig:
                              f" (use +init={'svd' if method in allowed['svd'] else 'gradient'}).")
         if i.dtype not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"init.dtype must be fp32, bf16 or fp16, got {i.dtype!r}")
-        options = {k: getattr(i, k) for k in ("scale", "weight", "stable_gamma", "reg", "reg_mode", "corda_method")}
+        options = {k: getattr(i, k) for k in ("scale", "weight", "stable_gamma", "reg", "reg_mode", "corda_method",
+                                              "target", "step_factor", "line_search_from", "factor_gamma", "rho",
+                                              "rank", "rank_rule", "rank_budget", "budget_by", "r_min", "r_max", "tau")}
         if direction is not None:
             options["direction"] = direction
         return InitConfig(method=method, bsz=i.bsz, iters=i.iters, max_length=i.max_length, sample=i.sample,

@@ -279,8 +279,14 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     stats = _stats_for_init(cfg, model, lora_config, init_config, task,
                             _collator(cfg, task, tokenizer, init_config.max_length), state)
     initial_dir = os.path.join(run_dir, "initial_adapter")
-    peft_model = initialize(model, lora_config, init_config, stats=stats, initial_adapter_dir=initial_dir)
+    search_batches = None
+    if init_config.line_search:  # the line search's forward passes run on the statistics batches
+        search_batches = stat_batches(task.train, _collator(cfg, task, tokenizer, init_config.max_length),
+                                      init_config.bsz, init_config.iters, init_config.sample, init_config.seed)
+    peft_model = initialize(model, lora_config, init_config, stats=stats, batches=search_batches,
+                            initial_adapter_dir=initial_dir)
     out["init_s"] = round(time.perf_counter() - t, 2)
+    out.update(_init_report(peft_model, run_dir, state))
     del stats
     state.wait_for_everyone()  # rank 0 has written the initial adapter
 
@@ -314,6 +320,25 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     del trainer, peft_model
     gc.collect()
     return out
+
+
+def _init_report(peft_model, run_dir: str, state) -> dict:
+    """What the init chose, for the run's results: each layer's rank and initial step, the line search's tries, and
+    a rank allocation (ranks.json and ranks.png in the run folder)."""
+    from .peft_bridge import init_record
+    from .ranks import write_ranks
+
+    record = init_record(peft_model)
+    report = {"init_layers": {n: {k: i[k] for k in ("rank", "step_norm", "eta", "global_factor", "offset_scale")
+                                  if k in i} for n, i in record.infos.items()}}
+    if "line_search" in record.summary:
+        report["line_search"] = record.summary["line_search"]
+    if "ranks" in record.summary:
+        ranks = record.summary["ranks"]
+        report["ranks"] = {k: ranks[k] for k in ("rule", "budget", "budget_by", "ranks")}
+        if state.is_main_process:
+            write_ranks(ranks["ranks"], run_dir, extra={k: v for k, v in ranks.items() if k != "ranks"})
+    return report
 
 
 def _summary(result: dict, seconds: float) -> dict:

@@ -41,7 +41,14 @@ def corda_init(weight: torch.Tensor, stats, *, rank: int, scaling: float, opts: 
 
 @dataclass
 class EvaOptions:
-    """EVA's per-layer rank redistribution is the rank-allocation step (SPEC §6); per layer it takes no options."""
+    """rho: EVA's rank redistribution (SPEC §6): a layer takes at most round(rho·r) of the budget r × layers,
+    assigned by a global ranking of the explained-variance ratios; rho = 1 keeps every layer at r (PCA init)."""
+
+    rho: float = 2.0
+
+    def __post_init__(self):
+        if not self.rho >= 1:
+            raise ValueError(f"eva rho must be >= 1 (1: no redistribution), got {self.rho}")
 
 
 def eva_init(weight: torch.Tensor, stats, *, rank: int, scaling: float, opts: EvaOptions, svd: SvdMode = "auto",
@@ -55,3 +62,9 @@ def eva_init(weight: torch.Tensor, stats, *, rank: int, scaling: float, opts: Ev
     A = evecs[:, top].T.float().contiguous()
     return InitResult(A=A, B=torch.zeros(m, rank, device=weight.device), subtract=False,
                       info={"svd": "exact", "explained_variance": explained.tolist()})
+
+
+def input_spectrum(weight: torch.Tensor, stats, opts) -> torch.Tensor:
+    """The eigenvalues of Σ, descending (the layer inputs' variances along their principal directions): EVA's
+    spectrum, whose normalised values are the explained-variance ratios it redistributes ranks by."""
+    return torch.linalg.eigvalsh(stats.in_cov.double()).flip(0).clamp_min(0).float()

@@ -16,8 +16,9 @@ MAX_NITER = 16  # svd="auto": beyond this many power iterations the exact SVD is
 # SmolLM2 the measured error was at most 50× the prediction (where σ_k ≈ σ_{k+1}), median 2.5× (docs/notes.md)
 RANDOMIZED_TOL = 2e-5
 SCALES = ("stable", "gd_scale", "unit", "weight_svd")
+STEP_SCALES = SCALES + ("kfac", "line_search")  # lora_one and lora_fa: the init is a step, whose length these choose
 SCALE_ALIASES = {"gd": "gd_scale", "weights": "weight_svd", "weight_svd": "weight_svd", "gd_scale": "gd_scale",
-                 "stable": "stable", "unit": "unit"}
+                 "stable": "stable", "unit": "unit", "kfac": "kfac", "line_search": "line_search"}
 
 
 @dataclass
@@ -35,13 +36,32 @@ class InitResult:
     B: torch.Tensor
     subtract: bool
     info: dict = field(default_factory=dict)
+    offset_scale: float = 1.0  # with `subtract`: the base becomes W − offset_scale·s·B·A (SPEC §2.5 "partial")
+    step: float | None = None  # one-step methods: the model starts at W + step·s·B̂·Â, ‖B̂Â‖₂ = 1 (line search scales it)
+
+    def initial_update(self, scaling: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(B, A, c) with the model's change at init = c·s·B·A (c = 1 − offset_scale with an offset, else 1)."""
+        return self.B, self.A, (1.0 - self.offset_scale) if self.subtract else 1.0
+
+    def scale_step(self, g: float) -> None:
+        """Multiply the change the init makes to the model's function by g ≥ 0 (the line search's global factor)."""
+        if self.subtract:
+            self.offset_scale = 1.0 - g * (1.0 - self.offset_scale)
+        else:
+            if not g > 0:
+                raise ValueError("a step factor of 0 would zero both factors of a no-offset init (they could not train)")
+            self.A, self.B = self.A * g ** 0.5, self.B * g ** 0.5
+        if self.step is not None:
+            self.step *= g
 
 
-def normalize_scale(scale: str) -> str:
-    """Map a scale name (PEFT's or the LoRA-GA authors' spelling) to ours; raise on unknown names."""
+def normalize_scale(scale: str, allowed: tuple[str, ...] = SCALES) -> str:
+    """Map a scale name (PEFT's or the LoRA-GA authors' spelling) to ours; raise on unknown names or ones the method
+    does not have."""
     key = str(scale).lower()
-    if key not in SCALE_ALIASES:
-        raise ValueError(f"Unknown scale {scale!r}; choose from {SCALES} (aliases: gd, weightS).")
+    if key not in SCALE_ALIASES or SCALE_ALIASES[key] not in allowed:
+        raise ValueError(f"Unknown scale {scale!r}; choose from {allowed} (aliases: gd, weightS)."
+                         + (" kfac and line_search are for lora_one and lora_fa." if key in STEP_SCALES else ""))
     return SCALE_ALIASES[key]
 
 

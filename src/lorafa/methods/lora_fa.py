@@ -1,7 +1,8 @@
-"""LoRA-FA (SPEC §2.2): the rank-r update closest to the one-step update −Ḡ in the K-FAC functional metric.
+"""LoRA-FA (SPEC §2.2, §2.5): the rank-r update closest to a one-step target in the K-FAC functional metric.
 
-‖C^{1/2} (ΔW + Ḡ) Σ^{1/2}‖_F is minimised over rank-r ΔW by M = C^{-1/2} [−C^{1/2} Ḡ Σ^{1/2}]_r Σ^{-1/2}; with
-C = Σ = I this is LoRA-One's [−G]_r.
+‖C^{1/2} (ΔW − T) Σ^{1/2}‖_F is minimised over rank-r ΔW by M = C^{-1/2} [C^{1/2} T Σ^{1/2}]_r Σ^{-1/2}. Targets:
+`gradient`, T = −Ḡ (with C = Σ = I this is LoRA-One's [−G]_r); `natural`, T = −C⁻¹ Ḡ Σ⁻¹, the K-FAC
+natural-gradient step, for which C^{1/2} T Σ^{1/2} = −C^{-1/2} Ḡ Σ^{-1/2}.
 """
 
 from __future__ import annotations
@@ -12,23 +13,25 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import InitResult, SvdMode, check_rank, normalize_scale, top_svd
-from .lora_one import balanced_factors, finish_one_step
+from .common import InitResult, SvdMode, check_rank, top_svd
+from .lora_one import LoraOneOptions, balanced_factors, finish_one_step
 
 EIG_FLOOR = 1e-8
+TARGETS = ("gradient", "natural")
 
 
 @dataclass
-class LoraFAOptions:
-    scale: str = "stable"
-    stable_gamma: float = 128.0
+class LoraFAOptions(LoraOneOptions):
+    """LoRA-One's step options, plus the target and the damping λ of C and Σ (SPEC §2.2, §2.5)."""
+
+    target: str = "gradient"
     reg: float = 1e-6
     reg_mode: str = "relative"
 
     def __post_init__(self):
-        self.scale = normalize_scale(self.scale)
-        if self.scale == "stable" and not self.stable_gamma > 0:  # checked here: the stable factor divides by √γ
-            raise ValueError(f"stable_gamma must be > 0, got {self.stable_gamma}")
+        super().__post_init__()
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.reg_mode not in ("relative", "absolute"):
             raise ValueError(f"reg_mode must be 'relative' or 'absolute', got {self.reg_mode!r}")
         if not self.reg >= 0:
@@ -62,6 +65,13 @@ class Whitener:
         """Fᵀ X."""
         X = X.to(self.L.dtype if self.cholesky else self.V.dtype)
         return self.L.T @ X if self.cholesky else self.evals.sqrt()[:, None] * (self.V.T @ X)
+
+    def solve(self, X: torch.Tensor) -> torch.Tensor:
+        """F^{-1} X."""
+        X = X.to(self.L.dtype if self.cholesky else self.V.dtype)
+        if self.cholesky:
+            return torch.linalg.solve_triangular(self.L, X, upper=False)
+        return self.evals.rsqrt()[:, None] * (self.V.T @ X)
 
     def t_solve(self, U: torch.Tensor) -> torch.Tensor:
         """F^{-T} U."""
@@ -110,18 +120,35 @@ def factor_low_rank(P: torch.Tensor, S: torch.Tensor, Q: torch.Tensor):
     return qp @ u, s, vh @ qq.T
 
 
-def lora_fa_init(weight: torch.Tensor, stats, *, rank: int, scaling: float, opts: LoraFAOptions,
-                 svd: SvdMode = "auto", seed: int = 0) -> InitResult:
-    """Whitened functional approximation from the kfac statistics (cross Ḡ, C, Σ); then `scale`. No offset."""
-    m, n = weight.shape
-    check_rank(rank, m, n)
+def whitened_target(stats, opts: LoraFAOptions):
+    """(the whitened target W̃ whose rank-r truncation gives M, the two whiteners): W̃ = −F_Cᵀ Ḡ F_Σ (`gradient`,
+    i.e. −H̃) or −F_C⁻¹ Ḡ F_Σ⁻ᵀ (`natural`), for C_λ = F_C F_Cᵀ and Σ_λ = F_Σ F_Σᵀ."""
     relative = opts.reg_mode == "relative"
     wc = whitener(stats.out_cov, opts.reg, relative)
     ws = whitener(stats.in_cov, opts.reg, relative, shared=True)
-    h = wc.t_mul(ws.t_mul(stats.cross.T).T)  # H̃ = F_Cᵀ Ḡ F_Σ
-    U, S, Vh, used = top_svd(-h.float(), rank, svd, seed)  # [−H̃]_r
+    if opts.target == "natural":
+        h = wc.solve(ws.solve(stats.cross.T).T)
+    else:
+        h = wc.t_mul(ws.t_mul(stats.cross.T).T)
+    return -h.float(), wc, ws
+
+
+def lora_fa_init(weight: torch.Tensor, stats, *, rank: int, scaling: float, opts: LoraFAOptions,
+                 svd: SvdMode = "auto", seed: int = 0) -> InitResult:
+    """Whitened functional approximation of the target from the kfac statistics (cross Ḡ, C, Σ); then `scale`."""
+    m, n = weight.shape
+    check_rank(rank, m, n)
+    h, wc, ws = whitened_target(stats, opts)
+    U, S, Vh, used = top_svd(h, rank, svd, seed)  # [W̃]_r
     P, Q = wc.t_solve(U).float(), ws.t_solve(Vh.T).float()  # M = P diag(S) Qᵀ
     U1, S1, V1h = factor_low_rank(P, S, Q)
     A, B = balanced_factors(U1, S1, V1h)
-    return finish_one_step(weight, A, B, scaling=scaling, opts=opts, svd=svd, seed=seed,
-                           info={"svd": used, "reg_mode": opts.reg_mode, "h_sigma": S.tolist()})
+    return finish_one_step(weight, A, B, stats=stats, scaling=scaling, opts=opts, svd=svd, seed=seed,
+                           info={"svd": used, "target": opts.target, "reg": opts.reg, "reg_mode": opts.reg_mode,
+                                 "h_sigma": S.tolist()})
+
+
+def whitened_spectrum(weight: torch.Tensor, stats, opts: LoraFAOptions) -> torch.Tensor:
+    """The singular values of the whitened target (H̃, or C^{-1/2}ḠΣ^{-1/2} for `natural`): LoRA-FA's spectrum for
+    data-aware ranks (SPEC §6)."""
+    return torch.linalg.svdvals(whitened_target(stats, opts)[0])

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from ..stats.types import LayerStats
-from .activation_methods import CordaOptions, EvaOptions, corda_init, eva_init
+from .activation_methods import CordaOptions, EvaOptions, corda_init, eva_init, input_spectrum
 from .common import InitResult
-from .lora_fa import LoraFAOptions, lora_fa_init
+from .lora_fa import LoraFAOptions, lora_fa_init, whitened_spectrum
 from .lora_ga import DIRECTIONS, LoraGAOptions, lora_ga_init
-from .lora_one import LoraOneOptions, lora_one_init
+from .lora_one import LoraOneOptions, gradient_spectrum, lora_one_init
 from .weight_methods import NoOptions, lora_init, milora_init, pissa_init
 
 
@@ -23,6 +23,7 @@ class Method:
     options: type
     needs: str | None  # statistic kind: None, "grad", "kfac" or "act"
     subtracts: bool  # SPEC §2's offset column
+    spectrum: callable = None  # (weight, stats, opts) -> singular values for data-aware ranks (SPEC §6); None: none
 
 
 METHODS: dict[str, Method] = {
@@ -31,11 +32,11 @@ METHODS: dict[str, Method] = {
         Method("lora", lora_init, NoOptions, None, False),
         Method("pissa", pissa_init, NoOptions, None, True),
         Method("milora", milora_init, NoOptions, None, True),
-        Method("lora_ga", lora_ga_init, LoraGAOptions, "grad", True),
-        Method("lora_one", lora_one_init, LoraOneOptions, "grad", False),
-        Method("lora_fa", lora_fa_init, LoraFAOptions, "kfac", False),
+        Method("lora_ga", lora_ga_init, LoraGAOptions, "grad", True, gradient_spectrum),
+        Method("lora_one", lora_one_init, LoraOneOptions, "grad", False, gradient_spectrum),
+        Method("lora_fa", lora_fa_init, LoraFAOptions, "kfac", False, whitened_spectrum),
         Method("corda", corda_init, CordaOptions, "act", True),
-        Method("eva", eva_init, EvaOptions, "act", False),
+        Method("eva", eva_init, EvaOptions, "act", False, input_spectrum),
     )
 }
 
@@ -77,15 +78,24 @@ def make_options(method: str, **options):
     return spec.options(**options)
 
 
-def check_stats(name: str, method: Method, weight_shape, stats: LayerStats | None) -> None:
+def method_needs(method: str, options) -> str | None:
+    """The statistics kind a method needs with these options: lora_one's `kfac` step length needs kfac (C, Σ)."""
+    spec = METHODS[resolve_method(method)[0]]
+    if spec.needs == "grad" and getattr(options, "uses_curvature", lambda: False)():
+        return "kfac"
+    return spec.needs
+
+
+def check_stats(name: str, method: Method, weight_shape, stats: LayerStats | None, needs: str | None = None) -> None:
     """Raise unless `stats` has what `method` needs, with shapes matching an m × n weight and finite values."""
-    if method.needs is None:
+    needs = needs or method.needs
+    if needs is None:
         return
     label = name or "this layer"
-    if stats is None or method.needs not in stats.kinds():
+    if stats is None or needs not in stats.kinds():
         raise ValueError(
-            f"{method.name} needs '{method.needs}' statistics for {label!r}, which are missing. Run "
-            f"collect_stats(..., kinds=('{method.needs}',)) over the same target_modules, or pass batches to initialize."
+            f"{method.name} needs '{needs}' statistics for {label!r}, which are missing. Run "
+            f"collect_stats(..., kinds=('{needs}',)) over the same target_modules, or pass batches to initialize."
         )
     m, n = weight_shape
     expected = {"grad": (m, n), "in_cov": (n, n), "out_cov": (m, m)}
@@ -128,5 +138,5 @@ def init_factors(method: str, weight: torch.Tensor, stats: LayerStats | None = N
         raise ValueError(f"scaling must be > 0, got {scaling}")
     if spec.needs in ("grad", "kfac") and stats is not None:
         stats = stats.densified()  # a gradient sketch becomes its rank-k reconstruction, one layer at a time
-    check_stats(name, spec, tuple(weight.shape), stats)
+    check_stats(name, spec, tuple(weight.shape), stats, method_needs(canonical, opts))
     return spec.fn(weight.float(), stats, rank=rank, scaling=float(scaling), opts=opts, svd=svd, seed=seed)

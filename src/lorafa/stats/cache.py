@@ -31,7 +31,7 @@ def save_stats(stats: dict[str, LayerStats], path: str | os.PathLike, config: di
     """
     tensors, layout, owners = {}, {}, {}
     for name, st in stats.items():
-        entry = {"n_tokens": st.n_tokens, "n_batches": st.n_batches}
+        entry = {"n_tokens": st.n_tokens, "n_batches": st.n_batches, "fisher_weight": st.fisher_weight}
         if st.grad_sketch is not None:
             entry["sketch_seed"] = st.grad_sketch.seed
         for kind, t in st.tensors().items():
@@ -93,6 +93,7 @@ def load_stats(path: str | os.PathLike, expected_config: dict | None = None, dev
             out[name] = LayerStats(
                 grad=get("grad"), in_cov=get("in_cov"), out_cov=get("out_cov"),
                 n_tokens=int(entry["n_tokens"]), n_batches=int(entry["n_batches"]),
+                fisher_weight=int(entry.get("fisher_weight", 0)),
             )
             if "sketch_seed" in entry:
                 out[name].grad_sketch = GradSketch(get("grad_sketch.y"), get("grad_sketch.z"), int(entry["sketch_seed"]))

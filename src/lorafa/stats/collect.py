@@ -63,6 +63,7 @@ class StatsRecorder:
         self.sk_y, self.sk_z, self._gauss, self._sketch_rows = {}, {}, {}, {}
         self.mask: torch.Tensor | None = None
         self.n_batches = 0
+        self.fisher_weight, self.loss_tokens_known = 0, True  # Σ_b T_b·N_b (see LayerStats.fisher_weight)
         self.calls = dict.fromkeys(targets, 0)
         self.tokens = dict.fromkeys(targets, 0)
         self.out_calls = dict.fromkeys(targets, 0)
@@ -181,8 +182,16 @@ class StatsRecorder:
             self.out_calls[name] += 1
 
     # -- batches ---------------------------------------------------------------------------------------------
-    def begin_batch(self, attention_mask: torch.Tensor | None) -> None:
+    def begin_batch(self, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
+                    input_ids: torch.Tensor | None = None) -> None:
         self.mask = None if attention_mask is None else attention_mask.bool()
+        if "kfac" in self.kinds:
+            t_b = loss_tokens(labels)
+            n_b = int(self.mask.sum()) if self.mask is not None else (input_ids.numel() if input_ids is not None else None)
+            if t_b is None or n_b is None:
+                self.loss_tokens_known = False
+            else:
+                self.fisher_weight += t_b * n_b
         self._seen.clear()
         self._sketch_rows.clear()
 
@@ -203,7 +212,9 @@ class StatsRecorder:
         names = list(self.targets)
         device = next(self.model.parameters()).device
         local = [self.n_batches] + [d[n] for d in (self.calls, self.tokens, self.out_calls) for n in names]
+        local += [self.fisher_weight, int(not self.loss_tokens_known)]
         counts = all_reduce_counts(local, device)
+        fisher_weight = counts[-2] if counts[-1] == 0 else 0
         # Every rank must issue the same all-reduces: a rank that saw no batch has not detected the shared inputs.
         shares = {tuple(sorted(s.items())) for nb, s in all_gather_objects((self.n_batches, self.share)) if nb > 0}
         if len(shares) > 1:
@@ -232,6 +243,7 @@ class StatsRecorder:
                 st.in_cov = self._reduced(self.in_sum, name, (n, n), "input", True) / tokens[name]
             if "kfac" in self.kinds:
                 st.out_cov = self._reduced(self.out_sum, name, (m, m), "output gradient", out_calls[name] > 0) / tokens[name]
+                st.fisher_weight = fisher_weight
             out[name] = st
         for name, owner in self.share.items():
             out[name].in_cov = out[owner].in_cov
@@ -251,6 +263,17 @@ class StatsRecorder:
                 "the loss depend on it? Remove it from target_modules otherwise."
             )
         return total
+
+
+def loss_tokens(labels) -> int | None:
+    """T_b, the number of terms a batch's mean loss averages: for token labels (integer, 2-D or more), the positions
+    a Hugging Face causal LM scores (shifted labels ≠ −100); for one label per example (1-D, or float targets), the
+    batch size. None without labels (a custom loss_fn): the K-FAC curvature's scale is then unknown."""
+    if not torch.is_tensor(labels):
+        return None
+    if labels.dim() >= 2 and not labels.is_floating_point():
+        return int((labels[..., 1:] != -100).sum())
+    return int(labels.shape[0])
 
 
 def _input_requires_grad(module, args, kwargs):
@@ -300,7 +323,7 @@ def _one_batch(model, recorder: StatsRecorder, batch_iter, i: int, device, needs
     if batch is _END:
         return False
     batch = _to_device(batch, device)
-    recorder.begin_batch(batch.get("attention_mask"))
+    recorder.begin_batch(batch.get("attention_mask"), batch.get("labels"), batch.get("input_ids"))
     if needs_backward:
         loss = (loss_fn or _default_loss)(model, batch)
         if not loss.requires_grad:

@@ -23,6 +23,9 @@ class LayerStats:
         n_batches: batches averaged into `grad` (all processes).
         grad_sketch: instead of `grad`, the streaming sketch of G (`collect_stats(..., sketch=k)`); the init methods
             use its rank-k reconstruction (`densified`).
+        fisher_weight: Σ_b T_b·N_b over the batches (T_b: the loss tokens of batch b, over which its loss is a mean;
+            N_b: its non-padding tokens), recorded with `kfac`; it turns C (built from gradients of *mean* losses)
+            into the curvature of the loss (`kfac_curvature`). 0 when unknown (batches without labels).
     """
 
     grad: torch.Tensor | None = None
@@ -31,6 +34,7 @@ class LayerStats:
     n_tokens: int = 0
     n_batches: int = 0
     grad_sketch: GradSketch | None = None
+    fisher_weight: int = 0
 
     def densified(self) -> LayerStats:
         """A copy whose `grad` is the sketch's rank-k reconstruction (self if `grad` is already dense)."""

@@ -1,0 +1,291 @@
+"""SPEC §2.5: LoRA-FA's target (gradient | natural), the step length (stable | kfac | line_search) and the partial
+offset, on tiny models: against fp64 references, finite differences of the true loss, and saved adapters that load
+on the original base."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+from conftest import make_batches, tiny_llama
+from peft import LoraConfig, PeftModel
+from torch import nn
+
+import lorafa
+from lorafa import InitConfig, collect_stats, init_factors
+from lorafa.methods.lora_one import kfac_curvature, kfac_step
+from lorafa.peft_bridge import init_record
+
+TARGETS = ["q_proj", "v_proj", "o_proj"]
+
+
+def cfg(r=2, alpha=4, **kw):
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS), lora_dropout=0.0, **kw)
+
+
+@torch.no_grad()
+def logits(model, batches):
+    model.eval()
+    return torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches])
+
+
+@torch.no_grad()
+def mean_loss(model, batches):
+    model.eval()
+    return sum(float(model(**b).loss) for b in batches) / len(batches)
+
+
+@pytest.fixture(scope="module")
+def sbatches():
+    return make_batches(n_batches=3, bsz=4, seq=12)
+
+
+@pytest.fixture(scope="module")
+def kfac_stats(sbatches):
+    return collect_stats(tiny_llama(), sbatches, TARGETS, kinds=("kfac",), progress=False)
+
+
+# ------------------------------------------------------------------------------------------ natural target
+def _root(M, power):
+    e, V = torch.linalg.eigh(M)
+    return (V * e.clamp_min(1e-300) ** power) @ V.T
+
+
+@pytest.mark.parametrize("reg", [1e-3, 1e-1])
+def test_natural_target_matches_fp64_reference(kfac_stats, reg):
+    """M = C_λ^{-1/2} [−C_λ^{-1/2} Ḡ Σ_λ^{-1/2}]_r Σ_λ^{-1/2} (relative damping), then B·A = M/σ₁(M)/γ."""
+    st = kfac_stats["model.layers.0.self_attn.q_proj"]
+    W = tiny_llama().model.layers[0].self_attn.q_proj.weight.detach()
+    r, s, gamma = 3, 2.0, 128.0
+    C, Sig, Gb = st.out_cov.double(), st.in_cov.double(), st.cross.double()
+    C = C + reg * torch.trace(C) / C.shape[0] * torch.eye(C.shape[0], dtype=C.dtype)
+    Sig = Sig + reg * torch.trace(Sig) / Sig.shape[0] * torch.eye(Sig.shape[0], dtype=Sig.dtype)
+    N = -_root(C, -0.5) @ Gb @ _root(Sig, -0.5)
+    U, S, Vh = torch.linalg.svd(N)
+    M = _root(C, -0.5) @ (U[:, :r] * S[:r]) @ Vh[:r] @ _root(Sig, -0.5)
+    ref = M / torch.linalg.matrix_norm(M, ord=2) / gamma
+    res = init_factors("lora_fa", W, st, rank=r, scaling=s, target="natural", reg=reg)
+    got = (res.B.double() @ res.A.double())
+    torch.testing.assert_close(got, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4)
+    # a different subspace from the gradient target's: the target is not cosmetic
+    grad = init_factors("lora_fa", W, st, rank=r, scaling=s, reg=reg)
+    assert (grad.B @ grad.A - res.B @ res.A).abs().max() > 1e-3 * float(ref.abs().max())
+    assert res.info["target"] == "natural" and res.info["reg"] == reg
+
+
+def test_natural_target_is_a_descent_direction(kfac_stats):
+    for name, st in kfac_stats.items():
+        W = torch.zeros(st.out_cov.shape[0], st.in_cov.shape[0])
+        res = init_factors("lora_fa", W, st, rank=2, scaling=1.0, target="natural", reg=1e-2)
+        assert float(torch.sum(st.grad * (res.B @ res.A))) < 0, name
+
+
+# ------------------------------------------------------------------------------------------ kfac curvature
+class TinyHeadLM(nn.Module):
+    """Embedding → `head` (a linear map to the vocabulary) → the shifted, mean-token cross-entropy of HF causal LMs.
+
+    The loss is linear-softmax in `head`, so its Hessian there is exactly the Gauss-Newton matrix; with labels drawn
+    from the model's own distribution, the empirical Fisher the statistics pass builds is an unbiased estimate of it.
+    """
+
+    def __init__(self, vocab=12, dim=6, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(vocab, dim, generator=g))
+            self.head.weight.copy_(0.05 * torch.randn(vocab, dim, generator=g))
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.head(self.emb(input_ids))
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                           ignore_index=-100)
+        return types.SimpleNamespace(loss=loss, logits=logits)
+
+
+def _self_labelled_batches(model, n_batches, bsz, seq, seed=0):
+    """Token batches whose labels are sampled from the model's own predictions; the first 2 positions and a
+    random tail of padding are excluded, so batches have different loss-token counts T_b."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(0, model.emb.num_embeddings, (bsz, seq), generator=g)
+        with torch.no_grad():
+            probs = torch.softmax(model.head(model.emb(ids)), -1)
+        nxt = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=g).view(bsz, seq)
+        labels = torch.full_like(ids, -100)
+        labels[:, 1:] = nxt[:, :-1]  # position t predicts labels[t + 1]
+        lengths = torch.randint(seq // 2, seq + 1, (bsz,), generator=g)
+        mask = (torch.arange(seq)[None] < lengths[:, None]).long()
+        labels[mask == 0] = -100
+        labels[:, :2] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def test_kfac_curvature_matches_finite_differences_of_the_loss():
+    """κ(M) = (Σ_b T_b N_b / iters)·tr(MᵀCMΣ) against the second difference of the true mean loss along M."""
+    model = TinyHeadLM().double()
+    batches = _self_labelled_batches(model, n_batches=6, bsz=32, seq=24)
+    stats = collect_stats(model, batches, ["head"], kinds=("kfac",), progress=False)["head"]
+    assert stats.fisher_weight == sum(int((b["labels"][:, 1:] != -100).sum()) * int(b["attention_mask"].sum())
+                                      for b in batches)
+    W0 = model.head.weight.detach().clone()
+    g = torch.Generator().manual_seed(3)
+    for trial in range(3):
+        B, A = torch.randn(W0.shape[0], 2, generator=g).double(), torch.randn(2, W0.shape[1], generator=g).double()
+        M = B @ A
+
+        def loss_at(eta):
+            with torch.no_grad():
+                model.head.weight.copy_(W0 + eta * M)
+                return sum(float(model(**b).loss) for b in batches) / len(batches)
+
+        h = 1e-3 / float(M.abs().max())
+        fd = (loss_at(h) - 2 * loss_at(0.0) + loss_at(-h)) / h ** 2
+        model.head.weight.data.copy_(W0)
+        kappa = kfac_curvature(stats, A, B)
+        assert fd > 0
+        assert 0.8 < kappa / fd < 1.25, (trial, kappa, fd)
+        # without the T_b factor the curvature would be off by the loss-token count (hundreds here)
+        assert stats.fisher_weight / stats.n_tokens > 50
+
+
+def test_kfac_step_minimises_the_quadratic_model_and_lowers_the_loss():
+    model = TinyHeadLM(seed=1).double()
+    batches = _self_labelled_batches(model, n_batches=4, bsz=32, seq=24, seed=1)
+    stats = collect_stats(model, batches, ["head"], kinds=("kfac",), progress=False)["head"]
+    W0 = model.head.weight.detach().clone()
+    res = init_factors("lora_one", W0, stats, rank=2, scaling=2.0, scale="kfac")
+    eta, kappa, slope = res.info["eta"], res.info["kappa"], res.info["slope"]
+    assert math.isclose(eta, -slope / kappa, rel_tol=1e-9)
+    step = 2.0 * (res.B.double() @ res.A.double())  # s·B·A
+    unit = step / eta
+    assert math.isclose(float(torch.linalg.matrix_norm(unit, ord=2)), 1.0, rel_tol=1e-4)
+
+    def loss_at(x):
+        with torch.no_grad():
+            model.head.weight.copy_(W0 + x * unit)
+            return sum(float(model(**b).loss) for b in batches) / len(batches)
+
+    # the quadratic model is accurate here, so the K-FAC step is close to the best step along the line
+    assert loss_at(eta) < loss_at(0.0)
+    assert loss_at(eta) <= min(loss_at(0.5 * eta), loss_at(2.0 * eta))
+
+
+def test_kfac_scale_needs_loss_token_counts(kfac_stats):
+    st = kfac_stats["model.layers.0.self_attn.q_proj"]
+    import dataclasses
+    blind = dataclasses.replace(st, fisher_weight=0)
+    with pytest.raises(ValueError, match="loss tokens"):
+        init_factors("lora_fa", torch.zeros(32, 32), blind, rank=2, scaling=1.0, scale="kfac")
+
+
+def test_lora_one_kfac_needs_kfac_statistics():
+    assert InitConfig(method="lora_one").needs == "grad"
+    assert InitConfig(method="lora_one", scale="kfac").needs == "kfac"
+    assert InitConfig(method="lora_one", scale="line_search", line_search_from="kfac").needs == "kfac"
+
+
+# ------------------------------------------------------------------------------------------ partial offset
+@pytest.mark.parametrize("method", ["lora_one", "lora_fa"])
+def test_partial_offset_starts_where_the_step_goes_with_trainable_factors(method, sbatches):
+    none = lorafa.initialize(tiny_llama(), cfg(), InitConfig(method=method), batches=sbatches, progress=False)
+    part = lorafa.initialize(tiny_llama(), cfg(), InitConfig(method=method, offset="partial"), batches=sbatches,
+                             progress=False)
+    torch.testing.assert_close(logits(part, sbatches), logits(none, sbatches), atol=2e-5, rtol=1e-4)
+    for (n, p1), (_, p2) in zip(part.named_parameters(), none.named_parameters()):
+        if "lora_" in n:  # the factors are 16^{-1/2}·m^{1/4} instead of 128^{-1/2}: ≈ 6.7× larger for m = 32
+            ratio = float(torch.linalg.matrix_norm(p1.detach(), ord=2) / torch.linalg.matrix_norm(p2.detach(), ord=2))
+            m = 32 if "q_proj" in n or "o_proj" in n else 16
+            assert math.isclose(ratio, m ** 0.25 / 16 ** 0.5 * 128 ** 0.5, rel_tol=1e-3), n
+    infos = init_record(part).infos
+    assert all(0 < i["offset_scale"] < 1 for i in infos.values())
+
+
+@pytest.mark.parametrize("method,rslora", [("lora_fa", False), ("lora_one", True), ("lora_fa", True)])
+def test_partial_offset_round_trips_on_the_original_base(method, rslora, sbatches, tmp_path):
+    pristine = logits(tiny_llama(), sbatches)
+    pm = lorafa.initialize(tiny_llama(), cfg(use_rslora=rslora), InitConfig(method=method, offset="partial"),
+                           batches=sbatches, progress=False, initial_adapter_dir=tmp_path / "init")
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
+    pm.train()
+    for b in sbatches:
+        pm(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = logits(pm, sbatches)
+    lorafa.save_adapter(pm, tmp_path / "adapter", initial_adapter=tmp_path / "init")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, sbatches), trained, atol=2e-5, rtol=1e-4)
+    assert (trained - pristine).abs().max() > 1e-3
+
+
+def test_partial_offset_only_for_one_step_methods():
+    with pytest.raises(ValueError, match="partial"):
+        InitConfig(method="pissa", offset="partial")
+
+
+# ------------------------------------------------------------------------------------------ line search
+@pytest.mark.parametrize("method,offset,frm", [("lora_fa", "none", "stable"), ("lora_fa", "partial", "stable"),
+                                               ("lora_one", "partial", "kfac")])
+def test_line_search_never_worse_than_stable_on_its_batches(method, offset, frm, sbatches):
+    init = InitConfig(method=method, scale="line_search", offset=offset, line_search_from=frm, iters=3)
+    pm = lorafa.initialize(tiny_llama(), cfg(), init, batches=sbatches, progress=False)
+    ls = init_record(pm).summary["line_search"]
+    tried = dict((g, v) for g, v in ls["tried"])
+    assert 1.0 in tried and 0.0 in tried and ls["chosen"] in tried
+    assert ls["loss_chosen"] == min(v for g, v in tried.items() if g > 0 or offset == "partial")
+    assert ls["loss_chosen"] <= tried[1.0]
+    if offset == "partial":
+        assert ls["loss_chosen"] <= ls["loss_before"]
+    # the hooks the search used agree with the model the init then built
+    assert math.isclose(mean_loss(pm, sbatches), ls["loss_chosen"], rel_tol=1e-4)
+    reference = InitConfig(method=method, offset=offset, iters=3,
+                           **({"scale": "kfac"} if frm == "kfac" else {}))
+    ref = lorafa.initialize(tiny_llama(), cfg(), reference, batches=sbatches, progress=False)
+    assert math.isclose(mean_loss(ref, sbatches), tried[1.0], rel_tol=1e-4)
+    assert all(i["global_factor"] == ls["chosen"] for i in init_record(pm).infos.values())
+
+
+def test_line_search_needs_batches(kfac_stats):
+    with pytest.raises(ValueError, match="line_search.*batches"):
+        lorafa.initialize(tiny_llama(), cfg(), InitConfig(method="lora_fa", scale="line_search"), stats=kfac_stats)
+
+
+def test_line_search_keeps_the_base_when_every_step_hurts(sbatches):
+    """Statistics from other data than the search's batches: with the offset, g = 0 (the base) is a candidate."""
+    other = make_batches(n_batches=3, bsz=4, seq=12, seed=7)
+    stats = collect_stats(tiny_llama(), other, TARGETS, kinds=("kfac",), progress=False)
+    for st in stats.values():  # ascend instead of descend: every positive step raises the loss
+        st.grad = -st.grad
+    init = InitConfig(method="lora_fa", scale="line_search", offset="partial", iters=3)
+    pm = lorafa.initialize(tiny_llama(), cfg(), init, batches=other, stats=stats, progress=False)
+    ls = init_record(pm).summary["line_search"]
+    assert ls["chosen"] == 0.0
+    torch.testing.assert_close(logits(pm, sbatches), logits(tiny_llama(), sbatches), atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("method,k,match", [("lora_ga", 3, r"sketch=3.*2r.*sketch >= 4"),
+                                            ("lora_one", 1, r"sketch=1.*sketch >= 2")])
+def test_sketch_smaller_than_the_directions_used_is_an_error(method, k, match, sbatches):
+    with pytest.raises(ValueError, match=match):
+        lorafa.compute_init(tiny_llama(), cfg(r=2), InitConfig(method=method, sketch=k), batches=sbatches)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"method": "lora_fa", "target": "newton"}, "target must be one of"),
+    ({"method": "lora_one", "target": "natural"}, "does not have"),
+    ({"method": "lora_ga", "scale": "kfac"}, "kfac and line_search are for lora_one and lora_fa"),
+    ({"method": "lora_fa", "step_factor": 0.0}, "step_factor must be a positive"),
+    ({"method": "lora_fa", "line_search_from": "pissa"}, "line_search_from"),
+    ({"method": "lora_fa", "factor_gamma": -1.0}, "factor_gamma"),
+    ({"method": "eva", "rho": 0.5}, "rho must be >= 1"),
+])
+def test_bad_step_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        InitConfig(**kw)
