@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tiny_assets import arithmetic_rows, save_tiny_causal_lm, save_tiny_classifier, write_jsonl
+from transformers import AutoModelForCausalLM
 
 from lorafa.runconfig import RunConfig, parse_run_config
 
@@ -368,3 +369,27 @@ def test_optimizer_selection_uses_peft():
     assert isinstance(opt, torch.optim.AdamW) and not torch.equal(A.grad, torch.ones_like(A))
     torch.testing.assert_close(A.grad, expected)
     assert not torch.equal(A.detach(), before)
+
+
+def test_runner_auto_rank_and_line_search(assets, tmp_path):
+    """`++init.rank=auto ++init.scale=line_search ++init.offset=partial` from the command line: ranks.json and
+    ranks.png in the run folder, the allocation, each layer's step and the line search's tries in the results, and
+    an adapter that loads on the original base with stock PEFT."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    results = _in_process(["+init=gradient", "++init.direction=LoRA-FA", *local(assets, tmp_path / "runs", steps=2),
+                           "++wandb.name=auto", "++init.rank=auto", "++init.rank_rule=energy",
+                           "++init.scale=line_search", "++init.offset=partial", "++init.target=natural",
+                           "++init.reg=0.01", "++eval.enabled=false", "++peft.target_modules=[q_proj,v_proj]"])
+    run_dir = Path(results["run_dir"])
+    saved = json.loads((run_dir / "ranks.json").read_text())
+    assert (run_dir / "ranks.png").stat().st_size > 0
+    ranks = results["ranks"]["ranks"]
+    assert saved["ranks"] == ranks and sum(ranks.values()) == 8 * len(ranks)
+    assert results["line_search"]["loss_chosen"] <= results["line_search"]["loss_at_1"]
+    assert all("step_norm" in v and v["rank"] == ranks[n] for n, v in results["init_layers"].items())
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), str(run_dir / "adapter"))
+    built = {n.removeprefix("base_model.model."): m.r["default"] for n, m in loaded.named_modules()
+             if isinstance(m, LoraLayer)}
+    assert built == {n: 2 * r for n, r in ranks.items()}  # the partial offset: a rank-2r adapter on the original base
