@@ -1,30 +1,65 @@
 """Convergence of LoRA inits side by side: PEFT's own (default LoRA, pissa, olora, lora_ga) against lorafa's
-(lora_ga, lora_one, lora_fa, with and without the prec_reg preconditioner), on the same data, seeds and optimiser.
+(lora_ga, lora_one, lora_fa and its variants, with and without the prec_reg preconditioner), on the same data, seeds
+and optimiser.
 
-Every run is one process (so init memory is measured cleanly), trains for a fixed number of steps and evaluates a
-fixed held-out set every `--eval-every` steps. Runs are cached as JSON under `--out/runs/`, so an interrupted
-benchmark resumes where it stopped. Phase 1 runs every method over the learning-rate grid at the first seed; phase 2
-runs each method at its best rate (lowest final held-out loss) for the remaining seeds. Then the summary: steps to
-reach default LoRA's final held-out loss, final loss, accuracy, init time and init peak memory, as markdown + CSV,
-and plots (held-out curves, the grid).
+Protocol (run-file format 2; see `FORMAT`):
+- **Three disjoint pools of GSM8K/rotten_tomatoes training problems** (`data_split`): `--n-val` validation problems
+  (default 64, the same for every seed), the init statistics batches (init_bsz × init_iters, drawn per seed) and the
+  training pool the seeded training order draws from. The test loss is on `task.test[:n_heldout]`.
+- **Every evaluation point records the validation loss, the test loss and the wall seconds so far** (init, i.e. the
+  statistics pass + the init itself, plus training steps; evaluation time excluded), after the init and every
+  `--eval-every` steps.
+- **The learning rate is chosen on the validation loss.** At the first seed each method runs its grid: the middle
+  rate and those above it, the lower ones only where the middle rate beat the higher ones (with a loss unimodal in
+  the rate they cannot win otherwise; `--full-grid` runs them all). While the best validation rate is the lowest or
+  highest one run, the grid is extended past that edge by the grid's own ratio (×4 for 5e-5, 2e-4, 8e-4), at most
+  `--max-extend` rates per side (`next_rates`). A rate still at an edge is flagged "edge" in the summary.
+- **Seeds**: the chosen rate of every method runs at each of `--seeds`; the summary reports mean ± std over them. The
+  test loss is reported only at the chosen rate.
+- **Speed**: "steps to X" is the step at which the test loss first reaches X, default LoRA's mean final test loss
+  (linear interpolation between evaluations); "seconds to X (incl. init)" is the same on the wall-seconds axis, so
+  the statistics pass and the init are paid for; the speed-ups are default LoRA's steps (seconds) over the method's.
 
-    python benchmarks/convergence.py --preset causal --gsm8k ../shared/data/gsm8k --out benchmarks/results/causal
-    python benchmarks/convergence.py --preset classification --seeds 0 1 2 --out benchmarks/results/cls
-    python benchmarks/convergence.py --preset classification --probe --seeds 0 1 2 --out benchmarks/results/cls_probe
+Measured costs (SmolLM2-135M on GSM8K, 2-core CPU, 1 thread, fp32): one training step of batch 4 × 192 tokens takes
+6.3 s; `heldout()` takes 17 s for 24 problems and 46 s for 64 (0.72 s a problem). The causal preset's test set was
+raised from 24 to 64 problems: +29 s at each of the 5 evaluation points (about +20% on a run of 40 steps with 64
+validation problems), for a test loss whose problem-to-problem noise is 1.6× smaller. (`--n-heldout 24` restores the
+old set.) No base-model evaluation is made per run any more: default LoRA's test loss at 0 is the base model's.
 
-Method specs: `name[+prec][:key=value,...]`, e.g. `lora_fa+prec:stable_gamma=16`. Names: lora, pissa, olora,
-peft_lora_ga (PEFT's), lora_ga, lora_one, lora_fa, corda, eva, milora, full (full fine-tuning).
+Every run is one process (so init memory is measured cleanly). Runs are cached as JSON under `--out/runs/`, so an
+interrupted benchmark resumes where it stopped; `--summary-only` rebuilds the tables and plots from the runs
+present. Results directories written before format 2 (no "val_curve" in the runs: the rate was chosen on the test
+loss) are summarised the old way and titled "legacy".
+
+    python benchmarks/convergence.py --preset causal --seeds 0 1 2 --out benchmarks/results/causal_val
+    python benchmarks/convergence.py --preset causal --ablation --out benchmarks/results/causal_ablation
+    python benchmarks/convergence.py --preset causal --ablation damping --out benchmarks/results/causal_damping
+    python benchmarks/convergence.py --preset classification --seeds 0 1 2 --out benchmarks/results/cls_val
+
+Method specs: `name[+prec][:key=value,...]`; the options go to `lorafa.InitConfig(method=name, **options)` (to
+PEFT's `LoraGAConfig` for peft_lora_ga), e.g. `lora_fa+prec:stable_gamma=16`,
+`lora_fa:target=natural,scale=kfac,offset=partial`, `lora_fa:target=natural,reg=1e-2`,
+`lora_one:rank=auto,rank_rule=importance`. Values are read as int, else float, else string. Names: lora, pissa,
+olora, peft_lora_ga (PEFT's), lora_ga, lora_one, lora_fa, corda, eva, milora, full (full fine-tuning).
+`--ablation [design|damping]` runs a named list of specs (`ABLATIONS`).
+
+Run file (`runs/<spec slug>_lr<lr>_s<seed>.json`, format 2): method, lr, seed, format, device, n_val, n_test,
+init_s, init_peak_mb, curve ([[step, test loss], ...]: the key old results use), val_curve ([[step, val loss], ...]),
+seconds ([init_s + training seconds at each evaluation point]), train_s (training only), eval_s, train_losses,
+final_loss (test; inf if diverged), final_val_loss, diverged_at (if so), test_acc (classification).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 
@@ -33,8 +68,34 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import MALLOC_ENV, PeakMemory, device_info, pick_device, save_figure, timed, write_json, write_table  # noqa: E402
 
+FORMAT = 2  # the run-file format: 2 = validation-split protocol; runs without "val_curve" are legacy (format 1)
+VAL_SEED = 7919  # the validation problems are one fixed draw, the same for every seed
 PEFT_INITS = {"lora": True, "pissa": "pissa", "olora": "olora", "peft_lora_ga": "lora_ga"}
 METHODS = ["lora", "pissa", "olora", "peft_lora_ga", "lora_ga", "lora_one", "lora_fa", "lora_fa+prec"]
+
+# The init ablation (SPEC §2.5, §6). LoRA-FA's target {gradient, natural} × scale {stable, kfac, line_search} ×
+# offset {none, partial} is a 10-of-12 fractional design: at offset=none the baseline (gradient, stable) and each
+# factor changed alone; at offset=partial all six target × scale cells. So every main effect is measured against the
+# baseline, and every two-factor interaction at one level of the third (target × scale at partial; target × offset
+# at stable; scale × offset at gradient). Left out: (natural, kfac, none) and (natural, line_search, none).
+ABLATION = [
+    "lora", "pissa", "peft_lora_ga", "lora_ga", "lora_one", "eva",
+    "lora_fa:target=gradient,scale=stable,offset=none",
+    "lora_fa:target=natural,scale=stable,offset=none",
+    "lora_fa:target=gradient,scale=kfac,offset=none",
+    "lora_fa:target=gradient,scale=line_search,offset=none",
+    "lora_fa:target=gradient,scale=stable,offset=partial",
+    "lora_fa:target=natural,scale=stable,offset=partial",
+    "lora_fa:target=gradient,scale=kfac,offset=partial",
+    "lora_fa:target=natural,scale=kfac,offset=partial",
+    "lora_fa:target=gradient,scale=line_search,offset=partial",
+    "lora_fa:target=natural,scale=line_search,offset=partial",
+    "lora_fa:rank=auto,rank_rule=energy",
+    "lora_one:rank=auto,rank_rule=importance",
+]
+# The damping sweep of the natural-gradient target (λ relative to tr/dim, SPEC §2.5), default LoRA as the reference.
+DAMPING = ["lora"] + [f"lora_fa:target=natural,reg={reg}" for reg in ("1e-4", "1e-3", "1e-2", "1e-1")]
+ABLATIONS = {"design": ABLATION, "damping": DAMPING}
 
 
 @dataclasses.dataclass
@@ -52,12 +113,14 @@ class Preset:
     init_bsz: int
     init_iters: int
     warmup: float = 0.05
+    n_val: int = 64
 
 
 PRESETS = {
-    # the issue's reference set-up: SmolLM2-135M, GSM8K, r=8 on q,k,v,o, batch 4
+    # the issue's reference set-up: SmolLM2-135M, GSM8K, r=8 on q,k,v,o, batch 4; 64 test problems (was 24: see the
+    # measured costs in the module docstring)
     "causal": Preset("smollm2-135m-instruct", "gsm8k", ["q_proj", "k_proj", "v_proj", "o_proj"], batch=4, steps=40,
-                     eval_every=10, n_heldout=24, max_length=192, lrs=[5e-5, 2e-4, 8e-4], full_lrs=[2e-5],
+                     eval_every=10, n_heldout=64, max_length=192, lrs=[5e-5, 2e-4, 8e-4], full_lrs=[2e-5],
                      init_bsz=4, init_iters=8),
     # the runner's classification preset: all-MiniLM-L6-v2 on rotten_tomatoes, LoRA on q,k,v
     # (batch 16 and 48 tokens, 90% of the reviews whole, so that 2 variants × 9 methods × 3 seeds fit on 2 CPU cores)
@@ -68,14 +131,21 @@ PRESETS = {
 
 
 def parse_spec(spec: str) -> tuple[str, bool, dict]:
-    """`lora_fa+prec:stable_gamma=16` -> ("lora_fa", True, {"stable_gamma": 16.0})."""
+    """`lora_fa+prec:stable_gamma=16` -> ("lora_fa", True, {"stable_gamma": 16}); values are int, else float, else
+    string (`rank=auto` -> "auto", `reg=1e-2` -> 0.01, `offset=none` -> "none")."""
     head, _, opts = spec.partition(":")
     name, _, flag = head.partition("+")
     if flag not in ("", "prec"):
         raise ValueError(f"Unknown flag +{flag} in {spec!r}: the only flag is +prec (the prec_reg preconditioner).")
+    if not name:
+        raise ValueError(f"No method name in spec {spec!r}.")
     options = {}
     for item in filter(None, opts.split(",")):
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"Option {item!r} in {spec!r} is not key=value.")
+        if key in options:
+            raise ValueError(f"Option {key!r} is set twice in {spec!r}.")
         for cast in (int, float, str):
             try:
                 options[key] = cast(value)
@@ -83,6 +153,28 @@ def parse_spec(spec: str) -> tuple[str, bool, dict]:
             except ValueError:
                 continue
     return name, flag == "prec", options
+
+
+def check_spec(spec: str, p: Preset, seed: int = 0) -> None:
+    """Raise (ValueError/TypeError) now, not after hours of runs, if the spec's options are not valid for its method:
+    lorafa methods build their `InitConfig`."""
+    name, _, options = parse_spec(spec)
+    if name == "full" or name in PEFT_INITS:
+        if options and name != "peft_lora_ga":
+            raise ValueError(f"{spec!r}: {name} takes no options.")
+        return
+    from lorafa import InitConfig
+
+    InitConfig(method=name, bsz=p.init_bsz, iters=p.init_iters, seed=seed, **options)
+
+
+def spec_slug(spec: str) -> str:
+    """A filesystem-safe file-name stem for a spec, unique per spec: the spec itself where it has only [A-Za-z0-9_.+-],
+    else a readable form (`:`/`,` -> `_`, `=` -> `-`) plus 8 hex digits of the spec's SHA-1."""
+    if re.fullmatch(r"[A-Za-z0-9_.+-]+", spec):
+        return spec
+    readable = re.sub(r"[^A-Za-z0-9_.+-]+", "_", spec.replace("=", "-")).strip("_")
+    return f"{readable}_{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
 
 
 # -- data and model --------------------------------------------------------------------------------------------
@@ -102,11 +194,36 @@ def load_everything(p: Preset, args, device, dtype):
     return task, model.to(device), tok, collate
 
 
-def train_order(task, p: Preset, seed: int) -> list[list[int]]:
+def data_split(n_train: int, n_val: int, n_init: int, seed: int) -> dict[str, list[int]]:
+    """Three disjoint sets of indices into task.train: `val` (n_val problems, one fixed draw, the same for every
+    seed), `init` (the n_init problems of the init statistics batches, in batch order, drawn with `seed`) and
+    `train` (all the others, ascending: the pool the seeded training order draws from)."""
+    if n_val < 1 or n_init < 0 or n_val + n_init >= n_train:
+        raise ValueError(f"cannot split {n_train} training examples into {n_val} validation, {n_init} init "
+                         "and at least one training example")
+    val = torch.randperm(n_train, generator=torch.Generator().manual_seed(VAL_SEED))[:n_val]
+    keep = torch.ones(n_train, dtype=torch.bool)
+    keep[val] = False
+    pool = keep.nonzero().squeeze(1)
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    return {"val": val.tolist(), "init": pool[perm[:n_init]].tolist(),
+            "train": pool[perm[n_init:]].sort().values.tolist()}
+
+
+def train_order(pool: list[int], p: Preset, seed: int) -> list[list[int]]:
+    """The training batches (indices into task.train, drawn from `pool` only): p.steps batches of p.batch, in a
+    permutation seeded by 1000 + seed, repeated if the pool is smaller than steps × batch."""
     g = torch.Generator().manual_seed(1000 + seed)
     need = p.batch * p.steps
-    idx = torch.cat([torch.randperm(len(task.train), generator=g) for _ in range(math.ceil(need / len(task.train)))])
+    pool_t = torch.tensor(pool, dtype=torch.long)
+    idx = torch.cat([pool_t[torch.randperm(len(pool), generator=g)] for _ in range(math.ceil(need / len(pool)))])
     return idx[:need].view(p.steps, p.batch).tolist()
+
+
+def init_batches(task, collate, p: Preset, init_idx: list[int]) -> list[dict]:
+    """The init statistics batches: init_iters batches of init_bsz, from `data_split(...)["init"]`."""
+    rows = torch.tensor(init_idx[: p.init_bsz * p.init_iters]).view(p.init_iters, p.init_bsz).tolist()
+    return [collate([task.train[i] for i in idx]) for idx in rows]
 
 
 def to_device(batch: dict, device) -> dict:
@@ -115,7 +232,7 @@ def to_device(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def heldout(model, examples, collate, device, batch_size=16) -> dict:
-    """Mean loss over the held-out set (answer tokens for causal LMs, examples for classifiers) and accuracy."""
+    """Mean loss over a held-out set (answer tokens for causal LMs, examples for classifiers) and accuracy."""
     was = model.training
     model.eval()
     total, weight, correct, is_cls = 0.0, 0, 0, False
@@ -134,12 +251,14 @@ def heldout(model, examples, collate, device, batch_size=16) -> dict:
 
 
 # -- linear probe (classification) --------------------------------------------------------------------------------
-def probe_head(model, task, collate, device, seed: int, n: int = 1024, iters: int = 300) -> dict:
-    """Fit the classification head on frozen features (logistic regression, full batch); returns its state dict."""
+def probe_head(model, task, collate, device, seed: int, exclude=(), n: int = 1024, iters: int = 300) -> dict:
+    """Fit the classification head on frozen features (logistic regression, full batch) of the first `n` training
+    reviews not in `exclude` (the validation problems); returns its state dict."""
     head = model.classifier
     feats, labels = [], []
     handle = head.register_forward_hook(lambda m, a, o: feats.append(a[0].detach()))
-    rows = task.train[:n]
+    skip = set(exclude)
+    rows = [task.train[i] for i in range(len(task.train)) if i not in skip][:n]
     with torch.no_grad():
         model.eval()
         for i in range(0, len(rows), 64):
@@ -167,14 +286,12 @@ def lora_config(p: Preset, args, task, init):
                       task_type=TaskType.CAUSAL_LM if task.kind == "causal_lm" else TaskType.SEQ_CLS)
 
 
-def build(spec: str, model, task, collate, p: Preset, args, seed: int, device):
-    """The model to train (PEFT or full), after the method's init."""
+def build(spec: str, model, task, collate, p: Preset, args, seed: int, device, init_idx: list[int]):
+    """The model to train (PEFT or full), after the method's init from the statistics batches of `init_idx`."""
     from peft import get_peft_model
 
     name, _, options = parse_spec(spec)
-    init_batches = [collate([task.train[i] for i in idx]) for idx in
-                    torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed))
-                    [: p.init_bsz * p.init_iters].view(p.init_iters, p.init_bsz).tolist()]
+    batches = init_batches(task, collate, p, init_idx)
     if name == "full":
         model.requires_grad_(True)
         return model
@@ -187,7 +304,7 @@ def build(spec: str, model, task, collate, p: Preset, args, seed: int, device):
             cfg.lora_ga_config = LoraGAConfig(**options)
 
             def train_step():
-                for b in init_batches:
+                for b in batches:
                     model(**to_device(b, device)).loss.backward()
 
             preprocess_loraga(model, cfg, train_step)
@@ -196,7 +313,7 @@ def build(spec: str, model, task, collate, p: Preset, args, seed: int, device):
 
     init = InitConfig(method=name, bsz=p.init_bsz, iters=p.init_iters, seed=seed, **options)
     return initialize(model, lora_config(p, args, task, True), init,
-                      batches=[to_device(b, device) for b in init_batches], progress=False)
+                      batches=[to_device(b, device) for b in batches], progress=False)
 
 
 def optimizer(model, lr: float, prec: bool, args):
@@ -215,6 +332,11 @@ def schedule(step: int, p: Preset) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, p.steps - warm)))
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def run_one(job: dict) -> dict:
     """Init + train + evaluate one (method, lr, seed); returns the result dict (and writes it to job["path"])."""
     args, p = argparse.Namespace(**job["args"]), Preset(**job["preset"])
@@ -226,20 +348,33 @@ def run_one(job: dict) -> dict:
         model.classifier.load_state_dict(torch.load(job["probe"]))
     seed = job["seed"]
     torch.manual_seed(seed)
-    heldout_set = task.test[: p.n_heldout]
-    res = {"method": job["method"], "lr": job["lr"], "seed": seed, "device": device_info()}
-    res["base_loss"] = heldout(model, heldout_set, collate, device)["loss"]  # before any init
+    split = data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, seed)
+    test_set, val_set = task.test[: p.n_heldout], [task.train[i] for i in split["val"]]
+    res = {"format": FORMAT, "method": job["method"], "lr": job["lr"], "seed": seed, "device": device_info(),
+           "n_val": len(val_set), "n_test": len(test_set)}
     with PeakMemory(device) as mem, timed(device) as t:
-        model = build(job["method"], model, task, collate, p, args, seed, device)
+        model = build(job["method"], model, task, collate, p, args, seed, device, split["init"])
     res["init_s"], res["init_peak_mb"] = t["s"], mem.mb
-    res["curve"] = [[0, heldout(model, heldout_set, collate, device)["loss"]]]  # after init
+    res.update(curve=[], val_curve=[], seconds=[])
+    eval_s = 0.0
+
+    def evaluate(step: int, clock: float) -> None:  # both losses and the wall seconds so far (init + training)
+        nonlocal eval_s
+        t0 = time.perf_counter()
+        res["curve"].append([step, heldout(model, test_set, collate, device)["loss"]])
+        res["val_curve"].append([step, heldout(model, val_set, collate, device)["loss"]])
+        res["seconds"].append(clock)
+        eval_s += time.perf_counter() - t0
+
+    evaluate(0, res["init_s"])  # after the init
     _, prec, _ = parse_spec(job["method"])
     opt = optimizer(model, job["lr"], prec, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, p))
     model.train()
-    train_losses = []
-    t0 = time.perf_counter()
-    for step, idx in enumerate(train_order(task, p, seed), start=1):
+    train_losses, train_s = [], 0.0
+    for step, idx in enumerate(train_order(split["train"], p, seed), start=1):
+        _sync(device)
+        t0 = time.perf_counter()
         loss = model(**to_device(collate([task.train[i] for i in idx]), device)).loss
         if not torch.isfinite(loss):
             res["diverged_at"] = step
@@ -249,24 +384,80 @@ def run_one(job: dict) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
         train_losses.append(loss.item())
+        _sync(device)
+        train_s += time.perf_counter() - t0
         if step % p.eval_every == 0 or step == p.steps:
-            res["curve"].append([step, heldout(model, heldout_set, collate, device)["loss"]])
-    res["train_s"] = time.perf_counter() - t0
-    res["train_losses"] = train_losses
+            evaluate(step, res["init_s"] + train_s)
+    res["train_s"], res["eval_s"], res["train_losses"] = train_s, eval_s, train_losses
     if task.kind == "classification":
         res["test_acc"] = heldout(model, task.test, collate, device, batch_size=64)["acc"]
-    res["final_loss"] = res["curve"][-1][1] if "diverged_at" not in res else float("inf")
+    diverged = "diverged_at" in res
+    res["final_loss"] = float("inf") if diverged else res["curve"][-1][1]
+    res["final_val_loss"] = float("inf") if diverged else res["val_curve"][-1][1]
     write_json(job["path"], res)
     return res
 
 
-# -- orchestration ----------------------------------------------------------------------------------------------
+# -- choosing the learning rate ---------------------------------------------------------------------------------
 def mid(lrs: list) -> float:
     return sorted(lrs)[len(lrs) // 2]
 
 
+def grid_ratio(lrs: list, default: float = 4.0) -> float:
+    """The grid's own geometric ratio, (max/min)^(1/(n-1)); `default` for a one-rate grid."""
+    lrs = sorted(lrs)
+    return (lrs[-1] / lrs[0]) ** (1 / (len(lrs) - 1)) if len(lrs) > 1 and lrs[-1] > lrs[0] else default
+
+
+def _norm_lr(lr: float) -> float:
+    return float(f"{lr:.6g}")  # 8e-4 × 4 is 0.0032, not 0.0032000000000000002 (run-file names, dict keys)
+
+
+def _finite(x) -> float:
+    return x if x is not None and math.isfinite(x) else math.inf  # diverged (inf) and NaN rank last
+
+
+def choose_rate(losses: dict) -> tuple[float, str | None]:
+    """The best rate of {lr: final validation loss} (ties and all-diverged: the lower rate) and where it lies among the
+    rates run: None (interior: bracketed), "low", "high" (an edge), or "both" (the only rate run)."""
+    clean = {lr: _finite(v) for lr, v in losses.items()}
+    best = min(clean, key=lambda lr: (clean[lr], lr))
+    lo, hi = min(clean), max(clean)
+    return best, ("both" if lo == hi else "low" if best == lo else "high" if best == hi else None)
+
+
+def next_rates(losses: dict, grid: list, ratio: float, max_extend: int = 3, full_grid: bool = False) -> dict:
+    """What to run next for one method, from its {lr: final validation loss} at the first seed so far.
+
+    1. The grid's middle rate and those above it (all of the grid with `full_grid`).
+    2. The rates below the middle only if the best so far is the lowest rate run (otherwise, with a loss unimodal in
+       the rate, they cannot win).
+    3. While the best is the lowest (highest) rate run, one rate `ratio` below (above) it, at most `max_extend` rates
+       past each end of the grid.
+
+    Returns {"next": [rates], "best": rate or None, "edge": as `choose_rate`, "done": bool}; done with "edge" None
+    means the best rate is bracketed, done with an edge means the cap was reached.
+    """
+    grid = sorted(grid)
+    centre = mid(grid)
+    first = [lr for lr in grid if (full_grid or lr >= centre) and lr not in losses]
+    if first:
+        return {"next": first, "best": None, "edge": None, "done": False}
+    best, edge = choose_rate(losses)
+    lower = [lr for lr in grid if lr not in losses]
+    if lower and edge in ("low", "both"):
+        return {"next": lower, "best": best, "edge": edge, "done": False}
+    nxt = []
+    if edge in ("low", "both") and sum(lr < grid[0] * (1 - 1e-9) for lr in losses) < max_extend:
+        nxt.append(_norm_lr(min(losses) / ratio))
+    if edge in ("high", "both") and sum(lr > grid[-1] * (1 + 1e-9) for lr in losses) < max_extend:
+        nxt.append(_norm_lr(max(losses) * ratio))
+    return {"next": nxt, "best": best, "edge": edge, "done": not nxt}
+
+
+# -- orchestration ----------------------------------------------------------------------------------------------
 def run_id(method: str, lr: float, seed: int) -> str:
-    return f"{method.replace(':', '_').replace(',', '_').replace('=', '')}_lr{lr:g}_s{seed}"
+    return f"{spec_slug(method)}_lr{lr:g}_s{seed}"
 
 
 def run_jobs(jobs: list[dict], n_parallel: int, run: bool = True) -> list[dict]:
@@ -277,8 +468,8 @@ def run_jobs(jobs: list[dict], n_parallel: int, run: bool = True) -> list[dict]:
         ctx = mp.get_context("spawn")
         with ctx.Pool(n_parallel, maxtasksperchild=1) as pool:
             for r in pool.imap_unordered(run_one, todo):
-                logging.info("%-32s lr=%g seed=%d final=%.4f init %.1fs", r["method"], r["lr"], r["seed"],
-                             r["final_loss"], r["init_s"])
+                logging.info("%-32s lr=%g seed=%d val=%.4f test=%.4f init %.1fs", r["method"], r["lr"], r["seed"],
+                             r["final_val_loss"], r["final_loss"], r["init_s"])
     return [json.load(open(j["path"])) for j in jobs if os.path.exists(j["path"])]
 
 
@@ -290,11 +481,85 @@ def steps_to_reach(curve: list, target: float) -> float | None:
     return None
 
 
-def summary_tables(results: list[dict], methods: list[str]) -> dict:
+def seconds_to_reach(run: dict, target: float) -> float | None:
+    """The same on the wall-seconds axis (`run["seconds"]`: init + training seconds at each evaluation point)."""
+    return steps_to_reach([[s, loss] for s, (_, loss) in zip(run["seconds"], run["curve"])], target)
+
+
+def is_legacy(results: list[dict]) -> bool:
+    """Runs written before format 2 (no validation curve: their rate was chosen on the test loss)."""
+    return any("val_curve" not in r for r in results)
+
+
+def _ms(vals, digits=3):
+    import statistics as st
+
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return f"{st.mean(vals):.{digits}f}" + (f" ± {st.stdev(vals):.{digits}f}" if len(vals) > 1 else "")
+
+
+def summary_tables(results: list[dict], methods: list[str], first_seed: int | None = None) -> dict:
     """The summary of a set of runs, without writing anything: `rows` (the summary table, one per method, as
-    strings), `grid` (final loss per rate at the first seed), and the numbers behind them: `best_lr` and `best`
-    (method -> its runs at that rate), `target` (default LoRA's mean final loss) and `ref_steps` (default LoRA's mean
-    steps to it, the last step where a seed does not reach it)."""
+    strings), `grid` (final validation loss per rate at the first seed), and the numbers behind them: `best_lr` and
+    `best` (method -> its runs at that rate), `edge` (method -> None if its rate is bracketed, else the edge),
+    `target` (default LoRA's mean final test loss), `ref_steps` and `ref_seconds` (default LoRA's mean steps and
+    seconds to it; the last evaluation where a seed does not reach it) and `legacy`. Legacy runs (format 1) are
+    summarised as they were: rate chosen on the final test loss (`legacy_summary_tables`)."""
+    if is_legacy(results):
+        return legacy_summary_tables(results, methods)
+    import statistics as st
+
+    if first_seed is None:
+        first_seed = min(r["seed"] for r in results)
+    best_lr, edge, grid = {}, {}, []
+    for m in methods:
+        seed0 = [r for r in results if r["method"] == m and r["seed"] == first_seed]
+        if not seed0:
+            continue
+        best_lr[m], edge[m] = choose_rate({r["lr"]: r["final_val_loss"] for r in seed0})
+        for r in sorted(seed0, key=lambda r: r["lr"]):
+            grid.append({"method": m, "lr": f"{r['lr']:g}", "final val loss": r["final_val_loss"],
+                         "chosen": "✓" if r["lr"] == best_lr[m] else None})
+    methods = [m for m in methods if m in best_lr]
+    best = {m: sorted((r for r in results if r["method"] == m and r["lr"] == best_lr[m]), key=lambda r: r["seed"])
+            for m in methods}
+    ref = "lora" if "lora" in best else methods[0]
+    target = st.mean(r["final_loss"] for r in best[ref])
+    ref_steps = st.mean(steps_to_reach(r["curve"], target) or r["curve"][-1][0] for r in best[ref])
+    ref_seconds = st.mean(seconds_to_reach(r, target) or r["seconds"][-1] for r in best[ref])
+    rows = []
+    for m in methods:
+        rs = best[m]
+        steps = [x for x in (steps_to_reach(r["curve"], target) for r in rs) if x is not None]
+        secs = [x for x in (seconds_to_reach(r, target) for r in rs) if x is not None]
+        all_reach = len(steps) == len(rs)
+        rows.append({
+            "method": m, "chosen lr": f"{best_lr[m]:g}",
+            "bracketed": "yes" if edge[m] is None else "edge (one rate)" if edge[m] == "both" else f"edge ({edge[m]})",
+            "seeds": len(rs),
+            "final val loss": _ms([r["final_val_loss"] for r in rs]),
+            "test loss at 0": _ms([r["curve"][0][1] for r in rs]),
+            "final test loss": _ms([r["final_loss"] for r in rs]),
+            f"steps to {target:.3f}": _ms(steps, 1) if all_reach else f"{len(steps)}/{len(rs)} reach",
+            f"seconds to {target:.3f} (incl. init)": _ms(secs, 0) if all_reach else f"{len(secs)}/{len(rs)} reach",
+            "step speed-up": f"{ref_steps / st.mean(steps):.2f}×" if all_reach and st.mean(steps) > 0 else None,
+            "time speed-up": f"{ref_seconds / st.mean(secs):.2f}×" if all_reach and st.mean(secs) > 0 else None,
+            "test acc": _ms([r.get("test_acc") for r in rs]),
+            "init s": _ms([r["init_s"] for r in rs], 1), "init peak MB": _ms([r["init_peak_mb"] for r in rs], 0),
+        })
+    if all(r["test acc"] is None for r in rows):
+        for r in rows:
+            del r["test acc"]
+    return {"rows": rows, "grid": grid, "best_lr": best_lr, "best": best, "edge": edge, "target": target,
+            "ref_steps": ref_steps, "ref_seconds": ref_seconds, "legacy": False}
+
+
+def legacy_summary_tables(results: list[dict], methods: list[str]) -> dict:
+    """The format-1 summary (runs without a validation curve): each method's rate is the one with the lowest final
+    *test* loss at the first seed, and no bracketing, seconds or validation columns. Kept so the results committed
+    before format 2 still summarise (and their generated tables still check) as they were written."""
     import statistics as st
 
     best_lr, grid = {}, []
@@ -312,41 +577,43 @@ def summary_tables(results: list[dict], methods: list[str]) -> dict:
         rs = best[m]
         steps = [steps_to_reach(r["curve"], target) for r in rs]
         reached = [s for s in steps if s is not None]
-
-        def ms(vals, digits=3):
-            vals = [v for v in vals if v is not None]
-            if not vals:
-                return None
-            return f"{st.mean(vals):.{digits}f}" + (f" ± {st.stdev(vals):.{digits}f}" if len(vals) > 1 else "")
-
         rows.append({
             "method": m, "best lr": f"{best_lr[m]:g}", "seeds": len(rs),
-            "loss at 0": ms([r["curve"][0][1] for r in rs]),
-            "final loss": ms([r["final_loss"] for r in rs]),
-            f"steps to {target:.3f}": ms(reached, 1) if len(reached) == len(rs) else f"{len(reached)}/{len(rs)} reach",
+            "loss at 0": _ms([r["curve"][0][1] for r in rs]),
+            "final loss": _ms([r["final_loss"] for r in rs]),
+            f"steps to {target:.3f}": _ms(reached, 1) if len(reached) == len(rs) else f"{len(reached)}/{len(rs)} reach",
             "speed-up": f"{ref_steps / st.mean(reached):.2f}×" if len(reached) == len(rs) and reached else None,
-            "test acc": ms([r.get("test_acc") for r in rs]),
-            "init s": ms([r["init_s"] for r in rs], 1), "init peak MB": ms([r["init_peak_mb"] for r in rs], 0),
+            "test acc": _ms([r.get("test_acc") for r in rs]),
+            "init s": _ms([r["init_s"] for r in rs], 1), "init peak MB": _ms([r["init_peak_mb"] for r in rs], 0),
         })
-    return {"rows": rows, "grid": grid, "best_lr": best_lr, "best": best, "target": target, "ref_steps": ref_steps}
+    return {"rows": rows, "grid": grid, "best_lr": best_lr, "best": best, "edge": {}, "target": target,
+            "ref_steps": ref_steps, "ref_seconds": None, "legacy": True}
 
 
-def summarise(results: list[dict], methods: list[str], out: str, title: str) -> str:
-    s = summary_tables(results, methods)
+def summarise(results: list[dict], methods: list[str], out: str, title: str, first_seed: int | None = None) -> str:
+    s = summary_tables(results, methods, first_seed)
+    if s["legacy"]:
+        title += " (legacy protocol: rate chosen on the test loss)"
     md = write_table(s["rows"], list(s["rows"][0]), os.path.join(out, "summary"), title)
-    md += "\n" + write_table(s["grid"], ["method", "lr", "final_loss"], os.path.join(out, "lr_grid"),
-                             "Learning-rate grid (final held-out loss, first seed)")
-    plot(s["best"], s["grid"], methods, s["target"], out, title)
-    plot_bars(s["best"], methods, s["target"], s["ref_steps"], out, title)
+    if s["legacy"]:
+        md += "\n" + write_table(s["grid"], ["method", "lr", "final_loss"], os.path.join(out, "lr_grid"),
+                                 "Learning-rate grid (final held-out loss, first seed)")
+    else:
+        md += "\n" + write_table(s["grid"], ["method", "lr", "final val loss", "chosen"], os.path.join(out, "lr_grid"),
+                                 "Learning-rate grid (final validation loss, first seed)")
+    plot(s, out, title)
+    plot_bars(s, out, title)
     return md
 
 
 def saved_runs(out: str) -> tuple[list[dict], list[str]]:
     """The runs cached under `<out>/runs/` and the method order of the benchmark that wrote `<out>/meta.json`
-    (`--methods`, then `full` with `--full`): what `--summary-only` summarises, read without torch or the data."""
+    (its `methods`; before format 2: `--methods`, then `full` with `--full`): what `--summary-only` summarises, read
+    without torch or the data."""
     with open(os.path.join(out, "meta.json")) as f:
-        args = json.load(f)["args"]
-    methods = list(args["methods"] or METHODS) + (["full"] if args.get("full") else [])
+        meta = json.load(f)
+    args = meta["args"]
+    methods = meta.get("methods") or list(args["methods"] or METHODS) + (["full"] if args.get("full") else [])
     runs_dir = os.path.join(out, "runs")
     results = []
     for name in sorted(os.listdir(runs_dir)):
@@ -356,41 +623,69 @@ def saved_runs(out: str) -> tuple[list[dict], list[str]]:
     return results, [m for m in methods if any(r["method"] == m for r in results)]
 
 
-def plot(best: dict, grid: list, methods: list, target: float, out: str, title: str) -> None:
+def first_seed(out: str) -> int | None:
+    """The seed the rates were chosen at (`--seeds`' first, from `<out>/meta.json`); None for a legacy results dir
+    (the summary then uses the smallest seed, as format 1 did)."""
+    with open(os.path.join(out, "meta.json")) as f:
+        meta = json.load(f)
+    return meta["args"]["seeds"][0] if meta.get("format", 1) >= 2 else None
+
+
+def _line_style(m: str) -> str:
+    return "-" if not m.startswith(("lora", "pissa", "olora", "peft", "full")) or "_" in m else "--"
+
+
+def plot(s: dict, out: str, title: str) -> None:
+    """Test loss per step at each method's rate (mean over seeds); against wall seconds incl. the init (format 2);
+    and the learning-rate grid (final validation loss; test loss for legacy runs)."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for m in methods:
-        curves = [r["curve"] for r in best[m]]
-        steps = [s for s, _ in curves[0]]
-        mean = [sum(c[i][1] for c in curves) / len(curves) for i in range(len(steps))]
-        ax.plot(steps, mean, marker="o", ms=3, label=f"{m} (lr {best[m][0]['lr']:g})",
-                ls="-" if not m.startswith(("lora", "pissa", "olora", "peft", "full")) or "_" in m else "--")
-    ax.axhline(target, color="gray", lw=0.8, ls=":")
+    best, methods, target, legacy = s["best"], list(s["best"]), s["target"], s["legacy"]
+    fig, axes = plt.subplots(1, 2 if legacy else 3, figsize=(13 if legacy else 19, 4.5))
     ref = best["lora"] if "lora" in best else best[methods[0]]
-    ax.set_ylim(target - 0.25 * (ref[0]["curve"][0][1] - target), ref[0]["curve"][0][1] * 1.05)  # outliers clipped
-    ax.set(xlabel="step", ylabel="held-out loss", title=f"{title}: best lr per method")
-    ax.legend(fontsize=7)
+    top = ref[0]["curve"][0][1]
+    for ax, xkey in zip(axes, ["step"] if legacy else ["step", "seconds"]):
+        for m in methods:
+            runs = best[m]
+            n = min(len(r["curve"]) for r in runs)
+            ys = [sum(r["curve"][i][1] for r in runs) / len(runs) for i in range(n)]
+            xs = ([runs[0]["curve"][i][0] for i in range(n)] if xkey == "step" else
+                  [sum(r["seconds"][i] for r in runs) / len(runs) for i in range(n)])
+            ax.plot(xs, ys, marker="o", ms=3, label=f"{m} (lr {best[m][0]['lr']:g})", ls=_line_style(m))
+        ax.axhline(target, color="gray", lw=0.8, ls=":")
+        ax.set_ylim(target - 0.25 * (top - target), top * 1.05)  # outliers clipped
+        ax.set(xlabel="step" if xkey == "step" else "wall seconds (statistics pass + init + training)",
+               ylabel="test loss", title=f"{title}: chosen lr per method" if xkey == "step" else "against wall time")
+        ax.legend(fontsize=6)
+    ax2, key = axes[-1], "final_loss" if legacy else "final val loss"
     for m in methods:
-        pts = sorted((float(g["lr"]), g["final_loss"]) for g in grid if g["method"] == m)
-        ax2.plot([a for a, _ in pts], [b if math.isfinite(b) else float("nan") for _, b in pts], marker="o", label=m)
-    ax2.set(xscale="log", xlabel="learning rate", ylabel="final held-out loss", title="learning-rate grid")
+        pts = sorted((float(g["lr"]), g[key]) for g in s["grid"] if g["method"] == m)
+        line, = ax2.plot([a for a, _ in pts], [b if math.isfinite(b) else float("nan") for _, b in pts], marker="o",
+                         label=m)
+        chosen = [(float(g["lr"]), g[key]) for g in s["grid"] if g["method"] == m and g.get("chosen")]
+        if chosen:  # the rate chosen on the validation loss
+            ax2.plot(*zip(*chosen), marker="*", ms=14, color=line.get_color(), ls="none")
+    ax2.set(xscale="log", xlabel="learning rate", ylabel="final held-out loss" if legacy else "final validation loss",
+            title="learning-rate grid (first seed)")
     ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=6)
     save_figure(fig, os.path.join(out, "convergence.png"))
     plt.close(fig)
 
 
-def plot_bars(best: dict, methods: list, target: float, ref_steps: float, out: str, title: str) -> None:
-    """Bars per method (best rate, mean over seeds): speed-up, final loss, test accuracy, init time, init memory."""
+def plot_bars(s: dict, out: str, title: str) -> None:
+    """Bars per method (chosen rate, mean over seeds): speed-ups, final test loss, test accuracy, init time and
+    memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    best, methods, target = s["best"], list(s["best"]), s["target"]
 
     def mean(m, f):
         vals = [f(r) for r in best[m]]
@@ -398,17 +693,23 @@ def plot_bars(best: dict, methods: list, target: float, ref_steps: float, out: s
         return sum(vals) / len(vals) if vals else float("nan")
 
     def speed(r):
-        s = steps_to_reach(r["curve"], target)
-        return ref_steps / s if s else 0.0
+        x = steps_to_reach(r["curve"], target)
+        return s["ref_steps"] / x if x else 0.0
 
-    panels = [("speed-up to default LoRA's final loss\n(×, mean over seeds, 0 = not reached)", speed), ("final held-out loss", lambda r: r["final_loss"]),
+    def time_speed(r):
+        x = seconds_to_reach(r, target) if "seconds" in r else None
+        return s["ref_seconds"] / x if x and s["ref_seconds"] else 0.0
+
+    panels = [("step speed-up to default LoRA's final loss\n(×, mean over seeds, 0 = not reached)", speed),
+              ("time speed-up (incl. statistics + init)", None if s["legacy"] else time_speed),
+              ("final test loss", lambda r: r["final_loss"]),
               ("test accuracy", lambda r: r.get("test_acc")), ("init wall time (s)", lambda r: r["init_s"]),
               ("init peak memory (MB)", lambda r: r["init_peak_mb"])]
-    panels = [p for p in panels if any(p[1](r) is not None for m in methods for r in best[m])]
+    panels = [p for p in panels if p[1] is not None and any(p[1](r) is not None for m in methods for r in best[m])]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4))
     for ax, (label, f) in zip(axes, panels):
         ax.bar(range(len(methods)), [mean(m, f) for m in methods], color="tab:blue")
-        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=6)
         ax.set_title(label, fontsize=9)
     fig.suptitle(title)
     save_figure(fig, os.path.join(out, "summary.png"))
@@ -419,12 +720,18 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="causal")
     ap.add_argument("--methods", nargs="+", default=None, help=f"method specs (default: {' '.join(METHODS)})")
+    ap.add_argument("--ablation", nargs="?", const="design", choices=sorted(ABLATIONS), default=None,
+                    help="run a named list of specs (ABLATIONS; default 'design': the init ablation), after --methods")
     ap.add_argument("--full", action="store_true", help="add full fine-tuning as a reference row (own lr grid)")
     ap.add_argument("--lrs", nargs="+", type=float, default=None, help="shared learning-rate grid")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="the rate is chosen at the first; every method's chosen rate runs at each")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=None)
-    ap.add_argument("--n-heldout", type=int, default=None)
+    ap.add_argument("--n-heldout", type=int, default=None, help="test problems (task.test[:n])")
+    ap.add_argument("--n-val", type=int, default=None, help="validation problems carved from the training set (64)")
+    ap.add_argument("--max-extend", type=int, default=3,
+                    help="rates added past each end of the grid while the best validation rate is at that end")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16)
@@ -437,7 +744,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary-only", action="store_true", help="summarise the runs present, run nothing")
-    ap.add_argument("--full-grid", action="store_true", help="run every rate, not only the ones that can win")
+    ap.add_argument("--full-grid", action="store_true",
+                    help="run every rate of the grid, not only the ones that can win")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     preset = PRESETS[args.preset]
@@ -445,50 +753,77 @@ def main(argv=None) -> None:
         preset = dataclasses.replace(preset, batch=preset.batch * 4)
     p = dataclasses.replace(preset, **{k: v for k, v in dict(
         steps=args.steps, eval_every=args.eval_every, n_heldout=args.n_heldout, batch=args.batch,
-        lrs=args.lrs).items() if v is not None})
+        lrs=args.lrs, n_val=args.n_val).items() if v is not None})
     if args.probe and args.preset != "classification":
         ap.error("--probe is for the classification preset")
-    methods = args.methods or list(METHODS)
-    for m in methods:
-        parse_spec(m)
-    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    if args.max_extend < 0:
+        ap.error("--max-extend must be >= 0")
+    methods = list(args.methods or ([] if args.ablation else METHODS))
+    methods += [m for m in ABLATIONS.get(args.ablation, []) if m not in methods]
+    grid_methods = methods + (["full"] if args.full and "full" not in methods else [])
+    if len({spec_slug(m) for m in grid_methods}) != len(grid_methods):
+        ap.error("two method specs are the same")
+    title = f"{args.preset}{' (linear probe first)' if args.probe else ''}"
+
+    if args.summary_only:  # every run present, the old (format 1) results dirs included
+        results, saved = saved_runs(args.out)
+        chosen = [m for m in (args.methods or []) + ABLATIONS.get(args.ablation, []) if m in saved] or saved
+        print(summarise(results, chosen, args.out, title, first_seed=first_seed(args.out)))
+        return
+
+    for m in grid_methods:
+        try:
+            check_spec(m, p, args.seeds[0])
+        except (ValueError, TypeError) as e:
+            ap.error(f"method spec {m!r}: {e}")
+    runs_dir = os.path.join(args.out, "runs")
+    os.makedirs(runs_dir, exist_ok=True)
+    for name in os.listdir(runs_dir):
+        if name.endswith(".json") and "val_curve" not in json.load(open(os.path.join(runs_dir, name))):
+            ap.error(f"{args.out} holds legacy (format 1) runs, e.g. {name}: write the new protocol to another --out "
+                     "(or summarise the old one with --summary-only)")
+    meta = {"format": FORMAT, "methods": grid_methods, "preset": dataclasses.asdict(p), "args": vars(args),
+            "command": sys.argv}
+    write_json(os.path.join(args.out, "meta.json"), meta)
     os.environ.update(MALLOC_ENV)  # inherited by the spawned run processes (see common.PeakMemory)
     probe_files = {}
     if args.probe:
         device, dtype = pick_device(args.device)
         task, model, _, collate = load_everything(p, args, device, dtype)
+        val = data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, 0)["val"]  # the same for every seed
         for s in args.seeds:
             probe_files[s] = os.path.join(args.out, f"probe_head_s{s}.pt")
             if not os.path.exists(probe_files[s]):
                 torch.manual_seed(s)
                 tmp = probe_files[s] + ".tmp"
-                torch.save(probe_head(model, task, collate, device, s), tmp)
+                torch.save(probe_head(model, task, collate, device, s, exclude=val), tmp)
                 os.replace(tmp, probe_files[s])
         del model
 
     def job(m, lr, s):
         return {"method": m, "lr": lr, "seed": s, "args": vars(args), "preset": dataclasses.asdict(p),
-                "probe": probe_files.get(s), "path": os.path.join(args.out, "runs", run_id(m, lr, s) + ".json")}
+                "probe": probe_files.get(s), "path": os.path.join(runs_dir, run_id(m, lr, s) + ".json")}
 
-    grid_methods = methods + (["full"] if args.full else [])
     lrs_of = {m: (p.full_lrs if m == "full" else p.lrs) for m in grid_methods}
-    # the middle rate of every method first, then the higher one; the lower one only where the middle rate beat the
-    # higher one (with a loss unimodal in the rate, it cannot win otherwise). `--full-grid` runs every rate.
-    first = run_jobs([job(m, mid(lrs_of[m]), args.seeds[0]) for m in grid_methods], args.jobs, run=not args.summary_only)
-    first += run_jobs([job(m, lr, args.seeds[0]) for m in grid_methods for lr in sorted(lrs_of[m]) if lr > mid(lrs_of[m])],
-                      args.jobs, run=not args.summary_only)
-    final = {(r["method"], r["lr"]): r["final_loss"] for r in first}
-    lower = [job(m, lr, args.seeds[0]) for m in grid_methods for lr in sorted(lrs_of[m]) if lr < mid(lrs_of[m])
-             and (args.full_grid or all(final.get((m, mid(lrs_of[m])), 0) <= final.get((m, h), float("inf"))
-                                        for h in lrs_of[m] if h > mid(lrs_of[m])))]
-    first += run_jobs(lower, args.jobs, run=not args.summary_only)
-    best = {m: min((r for r in first if r["method"] == m), key=lambda r: r["final_loss"])["lr"] for m in grid_methods
-            if any(r["method"] == m for r in first)}
-    rest = run_jobs([job(m, best[m], s) for m in best for s in args.seeds[1:]], args.jobs, run=not args.summary_only)
-    title = f"{args.preset}{' (linear probe first)' if args.probe else ''}"
-    md = summarise(first + rest, [m for m in grid_methods if m in best], args.out, title)
-    meta = {"preset": dataclasses.asdict(p), "args": vars(args), "device": device_info(), "command": sys.argv}
-    write_json(os.path.join(args.out, "meta.json"), meta)
+    ratio_of = {m: grid_ratio(lrs_of[m], default=grid_ratio(p.lrs)) for m in grid_methods}
+    s0, first = args.seeds[0], []
+    while True:  # the grid at the first seed, extended until every best validation rate is bracketed or capped
+        todo = {}
+        for m in grid_methods:
+            losses = {r["lr"]: r["final_val_loss"] for r in first if r["method"] == m}
+            todo[m] = next_rates(losses, lrs_of[m], ratio_of[m], args.max_extend, args.full_grid)["next"]
+        # interleaved (every method's first rate, then every second one...) so an interrupted run leaves each some
+        jobs = [job(m, todo[m][i], s0) for i in range(max(map(len, todo.values()), default=0))
+                for m in grid_methods if i < len(todo[m])]
+        got = run_jobs(jobs, args.jobs) if jobs else []
+        if not got:
+            break
+        first += got
+    best = {m: choose_rate({r["lr"]: r["final_val_loss"] for r in first if r["method"] == m})[0]
+            for m in grid_methods if any(r["method"] == m for r in first)}
+    rest = run_jobs([job(m, best[m], s) for m in best for s in args.seeds[1:]], args.jobs) if args.seeds[1:] else []
+    md = summarise(first + rest, [m for m in grid_methods if m in best], args.out, title, first_seed=s0)
+    write_json(os.path.join(args.out, "meta.json"), dict(meta, device=device_info()))
     print(md)
 
 

@@ -39,6 +39,7 @@ from typing import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convergence  # noqa: E402
 import stats_cost  # noqa: E402
+import subspaces  # noqa: E402
 from common import markdown_table, read_table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +54,12 @@ MAIN_JOB = "docs/results/main_job/results.json"
 FIRST_COMMAND = "docs/results/main_job/first_command.json"
 CLASSIFICATION_JOB = "docs/results/classification/results.json"
 INIT_MEMORY = "benchmarks/results/init_memory"
+# the validation-split protocol (convergence.py's run format 2) and the subspace comparison (subspaces.py): their
+# blocks render a "not run yet" line until these folders are committed
+CAUSAL_VAL = "benchmarks/results/causal_val"
+CAUSAL_ABLATION = "benchmarks/results/causal_ablation"
+CAUSAL_DAMPING = "benchmarks/results/causal_damping"
+SUBSPACES = "benchmarks/results/subspaces_causal"
 
 BEGIN = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) \(python benchmarks/tables\.py\) -->[ \t]*$", re.M)
 END = re.compile(r"^<!-- /generated -->[ \t]*$", re.M)
@@ -73,7 +80,7 @@ def _runs_summary(root: str, results_dir: str) -> dict:
     """The same summary recomputed from the cached runs (`runs/*.json`) with convergence.py's own code, for the raw
     numbers the CSV rounds (steps to the reference loss, default LoRA's steps, per-seed accuracies)."""
     results, methods = convergence.saved_runs(_path(root, results_dir))
-    return convergence.summary_tables(results, methods)
+    return convergence.summary_tables(results, methods, convergence.first_seed(_path(root, results_dir)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,6 +130,40 @@ def render_cls_brief(root: str, random_head: str = CLS, probe_first: str = CLS_P
     header = ["init", "random head: best lr", "final loss", "test accuracy", "probe first: best lr", "final loss",
               "test accuracy"]
     return markdown_table(rows, ["init", "a_lr", "a_loss", "a_acc", "b_lr", "b_loss", "b_acc"], header=header)
+
+
+# -- the validation-split protocol (format 2) and the subspaces ---------------------------------------------------
+def _not_run(results_dir: str, command: str) -> str:
+    return f"_Not run yet: `{results_dir}/` is not committed (`{command}`)._\n"
+
+
+PROTOCOL_BRIEF = ["method", "chosen lr", "bracketed", "seeds", "final test loss", "steps to", "seconds to",
+                  "step speed-up", "time speed-up", "init s"]
+
+
+def render_protocol(root: str, results_dir: str = CAUSAL_VAL, brief: bool = False, command: str = "") -> str:
+    """A format-2 convergence summary (convergence.py's `summary.csv`): the rate chosen on the validation split, its
+    bracketing, the test loss (mean ± std over seeds), steps and seconds (incl. the statistics pass and the init) to
+    default LoRA's final test loss and both speed-ups. `brief`: the README's subset of the columns. A "not run yet"
+    line while the folder is not committed."""
+    if not os.path.exists(_path(root, os.path.join(results_dir, "summary.csv"))):
+        return _not_run(results_dir, command or f"python benchmarks/convergence.py --out {results_dir}")
+    columns, rows = _summary_csv(root, results_dir)
+    if "chosen lr" not in columns:
+        raise BlockError(f"{results_dir}/summary.csv is a legacy (format 1) summary; this block needs format 2")
+    if brief:
+        columns = [next(c for c in columns if c.startswith(k)) for k in PROTOCOL_BRIEF]
+    return markdown_table(rows, columns)
+
+
+def render_subspaces(root: str, folder: str = SUBSPACES) -> str:
+    """subspaces.py's summary (per LoRA-FA variant and side: mean and min principal-angle cosine against LoRA-One),
+    as its `summary.md` shows it (without the title), from `subspaces.json`."""
+    path = _path(root, os.path.join(folder, "subspaces.json"))
+    if not os.path.exists(path):
+        return _not_run(folder, f"python benchmarks/subspaces.py --out {folder}")
+    with open(path) as f:
+        return markdown_table(json.load(f)["rows"], subspaces.COLUMNS)
 
 
 # -- the statistics-pass tables --------------------------------------------------------------------------------
@@ -371,6 +412,20 @@ BLOCKS: dict[str, Block] = {
     "classification_job": Block(lambda root: render_main_job(root, CLASSIFICATION_JOB), (CLASSIFICATION_JOB,),
                                 "docs/main_job.md: the classification preset"),
     "first_command": Block(render_first_command, (FIRST_COMMAND,), "the README's first command, timed"),
+    "causal_val": Block(lambda root: render_protocol(root, CAUSAL_VAL), (f"{CAUSAL_VAL}/summary.csv",),
+                        "docs/benchmarks.md: causal LM, rate chosen on the validation split, seeds"),
+    "causal_val_brief": Block(lambda root: render_protocol(root, CAUSAL_VAL, brief=True),
+                              (f"{CAUSAL_VAL}/summary.csv",), "README: causal LM, validation protocol"),
+    "causal_ablation": Block(
+        lambda root: render_protocol(root, CAUSAL_ABLATION,
+                                     command=f"python benchmarks/convergence.py --ablation --out {CAUSAL_ABLATION}"),
+        (f"{CAUSAL_ABLATION}/summary.csv",), "docs/benchmarks.md: the init ablation (convergence.ABLATION)"),
+    "causal_damping": Block(
+        lambda root: render_protocol(root, CAUSAL_DAMPING, command=(
+            f"python benchmarks/convergence.py --ablation damping --out {CAUSAL_DAMPING}")),
+        (f"{CAUSAL_DAMPING}/summary.csv",), "docs/benchmarks.md: the natural target's damping sweep"),
+    "subspaces": Block(render_subspaces, (f"{SUBSPACES}/subspaces.json",),
+                       "docs/benchmarks.md: LoRA-FA variants' subspaces against LoRA-One"),
     "init_memory": Block(render_init_memory, (f"{INIT_MEMORY}/before.json", f"{INIT_MEMORY}/after.json"),
                          "docs/main_job.md: memory of the init before and after issue 8"),
 }

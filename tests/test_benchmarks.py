@@ -75,9 +75,11 @@ def test_committed_summaries_match_their_runs_and_md_files():
     """The summary.csv files the tables read are what convergence.py's summary gives for the committed runs, and
     each table renders as the .md the benchmark wrote beside it."""
     root = tables.ROOT
-    for d in (tables.CAUSAL, tables.CLS, tables.CLS_PROBE):
+    new = [d for d in (tables.CAUSAL_VAL, tables.CAUSAL_ABLATION, tables.CAUSAL_DAMPING)  # format 2, once committed
+           if os.path.exists(os.path.join(root, d, "meta.json"))]
+    for d in (tables.CAUSAL, tables.CLS, tables.CLS_PROBE, *new):
         results, methods = convergence.saved_runs(os.path.join(root, d))
-        rows = convergence.summary_tables(results, methods)["rows"]
+        rows = convergence.summary_tables(results, methods, convergence.first_seed(os.path.join(root, d)))["rows"]
         rendered = tables.render_convergence(root, d)
         assert common.markdown_table(rows, list(rows[0])) == rendered, d
         assert open(os.path.join(root, d, "summary.md")).read().split("\n", 2)[2] == rendered, d
@@ -157,3 +159,247 @@ def test_main_job_table_from_a_results_json(tmp_path):
                                 "wall_s": 3}))
     row = tables.render_main_job(str(tmp_path)).splitlines()[2]
     assert row == "| main job | — | 10.0% | 20.0% | — | 1.0 s | 2.0 s | 3.0 s |"
+
+
+# -- the validation-split protocol (convergence.py, run format 2) --------------------------------------------------
+def test_validation_init_and_training_pools_are_disjoint_and_seeded():
+    p = convergence.Preset("m", "t", [], batch=4, steps=60, eval_every=10, n_heldout=8, max_length=16, lrs=[1e-3],
+                           full_lrs=[1e-4], init_bsz=4, init_iters=8, n_val=64)
+    splits = {s: convergence.data_split(300, p.n_val, p.init_bsz * p.init_iters, s) for s in (0, 1)}
+    for s, sp in splits.items():
+        val, init, train = set(sp["val"]), set(sp["init"]), set(sp["train"])
+        assert (len(val), len(init), len(sp["init"])) == (64, 32, 32)
+        assert not val & init and not val & train and not init & train
+        assert val | init | train == set(range(300))
+        order = [i for batch in convergence.train_order(sp["train"], p, s) for i in batch]
+        assert len(order) == 240 and set(order) <= train  # 240 > 204 training examples: the pool is cycled
+        batches = torch.tensor(sp["init"]).view(8, 4).tolist()  # what init_batches collates, in order
+        assert [i for b in batches for i in b] == sp["init"]
+        assert convergence.data_split(300, 64, 32, s) == sp and convergence.train_order(sp["train"], p, s) == \
+            convergence.train_order(sp["train"], p, s)  # seeded
+    assert splits[0]["val"] == splits[1]["val"]  # the validation problems are the same for every seed
+    assert splits[0]["init"] != splits[1]["init"]
+    with pytest.raises(ValueError, match="cannot split"):
+        convergence.data_split(90, 64, 32, 0)
+
+
+GRID = [5e-5, 2e-4, 8e-4]
+
+
+def _bracket(loss_of, grid=GRID, max_extend=3, full_grid=False):
+    """Drive `next_rates` to the end with a loss function of the rate; returns (rates run in order, last answer)."""
+    losses, ran = {}, []
+    for _ in range(20):
+        ans = convergence.next_rates(dict(losses), grid, convergence.grid_ratio(grid), max_extend, full_grid)
+        if not ans["next"]:
+            return ran, ans
+        for lr in ans["next"]:
+            losses[lr] = loss_of(lr)
+        ran.append(ans["next"])
+    raise AssertionError("next_rates did not stop")
+
+
+def test_bracketing_extends_past_an_edge_until_interior_or_capped():
+    import math
+
+    assert convergence.grid_ratio(GRID) == pytest.approx(4.0) and convergence.grid_ratio([2e-5]) == 4.0
+    # the middle rate and above first; the best (8e-4) is the top: lower rates skipped, one ×4 up, then interior
+    ran, ans = _bracket(lambda lr: abs(math.log(lr / 1e-3)))
+    assert ran == [[2e-4, 8e-4], [0.0032]] and ans == {"next": [], "best": 8e-4, "edge": None, "done": True}
+    # the middle rate beat the top: the lower rate runs; then downward while the lowest keeps winning
+    ran, ans = _bracket(lambda lr: abs(math.log(lr / 1e-5)))
+    assert ran == [[2e-4, 8e-4], [5e-5], [1.25e-5], [3.125e-6]]
+    assert ans["best"] == 1.25e-5 and ans["edge"] is None and ans["done"]
+    # still improving at the cap: stops at the edge, flagged
+    ran, ans = _bracket(lambda lr: -lr)
+    assert ran == [[2e-4, 8e-4], [0.0032], [0.0128], [0.0512]]
+    assert ans == {"next": [], "best": 0.0512, "edge": "high", "done": True}
+    ran, ans = _bracket(lambda lr: -lr, max_extend=0)
+    assert ran == [[2e-4, 8e-4]] and ans["edge"] == "high"
+    # every rate diverges: the lower rates, then down to the cap (ties go to the lower rate)
+    ran, ans = _bracket(lambda lr: float("inf"), max_extend=2)
+    assert ran == [[2e-4, 8e-4], [5e-5], [1.25e-5], [3.125e-6]] and ans["edge"] == "low"
+    assert _bracket(lambda lr: float("nan"), max_extend=1)[1]["best"] == 1.25e-5  # NaN ranks last, like inf
+    # the middle rate is best: interior at once (the lower rate was needed to know it)
+    ran, ans = _bracket(lambda lr: abs(math.log(lr / 2e-4)))
+    assert ran == [[2e-4, 8e-4], [5e-5]] and ans["edge"] is None
+    # --full-grid runs the whole grid first; a one-rate grid extends both ways
+    assert _bracket(lambda lr: abs(math.log(lr / 2e-4)), full_grid=True)[0] == [GRID]
+    ran, ans = _bracket(lambda lr: abs(math.log(lr / 2e-5)), grid=[2e-5])
+    assert ran == [[2e-5], [5e-6, 8e-5]] and ans["best"] == 2e-5 and ans["edge"] is None
+    assert convergence.choose_rate({1e-3: 1.0}) == (1e-3, "both")
+
+
+def _run(method, lr, test, val=None, seconds=None, seed=0, init_s=5.0):
+    """A synthetic format-2 run: `test`/`val` are losses at steps 0, 10, 20; seconds = init_s + 1 s a step."""
+    val = val if val is not None else test
+    steps = [0, 10, 20]
+    return {"format": 2, "method": method, "lr": lr, "seed": seed, "curve": [list(x) for x in zip(steps, test)],
+            "val_curve": [list(x) for x in zip(steps, val)], "final_loss": test[-1], "final_val_loss": val[-1],
+            "seconds": seconds or [init_s + s for s in steps], "init_s": init_s, "init_peak_mb": 1.0}
+
+
+def test_seconds_to_target_interpolates_on_the_wall_clock():
+    r = _run("x", 1e-3, [2.0, 1.5, 1.0], seconds=[30.0, 40.0, 60.0])
+    assert convergence.seconds_to_reach(r, 1.25) == pytest.approx(50.0)  # halfway between 40 s and 60 s
+    assert convergence.seconds_to_reach(r, 1.5) == pytest.approx(40.0)
+    assert convergence.seconds_to_reach(r, 2.5) == pytest.approx(30.0)  # reached at init: the init's seconds
+    assert convergence.seconds_to_reach(r, 0.5) is None
+
+
+def test_summary_chooses_on_validation_flags_edges_and_reports_seconds(tmp_path):
+    results = [
+        # lora: 1e-3 best on validation (interior); its test loss is not the lowest there: the choice ignores test
+        _run("lora", 1e-4, [2.0, 1.8, 1.7], val=[2.0, 1.8, 1.7]),
+        _run("lora", 1e-3, [2.0, 1.6, 1.2], val=[2.0, 1.5, 1.1], init_s=1.0),
+        _run("lora", 1e-2, [2.0, 1.4, 1.0], val=[2.0, 1.7, 1.3]),
+        _run("lora", 1e-3, [2.0, 1.5, 1.2], val=[2.0, 1.5, 1.2], seed=1, init_s=1.0),
+        # fast: the top rate is best (edge); it reaches lora's final test loss (1.2) in fewer steps, but pays 5.5 s
+        _run("fast", 1e-4, [1.8, 1.5, 1.4]), _run("fast", 1e-3, [1.8, 1.2, 1.0], init_s=5.5),
+        _run("fast", 1e-3, [1.8, 1.3, 1.1], seed=1, init_s=5.5),
+    ]
+    s = convergence.summary_tables(results, ["lora", "fast"])
+    assert s["best_lr"] == {"lora": 1e-3, "fast": 1e-3} and s["edge"] == {"lora": None, "fast": "high"}
+    assert not s["legacy"] and s["target"] == pytest.approx(1.2)
+    rows = {r["method"]: r for r in s["rows"]}
+    assert list(rows["lora"]) == ["method", "chosen lr", "bracketed", "seeds", "final val loss", "test loss at 0",
+                                  "final test loss", "steps to 1.200", "seconds to 1.200 (incl. init)",
+                                  "step speed-up", "time speed-up", "init s", "init peak MB"]
+    assert rows["lora"]["bracketed"] == "yes" and rows["fast"]["bracketed"] == "edge (high)"
+    assert rows["lora"]["final test loss"] == "1.200 ± 0.000" and rows["fast"]["seeds"] == 2
+    assert rows["lora"]["final val loss"] == "1.150 ± 0.071" and rows["fast"]["test loss at 0"] == "1.800 ± 0.000"
+    # lora: 20 steps, 1 + 20 = 21 s; fast: 10 and 15 steps, 5.5 + 10 and 5.5 + 15 s (mean 18)
+    assert rows["lora"]["steps to 1.200"] == "20.0 ± 0.0" and rows["fast"]["steps to 1.200"] == "12.5 ± 3.5"
+    assert rows["lora"]["seconds to 1.200 (incl. init)"] == "21 ± 0"
+    assert rows["fast"]["seconds to 1.200 (incl. init)"] == "18 ± 4"
+    assert rows["fast"]["step speed-up"] == "1.60×" and rows["fast"]["time speed-up"] == "1.17×"
+    assert rows["lora"]["step speed-up"] == "1.00×" and rows["lora"]["time speed-up"] == "1.00×"
+    assert [g["chosen"] for g in s["grid"] if g["method"] == "lora"] == [None, "✓", None]
+    md = convergence.summarise(results, ["lora", "fast"], str(tmp_path), "t")
+    assert "final validation loss" in md and (tmp_path / "convergence.png").exists()
+    # the seed the rates are chosen at is the first of --seeds, not necessarily the smallest
+    assert convergence.summary_tables(results, ["lora"], first_seed=1)["rows"][0]["seeds"] == 2
+    legacy = [{k: v for k, v in r.items() if k not in ("val_curve", "final_val_loss", "seconds")} for r in results]
+    assert convergence.is_legacy(legacy) and convergence.summary_tables(legacy, ["lora", "fast"])["legacy"]
+
+
+def test_method_specs_take_the_new_init_options():
+    parse = convergence.parse_spec
+    assert parse("lora_fa:target=natural,scale=line_search,offset=partial") == (
+        "lora_fa", False, {"target": "natural", "scale": "line_search", "offset": "partial"})
+    assert parse("lora_one:rank=auto,rank_rule=importance")[2] == {"rank": "auto", "rank_rule": "importance"}
+    assert parse("lora_fa:rank=12")[2] == {"rank": 12} and parse("lora_fa:offset=none")[2] == {"offset": "none"}
+    reg = parse("lora_fa:target=natural,reg=1e-2")[2]["reg"]
+    assert isinstance(reg, float) and reg == 0.01
+    for bad in ("lora_fa:reg", "lora_fa:=1", "lora_fa:reg=1,reg=2", ":reg=1"):
+        with pytest.raises(ValueError):
+            parse(bad)
+    # the run-file names: safe, unique, and stable (an interrupted benchmark finds its runs again)
+    specs = convergence.ABLATION + convergence.DAMPING + convergence.METHODS + ["a:b=c", "a:bc", "a_b-c", "a:b-c"]
+    slugs = {s: convergence.spec_slug(s) for s in set(specs)}
+    assert len(set(slugs.values())) == len(slugs)
+    assert all(re.fullmatch(r"[A-Za-z0-9_.+-]+", x) for x in slugs.values())
+    assert slugs["lora_fa+prec"] == "lora_fa+prec" and slugs["a:b=c"].startswith("a_b-c_")
+    assert convergence.run_id("lora_fa:target=natural,reg=0.01", 0.0032, 1).endswith("_lr0.0032_s1")
+
+
+def test_the_ablation_design_covers_main_effects_and_the_offset_pairs():
+    cells = set()
+    for spec in convergence.ABLATION:
+        name, prec, opts = convergence.parse_spec(spec)
+        if name == "lora_fa" and "rank" not in opts:
+            cells.add((opts["target"], opts["scale"], opts["offset"]))
+    assert len(cells) == 10 and len(set(convergence.ABLATION)) == len(convergence.ABLATION)
+    base = ("gradient", "stable", "none")
+    assert base in cells
+    for i, levels in enumerate((("natural",), ("kfac", "line_search"), ("partial",))):  # each factor changed alone
+        for level in levels:
+            assert tuple(level if j == i else base[j] for j in range(3)) in cells
+    assert {(t, s, "partial") for t in ("gradient", "natural") for s in ("stable", "kfac", "line_search")} <= cells
+    names = [convergence.parse_spec(s)[0] for s in convergence.ABLATION]
+    assert {"lora", "pissa", "peft_lora_ga", "lora_ga", "lora_one", "eva"} <= set(names)
+    assert "lora_fa:rank=auto,rank_rule=energy" in convergence.ABLATION
+    assert "lora_one:rank=auto,rank_rule=importance" in convergence.ABLATION
+
+
+def test_ablation_specs_are_valid_init_configs():
+    """Every spec of the ablation lists builds its InitConfig (what `main` checks before running anything)."""
+    import dataclasses
+
+    from lorafa import InitConfig
+
+    missing = {"target", "rank", "rank_rule"} - {f.name for f in dataclasses.fields(InitConfig)}
+    if missing:
+        pytest.skip(f"InitConfig has no {sorted(missing)} yet")
+    p = convergence.PRESETS["causal"]
+    for spec in convergence.ABLATION + convergence.DAMPING:
+        convergence.check_spec(spec, p)
+    with pytest.raises((ValueError, TypeError)):
+        convergence.check_spec("lora_fa:no_such_option=1", p)
+
+
+# -- principal angles (benchmarks/subspaces.py) --------------------------------------------------------------------
+import math  # noqa: E402
+import re  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import torch  # noqa: E402
+
+import subspaces  # noqa: E402
+
+
+def test_principal_cosines_of_hand_made_subspaces():
+    e = torch.eye(5, dtype=torch.float64)
+    x = e[:, :2]
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(2, 2, generator=g, dtype=torch.float64) + 2 * torch.eye(2, dtype=torch.float64)
+    one, zero = torch.ones(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    assert torch.allclose(subspaces.principal_cosines(x, x @ mix), one)  # the same span in another basis
+    assert torch.allclose(subspaces.principal_cosines(x, e[:, 2:4]), zero)  # orthogonal
+    theta = 0.3
+    y = torch.stack([e[:, 0], math.cos(theta) * e[:, 1] + math.sin(theta) * e[:, 2]], 1) * 7.0  # one shared, one at θ
+    assert torch.allclose(subspaces.principal_cosines(x, y), torch.tensor([1.0, math.cos(theta)], dtype=torch.float64))
+    assert subspaces.principal_cosines(x, e[:, :1] + e[:, 3:4]).tolist() == pytest.approx([math.cos(math.pi / 4)])
+    assert subspaces.principal_cosines(x.float(), y.float()).dtype == torch.float64
+    with pytest.raises(ValueError, match="same number of rows"):
+        subspaces.principal_cosines(x, torch.ones(4, 2))
+
+
+def test_layer_cosines_compare_column_spaces_of_b_and_row_spaces_of_a():
+    g = torch.Generator().manual_seed(1)
+    ref = {"l1": SimpleNamespace(A=torch.randn(2, 6, generator=g), B=torch.randn(5, 2, generator=g)),
+           "l2": SimpleNamespace(A=torch.randn(2, 6, generator=g), B=torch.randn(5, 2, generator=g))}
+    same = {"l1": SimpleNamespace(A=3 * ref["l1"].A, B=ref["l1"].B @ torch.tensor([[1.0, 2.0], [0.0, 1.0]])),
+            "l2": SimpleNamespace(A=torch.zeros(0, 6), B=torch.zeros(5, 0))}  # rank 0 (rank="auto"): skipped
+    cos = subspaces.layer_cosines(same, ref)
+    assert list(cos) == ["l1"] and cos["l1"]["A"] == pytest.approx([1, 1]) and cos["l1"]["B"] == pytest.approx([1, 1])
+    rows = subspaces.summary_rows({"v": cos})
+    assert [r["side"] for r in rows] == ["B (columns)", "A (rows)"] and rows[0]["layers"] == 1
+    assert rows[0]["mean cos"] == pytest.approx(1.0) and rows[1]["min cos"] == pytest.approx(1.0)
+
+
+# -- the new blocks (benchmarks/tables.py) -----------------------------------------------------------------------
+def test_protocol_and_subspaces_blocks_render_from_results_or_say_not_run(tmp_path):
+    root = str(tmp_path)
+    assert tables.render_protocol(root).startswith("_Not run yet: `benchmarks/results/causal_val/`")
+    assert tables.render_subspaces(root).startswith("_Not run yet")
+    results = [_run("lora", 1e-3, [2.0, 1.6, 1.2]), _run("fast", 1e-3, [1.8, 1.2, 1.0], init_s=11.0)]
+    out = tmp_path / tables.CAUSAL_VAL
+    out.mkdir(parents=True)
+    s = convergence.summary_tables(results, ["lora", "fast"])
+    common.write_table(s["rows"], list(s["rows"][0]), str(out / "summary"))
+    full = tables.render_protocol(root)
+    assert full == common.markdown_table(s["rows"], list(s["rows"][0]))
+    brief = tables.render_protocol(root, brief=True).splitlines()
+    assert brief[0] == ("| method | chosen lr | bracketed | seeds | final test loss | steps to 1.200 "
+                        "| seconds to 1.200 (incl. init) | step speed-up | time speed-up | init s |")
+    assert brief[3] == "| fast | 0.001 | edge (one rate) | 1 | 1.000 | 10.0 | 21 | 2.00× | 1.19× | 11.0 |"
+    sub = tmp_path / tables.SUBSPACES
+    sub.mkdir(parents=True)
+    rows = [{"variant": "lora_fa", "side": "B (columns)", "layers": 2, "mean cos": 0.98765, "min cos": 0.5,
+             "mean of layer min": 0.75}]
+    (sub / "subspaces.json").write_text(json.dumps({"rows": rows}))
+    assert tables.render_subspaces(root).splitlines()[2] == "| lora_fa | B (columns) | 2 | 0.988 | 0.500 | 0.750 |"
+    for name in ("causal_val", "causal_val_brief", "causal_ablation", "causal_damping", "subspaces"):
+        assert name in tables.BLOCKS
+    assert tables.BLOCKS["causal_ablation"].render(root).startswith("_Not run yet")

@@ -1,0 +1,104 @@
+"""What the init alone does, before any training: the held-out loss right after each init (validation problems
+carved from the training data, and test problems), the initial step's size, the line search's tries and the rank
+allocation, for many init variants on ONE statistics pass. Cheap (forward passes only after the pass), so it is
+where the damping λ of the `natural` target and the step options are swept before the training benchmark.
+
+    python benchmarks/init_probe.py --out benchmarks/results/init_probe_causal \
+        --specs lora_one lora_fa lora_fa:target=natural,reg=1e-2 lora_fa:scale=line_search
+
+Specs are `method[:key=value,...]` with InitConfig keys. Same model, data, statistics batches and held-out problems
+as `convergence.py --preset causal` (statistics batches drawn the same way, outside the validation problems) (SmolLM2-135M-Instruct on GSM8K, r = 8, α = 16, rsLoRA on q, k, v, o).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_info, pick_device, write_json, write_table  # noqa: E402
+from convergence import PRESETS, heldout, load_everything, lora_config, parse_spec, to_device  # noqa: E402
+
+
+def init_batches(task, p, seed, exclude=()):
+    pool = [i for i in range(len(task.train)) if i not in set(exclude)]
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[: p.init_bsz * p.init_iters]
+    return [[pool[int(j)] for j in order[b * p.init_bsz:(b + 1) * p.init_bsz]] for b in range(p.init_iters)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--specs", nargs="+", required=True)
+    ap.add_argument("--preset", default="causal")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-val", type=int, default=64)
+    ap.add_argument("--n-test", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--no-rslora", action="store_true")
+    ap.add_argument("--gsm8k", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    from lorafa import InitConfig, collect_stats, initialize, load_stats, save_stats
+    from lorafa.peft_bridge import init_record
+
+    p = PRESETS[args.preset]
+    device, dtype = pick_device(args.device)
+    task, model, _, collate = load_everything(p, args, device, dtype)
+    val_idx = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(10_000 + args.seed))[: args.n_val].tolist()
+    val = [task.train[i] for i in val_idx]
+    test = task.test[: args.n_test]
+    batches = [to_device(collate([task.train[i] for i in b]), device)
+               for b in init_batches(task, p, args.seed, exclude=val_idx)]
+    base = {"val": heldout(model, val, collate, device)["loss"], "test": heldout(model, test, collate, device)["loss"]}
+    t = time.perf_counter()
+    cfg0 = lora_config(p, args, task, True)
+    cache = os.path.join(args.out, f"stats_s{args.seed}.safetensors")  # not committed (.gitignore)
+    if os.path.exists(cache):
+        stats = load_stats(cache, device=device)
+    else:
+        stats = collect_stats(model, batches, cfg0, kinds=("kfac",), progress=False)
+        save_stats(stats, cache)
+    stats_s = time.perf_counter() - t
+    rows, runs = [], {}
+    for spec in args.specs:
+        name, _, options = parse_spec(spec)
+        init = InitConfig(method=name, bsz=p.init_bsz, iters=p.init_iters, seed=args.seed, **options)
+        work = copy.deepcopy(model)
+        t = time.perf_counter()
+        pm = initialize(work, lora_config(p, args, task, True), init, stats=stats,
+                        batches=batches if init.line_search else None, progress=False)
+        init_s = time.perf_counter() - t
+        rec = init_record(pm)
+        steps = [i.get("step_norm") for i in rec.infos.values() if i.get("step_norm") is not None]
+        res = {"spec": spec, "val_loss": heldout(pm, val, collate, device)["loss"],
+               "test_loss": heldout(pm, test, collate, device)["loss"], "init_s": init_s,
+               "step_norm_median": float(torch.tensor(steps).median()) if steps else None,
+               "summary": rec.summary, "infos": {n: {k: v for k, v in i.items() if k != "h_sigma"}
+                                                 for n, i in rec.infos.items()}}
+        runs[spec] = res
+        ls = rec.summary.get("line_search", {})
+        rows.append({"spec": spec, "val loss after init": f"{res['val_loss']:.4f}",
+                     "test loss after init": f"{res['test_loss']:.4f}",
+                     "median ‖ΔW‖₂": f"{res['step_norm_median']:.3g}" if steps else "—",
+                     "line-search factor": f"{ls['chosen']:g}" if ls else "—", "init s": f"{init_s:.1f}"})
+        print(rows[-1], flush=True)
+        del pm, work
+        write_json(os.path.join(args.out, "init_probe.json"),
+                   {"base": base, "stats_s": stats_s, "runs": runs, "args": vars(args), "device": device_info()})
+    md = write_table(rows, list(rows[0]), os.path.join(args.out, "init_probe"),
+                     f"Held-out loss right after the init (before: val {base['val']:.4f}, test {base['test']:.4f})")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
