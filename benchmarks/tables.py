@@ -60,6 +60,7 @@ CAUSAL_VAL = "benchmarks/results/causal_val"
 CAUSAL_ABLATION = "benchmarks/results/causal_ablation"
 CAUSAL_DAMPING = "benchmarks/results/causal_damping"
 SUBSPACES = "benchmarks/results/subspaces_causal"
+INIT_PROBE = "benchmarks/results/init_probe_causal"
 
 BEGIN = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) \(python benchmarks/tables\.py\) -->[ \t]*$", re.M)
 END = re.compile(r"^<!-- /generated -->[ \t]*$", re.M)
@@ -164,6 +165,30 @@ def render_subspaces(root: str, folder: str = SUBSPACES) -> str:
         return _not_run(folder, f"python benchmarks/subspaces.py --out {folder}")
     with open(path) as f:
         return markdown_table(json.load(f)["rows"], subspaces.COLUMNS)
+
+
+def render_init_probe(root: str, folder: str = INIT_PROBE) -> str:
+    """init_probe.py's table (held-out loss right after each init, its step, its line-search factor), from
+    `init_probe.json`, with the base model's losses in the last row."""
+    path = _path(root, os.path.join(folder, "init_probe.json"))
+    if not os.path.exists(path):
+        return _not_run(folder, f"python benchmarks/init_probe.py --out {folder} --specs ...")
+    with open(path) as f:
+        data = json.load(f)
+    rows = []
+    for spec, r in data["runs"].items():
+        ls = r["summary"].get("line_search")
+        ranks = r["summary"].get("ranks")
+        rows.append({"init": spec, "val loss": f"{r['val_loss']:.4f}", "test loss": f"{r['test_loss']:.4f}",
+                     "median ‖ΔW‖₂": "—" if r["step_norm_median"] is None else f"{r['step_norm_median']:.3g}",
+                     "line-search factor": f"{ls['chosen']:g}" if ls else "—",
+                     "ranks (min–max)": (f"{min(ranks['ranks'].values())}–{max(ranks['ranks'].values())}"
+                                         if ranks else "fixed"),
+                     "init s": f"{r['init_s']:.1f}"})
+    rows.append({"init": "(base model, before any init)", "val loss": f"{data['base']['val']:.4f}",
+                 "test loss": f"{data['base']['test']:.4f}", "median ‖ΔW‖₂": "0", "line-search factor": "—",
+                 "ranks (min–max)": "—", "init s": "—"})
+    return markdown_table(rows, list(rows[0]))
 
 
 # -- the statistics-pass tables --------------------------------------------------------------------------------
@@ -426,6 +451,8 @@ BLOCKS: dict[str, Block] = {
         (f"{CAUSAL_DAMPING}/summary.csv",), "docs/benchmarks.md: the natural target's damping sweep"),
     "subspaces": Block(render_subspaces, (f"{SUBSPACES}/subspaces.json",),
                        "docs/benchmarks.md: LoRA-FA variants' subspaces against LoRA-One"),
+    "init_probe": Block(render_init_probe, (f"{INIT_PROBE}/init_probe.json",),
+                        "docs/benchmarks.md: held-out loss right after each init (no training)"),
     "init_memory": Block(render_init_memory, (f"{INIT_MEMORY}/before.json", f"{INIT_MEMORY}/after.json"),
                          "docs/main_job.md: memory of the init before and after issue 8"),
 }
