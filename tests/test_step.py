@@ -347,3 +347,16 @@ def test_kfac_sgd_descends_at_learning_rate_one_half():
         opt.step()
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0] - 0.01, losses
+
+
+def test_line_search_goes_down_when_the_starting_step_already_hurts(sbatches):
+    """Far past the minimum the loss along the step is not unimodal (SmolLM2: 15.0 at g = 1, 12.7 at g = 2, 1.4 at
+    g = 0): where g = 1 raises the loss, the search only shrinks the step."""
+    huge = dict(method="lora_fa", line_search_from="kfac", step_factor=300.0, iters=3, offset="partial")
+    ref = lorafa.initialize(tiny_llama(), cfg(), InitConfig(scale="kfac", **huge), batches=sbatches, progress=False)
+    assert mean_loss(ref, sbatches) > mean_loss(tiny_llama(), sbatches)  # the ×300 kfac steps hurt
+    pm = lorafa.initialize(tiny_llama(), cfg(), InitConfig(scale="line_search", **huge), batches=sbatches,
+                           progress=False)
+    ls = init_record(pm).summary["line_search"]
+    assert max(g for g, _ in ls["tried"]) == 1.0 and ls["chosen"] < 1.0
+    assert ls["loss_chosen"] <= ls["loss_before"]

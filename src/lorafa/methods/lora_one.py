@@ -24,7 +24,8 @@ class LoraOneOptions:
     Attributes:
         scale: stable | kfac | line_search | gd_scale | unit | weight_svd.
         stable_gamma: γ of `stable` (the step's spectral norm is s/γ).
-        step_factor: a global factor on the `kfac` steps (per-layer minimisers taken together overshoot).
+        step_factor: a global factor on the `kfac` steps, also where `line_search` starts from them (per-layer
+            minimisers taken together overshoot).
         line_search_from: the per-layer steps the line search scales: stable | kfac.
         factor_gamma: with offset="partial", both factors are scaled to LoRA-GA's `stable` norm m^{1/4}/√γ (γ =
             factor_gamma), whatever the step; the base weight takes the difference.
@@ -98,7 +99,7 @@ def finish_one_step(weight, A, B, *, stats, scaling, opts: LoraOneOptions, svd, 
     if opts.scale in ("stable", "kfac", "line_search"):
         if opts.scale == "kfac" or (opts.scale == "line_search" and opts.line_search_from == "kfac"):
             eta, details = kfac_step(stats, A, B)
-            t = eta / scaling * (opts.step_factor if opts.scale == "kfac" else 1.0)  # s·t·B̂Â = η·B̂Â
+            t = eta / scaling * opts.step_factor  # s·t·B̂Â = η·B̂Â (times the global factor)
             info.update(eta=eta, **details)
         else:
             t = 1.0 / opts.stable_gamma
