@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_info, pick_device, write_json, write_table  # noqa: E402
-from convergence import PRESETS, heldout, load_everything, lora_config, parse_spec, to_device  # noqa: E402
+from convergence import PRESETS, heldout, load_everything, lora_config, parse_spec, probe_head, to_device  # noqa: E402
 
 
 def init_batches(task, p, seed, exclude=()):
@@ -44,6 +44,10 @@ def main(argv=None):
     ap.add_argument("--gsm8k", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--search-iters", type=int, default=0, help="line search on this many other training batches "
+                    "(disjoint from the statistics and validation problems) instead of the statistics batches")
+    ap.add_argument("--probe", action="store_true", help="classification: fit the head on frozen features first "
+                    "(the set-up where a fixed init step overshoots)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -57,8 +61,17 @@ def main(argv=None):
     val_idx = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(10_000 + args.seed))[: args.n_val].tolist()
     val = [task.train[i] for i in val_idx]
     test = task.test[: args.n_test]
-    batches = [to_device(collate([task.train[i] for i in b]), device)
-               for b in init_batches(task, p, args.seed, exclude=val_idx)]
+    if args.probe:
+        model.classifier.load_state_dict(probe_head(model, task, collate, device, args.seed, exclude=val_idx))
+    stat_idx = init_batches(task, p, args.seed, exclude=val_idx)
+    batches = [to_device(collate([task.train[i] for i in b]), device) for b in stat_idx]
+    search = None
+    if args.search_iters:
+        used = set(val_idx) | {i for b in stat_idx for i in b}
+        pool = [i for i in range(len(task.train)) if i not in used]
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(20_000 + args.seed))
+        search = [to_device(collate([task.train[pool[int(j)]] for j in order[k * p.init_bsz:(k + 1) * p.init_bsz]]),
+                            device) for k in range(args.search_iters)]
     base = {"val": heldout(model, val, collate, device)["loss"], "test": heldout(model, test, collate, device)["loss"]}
     t = time.perf_counter()
     cfg0 = lora_config(p, args, task, True)
@@ -76,7 +89,7 @@ def main(argv=None):
         work = copy.deepcopy(model)
         t = time.perf_counter()
         pm = initialize(work, lora_config(p, args, task, True), init, stats=stats,
-                        batches=batches if init.line_search else None, progress=False)
+                        batches=batches if init.line_search else None, search_batches=search, progress=False)
         init_s = time.perf_counter() - t
         rec = init_record(pm)
         steps = [i.get("step_norm") for i in rec.infos.values() if i.get("step_norm") is not None]

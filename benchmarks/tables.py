@@ -61,6 +61,8 @@ CAUSAL_ABLATION = "benchmarks/results/causal_ablation"
 CAUSAL_DAMPING = "benchmarks/results/causal_damping"
 SUBSPACES = "benchmarks/results/subspaces_causal"
 INIT_PROBE = "benchmarks/results/init_probe_causal"
+INIT_PROBE_DAMPING = "benchmarks/results/init_probe_damping"
+INIT_PROBE_CLS = "benchmarks/results/init_probe_cls_probe"
 
 BEGIN = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) \(python benchmarks/tables\.py\) -->[ \t]*$", re.M)
 END = re.compile(r"^<!-- /generated -->[ \t]*$", re.M)
@@ -453,6 +455,11 @@ BLOCKS: dict[str, Block] = {
                        "docs/benchmarks.md: LoRA-FA variants' subspaces against LoRA-One"),
     "init_probe": Block(render_init_probe, (f"{INIT_PROBE}/init_probe.json",),
                         "docs/benchmarks.md: held-out loss right after each init (no training)"),
+    "init_probe_damping": Block(lambda root: render_init_probe(root, INIT_PROBE_DAMPING),
+                                (f"{INIT_PROBE_DAMPING}/init_probe.json",),
+                                "docs/benchmarks.md: the natural target's damping with the line search"),
+    "init_probe_cls": Block(lambda root: render_init_probe(root, INIT_PROBE_CLS), (f"{INIT_PROBE_CLS}/init_probe.json",),
+                            "docs/benchmarks.md: the init alone on the probe-first classifier"),
     "init_memory": Block(render_init_memory, (f"{INIT_MEMORY}/before.json", f"{INIT_MEMORY}/after.json"),
                          "docs/main_job.md: memory of the init before and after issue 8"),
 }

@@ -360,3 +360,15 @@ def test_line_search_goes_down_when_the_starting_step_already_hurts(sbatches):
     ls = init_record(pm).summary["line_search"]
     assert max(g for g, _ in ls["tried"]) == 1.0 and ls["chosen"] < 1.0
     assert ls["loss_chosen"] <= ls["loss_before"]
+
+
+def test_line_search_on_other_batches(sbatches):
+    """search_batches: the step is chosen on other examples than those it was computed from."""
+    other = make_batches(n_batches=2, bsz=4, seq=12, seed=11)
+    pm = lorafa.initialize(tiny_llama(), cfg(), InitConfig(method="lora_fa", scale="line_search", offset="partial",
+                                                           iters=3), batches=sbatches, search_batches=other,
+                           progress=False)
+    ls = init_record(pm).summary["line_search"]
+    assert ls["on"] == "search_batches"
+    assert math.isclose(mean_loss(pm, other), ls["loss_chosen"], rel_tol=1e-4)
+    assert ls["loss_chosen"] <= min(ls["loss_before"], ls["loss_at_1"])

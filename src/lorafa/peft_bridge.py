@@ -130,7 +130,7 @@ def _check_lora_config(lora_config, init_config: InitConfig) -> None:
 
 
 def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=None, batches=None, loss_fn=None,
-                 progress: bool = True) -> dict[str, InitResult]:
+                 progress: bool = True, search_batches=None) -> dict[str, InitResult]:
     """Every target layer's InitResult, computed from the untouched base model (nothing is modified).
 
     With `init_config.rank="auto"` each result has its allocated rank (`info["rank"]`); `initialize` also writes
@@ -139,19 +139,20 @@ def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=
     Raises:
         ValueError: see `initialize`.
     """
-    return _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress)[0]
+    return _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches)[0]
 
 
-def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress):
+def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches=None):
     """(results, the LoraConfig the results are for, summary)."""
     base = unwrap_model(model)
     targets = resolve_targets(base, lora_config)
     needs = init_config.needs
     _check_sketch_size(init_config, lora_config, targets)
     _check_budget(init_config, targets)
-    if init_config.line_search and batches is None:
+    if init_config.line_search and batches is None and search_batches is None:
         raise ValueError("scale='line_search' chooses the step by the loss on the statistics batches: pass batches= "
-                         "to initialize (also when stats= are given), or use scale='stable' or 'kfac'.")
+                         "(or search_batches=) to initialize, also when stats= are given, or use scale='stable' or "
+                         "'kfac'.")
     if needs is not None and stats is None:
         if batches is None:
             raise ValueError(f"{init_config.method} needs '{needs}' statistics: pass batches= (or stats=).")
@@ -171,9 +172,12 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
         lora_config, targets, summary["ranks"] = _allocate(targets, lora_config, init_config, stats, opts)
         results = _init_layers(targets, lora_config, init_config, stats, opts, progress)
     if init_config.line_search:
-        summary["line_search"] = line_search(base, targets, results, lora_config, batches, loss_fn,
-                                             offset=init_config.offset == "partial",
-                                             max_batches=len(range(world()[0], init_config.iters, world()[1])))
+        own = search_batches is None  # the statistics batches: this process's share of init.iters
+        summary["line_search"] = line_search(base, targets, results, lora_config, batches if own else search_batches,
+                                             loss_fn, offset=init_config.offset == "partial",
+                                             max_batches=len(range(world()[0], init_config.iters, world()[1]))
+                                             if own else None)
+        summary["line_search"]["on"] = "statistics batches" if own else "search_batches"
     if summary["ranks"] is None:
         del summary["ranks"]
     return results, lora_config, summary
@@ -292,7 +296,7 @@ def _init_layers(targets, lora_config, init_config, stats, opts, progress) -> di
     return results
 
 
-LINE_SEARCH_MAX_DOUBLINGS = 6  # up to 64× the starting steps
+LINE_SEARCH_MAX_DOUBLINGS = 8  # up to 256× the starting steps
 LINE_SEARCH_MAX_HALVINGS = 10  # down to 1/1024 of them
 
 
@@ -379,7 +383,7 @@ def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, 
 def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = None, batches=None, stats=None, *,
                adapter_name: str = "default", loss_fn=None, progress: bool = True,
                initial_adapter_dir: str | os.PathLike | None = None,
-               autocast_adapter_dtype: bool = True) -> PeftModel:
+               autocast_adapter_dtype: bool = True, search_batches=None) -> PeftModel:
     """Build a PEFT model whose adapters are initialised by `init_config`.
 
     Runs the statistics pass over `batches` if the method needs statistics and `stats` is None, computes every
@@ -401,6 +405,10 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
             them back, also from another process or for a copy of the model (`initial_adapter=`).
         autocast_adapter_dtype: as in `peft.get_peft_model`: True upcasts fp16/bf16 adapters to fp32, False keeps
             them in the model's dtype (the offset is computed from the factors in that dtype either way).
+        search_batches: for scale="line_search", batches to choose the step on instead of the statistics batches.
+            The statistics batches are the data the step was computed from, so a search on them favours long steps
+            that fit those examples (measured: on a probe-first classifier, 128 statistics reviews' loss fell from
+            0.61 to 0.03 while the held-out loss rose); other training examples avoid that.
 
     Returns:
         The PeftModel. `save_adapter` writes it so that it loads on the original base.
@@ -411,7 +419,8 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     """
     init_config = init_config or InitConfig()
     _check_lora_config(lora_config, init_config)
-    results, lora_config, summary = _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress)
+    results, lora_config, summary = _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress,
+                                                  search_batches)
     subtract = init_config.subtracts()
     with quiet_checkpointing_rename():
         peft_model = get_peft_model(unwrap_model(model), lora_config, adapter_name=adapter_name,
