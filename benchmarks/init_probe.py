@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -83,6 +84,12 @@ def main(argv=None):
         save_stats(stats, cache)
     stats_s = time.perf_counter() - t
     rows, runs = [], {}
+    saved = os.path.join(args.out, "init_probe.json")
+    if os.path.exists(saved):  # add to the specs measured before on the same set-up (same base losses)
+        with open(saved) as f:
+            old = json.load(f)
+        if old["base"] == base and old["args"]["seed"] == args.seed:
+            runs = {k: v for k, v in old["runs"].items() if k not in args.specs}
     for spec in args.specs:
         name, _, options = parse_spec(spec)
         init = InitConfig(method=name, bsz=p.init_bsz, iters=p.init_iters, seed=args.seed, **options)
@@ -99,15 +106,16 @@ def main(argv=None):
                "summary": rec.summary, "infos": {n: {k: v for k, v in i.items() if k != "h_sigma"}
                                                  for n, i in rec.infos.items()}}
         runs[spec] = res
-        ls = rec.summary.get("line_search", {})
-        rows.append({"spec": spec, "val loss after init": f"{res['val_loss']:.4f}",
-                     "test loss after init": f"{res['test_loss']:.4f}",
-                     "median ‖ΔW‖₂": f"{res['step_norm_median']:.3g}" if steps else "—",
-                     "line-search factor": f"{ls['chosen']:g}" if ls else "—", "init s": f"{init_s:.1f}"})
-        print(rows[-1], flush=True)
+        print(spec, {k: res[k] for k in ("val_loss", "test_loss", "step_norm_median", "init_s")}, flush=True)
         del pm, work
         write_json(os.path.join(args.out, "init_probe.json"),
                    {"base": base, "stats_s": stats_s, "runs": runs, "args": vars(args), "device": device_info()})
+    for spec, res in runs.items():  # every spec in the folder, this invocation's and earlier ones
+        ls = res["summary"].get("line_search", {})
+        rows.append({"spec": spec, "val loss after init": f"{res['val_loss']:.4f}",
+                     "test loss after init": f"{res['test_loss']:.4f}",
+                     "median ‖ΔW‖₂": "—" if res["step_norm_median"] is None else f"{res['step_norm_median']:.3g}",
+                     "line-search factor": f"{ls['chosen']:g}" if ls else "—", "init s": f"{res['init_s']:.1f}"})
     md = write_table(rows, list(rows[0]), os.path.join(args.out, "init_probe"),
                      f"Held-out loss right after the init (before: val {base['val']:.4f}, test {base['test']:.4f})")
     print(md)

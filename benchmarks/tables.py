@@ -63,6 +63,7 @@ SUBSPACES = "benchmarks/results/subspaces_causal"
 INIT_PROBE = "benchmarks/results/init_probe_causal"
 INIT_PROBE_DAMPING = "benchmarks/results/init_probe_damping"
 INIT_PROBE_CLS = "benchmarks/results/init_probe_cls_probe"
+INIT_PROBE_CLS_SEARCH = "benchmarks/results/init_probe_cls_probe_search"
 
 BEGIN = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) \(python benchmarks/tables\.py\) -->[ \t]*$", re.M)
 END = re.compile(r"^<!-- /generated -->[ \t]*$", re.M)
@@ -184,12 +185,14 @@ def render_init_probe(root: str, folder: str = INIT_PROBE) -> str:
         rows.append({"init": spec, "val loss": f"{r['val_loss']:.4f}", "test loss": f"{r['test_loss']:.4f}",
                      "median ‖ΔW‖₂": "—" if r["step_norm_median"] is None else f"{r['step_norm_median']:.3g}",
                      "line-search factor": f"{ls['chosen']:g}" if ls else "—",
+                     "search-batch loss: base → chosen": (f"{ls['loss_before']:.3f} → {ls['loss_chosen']:.3f}"
+                                                          if ls else "—"),
                      "ranks (min–max)": (f"{min(ranks['ranks'].values())}–{max(ranks['ranks'].values())}"
                                          if ranks else "fixed"),
                      "init s": f"{r['init_s']:.1f}"})
     rows.append({"init": "(base model, before any init)", "val loss": f"{data['base']['val']:.4f}",
                  "test loss": f"{data['base']['test']:.4f}", "median ‖ΔW‖₂": "0", "line-search factor": "—",
-                 "ranks (min–max)": "—", "init s": "—"})
+                 "search-batch loss: base → chosen": "—", "ranks (min–max)": "—", "init s": "—"})
     return markdown_table(rows, list(rows[0]))
 
 
@@ -460,6 +463,9 @@ BLOCKS: dict[str, Block] = {
                                 "docs/benchmarks.md: the natural target's damping with the line search"),
     "init_probe_cls": Block(lambda root: render_init_probe(root, INIT_PROBE_CLS), (f"{INIT_PROBE_CLS}/init_probe.json",),
                             "docs/benchmarks.md: the init alone on the probe-first classifier"),
+    "init_probe_cls_search": Block(lambda root: render_init_probe(root, INIT_PROBE_CLS_SEARCH),
+                                   (f"{INIT_PROBE_CLS_SEARCH}/init_probe.json",),
+                                   "docs/benchmarks.md: the same, line search on other training examples"),
     "init_memory": Block(render_init_memory, (f"{INIT_MEMORY}/before.json", f"{INIT_MEMORY}/after.json"),
                          "docs/main_job.md: memory of the init before and after issue 8"),
 }
