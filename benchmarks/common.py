@@ -27,13 +27,14 @@ def device_info() -> dict:
     return info
 
 
-def pick_device(requested: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """CUDA with bf16 when present (the GPU recipe), else CPU fp32."""
+def pick_device(requested: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """CUDA with bf16 when present (the GPU recipe), else CPU fp32; `dtype` ("float32", "bfloat16") overrides."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return device, dtype
+    if dtype != "auto":
+        return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return device, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def _rss_bytes() -> int:

@@ -36,12 +36,16 @@ loss) are summarised the old way and titled "legacy".
     python benchmarks/convergence.py --preset causal --ablation damping --out benchmarks/results/causal_damping
     python benchmarks/convergence.py --preset classification --seeds 0 1 2 --out benchmarks/results/cls_val
 
-Method specs: `name[+prec][:key=value,...]`; the options go to `lorafa.InitConfig(method=name, **options)` (to
+Method specs: `name[+flag][:key=value,...]`, the flag picking the optimiser (AdamW without one): `+prec` PEFT's
+Riemannian preconditioner (`--prec-reg`), `+kfac` AdamW and `+kfac_sgd` SGD on lorafa's K-FAC-preconditioned gradients
+from the init's own statistics (`--kfac-reg`; SGD has its own rate grid, `Preset.sgd_lrs`); the options go to `lorafa.InitConfig(method=name, **options)` (to
 PEFT's `LoraGAConfig` for peft_lora_ga), e.g. `lora_fa+prec:stable_gamma=16`,
 `lora_fa:target=natural,scale=kfac,offset=partial`, `lora_fa:target=natural,reg=1e-2`,
 `lora_one:rank=auto,rank_rule=importance`. Values are read as int, else float, else string. Names: lora, pissa,
 olora, peft_lora_ga (PEFT's), lora_ga, lora_one, lora_fa, corda, eva, milora, full (full fine-tuning).
-`--ablation [design|damping]` runs a named list of specs (`ABLATIONS`).
+`--ablation [design|damping|optimizers]` runs a named list of specs (`ABLATIONS`). A run that raises is logged, its
+method leaves the benchmark, and meta.json's "failed" keeps the traceback. `--dtype float32` keeps the GPU recipe's
+model in fp32 (default there: bf16); `--model PATH` replaces the preset's model (a smoke test on a tiny checkpoint).
 
 Run file (`runs/<spec slug>_lr<lr>_s<seed>.json`, format 2): method, lr, seed, format, device, n_val, n_test,
 init_s, init_peak_mb, curve ([[step, test loss], ...]: the key old results use), val_curve ([[step, val loss], ...]),
@@ -77,25 +81,36 @@ METHODS = ["lora", "pissa", "olora", "peft_lora_ga", "lora_ga", "lora_one", "lor
 # offset {none, partial} is a 10-of-12 fractional design: at offset=none the baseline (gradient, stable) and each
 # factor changed alone; at offset=partial all six target × scale cells. So every main effect is measured against the
 # baseline, and every two-factor interaction at one level of the third (target × scale at partial; target × offset
-# at stable; scale × offset at gradient). Left out: (natural, kfac, none) and (natural, line_search, none).
+# at stable; scale × offset at gradient). Left out: (natural, kfac, none) and (natural, line_search, none). Then
+# rank=auto at the fixed rank's parameter budget (budget_by=params): LoRA-FA's energy rule, GoRA's importance rule on
+# LoRA-One, and the natural / line-search / partial variant with auto rank.
 ABLATION = [
     "lora", "pissa", "peft_lora_ga", "lora_ga", "lora_one", "eva",
     "lora_fa:target=gradient,scale=stable,offset=none",
-    "lora_fa:target=natural,scale=stable,offset=none",
+    "lora_fa:target=natural,reg=1e-2,scale=stable,offset=none",
     "lora_fa:target=gradient,scale=kfac,offset=none",
     "lora_fa:target=gradient,scale=line_search,offset=none",
     "lora_fa:target=gradient,scale=stable,offset=partial",
-    "lora_fa:target=natural,scale=stable,offset=partial",
+    "lora_fa:target=natural,reg=1e-2,scale=stable,offset=partial",
     "lora_fa:target=gradient,scale=kfac,offset=partial",
-    "lora_fa:target=natural,scale=kfac,offset=partial",
+    "lora_fa:target=natural,reg=1e-2,scale=kfac,offset=partial",
     "lora_fa:target=gradient,scale=line_search,offset=partial",
-    "lora_fa:target=natural,scale=line_search,offset=partial",
-    "lora_fa:rank=auto,rank_rule=energy",
-    "lora_one:rank=auto,rank_rule=importance",
+    "lora_fa:target=natural,reg=1e-2,scale=line_search,offset=partial",
+    "lora_fa:rank=auto,rank_rule=energy,budget_by=params",
+    "lora_one:rank=auto,rank_rule=importance,budget_by=params",
+    "lora_fa:target=natural,reg=1e-2,scale=line_search,offset=partial,rank=auto,rank_rule=energy,budget_by=params",
 ]
-# The damping sweep of the natural-gradient target (λ relative to tr/dim, SPEC §2.5), default LoRA as the reference.
-DAMPING = ["lora"] + [f"lora_fa:target=natural,reg={reg}" for reg in ("1e-4", "1e-3", "1e-2", "1e-1")]
-ABLATIONS = {"design": ABLATION, "damping": DAMPING}
+# The damping sweep of the natural-gradient target (λ relative to tr/dim, SPEC §2.5) with the line search and the
+# partial offset (at the fixed `stable` step the natural target overshoots: docs/benchmarks.md, init probe), default
+# LoRA as the reference.
+DAMPING = ["lora"] + [f"lora_fa:target=natural,reg={reg},scale=line_search,offset=partial"
+                      for reg in ("1e-4", "1e-3", "1e-2", "1e-1", "1")]
+# The K-FAC preconditioner for training (lorafa.create_kfac_optimizer, SPEC §2.5) with AdamW and with SGD, on the
+# init whose statistics it reuses, against the same init under plain AdamW and PEFT's Riemannian preconditioner.
+OPTIMIZERS = ["lora", "lora_fa", "lora_fa+prec", "lora_fa+kfac", "lora_fa+kfac_sgd"]
+ABLATIONS = {"design": ABLATION, "damping": DAMPING, "optimizers": OPTIMIZERS}
+# +flag -> the optimiser: "" AdamW, prec PEFT's create_riemannian_optimizer, kfac/kfac_sgd lorafa's K-FAC one
+OPTIMIZER_FLAGS = ("", "prec", "kfac", "kfac_sgd")
 
 
 @dataclasses.dataclass
@@ -114,6 +129,8 @@ class Preset:
     init_iters: int
     warmup: float = 0.05
     n_val: int = 64
+    # SGD on K-FAC-preconditioned gradients (+kfac_sgd): lr 0.5 is one Gauss-Newton step of the product (lorafa.optim)
+    sgd_lrs: list = dataclasses.field(default_factory=lambda: [0.0125, 0.05, 0.2])
 
 
 PRESETS = {
@@ -130,13 +147,14 @@ PRESETS = {
 }
 
 
-def parse_spec(spec: str) -> tuple[str, bool, dict]:
-    """`lora_fa+prec:stable_gamma=16` -> ("lora_fa", True, {"stable_gamma": 16}); values are int, else float, else
-    string (`rank=auto` -> "auto", `reg=1e-2` -> 0.01, `offset=none` -> "none")."""
+def parse_spec(spec: str) -> tuple[str, str, dict]:
+    """`lora_fa+prec:stable_gamma=16` -> ("lora_fa", "prec", {"stable_gamma": 16}); the flag is "" without one;
+    values are int, else float, else string (`rank=auto` -> "auto", `reg=1e-2` -> 0.01, `offset=none` -> "none")."""
     head, _, opts = spec.partition(":")
     name, _, flag = head.partition("+")
-    if flag not in ("", "prec"):
-        raise ValueError(f"Unknown flag +{flag} in {spec!r}: the only flag is +prec (the prec_reg preconditioner).")
+    if flag not in OPTIMIZER_FLAGS:
+        raise ValueError(f"Unknown flag +{flag} in {spec!r}: the flags are +prec (PEFT's Riemannian preconditioner), "
+                         "+kfac (AdamW on K-FAC-preconditioned gradients) and +kfac_sgd (SGD on them).")
     if not name:
         raise ValueError(f"No method name in spec {spec!r}.")
     options = {}
@@ -152,20 +170,25 @@ def parse_spec(spec: str) -> tuple[str, bool, dict]:
                 break
             except ValueError:
                 continue
-    return name, flag == "prec", options
+    return name, flag, options
 
 
 def check_spec(spec: str, p: Preset, seed: int = 0) -> None:
     """Raise (ValueError/TypeError) now, not after hours of runs, if the spec's options are not valid for its method:
     lorafa methods build their `InitConfig`."""
-    name, _, options = parse_spec(spec)
+    name, flag, options = parse_spec(spec)
     if name == "full" or name in PEFT_INITS:
         if options and name != "peft_lora_ga":
             raise ValueError(f"{spec!r}: {name} takes no options.")
+        if flag.startswith("kfac"):
+            raise ValueError(f"{spec!r}: +{flag} reuses the init's K-FAC statistics; {name} collects none.")
         return
     from lorafa import InitConfig
 
-    InitConfig(method=name, bsz=p.init_bsz, iters=p.init_iters, seed=seed, **options)
+    init = InitConfig(method=name, bsz=p.init_bsz, iters=p.init_iters, seed=seed, **options)
+    if flag.startswith("kfac") and init.needs != "kfac":
+        raise ValueError(f"{spec!r}: +{flag} reuses the init's K-FAC statistics; {name} with these options collects "
+                         f"{init.needs!r} (use lora_fa, or lora_one:scale=kfac).")
 
 
 def spec_slug(spec: str) -> str:
@@ -287,14 +310,15 @@ def lora_config(p: Preset, args, task, init):
 
 
 def build(spec: str, model, task, collate, p: Preset, args, seed: int, device, init_idx: list[int]):
-    """The model to train (PEFT or full), after the method's init from the statistics batches of `init_idx`."""
+    """(the model to train (PEFT or full), the init's statistics or None), after the method's init from the
+    statistics batches of `init_idx`. The statistics are kept only for the K-FAC optimisers (+kfac, +kfac_sgd)."""
     from peft import get_peft_model
 
-    name, _, options = parse_spec(spec)
+    name, flag, options = parse_spec(spec)
     batches = init_batches(task, collate, p, init_idx)
     if name == "full":
         model.requires_grad_(True)
-        return model
+        return model, None
     if name in PEFT_INITS:
         cfg = lora_config(p, args, task, PEFT_INITS[name])
         if name == "peft_lora_ga":
@@ -308,20 +332,31 @@ def build(spec: str, model, task, collate, p: Preset, args, seed: int, device, i
                     model(**to_device(b, device)).loss.backward()
 
             preprocess_loraga(model, cfg, train_step)
-        return get_peft_model(model, cfg)
-    from lorafa import InitConfig, initialize
+        return get_peft_model(model, cfg), None
+    from lorafa import InitConfig, collect_stats, initialize
 
     init = InitConfig(method=name, bsz=p.init_bsz, iters=p.init_iters, seed=seed, **options)
-    return initialize(model, lora_config(p, args, task, True), init,
-                      batches=[to_device(b, device) for b in batches], progress=False)
+    batches = [to_device(b, device) for b in batches]
+    stats = None
+    if flag.startswith("kfac"):  # the same pass initialize would run, kept for the optimiser
+        stats = collect_stats(model, batches, p.targets, kinds=(init.needs,), sketch=init.sketch_sizes, progress=False)
+    peft_model = initialize(model, lora_config(p, args, task, True), init, batches=batches, stats=stats,
+                            progress=False)
+    return peft_model, stats
 
 
-def optimizer(model, lr: float, prec: bool, args):
+def optimizer(model, lr: float, flag: str, args, stats=None):
     params = [q for q in model.parameters() if q.requires_grad]
-    if prec:
+    if flag == "prec":
         from peft.optimizers import create_riemannian_optimizer
 
         return create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr, reg=args.prec_reg, weight_decay=0.0)
+    if flag in ("kfac", "kfac_sgd"):
+        from lorafa import create_kfac_optimizer
+
+        cls = torch.optim.AdamW if flag == "kfac" else torch.optim.SGD
+        extra = {"weight_decay": 0.0} if flag == "kfac" else {}
+        return create_kfac_optimizer(model, stats, cls, lr=lr, reg=args.kfac_reg, **extra)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
@@ -342,7 +377,7 @@ def run_one(job: dict) -> dict:
     args, p = argparse.Namespace(**job["args"]), Preset(**job["preset"])
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    device, dtype = pick_device(args.device)
+    device, dtype = pick_device(args.device, args.dtype)
     task, model, _, collate = load_everything(p, args, device, dtype)
     if job.get("probe") is not None:
         model.classifier.load_state_dict(torch.load(job["probe"]))
@@ -353,7 +388,7 @@ def run_one(job: dict) -> dict:
     res = {"format": FORMAT, "method": job["method"], "lr": job["lr"], "seed": seed, "device": device_info(),
            "n_val": len(val_set), "n_test": len(test_set)}
     with PeakMemory(device) as mem, timed(device) as t:
-        model = build(job["method"], model, task, collate, p, args, seed, device, split["init"])
+        model, stats = build(job["method"], model, task, collate, p, args, seed, device, split["init"])
     res["init_s"], res["init_peak_mb"] = t["s"], mem.mb
     res.update(curve=[], val_curve=[], seconds=[])
     eval_s = 0.0
@@ -367,8 +402,9 @@ def run_one(job: dict) -> dict:
         eval_s += time.perf_counter() - t0
 
     evaluate(0, res["init_s"])  # after the init
-    _, prec, _ = parse_spec(job["method"])
-    opt = optimizer(model, job["lr"], prec, args)
+    _, flag, _ = parse_spec(job["method"])
+    opt = optimizer(model, job["lr"], flag, args, stats)
+    del stats
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, p))
     model.train()
     train_losses, train_s = [], 0.0
@@ -460,14 +496,30 @@ def run_id(method: str, lr: float, seed: int) -> str:
     return f"{spec_slug(method)}_lr{lr:g}_s{seed}"
 
 
-def run_jobs(jobs: list[dict], n_parallel: int, run: bool = True) -> list[dict]:
-    """Run the jobs whose result file is missing (all cached ones are reused); returns the results present."""
+def _run_caught(job: dict) -> dict:
+    """run_one, with an exception returned as {"error": traceback} so one broken spec does not stop the others."""
+    try:
+        return run_one(job)
+    except Exception:  # noqa: BLE001 - reported by run_jobs, and the method leaves the benchmark
+        import traceback
+
+        return {"method": job["method"], "lr": job["lr"], "seed": job["seed"], "error": traceback.format_exc()}
+
+
+def run_jobs(jobs: list[dict], n_parallel: int, run: bool = True, failed: dict | None = None) -> list[dict]:
+    """Run the jobs whose result file is missing (all cached ones are reused); returns the results present. A run
+    that raises is logged and, with `failed`, recorded there as {method: traceback}; it leaves no run file."""
     todo = [j for j in jobs if not os.path.exists(j["path"])]
     logging.info("%d runs (%d cached)", len(jobs), len(jobs) - len(todo))
     if todo and run:
         ctx = mp.get_context("spawn")
         with ctx.Pool(n_parallel, maxtasksperchild=1) as pool:
-            for r in pool.imap_unordered(run_one, todo):
+            for r in pool.imap_unordered(_run_caught, todo):
+                if "error" in r:
+                    logging.error("%s lr=%g seed=%d FAILED:\n%s", r["method"], r["lr"], r["seed"], r["error"])
+                    if failed is not None:
+                        failed.setdefault(r["method"], r["error"])
+                    continue
                 logging.info("%-32s lr=%g seed=%d val=%.4f test=%.4f init %.1fs", r["method"], r["lr"], r["seed"],
                              r["final_val_loss"], r["final_loss"], r["init_s"])
     return [json.load(open(j["path"])) for j in jobs if os.path.exists(j["path"])]
@@ -737,9 +789,14 @@ def main(argv=None) -> None:
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--no-rslora", action="store_true")
     ap.add_argument("--prec-reg", type=float, default=1e-2, help="λ of the Riemannian preconditioner (+prec)")
+    ap.add_argument("--kfac-reg", type=float, default=1e-2,
+                    help="relative damping λ of the K-FAC preconditioner (+kfac, +kfac_sgd)")
     ap.add_argument("--probe", action="store_true", help="classification: fit the head on frozen features first")
     ap.add_argument("--gsm8k", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k"))
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="model dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--model", default=None, help="model id or local path instead of the preset's")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (CPU: split the cores between them)")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     ap.add_argument("--out", required=True)
@@ -753,7 +810,7 @@ def main(argv=None) -> None:
         preset = dataclasses.replace(preset, batch=preset.batch * 4)
     p = dataclasses.replace(preset, **{k: v for k, v in dict(
         steps=args.steps, eval_every=args.eval_every, n_heldout=args.n_heldout, batch=args.batch,
-        lrs=args.lrs, n_val=args.n_val).items() if v is not None})
+        lrs=args.lrs, n_val=args.n_val, model=args.model).items() if v is not None})
     if args.probe and args.preset != "classification":
         ap.error("--probe is for the classification preset")
     if args.max_extend < 0:
@@ -788,7 +845,7 @@ def main(argv=None) -> None:
     os.environ.update(MALLOC_ENV)  # inherited by the spawned run processes (see common.PeakMemory)
     probe_files = {}
     if args.probe:
-        device, dtype = pick_device(args.device)
+        device, dtype = pick_device(args.device, args.dtype)
         task, model, _, collate = load_everything(p, args, device, dtype)
         val = data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, 0)["val"]  # the same for every seed
         for s in args.seeds:
@@ -804,26 +861,31 @@ def main(argv=None) -> None:
         return {"method": m, "lr": lr, "seed": s, "args": vars(args), "preset": dataclasses.asdict(p),
                 "probe": probe_files.get(s), "path": os.path.join(runs_dir, run_id(m, lr, s) + ".json")}
 
-    lrs_of = {m: (p.full_lrs if m == "full" else p.lrs) for m in grid_methods}
+    lrs_of = {m: (p.full_lrs if m == "full" else p.sgd_lrs if parse_spec(m)[1] == "kfac_sgd" else p.lrs)
+              for m in grid_methods}
     ratio_of = {m: grid_ratio(lrs_of[m], default=grid_ratio(p.lrs)) for m in grid_methods}
-    s0, first = args.seeds[0], []
+    s0, first, failed = args.seeds[0], [], {}
     while True:  # the grid at the first seed, extended until every best validation rate is bracketed or capped
         todo = {}
         for m in grid_methods:
+            if m in failed:  # a run of it raised: it leaves the benchmark (the error is in the log and meta.json)
+                continue
             losses = {r["lr"]: r["final_val_loss"] for r in first if r["method"] == m}
             todo[m] = next_rates(losses, lrs_of[m], ratio_of[m], args.max_extend, args.full_grid)["next"]
         # interleaved (every method's first rate, then every second one...) so an interrupted run leaves each some
         jobs = [job(m, todo[m][i], s0) for i in range(max(map(len, todo.values()), default=0))
                 for m in grid_methods if i < len(todo[m])]
-        got = run_jobs(jobs, args.jobs) if jobs else []
+        got = run_jobs(jobs, args.jobs, failed=failed) if jobs else []
         if not got:
             break
         first += got
     best = {m: choose_rate({r["lr"]: r["final_val_loss"] for r in first if r["method"] == m})[0]
-            for m in grid_methods if any(r["method"] == m for r in first)}
-    rest = run_jobs([job(m, best[m], s) for m in best for s in args.seeds[1:]], args.jobs) if args.seeds[1:] else []
-    md = summarise(first + rest, [m for m in grid_methods if m in best], args.out, title, first_seed=s0)
-    write_json(os.path.join(args.out, "meta.json"), dict(meta, device=device_info()))
+            for m in grid_methods if m not in failed and any(r["method"] == m for r in first)}
+    rest = run_jobs([job(m, best[m], s) for m in best for s in args.seeds[1:]], args.jobs,
+                    failed=failed) if args.seeds[1:] else []
+    md = summarise(first + rest, [m for m in grid_methods if m in best and m not in failed], args.out, title,
+                   first_seed=s0)
+    write_json(os.path.join(args.out, "meta.json"), dict(meta, device=device_info(), failed=failed))
     print(md)
 
 

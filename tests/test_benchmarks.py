@@ -14,12 +14,13 @@ import convergence  # noqa: E402
 
 
 def test_method_specs_parse_flags_and_typed_options():
-    assert convergence.parse_spec("lora_fa") == ("lora_fa", False, {})
+    assert convergence.parse_spec("lora_fa") == ("lora_fa", "", {})
     assert convergence.parse_spec("lora_fa+prec:stable_gamma=16,scale=unit") == (
-        "lora_fa", True, {"stable_gamma": 16, "scale": "unit"})
+        "lora_fa", "prec", {"stable_gamma": 16, "scale": "unit"})
+    assert convergence.parse_spec("lora_fa+kfac_sgd")[1] == "kfac_sgd"
     assert convergence.parse_spec("lora_ga:sketch=24")[2] == {"sketch": 24}
     assert isinstance(convergence.parse_spec("lora_fa:reg=1e-4")[2]["reg"], float)
-    with pytest.raises(ValueError, match="only flag is \\+prec"):
+    with pytest.raises(ValueError, match="the flags are \\+prec"):
         convergence.parse_spec("lora_fa+fast")
 
 
@@ -286,7 +287,7 @@ def test_summary_chooses_on_validation_flags_edges_and_reports_seconds(tmp_path)
 def test_method_specs_take_the_new_init_options():
     parse = convergence.parse_spec
     assert parse("lora_fa:target=natural,scale=line_search,offset=partial") == (
-        "lora_fa", False, {"target": "natural", "scale": "line_search", "offset": "partial"})
+        "lora_fa", "", {"target": "natural", "scale": "line_search", "offset": "partial"})
     assert parse("lora_one:rank=auto,rank_rule=importance")[2] == {"rank": "auto", "rank_rule": "importance"}
     assert parse("lora_fa:rank=12")[2] == {"rank": 12} and parse("lora_fa:offset=none")[2] == {"offset": "none"}
     reg = parse("lora_fa:target=natural,reg=1e-2")[2]["reg"]
@@ -318,8 +319,14 @@ def test_the_ablation_design_covers_main_effects_and_the_offset_pairs():
     assert {(t, s, "partial") for t in ("gradient", "natural") for s in ("stable", "kfac", "line_search")} <= cells
     names = [convergence.parse_spec(s)[0] for s in convergence.ABLATION]
     assert {"lora", "pissa", "peft_lora_ga", "lora_ga", "lora_one", "eva"} <= set(names)
-    assert "lora_fa:rank=auto,rank_rule=energy" in convergence.ABLATION
-    assert "lora_one:rank=auto,rank_rule=importance" in convergence.ABLATION
+    # auto rank at the fixed rank's parameter budget: LoRA-FA's energy rule, GoRA's importance rule, and both rank
+    # choices of the natural / line-search / partial variant
+    auto = [convergence.parse_spec(s) for s in convergence.ABLATION if "rank=auto" in s]
+    assert {(n, o["rank_rule"]) for n, _, o in auto} == {("lora_fa", "energy"), ("lora_one", "importance")}
+    assert all(o["budget_by"] == "params" for _, _, o in auto)
+    natural = [s for s in convergence.ABLATION if "rank=auto" in s and "target=natural" in s]
+    assert [s.replace(",rank=auto,rank_rule=energy,budget_by=params", "") in convergence.ABLATION
+            for s in natural] == [True]
 
 
 def test_ablation_specs_are_valid_init_configs():
@@ -332,10 +339,14 @@ def test_ablation_specs_are_valid_init_configs():
     if missing:
         pytest.skip(f"InitConfig has no {sorted(missing)} yet")
     p = convergence.PRESETS["causal"]
-    for spec in convergence.ABLATION + convergence.DAMPING:
+    for spec in convergence.ABLATION + convergence.DAMPING + convergence.OPTIMIZERS:
         convergence.check_spec(spec, p)
+    convergence.check_spec("lora_one+kfac:scale=kfac", p)
     with pytest.raises((ValueError, TypeError)):
         convergence.check_spec("lora_fa:no_such_option=1", p)
+    for spec in ("lora+kfac", "lora_one+kfac_sgd", "eva+kfac"):  # no K-FAC statistics to precondition with
+        with pytest.raises(ValueError, match="K-FAC statistics"):
+            convergence.check_spec(spec, p)
 
 
 # -- principal angles (benchmarks/subspaces.py) --------------------------------------------------------------------
