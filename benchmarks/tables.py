@@ -57,6 +57,7 @@ INIT_MEMORY = "benchmarks/results/init_memory"
 # the validation-split protocol (convergence.py's run format 2) and the subspace comparison (subspaces.py): their
 # blocks render a "not run yet" line until these folders are committed
 CAUSAL_VAL = "benchmarks/results/causal_val"
+CAUSAL_GPU_PARTIAL = "benchmarks/results/causal_gpu_partial"
 CAUSAL_ABLATION = "benchmarks/results/causal_ablation"
 CAUSAL_DAMPING = "benchmarks/results/causal_damping"
 SUBSPACES = "benchmarks/results/subspaces_causal"
@@ -143,21 +144,26 @@ def _not_run(results_dir: str, command: str) -> str:
 
 PROTOCOL_BRIEF = ["method", "chosen lr", "bracketed", "seeds", "final test loss", "steps to", "seconds to",
                   "step speed-up", "time speed-up", "init s"]
+# runs that shared one GPU 8 at a time: their seconds are contended, so no time columns
+PROTOCOL_NO_TIME = ["method", "chosen lr", "bracketed", "final val loss", "test loss at 0", "final test loss",
+                    "steps to", "step speed-up"]
 
 
-def render_protocol(root: str, results_dir: str = CAUSAL_VAL, brief: bool = False, command: str = "") -> str:
+def render_protocol(root: str, results_dir: str = CAUSAL_VAL, brief: bool = False, command: str = "",
+                    columns: list | None = None) -> str:
     """A format-2 convergence summary (convergence.py's `summary.csv`): the rate chosen on the validation split, its
     bracketing, the test loss (mean ± std over seeds), steps and seconds (incl. the statistics pass and the init) to
     default LoRA's final test loss and both speed-ups. `brief`: the README's subset of the columns. A "not run yet"
-    line while the folder is not committed."""
+    line while the folder is not committed. `columns`: column-name prefixes to show instead (e.g. PROTOCOL_NO_TIME)."""
     if not os.path.exists(_path(root, os.path.join(results_dir, "summary.csv"))):
         return _not_run(results_dir, command or f"python benchmarks/convergence.py --out {results_dir}")
-    columns, rows = _summary_csv(root, results_dir)
-    if "chosen lr" not in columns:
+    present, rows = _summary_csv(root, results_dir)
+    if "chosen lr" not in present:
         raise BlockError(f"{results_dir}/summary.csv is a legacy (format 1) summary; this block needs format 2")
-    if brief:
-        columns = [next(c for c in columns if c.startswith(k)) for k in PROTOCOL_BRIEF]
-    return markdown_table(rows, columns)
+    keep = columns or (PROTOCOL_BRIEF if brief else None)
+    if keep:
+        present = [next(c for c in present if c.startswith(k)) for k in keep]
+    return markdown_table(rows, present)
 
 
 def render_subspaces(root: str, folder: str = SUBSPACES) -> str:
@@ -450,6 +456,9 @@ BLOCKS: dict[str, Block] = {
         lambda root: render_protocol(root, CAUSAL_ABLATION,
                                      command=f"python benchmarks/convergence.py --ablation --out {CAUSAL_ABLATION}"),
         (f"{CAUSAL_ABLATION}/summary.csv",), "docs/benchmarks.md: the init ablation (convergence.ABLATION)"),
+    "causal_gpu_partial": Block(
+        lambda root: render_protocol(root, CAUSAL_GPU_PARTIAL, columns=PROTOCOL_NO_TIME),
+        (f"{CAUSAL_GPU_PARTIAL}/summary.csv",), "docs/benchmarks.md: the ablation's first round on an H200 (cut short)"),
     "causal_damping": Block(
         lambda root: render_protocol(root, CAUSAL_DAMPING, command=(
             f"python benchmarks/convergence.py --ablation damping --out {CAUSAL_DAMPING}")),

@@ -9,6 +9,21 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 VOCAB = 64
 
 
+@torch.no_grad()
+def batch_logits(model, batches) -> torch.Tensor:
+    """The model's logits on every batch, concatenated, in eval mode and fp32."""
+    model.eval()
+    return torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                      for b in batches]).float()
+
+
+def lora_cfg(targets, r=2, alpha=4, **kw):
+    """A PEFT LoraConfig on `targets` without dropout (the tests compare outputs exactly)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, **kw)
+
+
 def tiny_llama(seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from conftest import batch_logits as logits
 from conftest import make_batches, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -33,12 +34,6 @@ ALLOWED_FILES = {"adapter_model.safetensors", "adapter_config.json", "lorafa_ini
 def lora_config(r=R, alpha=None, targets=TARGETS, **kw) -> LoraConfig:
     return LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, target_modules=list(targets),
                       lora_dropout=0.0, **kw)
-
-
-@torch.no_grad()
-def logits(model, batches) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]).float()
 
 
 def lora_layers(model) -> dict[str, LoraLayer]:

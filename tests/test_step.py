@@ -9,7 +9,8 @@ import types
 
 import pytest
 import torch
-from conftest import make_batches, tiny_llama
+from conftest import batch_logits as logits
+from conftest import lora_cfg, make_batches, tiny_llama
 from peft import LoraConfig, PeftModel
 from torch import nn
 
@@ -22,13 +23,7 @@ TARGETS = ["q_proj", "v_proj", "o_proj"]
 
 
 def cfg(r=2, alpha=4, **kw):
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS), lora_dropout=0.0, **kw)
-
-
-@torch.no_grad()
-def logits(model, batches):
-    model.eval()
-    return torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches])
+    return lora_cfg(TARGETS, r=r, alpha=alpha, **kw)
 
 
 @torch.no_grad()
