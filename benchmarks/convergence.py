@@ -56,6 +56,7 @@ final_loss (test; inf if diverged), final_val_loss, diverged_at (if so), test_ac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -509,15 +510,33 @@ def _run_caught(job: dict) -> dict:
         return {"method": job["method"], "lr": job["lr"], "seed": job["seed"], "error": traceback.format_exc()}
 
 
-def run_jobs(jobs: list[dict], n_parallel: int, run: bool = True, failed: dict | None = None) -> list[dict]:
+def _in_process(todo: list[dict]):
+    """The runs one after another in this process (`--in-process`): no interpreter start, imports or CUDA context
+    per run. The device is warmed up first (a matrix product and an SVD load their libraries), so the first run's
+    init time is not charged for that."""
+    import gc
+
+    device, _ = pick_device(todo[0]["args"]["device"], todo[0]["args"]["dtype"])
+    x = torch.randn(256, 256, device=device)
+    torch.linalg.svd(x @ x.T)
+    for job in todo:
+        yield _run_caught(job)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_jobs(jobs: list[dict], n_parallel: int, run: bool = True, failed: dict | None = None,
+             in_process: bool = False) -> list[dict]:
     """Run the jobs whose result file is missing (all cached ones are reused); returns the results present. A run
-    that raises is logged and, with `failed`, recorded there as {method: traceback}; it leaves no run file."""
+    that raises is logged and, with `failed`, recorded there as {method: traceback}; it leaves no run file. Each run
+    is a fresh process (n_parallel at a time), or with `in_process` all run here, one after another."""
     todo = [j for j in jobs if not os.path.exists(j["path"])]
     logging.info("%d runs (%d cached)", len(jobs), len(jobs) - len(todo))
     if todo and run:
         ctx = mp.get_context("spawn")
-        with ctx.Pool(n_parallel, maxtasksperchild=1) as pool:
-            for r in pool.imap_unordered(_run_caught, todo):
+        with (contextlib.nullcontext() if in_process else ctx.Pool(n_parallel, maxtasksperchild=1)) as pool:
+            for r in (_in_process(todo) if in_process else pool.imap_unordered(_run_caught, todo)):
                 if "error" in r:
                     logging.error("%s lr=%g seed=%d FAILED:\n%s", r["method"], r["lr"], r["seed"], r["error"])
                     if failed is not None:
@@ -801,6 +820,9 @@ def main(argv=None) -> None:
                     help="model dtype (auto: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--model", default=None, help="model id or local path instead of the preset's")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (CPU: split the cores between them)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="every run in this process, one after another (GPU: no per-run start-up, uncontended "
+                         "seconds; CPU memory figures then include earlier runs' leftovers)")
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary-only", action="store_true", help="summarise the runs present, run nothing")
@@ -878,14 +900,14 @@ def main(argv=None) -> None:
         # interleaved (every method's first rate, then every second one...) so an interrupted run leaves each some
         jobs = [job(m, todo[m][i], s0) for i in range(max(map(len, todo.values()), default=0))
                 for m in grid_methods if i < len(todo[m])]
-        got = run_jobs(jobs, args.jobs, failed=failed) if jobs else []
+        got = run_jobs(jobs, args.jobs, failed=failed, in_process=args.in_process) if jobs else []
         if not got:
             break
         first += got
     best = {m: choose_rate({r["lr"]: r["final_val_loss"] for r in first if r["method"] == m})[0]
             for m in grid_methods if m not in failed and any(r["method"] == m for r in first)}
     rest = run_jobs([job(m, best[m], s) for m in best for s in args.seeds[1:]], args.jobs,
-                    failed=failed) if args.seeds[1:] else []
+                    failed=failed, in_process=args.in_process) if args.seeds[1:] else []
     md = summarise(first + rest, [m for m in grid_methods if m in best and m not in failed], args.out, title,
                    first_seed=s0)
     write_json(os.path.join(args.out, "meta.json"), dict(meta, device=device_info(), failed=failed))

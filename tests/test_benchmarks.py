@@ -414,3 +414,26 @@ def test_protocol_and_subspaces_blocks_render_from_results_or_say_not_run(tmp_pa
     for name in ("causal_val", "causal_val_brief", "causal_ablation", "causal_damping", "subspaces"):
         assert name in tables.BLOCKS
     assert tables.BLOCKS["causal_ablation"].render(root).startswith("_Not run yet")
+
+
+def test_run_jobs_in_process_records_failures_and_keeps_going(tmp_path, monkeypatch):
+    """A run that raises leaves no run file, lands in `failed` with its traceback, and the other runs still run."""
+    def fake_run_one(job):
+        if job["method"] == "broken":
+            raise RuntimeError("boom")
+        res = {"method": job["method"], "lr": job["lr"], "seed": job["seed"], "final_val_loss": 1.0,
+               "final_loss": 1.0, "init_s": 0.0}
+        convergence.write_json(job["path"], res)
+        return res
+
+    monkeypatch.setattr(convergence, "run_one", fake_run_one)
+    jobs = [{"method": m, "lr": 1e-3, "seed": 0, "args": {"device": "cpu", "dtype": "auto"},
+             "path": str(tmp_path / f"{m}.json")} for m in ("broken", "ok")]
+    failed = {}
+    got = convergence.run_jobs(jobs, 1, failed=failed, in_process=True)
+    assert [r["method"] for r in got] == ["ok"]
+    assert list(failed) == ["broken"] and "RuntimeError: boom" in failed["broken"]
+    assert not (tmp_path / "broken.json").exists()
+    # cached runs are reused, not run again
+    monkeypatch.setattr(convergence, "run_one", lambda job: pytest.fail("a cached run ran again"))
+    assert [r["method"] for r in convergence.run_jobs(jobs[1:], 1, in_process=True)] == ["ok"]

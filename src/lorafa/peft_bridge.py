@@ -336,6 +336,7 @@ def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, 
     model.eval()
     tried: dict[float, float] = {}
 
+    @torch.no_grad()  # forward only: no graph (the target weights still require grad here)
     def loss_at(g: float) -> float:
         if g not in tried:
             g_now["g"] = g
