@@ -106,7 +106,7 @@ ABLATION = [
 # LoRA as the reference.
 DAMPING = ["lora"] + [f"lora_fa:target=natural,reg={reg},scale=line_search,offset=partial"
                       for reg in ("1e-4", "1e-3", "1e-2", "1e-1", "1")]
-# The K-FAC preconditioner for training (lorafa.create_kfac_optimizer, SPEC §2.5) with AdamW and with SGD, on the
+# The K-FAC preconditioner for training (lorafa.optim, SPEC §2.5) with AdamW and with SGD, on the
 # init whose statistics it reuses, against the same init under plain AdamW and PEFT's Riemannian preconditioner.
 OPTIMIZERS = ["lora", "lora_fa", "lora_fa+prec", "lora_fa+kfac", "lora_fa+kfac_sgd"]
 ABLATIONS = {"design": ABLATION, "damping": DAMPING, "optimizers": OPTIMIZERS}
@@ -356,7 +356,7 @@ def optimizer(model, lr: float, flag: str, args, stats=None):
 
         return create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr, reg=args.prec_reg, weight_decay=0.0)
     if flag in ("kfac", "kfac_sgd"):
-        from lorafa import create_kfac_optimizer
+        from lorafa.optim import create_kfac_optimizer
 
         cls = torch.optim.AdamW if flag == "kfac" else torch.optim.SGD
         extra = {"weight_decay": 0.0} if flag == "kfac" else {}

@@ -58,6 +58,7 @@ INIT_MEMORY = "benchmarks/results/init_memory"
 # blocks render a "not run yet" line until these folders are committed
 CAUSAL_VAL = "benchmarks/results/causal_val"
 CAUSAL_GPU_PARTIAL = "benchmarks/results/causal_gpu_partial"
+CLS_OPTIM = "benchmarks/results/cls_optim"
 CAUSAL_ABLATION = "benchmarks/results/causal_ablation"
 CAUSAL_DAMPING = "benchmarks/results/causal_damping"
 SUBSPACES = "benchmarks/results/subspaces_causal"
@@ -459,6 +460,10 @@ BLOCKS: dict[str, Block] = {
     "causal_gpu_partial": Block(
         lambda root: render_protocol(root, CAUSAL_GPU_PARTIAL, columns=PROTOCOL_NO_TIME),
         (f"{CAUSAL_GPU_PARTIAL}/summary.csv",), "docs/benchmarks.md: the ablation's first round on an H200 (cut short)"),
+    "cls_optim": Block(
+        lambda root: render_protocol(root, CLS_OPTIM, columns=PROTOCOL_NO_TIME, command=(
+            f"python benchmarks/convergence.py --preset classification --ablation optimizers --out {CLS_OPTIM}")),
+        (f"{CLS_OPTIM}/summary.csv",), "docs/benchmarks.md: the K-FAC preconditioner in training, classifier"),
     "causal_damping": Block(
         lambda root: render_protocol(root, CAUSAL_DAMPING, command=(
             f"python benchmarks/convergence.py --ablation damping --out {CAUSAL_DAMPING}")),

@@ -306,11 +306,10 @@ def test_classification_preset_on_the_embedded_encoder(tmp_path):
 
 @pytest.mark.parametrize("extra", [["++model.prec_reg=0.01", "++model.saving=true"],
                                    ["++peft.use_loraplus=true", "++model.early_stopping_patience=1", "++model.eval_steps=1"],
-                                   ["++init.direction=LoRA-FA", "++model.kfac_reg=1.0", "++model.optimizer=sgd",
-                                    "++model.learning_rate=0.01"]])
+                                   ["++model.optimizer=sgd", "++model.learning_rate=0.01"]])
 def test_optimisers_and_merged_checkpoint(assets, tmp_path, extra):
-    """prec_reg selects PEFT's Riemannian optimiser, use_loraplus LoRA+, kfac_reg the K-FAC preconditioner (with
-    SGD); model.saving writes a merged checkpoint that reproduces the adapter-on-original-base model."""
+    """prec_reg selects PEFT's Riemannian optimiser, use_loraplus LoRA+, optimizer=sgd plain SGD; model.saving writes
+    a merged checkpoint that reproduces the adapter-on-original-base model."""
     results = _in_process(["+init=gradient", "++init.direction=LoRA-GA", *local(assets, tmp_path / "runs", steps=3),
                            "++eval.enabled=false", "++wandb.name=opt", *extra])
     from peft import PeftModel
@@ -330,12 +329,6 @@ def test_optimisers_and_merged_checkpoint(assets, tmp_path, extra):
 def test_dry_run_checks_without_writing(assets, tmp_path):
     results = _in_process(["+init=gradient", *local(assets, tmp_path / "runs"), "++wandb.name=dry", "++dry_run=true"])
     assert results["run_dir"] is None and results["n_train"] > 0 and not (tmp_path / "runs").exists()
-
-
-def test_kfac_preconditioner_needs_kfac_statistics(assets, tmp_path):
-    with pytest.raises(ValueError, match="kfac_reg.*LoRA-FA"):
-        _in_process(["+init=gradient", "++init.direction=LoRA-GA", *local(assets, tmp_path / "runs"),
-                     "++wandb.name=bad", "++model.kfac_reg=0.01"])
 
 
 def test_prec_reg_and_loraplus_together_is_an_error(assets, tmp_path):

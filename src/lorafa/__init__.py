@@ -2,7 +2,6 @@
 
 from .config import InitConfig
 from .methods import InitResult, init_factors, resolve_method
-from .optim import create_kfac_optimizer
 from .peft_bridge import compute_init, initialize, read_initial_adapter, save_adapter, save_initial_adapter
 from .ranks import allocate_ranks
 from .stats import LayerStats, collect_stats, load_stats, read_stats_config, save_stats, stat_batches
@@ -10,7 +9,7 @@ from .stats import LayerStats, collect_stats, load_stats, read_stats_config, sav
 __version__ = "0.1.0"
 
 __all__ = [
-    "InitConfig", "InitResult", "LayerStats", "allocate_ranks", "collect_stats", "create_kfac_optimizer", "compute_init", "init_factors", "initialize",
+    "InitConfig", "InitResult", "LayerStats", "allocate_ranks", "collect_stats", "compute_init", "init_factors", "initialize",
     "load_stats", "read_initial_adapter", "read_stats_config", "resolve_method", "save_adapter",
     "save_initial_adapter", "save_stats", "stat_batches",
 ]

@@ -9,6 +9,11 @@ Kronecker form: F_A = κ s²·(Bᵀ C B) ⊗ Σ and F_B = κ s²·C ⊗ (A Σ A�
 with relative damping C_λ = C + λ·tr(C)/m·I (likewise Σ), so that SGD at learning rate 1 takes the K-FAC natural
 gradient (Gauss-Newton) step of each factor (both factors together: lr 0.5 for one step of the product). PEFT's Riemannian preconditioner is the C = Σ = I case (SPEC §4).
 The factors' current values enter every step (B and A change as they train); C⁻¹ and Σ⁻¹ are computed once.
+
+Measured not to help (docs/benchmarks.md, "The K-FAC preconditioner in training"): with AdamW it ends worse than
+plain AdamW on the same init on both presets, and with SGD it diverges on the causal LM at every rate tried (0.05 down
+to 7e-4) and barely trains the classifier. So it is not part of lorafa's public API or the runner; it stays here for
+the benchmark's `+kfac` / `+kfac_sgd` flags, so that the measurement can be repeated.
 """
 
 from __future__ import annotations

@@ -37,7 +37,6 @@ class ModelSection:
     lr_scheduler_type: str = "cosine"
     weight_decay: float = 0.0
     prec_reg: float | None = None  # λ of PEFT's Riemannian preconditioner; None: plain optimiser
-    kfac_reg: float | None = None  # λ of the K-FAC preconditioner from the init's statistics (lorafa.optim); None: off
     optimizer: str = "adamw"  # adamw | sgd
     saving: bool = False  # also merge and save a full transformers checkpoint
     logging_steps: int = 1

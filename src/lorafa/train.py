@@ -107,21 +107,14 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
     return stats
 
 
-def _optimizer(cfg: RunConfig, model, stats=None):
+def _optimizer(cfg: RunConfig, model):
     m, p = cfg.model, cfg.peft
     cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}.get(m.optimizer)
     if cls is None:
         raise ValueError(f"model.optimizer must be adamw or sgd, got {m.optimizer!r}")
-    if sum(x is not None and x is not False for x in (m.prec_reg, m.kfac_reg, p.use_loraplus or None)) > 1:
-        raise ValueError("model.prec_reg (Riemannian preconditioner), model.kfac_reg (K-FAC preconditioner) and "
-                         "peft.use_loraplus cannot be combined: pick one.")
-    if m.kfac_reg is not None:
-        from .optim import create_kfac_optimizer
-
-        if stats is None or not all(st.out_cov is not None for st in stats.values()):
-            raise ValueError("model.kfac_reg preconditions with the init's K-FAC statistics: use LoRA-FA (or "
-                             "++init.scale=kfac) so the statistics pass collects them.")
-        return create_kfac_optimizer(model, stats, cls, lr=m.learning_rate, reg=m.kfac_reg, weight_decay=m.weight_decay)
+    if m.prec_reg is not None and p.use_loraplus:
+        raise ValueError("model.prec_reg (Riemannian preconditioner) and peft.use_loraplus cannot be combined: pick "
+                         "one.")
     if m.prec_reg is not None:
         from peft.optimizers import create_riemannian_optimizer
 
@@ -295,7 +288,7 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
                             initial_adapter_dir=initial_dir)
     out["init_s"] = round(time.perf_counter() - t, 2)
     out.update(_init_report(peft_model, run_dir, state))
-    optimizer = _optimizer(cfg, peft_model, stats)
+    optimizer = _optimizer(cfg, peft_model)
     del stats
     state.wait_for_everyone()  # rank 0 has written the initial adapter
 
