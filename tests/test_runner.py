@@ -382,7 +382,8 @@ def test_runner_auto_rank_and_line_search(assets, tmp_path):
     results = _in_process(["+init=gradient", "++init.direction=LoRA-FA", *local(assets, tmp_path / "runs", steps=2),
                            "++wandb.name=auto", "++init.rank=auto", "++init.rank_rule=energy",
                            "++init.scale=line_search", "++init.offset=partial", "++init.target=natural",
-                           "++init.reg=0.01", "++eval.enabled=false", "++peft.target_modules=[q_proj,v_proj]"])
+                           "++init.reg=0.01", "++init.search_iters=2", "++eval.enabled=false",
+                           "++peft.target_modules=[q_proj,v_proj]"])
     run_dir = Path(results["run_dir"])
     saved = json.loads((run_dir / "ranks.json").read_text())
     assert (run_dir / "ranks.png").stat().st_size > 0
@@ -394,3 +395,8 @@ def test_runner_auto_rank_and_line_search(assets, tmp_path):
     built = {n.removeprefix("base_model.model."): m.r["default"] for n, m in loaded.named_modules()
              if isinstance(m, LoraLayer)}
     assert built == {n: 2 * r for n, r in ranks.items()}  # the partial offset: a rank-2r adapter on the original base
+
+
+def test_search_iters_needs_the_line_search(assets, tmp_path):
+    with pytest.raises(ValueError, match="search_iters.*scale=line_search"):
+        _in_process(["+init=gradient", *local(assets, tmp_path / "runs"), "++wandb.name=x", "++init.search_iters=2"])

@@ -564,6 +564,16 @@ def test_sample_indices_seeded():
     assert flat != list(range(12))
 
 
+@pytest.mark.parametrize("sample", ["random", "first"])
+def test_sample_indices_skip_gives_other_examples(sample):
+    """The line search's split (skip = the statistics pass's batches): the same order continued, so disjoint from the
+    statistics sample, which itself does not change."""
+    stats = sample_indices(50, 4, 3, sample=sample, seed=2)
+    search = sample_indices(50, 4, 2, sample=sample, seed=2, skip=3)
+    assert sample_indices(50, 4, 5, sample=sample, seed=2) == stats + search
+    assert not {i for b in stats for i in b} & {i for b in search for i in b}
+
+
 def test_sample_indices_first():
     assert sample_indices(100, 4, 3, sample="first") == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     assert sample_indices(6, 2, 3, sample="first", seed=5) == [[0, 1], [2, 3], [4, 5]]
@@ -571,8 +581,10 @@ def test_sample_indices_first():
 
 
 def test_sample_indices_errors():
-    with pytest.raises(ValueError, match="needs bsz\\*iters=12 examples, the dataset has 11"):
+    with pytest.raises(ValueError, match="needs 12 examples \\(bsz=4 × 3 batches\\), the dataset has 11"):
         sample_indices(11, 4, 3)
+    with pytest.raises(ValueError, match="line search's split needs 20 examples"):
+        sample_indices(19, 4, 2, skip=3)
     with pytest.raises(ValueError, match="sample must be"):
         sample_indices(100, 4, 3, sample="last")
     with pytest.raises(ValueError, match="bsz and iters"):

@@ -70,6 +70,7 @@ class InitSection:
     r_min: int = 1
     r_max: int | None = None
     tau: float = 0.9
+    search_iters: int = 0  # scale=line_search: 0 searches on the statistics batches, k > 0 on k batches of others
     bsz: int = 4
     iters: int = 4
     max_length: int = 256
@@ -163,6 +164,11 @@ class RunConfig:
                              f" (use +init={'svd' if method in allowed['svd'] else 'gradient'}).")
         if i.dtype not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"init.dtype must be fp32, bf16 or fp16, got {i.dtype!r}")
+        if not isinstance(i.search_iters, int) or i.search_iters < 0:
+            raise ValueError(f"init.search_iters must be an integer >= 0, got {i.search_iters!r}")
+        if i.search_iters and (i.scale or i.weight) != "line_search":
+            raise ValueError("init.search_iters chooses the batches of the line search: set ++init.scale=line_search "
+                             "too, or leave search_iters at 0.")
         options = {k: getattr(i, k) for k in ("scale", "weight", "stable_gamma", "reg", "reg_mode", "corda_method",
                                               "target", "step_factor", "line_search_from", "factor_gamma", "rho",
                                               "rank", "rank_rule", "rank_budget", "budget_by", "r_min", "r_max", "tau")}

@@ -281,9 +281,11 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
                             _collator(cfg, task, tokenizer, init_config.max_length), state)
     initial_dir = os.path.join(run_dir, "initial_adapter")
     search_batches = None
-    if init_config.line_search:  # the line search's forward passes run on the statistics batches
+    if init_config.line_search:  # on the statistics batches, or (init.search_iters > 0) on as many batches of others
+        k = cfg.init.search_iters
         search_batches = stat_batches(task.train, _collator(cfg, task, tokenizer, init_config.max_length),
-                                      init_config.bsz, init_config.iters, init_config.sample, init_config.seed)
+                                      init_config.bsz, k or init_config.iters, init_config.sample, init_config.seed,
+                                      skip=init_config.iters if k else 0)
     peft_model = initialize(model, lora_config, init_config, stats=stats, batches=search_batches,
                             initial_adapter_dir=initial_dir)
     out["init_s"] = round(time.perf_counter() - t, 2)

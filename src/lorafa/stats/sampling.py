@@ -9,7 +9,8 @@ import torch
 from .distributed import world
 
 
-def sample_indices(n_examples: int, bsz: int, iters: int, sample: str = "random", seed: int = 0) -> list[list[int]]:
+def sample_indices(n_examples: int, bsz: int, iters: int, sample: str = "random", seed: int = 0,
+                   skip: int = 0) -> list[list[int]]:
     """The `iters` batches of `bsz` example indices the statistics pass uses, identical on every process.
 
     Args:
@@ -18,22 +19,27 @@ def sample_indices(n_examples: int, bsz: int, iters: int, sample: str = "random"
         sample: "random" (a seeded random sample, the default) or "first" (the first bsz·iters examples, as the
             LoRA-GA reference code does).
         seed: seed of the random sample.
+        skip: leave out the first `skip` batches of that order and return the `iters` after them. With the same
+            `sample` and `seed`, `skip=k` gives batches disjoint from the k batches of `skip=0` (the line search's
+            held-out split: `search_indices`).
 
     Raises:
         ValueError: bad sizes, an unknown `sample`, or fewer examples than bsz × iters.
     """
-    if bsz < 1 or iters < 1:
-        raise ValueError(f"bsz and iters must be >= 1, got bsz={bsz}, iters={iters}")
-    need = bsz * iters
+    if bsz < 1 or iters < 1 or skip < 0:
+        raise ValueError(f"bsz and iters must be >= 1 and skip >= 0, got bsz={bsz}, iters={iters}, skip={skip}")
+    need = bsz * (skip + iters)
     if n_examples < need:
-        raise ValueError(f"The statistics pass needs bsz*iters={need} examples, the dataset has {n_examples}: lower init.iters or init.bsz.")
+        what = "The statistics pass" if not skip else "The statistics pass and the line search's split"
+        raise ValueError(f"{what} needs {need} examples (bsz={bsz} × {skip + iters} batches), the dataset has "
+                         f"{n_examples}: lower init.iters, init.search_iters or init.bsz.")
     if sample == "first":
         order = list(range(need))
     elif sample == "random":
         order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed))[:need].tolist()
     else:
         raise ValueError(f"sample must be 'random' or 'first', got {sample!r}")
-    return [order[i * bsz : (i + 1) * bsz] for i in range(iters)]
+    return [order[(skip + i) * bsz : (skip + i + 1) * bsz] for i in range(iters)]
 
 
 def shard_batches(batches: Sequence, rank: int | None = None, world_size: int | None = None) -> list:
@@ -48,7 +54,8 @@ def shard_batches(batches: Sequence, rank: int | None = None, world_size: int | 
 
 
 def stat_batches(dataset: Sequence, collate_fn: Callable[[list], dict], bsz: int, iters: int,
-                 sample: str = "random", seed: int = 0) -> list[dict]:
-    """Collated statistics batches for this process: `sample_indices`, sharded, then `collate_fn` on each batch."""
-    chosen = shard_batches(sample_indices(len(dataset), bsz, iters, sample, seed))
+                 sample: str = "random", seed: int = 0, skip: int = 0) -> list[dict]:
+    """Collated statistics batches for this process: `sample_indices`, sharded, then `collate_fn` on each batch.
+    `skip=iters_of_the_statistics_pass` gives batches of other examples (the line search's split)."""
+    chosen = shard_batches(sample_indices(len(dataset), bsz, iters, sample, seed, skip=skip))
     return [collate_fn([dataset[i] for i in idx]) for idx in chosen]
