@@ -26,7 +26,8 @@ raised from 24 to 64 problems: +29 s at each of the 5 evaluation points (about +
 validation problems), for a test loss whose problem-to-problem noise is 1.6× smaller. (`--n-heldout 24` restores the
 old set.) No base-model evaluation is made per run any more: default LoRA's test loss at 0 is the base model's.
 
-Every run is one process (so init memory is measured cleanly). Runs are cached as JSON under `--out/runs/`, so an
+Every run is one process (so init memory is measured cleanly); `--in-process` runs them all in the calling process
+instead, one after another (on a GPU: no start-up per run, and seconds no other run contends for). Runs are cached as JSON under `--out/runs/`, so an
 interrupted benchmark resumes where it stopped; `--summary-only` rebuilds the tables and plots from the runs
 present. Results directories written before format 2 (no "val_curve" in the runs: the rate was chosen on the test
 loss) are summarised the old way and titled "legacy".
