@@ -27,10 +27,10 @@ validation problems), for a test loss whose problem-to-problem noise is 1.6× sm
 old set.) No base-model evaluation is made per run any more: default LoRA's test loss at 0 is the base model's.
 
 Every run is one process (so init memory is measured cleanly); `--in-process` runs them all in the calling process
-instead, one after another (on a GPU: no start-up per run, and seconds no other run contends for). Runs are cached as JSON under `--out/runs/`, so an
-interrupted benchmark resumes where it stopped; `--summary-only` rebuilds the tables and plots from the runs
-present. Results directories written before format 2 (no "val_curve" in the runs: the rate was chosen on the test
-loss) are summarised the old way and titled "legacy".
+instead, one after another (on a GPU: no start-up per run, and seconds no other run contends for). Runs are cached
+as JSON under `--out/runs/`, so an interrupted benchmark resumes where it stopped; `--summary-only` rebuilds the
+tables and plots from the runs present. Results directories written before format 2 (no "val_curve" in the runs: the
+rate was chosen on the test loss) are summarised the old way and titled "legacy".
 
     python benchmarks/convergence.py --preset causal --seeds 0 1 2 --out benchmarks/results/causal_val
     python benchmarks/convergence.py --preset causal --ablation --out benchmarks/results/causal_ablation
@@ -38,10 +38,10 @@ loss) are summarised the old way and titled "legacy".
     python benchmarks/convergence.py --preset classification --seeds 0 1 2 --out benchmarks/results/cls_val
 
 Method specs: `name[+flag][:key=value,...]`, the flag picking the optimiser (AdamW without one): `+prec` PEFT's
-Riemannian preconditioner (`--prec-reg`), `+kfac` AdamW and `+kfac_sgd` SGD on lorafa's K-FAC-preconditioned gradients
-from the init's own statistics (`--kfac-reg`; SGD has its own rate grid, `Preset.sgd_lrs`); the options go to `lorafa.InitConfig(method=name, **options)` (to
-PEFT's `LoraGAConfig` for peft_lora_ga), e.g. `lora_fa+prec:stable_gamma=16`,
-`lora_fa:target=natural,scale=kfac,offset=partial`, `lora_fa:target=natural,reg=1e-2`,
+Riemannian preconditioner (`--prec-reg`), `+kfac` AdamW and `+kfac_sgd` SGD on K-FAC-preconditioned gradients from
+the init's own statistics (`lorafa.optim`, `--kfac-reg`; SGD has its own rate grid, `Preset.sgd_lrs`). The options
+go to `lorafa.InitConfig(method=name, **options)` (to PEFT's `LoraGAConfig` for peft_lora_ga), e.g.
+`lora_fa+prec:stable_gamma=16`, `lora_fa:target=natural,scale=kfac,offset=partial`, `lora_fa:target=natural,reg=1e-2`,
 `lora_one:rank=auto,rank_rule=importance`. Values are read as int, else float, else string. Names: lora, pissa,
 olora, peft_lora_ga (PEFT's), lora_ga, lora_one, lora_fa, corda, eva, milora, full (full fine-tuning).
 `--ablation [design|damping|optimizers]` runs a named list of specs (`ABLATIONS`). A run that raises is logged, its
@@ -132,9 +132,9 @@ class Preset:
     warmup: float = 0.05
     n_val: int = 64
     # SGD on K-FAC-preconditioned gradients (+kfac_sgd): lr 0.5 is every layer's own Gauss-Newton step of the product
-    # (lorafa.optim), which overshoots when all layers take it together: the line search scales the init's per-layer
-    # K-FAC steps by 1/32 (docs/benchmarks.md), and on the GPU run 0.05 and 0.2 diverged. So the grid centres on
-    # 0.5/32 ≈ 0.0125.
+    # (lorafa.optim), which overshoots when all layers take it together (the line search scales the init's per-layer
+    # K-FAC steps by 1/32), so the grid centres on 0.5/32 ≈ 0.0125. Measured: on the causal preset every rate
+    # from 0.05 down to 7.3e-4 diverged (docs/benchmarks.md).
     sgd_lrs: list = dataclasses.field(default_factory=lambda: [0.003, 0.0125, 0.05])
 
 
@@ -360,8 +360,7 @@ def optimizer(model, lr: float, flag: str, args, stats=None):
         from lorafa.optim import create_kfac_optimizer
 
         cls = torch.optim.AdamW if flag == "kfac" else torch.optim.SGD
-        extra = {"weight_decay": 0.0} if flag == "kfac" else {}
-        return create_kfac_optimizer(model, stats, cls, lr=lr, reg=args.kfac_reg, **extra)
+        return create_kfac_optimizer(model, stats, cls, lr=lr, reg=args.kfac_reg, weight_decay=0.0)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
@@ -535,9 +534,13 @@ def run_jobs(jobs: list[dict], n_parallel: int, run: bool = True, failed: dict |
     todo = [j for j in jobs if not os.path.exists(j["path"])]
     logging.info("%d runs (%d cached)", len(jobs), len(jobs) - len(todo))
     if todo and run:
-        ctx = mp.get_context("spawn")
-        with (contextlib.nullcontext() if in_process else ctx.Pool(n_parallel, maxtasksperchild=1)) as pool:
-            for r in (_in_process(todo) if in_process else pool.imap_unordered(_run_caught, todo)):
+        with contextlib.ExitStack() as stack:
+            if in_process:
+                runs = _in_process(todo)
+            else:
+                pool = stack.enter_context(mp.get_context("spawn").Pool(n_parallel, maxtasksperchild=1))
+                runs = pool.imap_unordered(_run_caught, todo)
+            for r in runs:
                 if "error" in r:
                     logging.error("%s lr=%g seed=%d FAILED:\n%s", r["method"], r["lr"], r["seed"], r["error"])
                     if failed is not None:
@@ -604,6 +607,8 @@ def summary_tables(results: list[dict], methods: list[str], first_seed: int | No
     target = st.mean(r["final_loss"] for r in best[ref])
     ref_steps = st.mean(steps_to_reach(r["curve"], target) or r["curve"][-1][0] for r in best[ref])
     ref_seconds = st.mean(seconds_to_reach(r, target) or r["seconds"][-1] for r in best[ref])
+    points = [s for s, _ in best[ref][0]["curve"]]
+    mid = min(points, key=lambda s: abs(s - points[-1] / 2))  # the evaluation nearest half-way (early progress)
     rows = []
     for m in methods:
         rs = best[m]
@@ -616,6 +621,7 @@ def summary_tables(results: list[dict], methods: list[str], first_seed: int | No
             "seeds": len(rs),
             "final val loss": _ms([r["final_val_loss"] for r in rs]),
             "test loss at 0": _ms([r["curve"][0][1] for r in rs]),
+            f"test loss at step {mid}": _ms([dict(r["curve"]).get(mid) for r in rs]),
             "final test loss": _ms([r["final_loss"] for r in rs]),
             f"steps to {target:.3f}": _ms(steps, 1) if all_reach else f"{len(steps)}/{len(rs)} reach",
             f"seconds to {target:.3f} (incl. init)": _ms(secs, 0) if all_reach else f"{len(secs)}/{len(rs)} reach",

@@ -32,6 +32,27 @@ def init_batches(task, p, seed, exclude=()):
     return [[pool[int(j)] for j in order[b * p.init_bsz:(b + 1) * p.init_bsz]] for b in range(p.init_iters)]
 
 
+def table_rows(data: dict) -> list[dict]:
+    """The table of an `init_probe.json` (one row per init, as strings; the base model's losses last): what this
+    script prints and what benchmarks/tables.py puts in the docs."""
+    rows = []
+    for spec, r in data["runs"].items():
+        ls = r["summary"].get("line_search")
+        ranks = r["summary"].get("ranks")
+        rows.append({"init": spec, "val loss": f"{r['val_loss']:.4f}", "test loss": f"{r['test_loss']:.4f}",
+                     "median ‖ΔW‖₂": "—" if r["step_norm_median"] is None else f"{r['step_norm_median']:.3g}",
+                     "line-search factor": f"{ls['chosen']:g}" if ls else "—",
+                     "search-batch loss: base → chosen": (f"{ls['loss_before']:.3f} → {ls['loss_chosen']:.3f}"
+                                                          if ls else "—"),
+                     "ranks (min–max)": (f"{min(ranks['ranks'].values())}–{max(ranks['ranks'].values())}"
+                                         if ranks else "fixed"),
+                     "init s": f"{r['init_s']:.1f}"})
+    rows.append({"init": "(base model, before any init)", "val loss": f"{data['base']['val']:.4f}",
+                 "test loss": f"{data['base']['test']:.4f}", "median ‖ΔW‖₂": "0", "line-search factor": "—",
+                 "search-batch loss: base → chosen": "—", "ranks (min–max)": "—", "init s": "—"})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--specs", nargs="+", required=True)
@@ -83,7 +104,7 @@ def main(argv=None):
         stats = collect_stats(model, batches, cfg0, kinds=("kfac",), progress=False)
         save_stats(stats, cache)
     stats_s = time.perf_counter() - t
-    rows, runs = [], {}
+    runs = {}
     saved = os.path.join(args.out, "init_probe.json")
     if os.path.exists(saved):  # add to the specs measured before on the same set-up (same base losses)
         with open(saved) as f:
@@ -110,12 +131,7 @@ def main(argv=None):
         del pm, work
         write_json(os.path.join(args.out, "init_probe.json"),
                    {"base": base, "stats_s": stats_s, "runs": runs, "args": vars(args), "device": device_info()})
-    for spec, res in runs.items():  # every spec in the folder, this invocation's and earlier ones
-        ls = res["summary"].get("line_search", {})
-        rows.append({"spec": spec, "val loss after init": f"{res['val_loss']:.4f}",
-                     "test loss after init": f"{res['test_loss']:.4f}",
-                     "median ‖ΔW‖₂": "—" if res["step_norm_median"] is None else f"{res['step_norm_median']:.3g}",
-                     "line-search factor": f"{ls['chosen']:g}" if ls else "—", "init s": f"{res['init_s']:.1f}"})
+    rows = table_rows({"base": base, "runs": runs})  # every spec in the folder, this invocation's and earlier ones
     md = write_table(rows, list(rows[0]), os.path.join(args.out, "init_probe"),
                      f"Held-out loss right after the init (before: val {base['val']:.4f}, test {base['test']:.4f})")
     print(md)

@@ -38,6 +38,7 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convergence  # noqa: E402
+import init_probe  # noqa: E402
 import stats_cost  # noqa: E402
 import subspaces  # noqa: E402
 from common import markdown_table, read_table  # noqa: E402
@@ -143,11 +144,11 @@ def _not_run(results_dir: str, command: str) -> str:
     return f"_Not run yet: `{results_dir}/` is not committed (`{command}`)._\n"
 
 
-PROTOCOL_BRIEF = ["method", "chosen lr", "bracketed", "seeds", "final test loss", "steps to", "seconds to",
-                  "step speed-up", "time speed-up", "init s"]
+PROTOCOL_BRIEF = ["method", "chosen lr", "bracketed", "seeds", "test loss at step", "final test loss", "steps to",
+                  "seconds to", "step speed-up", "time speed-up", "init s"]
 # runs that shared one GPU 8 at a time: their seconds are contended, so no time columns
-PROTOCOL_NO_TIME = ["method", "chosen lr", "bracketed", "final val loss", "test loss at 0", "final test loss",
-                    "steps to", "step speed-up"]
+PROTOCOL_NO_TIME = ["method", "chosen lr", "bracketed", "final val loss", "test loss at 0", "test loss at step",
+                    "final test loss", "steps to", "step speed-up"]
 
 
 def render_protocol(root: str, results_dir: str = CAUSAL_VAL, brief: bool = False, command: str = "",
@@ -184,22 +185,7 @@ def render_init_probe(root: str, folder: str = INIT_PROBE) -> str:
     if not os.path.exists(path):
         return _not_run(folder, f"python benchmarks/init_probe.py --out {folder} --specs ...")
     with open(path) as f:
-        data = json.load(f)
-    rows = []
-    for spec, r in data["runs"].items():
-        ls = r["summary"].get("line_search")
-        ranks = r["summary"].get("ranks")
-        rows.append({"init": spec, "val loss": f"{r['val_loss']:.4f}", "test loss": f"{r['test_loss']:.4f}",
-                     "median ‖ΔW‖₂": "—" if r["step_norm_median"] is None else f"{r['step_norm_median']:.3g}",
-                     "line-search factor": f"{ls['chosen']:g}" if ls else "—",
-                     "search-batch loss: base → chosen": (f"{ls['loss_before']:.3f} → {ls['loss_chosen']:.3f}"
-                                                          if ls else "—"),
-                     "ranks (min–max)": (f"{min(ranks['ranks'].values())}–{max(ranks['ranks'].values())}"
-                                         if ranks else "fixed"),
-                     "init s": f"{r['init_s']:.1f}"})
-    rows.append({"init": "(base model, before any init)", "val loss": f"{data['base']['val']:.4f}",
-                 "test loss": f"{data['base']['test']:.4f}", "median ‖ΔW‖₂": "0", "line-search factor": "—",
-                 "search-batch loss: base → chosen": "—", "ranks (min–max)": "—", "init s": "—"})
+        rows = init_probe.table_rows(json.load(f))
     return markdown_table(rows, list(rows[0]))
 
 

@@ -264,11 +264,12 @@ def test_summary_chooses_on_validation_flags_edges_and_reports_seconds(tmp_path)
     assert not s["legacy"] and s["target"] == pytest.approx(1.2)
     rows = {r["method"]: r for r in s["rows"]}
     assert list(rows["lora"]) == ["method", "chosen lr", "bracketed", "seeds", "final val loss", "test loss at 0",
-                                  "final test loss", "steps to 1.200", "seconds to 1.200 (incl. init)",
+                                  "test loss at step 10", "final test loss", "steps to 1.200", "seconds to 1.200 (incl. init)",
                                   "step speed-up", "time speed-up", "init s", "init peak MB"]
     assert rows["lora"]["bracketed"] == "yes" and rows["fast"]["bracketed"] == "edge (high)"
     assert rows["lora"]["final test loss"] == "1.200 ± 0.000" and rows["fast"]["seeds"] == 2
     assert rows["lora"]["final val loss"] == "1.150 ± 0.071" and rows["fast"]["test loss at 0"] == "1.800 ± 0.000"
+    assert rows["lora"]["test loss at step 10"] == "1.550 ± 0.071"  # half-way: the early progress
     # lora: 20 steps, 1 + 20 = 21 s; fast: 10 and 15 steps, 5.5 + 10 and 5.5 + 15 s (mean 18)
     assert rows["lora"]["steps to 1.200"] == "20.0 ± 0.0" and rows["fast"]["steps to 1.200"] == "12.5 ± 3.5"
     assert rows["lora"]["seconds to 1.200 (incl. init)"] == "21 ± 0"
@@ -402,9 +403,9 @@ def test_protocol_and_subspaces_blocks_render_from_results_or_say_not_run(tmp_pa
     full = tables.render_protocol(root)
     assert full == common.markdown_table(s["rows"], list(s["rows"][0]))
     brief = tables.render_protocol(root, brief=True).splitlines()
-    assert brief[0] == ("| method | chosen lr | bracketed | seeds | final test loss | steps to 1.200 "
-                        "| seconds to 1.200 (incl. init) | step speed-up | time speed-up | init s |")
-    assert brief[3] == "| fast | 0.001 | edge (one rate) | 1 | 1.000 | 10.0 | 21 | 2.00× | 1.19× | 11.0 |"
+    assert brief[0] == ("| method | chosen lr | bracketed | seeds | test loss at step 10 | final test loss "
+                        "| steps to 1.200 | seconds to 1.200 (incl. init) | step speed-up | time speed-up | init s |")
+    assert brief[3] == "| fast | 0.001 | edge (one rate) | 1 | 1.200 | 1.000 | 10.0 | 21 | 2.00× | 1.19× | 11.0 |"
     sub = tmp_path / tables.SUBSPACES
     sub.mkdir(parents=True)
     rows = [{"variant": "lora_fa", "side": "B (columns)", "layers": 2, "mean cos": 0.98765, "min cos": 0.5,
