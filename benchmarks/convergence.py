@@ -704,6 +704,32 @@ def saved_runs(out: str) -> tuple[list[dict], list[str]]:
     return results, [m for m in methods if any(r["method"] == m for r in results)]
 
 
+def merge_meta(path: str, meta: dict) -> dict:
+    """The meta.json of a benchmark run into an --out that may hold an earlier one's runs: the methods join the
+    earlier list (its order kept), the command joins `commands`, and earlier `failed` entries and `devices` stay. The
+    cached runs are reused as they are, so the preset (batch, steps, evaluation, grid...) and the first seed (where the
+    rates are chosen) must be the earlier ones; otherwise ValueError."""
+    meta = dict(meta, commands=[meta["command"]], failed={}, devices=[])
+    if not os.path.exists(path):
+        return meta
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("format", 1) != meta["format"]:
+        raise ValueError(f"{os.path.dirname(path) or '.'} holds a format-{old.get('format', 1)} benchmark: write to "
+                         "another --out")
+    diff = {k: (old["preset"].get(k), v) for k, v in meta["preset"].items() if old["preset"].get(k) != v}
+    if diff:
+        raise ValueError(f"{os.path.dirname(path) or '.'} holds runs of another set-up ({diff}, as (there, now)): "
+                         "pass the options it was run with, or write to another --out")
+    if old["args"]["seeds"][0] != meta["args"]["seeds"][0]:
+        raise ValueError(f"{os.path.dirname(path) or '.'} chose its rates at seed {old['args']['seeds'][0]}: put that "
+                         "seed first in --seeds")
+    legacy_device = [old["device"]] if "device" in old else []
+    return dict(meta, methods=old["methods"] + [m for m in meta["methods"] if m not in old["methods"]],
+                commands=old.get("commands", [old["command"]]) + [meta["command"]],
+                failed=old.get("failed") or {}, devices=old.get("devices", legacy_device))
+
+
 def first_seed(out: str) -> int | None:
     """The seed the rates were chosen at (`--seeds`' first, from `<out>/meta.json`); None for a legacy results dir
     (the summary then uses the smallest seed, as format 1 did)."""
@@ -726,7 +752,9 @@ def plot(s: dict, out: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     best, methods, target, legacy = s["best"], list(s["best"]), s["target"], s["legacy"]
-    fig, axes = plt.subplots(1, 2 if legacy else 3, figsize=(13 if legacy else 19, 4.5))
+    many = len(methods) > 8  # then one legend below the panels instead of one inside each
+    legend_h = (0.17 * math.ceil(len(methods) / 2) + 0.4) if many else 0.0  # inches
+    fig, axes = plt.subplots(1, 2 if legacy else 3, figsize=(13 if legacy else 19, 4.5 + legend_h))
     ref = best["lora"] if "lora" in best else best[methods[0]]
     top = ref[0]["curve"][0][1]
     for ax, xkey in zip(axes, ["step"] if legacy else ["step", "seconds"]):
@@ -741,7 +769,8 @@ def plot(s: dict, out: str, title: str) -> None:
         ax.set_ylim(target - 0.25 * (top - target), top * 1.05)  # outliers clipped
         ax.set(xlabel="step" if xkey == "step" else "wall seconds (statistics pass + init + training)",
                ylabel="test loss", title=f"{title}: chosen lr per method" if xkey == "step" else "against wall time")
-        ax.legend(fontsize=6)
+        if not many:
+            ax.legend(fontsize=6)
     ax2, key = axes[-1], "final_loss" if legacy else "final val loss"
     for m in methods:
         pts = sorted((float(g["lr"]), g[key]) for g in s["grid"] if g["method"] == m)
@@ -753,7 +782,13 @@ def plot(s: dict, out: str, title: str) -> None:
     ax2.set(xscale="log", xlabel="learning rate", ylabel="final held-out loss" if legacy else "final validation loss",
             title="learning-rate grid (first seed)")
     ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax2.legend(fontsize=6)
+    ax2.set_ylim(target - 0.25 * (top - target), top * 1.05)  # diverged rates clipped
+    if many:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+        fig.subplots_adjust(bottom=(legend_h + 0.5) / (4.5 + legend_h))
+    else:
+        ax2.legend(fontsize=6)
     save_figure(fig, os.path.join(out, "convergence.png"))
     plt.close(fig)
 
@@ -856,7 +891,8 @@ def main(argv=None) -> None:
 
     if args.summary_only:  # every run present, the old (format 1) results dirs included
         results, saved = saved_runs(args.out)
-        chosen = [m for m in (args.methods or []) + ABLATIONS.get(args.ablation, []) if m in saved] or saved
+        present = {r["method"] for r in results}
+        chosen = [m for m in (args.methods or []) + ABLATIONS.get(args.ablation, []) if m in present] or saved
         print(summarise(results, chosen, args.out, title, first_seed=first_seed(args.out)))
         return
 
@@ -873,6 +909,10 @@ def main(argv=None) -> None:
                      "(or summarise the old one with --summary-only)")
     meta = {"format": FORMAT, "methods": grid_methods, "preset": dataclasses.asdict(p), "args": vars(args),
             "command": sys.argv}
+    try:
+        meta = merge_meta(os.path.join(args.out, "meta.json"), meta)
+    except ValueError as e:
+        ap.error(str(e))
     write_json(os.path.join(args.out, "meta.json"), meta)
     os.environ.update(MALLOC_ENV)  # inherited by the spawned run processes (see common.PeakMemory)
     probe_files = {}
@@ -913,12 +953,16 @@ def main(argv=None) -> None:
         first += got
     best = {m: choose_rate({r["lr"]: r["final_val_loss"] for r in first if r["method"] == m})[0]
             for m in grid_methods if m not in failed and any(r["method"] == m for r in first)}
-    rest = run_jobs([job(m, best[m], s) for m in best for s in args.seeds[1:]], args.jobs,
-                    failed=failed, in_process=args.in_process) if args.seeds[1:] else []
-    md = summarise(first + rest, [m for m in grid_methods if m in best and m not in failed], args.out, title,
-                   first_seed=s0)
-    write_json(os.path.join(args.out, "meta.json"), dict(meta, device=device_info(), failed=failed))
-    print(md)
+    if args.seeds[1:]:
+        run_jobs([job(m, best[m], s) for m in best for s in args.seeds[1:]], args.jobs, failed=failed,
+                 in_process=args.in_process)
+    failed = {**{m: tb for m, tb in meta["failed"].items() if m not in best}, **failed}
+    devices = meta["devices"] + [d for d in [device_info()] if d not in meta["devices"]]
+    write_json(os.path.join(args.out, "meta.json"), dict(meta, devices=devices, failed=failed))
+    results, saved = saved_runs(args.out)  # this benchmark's and the earlier ones' into the same --out
+    if not [m for m in saved if m not in failed]:
+        sys.exit(f"no method completed a run (the tracebacks are in {args.out}/meta.json)")
+    print(summarise(results, [m for m in saved if m not in failed], args.out, title, first_seed=s0))
 
 
 if __name__ == "__main__":

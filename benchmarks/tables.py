@@ -58,7 +58,7 @@ INIT_MEMORY = "benchmarks/results/init_memory"
 # the validation-split protocol (convergence.py's run format 2) and the subspace comparison (subspaces.py): their
 # blocks render a "not run yet" line until these folders are committed
 CAUSAL_VAL = "benchmarks/results/causal_val"
-CAUSAL_GPU_PARTIAL = "benchmarks/results/causal_gpu_partial"
+CAUSAL_GPU = "benchmarks/results/causal_gpu"
 CLS_OPTIM = "benchmarks/results/cls_optim"
 CAUSAL_ABLATION = "benchmarks/results/causal_ablation"
 CAUSAL_DAMPING = "benchmarks/results/causal_damping"
@@ -147,21 +147,26 @@ def _not_run(results_dir: str, command: str) -> str:
 PROTOCOL_BRIEF = ["method", "chosen lr", "bracketed", "seeds", "test loss at step", "final test loss", "steps to",
                   "seconds to", "step speed-up", "time speed-up", "init s"]
 # runs that shared one GPU 8 at a time: their seconds are contended, so no time columns
+PROTOCOL_BRIEF_NO_TIME = ["method", "chosen lr", "seeds", "test loss at step", "final test loss", "steps to",
+                          "step speed-up"]
 PROTOCOL_NO_TIME = ["method", "chosen lr", "bracketed", "final val loss", "test loss at 0", "test loss at step",
                     "final test loss", "steps to", "step speed-up"]
 
 
 def render_protocol(root: str, results_dir: str = CAUSAL_VAL, brief: bool = False, command: str = "",
-                    columns: list | None = None) -> str:
+                    columns: list | None = None, bracketed_only: bool = False) -> str:
     """A format-2 convergence summary (convergence.py's `summary.csv`): the rate chosen on the validation split, its
     bracketing, the test loss (mean ± std over seeds), steps and seconds (incl. the statistics pass and the init) to
     default LoRA's final test loss and both speed-ups. `brief`: the README's subset of the columns. A "not run yet"
-    line while the folder is not committed. `columns`: column-name prefixes to show instead (e.g. PROTOCOL_NO_TIME)."""
+    line while the folder is not committed. `columns`: column-name prefixes to show instead (e.g. PROTOCOL_NO_TIME).
+    `bracketed_only`: only the methods whose chosen rate has worse rates on both sides."""
     if not os.path.exists(_path(root, os.path.join(results_dir, "summary.csv"))):
         return _not_run(results_dir, command or f"python benchmarks/convergence.py --out {results_dir}")
     present, rows = _summary_csv(root, results_dir)
     if "chosen lr" not in present:
         raise BlockError(f"{results_dir}/summary.csv is a legacy (format 1) summary; this block needs format 2")
+    if bracketed_only:
+        rows = [r for r in rows if r["bracketed"] == "yes"]
     keep = columns or (PROTOCOL_BRIEF if brief else None)
     if keep:
         present = [next(c for c in present if c.startswith(k)) for k in keep]
@@ -342,8 +347,10 @@ def render_targets(root: str) -> str:
 
     devices = [_stats(root).get("device", {})] + [r.get("device", {}) for s in [causal] + [v for _, v in variants]
                                                     for rs in s["best"].values() for r in rs]
-    gpus = sorted({d["gpu"] for d in devices if d.get("device") == "cuda" and d.get("gpu")})
-    rows.append(("GPU table", f"measured on {', '.join(gpus)}" if gpus else
+    if os.path.isdir(_path(root, f"{CAUSAL_GPU}/runs")):
+        devices += [r.get("device", {}) for rs in _runs_summary(root, CAUSAL_GPU)["best"].values() for r in rs]
+    gpus = sorted({d["gpu"] for d in devices if d.get("gpu")})
+    rows.append(("GPU table", f"measured on {', '.join(gpus)} (the causal ablation, {CAUSAL_GPU})" if gpus else
                  "no GPU was lent in this session; the scripts pick CUDA + bf16 + 4× batch automatically",
                  "run" if gpus else "not run"))
     return markdown_table([dict(zip(("target", "measured", "verdict"), r)) for r in rows],
@@ -425,7 +432,7 @@ BLOCKS: dict[str, Block] = {
     "cls_probe_convergence": Block(lambda root: render_convergence(root, CLS_PROBE), (f"{CLS_PROBE}/summary.csv",),
                                    "docs/benchmarks.md: classification, probe first"),
     "stats_cost": Block(render_stats, (STATS,), "docs/benchmarks.md: the statistics pass"),
-    "targets": Block(render_targets, (f"{CAUSAL}/runs/", f"{CLS}/runs/", f"{CLS_PROBE}/runs/", STATS),
+    "targets": Block(render_targets, (f"{CAUSAL}/runs/", f"{CAUSAL_GPU}/runs/", f"{CLS}/runs/", f"{CLS_PROBE}/runs/", STATS),
                      "docs/benchmarks.md: the issue's targets, met and missed"),
     "causal_convergence_brief": Block(render_causal_brief, (f"{CAUSAL}/summary.csv",), "README: causal LM"),
     "cls_convergence_brief": Block(render_cls_brief, (f"{CLS}/summary.csv", f"{CLS_PROBE}/summary.csv"),
@@ -443,9 +450,12 @@ BLOCKS: dict[str, Block] = {
         lambda root: render_protocol(root, CAUSAL_ABLATION,
                                      command=f"python benchmarks/convergence.py --ablation --out {CAUSAL_ABLATION}"),
         (f"{CAUSAL_ABLATION}/summary.csv",), "docs/benchmarks.md: the init ablation (convergence.ABLATION)"),
-    "causal_gpu_partial": Block(
-        lambda root: render_protocol(root, CAUSAL_GPU_PARTIAL, columns=PROTOCOL_NO_TIME),
-        (f"{CAUSAL_GPU_PARTIAL}/summary.csv",), "docs/benchmarks.md: the ablation's first round on an H200 (cut short)"),
+    "causal_gpu": Block(
+        lambda root: render_protocol(root, CAUSAL_GPU, columns=PROTOCOL_NO_TIME),
+        (f"{CAUSAL_GPU}/summary.csv",), "docs/benchmarks.md: the ablation on an H200"),
+    "causal_gpu_brief": Block(
+        lambda root: render_protocol(root, CAUSAL_GPU, columns=PROTOCOL_BRIEF_NO_TIME, bracketed_only=True),
+        (f"{CAUSAL_GPU}/summary.csv",), "README: the H200 ablation's bracketed rows"),
     "cls_optim": Block(
         lambda root: render_protocol(root, CLS_OPTIM, columns=PROTOCOL_NO_TIME, command=(
             f"python benchmarks/convergence.py --preset classification --ablation optimizers --out {CLS_OPTIM}")),

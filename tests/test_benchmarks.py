@@ -438,3 +438,26 @@ def test_run_jobs_in_process_records_failures_and_keeps_going(tmp_path, monkeypa
     # cached runs are reused, not run again
     monkeypatch.setattr(convergence, "run_one", lambda job: pytest.fail("a cached run ran again"))
     assert [r["method"] for r in convergence.run_jobs(jobs[1:], 1, in_process=True)] == ["ok"]
+
+
+def test_merge_meta_adds_to_an_earlier_benchmark_and_refuses_another_setup(tmp_path):
+    """A second benchmark into the same --out keeps the first one's methods, commands, failures and devices; it
+    refuses a different preset or first seed (the cached runs and the chosen rates depend on them)."""
+    path = str(tmp_path / "meta.json")
+    preset = {"batch": 16, "steps": 40}
+
+    def meta(methods, seeds=(0, 1), **pre):
+        return {"format": convergence.FORMAT, "methods": methods, "preset": {**preset, **pre},
+                "args": {"seeds": list(seeds)}, "command": ["convergence.py", *methods]}
+
+    first = convergence.merge_meta(path, meta(["lora", "pissa"]))
+    assert first["commands"] == [["convergence.py", "lora", "pissa"]] and first["failed"] == {}
+    convergence.write_json(path, dict(first, failed={"pissa": "tb"}, devices=[{"device": "cuda"}]))
+    second = convergence.merge_meta(path, meta(["eva", "lora"], seeds=(0,)))
+    assert second["methods"] == ["lora", "pissa", "eva"]
+    assert second["commands"] == [["convergence.py", "lora", "pissa"], ["convergence.py", "eva", "lora"]]
+    assert second["failed"] == {"pissa": "tb"} and second["devices"] == [{"device": "cuda"}]
+    with pytest.raises(ValueError, match="batch"):
+        convergence.merge_meta(path, meta(["eva"], batch=4))
+    with pytest.raises(ValueError, match="seed 0"):
+        convergence.merge_meta(path, meta(["eva"], seeds=(1, 2)))
