@@ -1,0 +1,136 @@
+"""The alignment loss term (SPEC §5): λ(step) · D(φ(student(x)), ψ(teacher(x))), for `lorafa.terms.TermsTrainer`
+or a user's own loop."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .divergence import (HIDDEN_KINDS, LOGIT_KINDS, causal_lm_mask, check_divergence_args, hidden_divergence,
+                         logit_divergence, mean_pool)
+from .mapping import check_layer_map, default_layer_map
+from .schedule import CyclicSchedule
+
+TARGETS = ("logits", "hidden", "pooled")
+
+
+class AlignmentTerm:
+    """One named loss term aligning the student to a teacher.
+
+    Args:
+        teacher: a `ModelTeacher` or `SelfTeacher` (anything with `__call__(batch, out_device, hidden)`).
+        kind: fkl | rkl | jsd for target="logits"; mse | cosine for "hidden" and "pooled".
+        temperature, beta: τ and the jsd β (logits only).
+        schedule: a `CyclicSchedule` (default: align at every step with λ = 1).
+        target: "logits" (default, SPEC §5: usually the better target for LoRA students), "hidden" (the layer map's
+            hidden states) or "pooled" (the last hidden state's mean over the attention mask).
+        layer_map: (student, teacher) indices into `hidden_states` for target="hidden" (default: the last layers).
+        student_map, teacher_map: φ and ψ (nn.Modules on the last dimension; default identity).
+        refresh: None, ("ema", μ) or ("checkpoint", path): what happens to the teacher at each task phase's start.
+        name: the term's name in the logs.
+
+    Raises:
+        ValueError: a bad kind, τ, β, target, layer map or refresh; widths or vocabularies that differ without a
+            mapping (checked here, before training, from the two models' sizes when both are known).
+    """
+
+    def __init__(self, teacher, kind: str | None = None, temperature: float = 1.0, beta: float = 0.5,
+                 schedule: CyclicSchedule | None = None, target: str = "logits", layer_map=None,
+                 student_map: nn.Module | None = None, teacher_map: nn.Module | None = None, refresh=None,
+                 name: str = "align", student=None):
+        if target not in TARGETS:
+            raise ValueError(f"alignment target must be one of {', '.join(TARGETS)}, got {target!r}")
+        kind = kind or ("fkl" if target == "logits" else "mse")
+        check_divergence_args(kind, temperature, beta, LOGIT_KINDS if target == "logits" else HIDDEN_KINDS)
+        self.teacher, self.kind, self.temperature, self.beta = teacher, kind, temperature, beta
+        self.schedule = schedule or CyclicSchedule.constant()
+        self.target, self.name = target, name
+        self.student_map, self.teacher_map = student_map or nn.Identity(), teacher_map or nn.Identity()
+        self.refresh = _check_refresh(refresh, teacher)
+        self.layer_map = None
+        if target == "hidden":
+            s_depth = student.config.num_hidden_layers if student is not None else None
+            t_depth = teacher.num_layers
+            if layer_map is None:
+                if s_depth is None:
+                    raise ValueError("target='hidden' without a layer_map needs the student (to know its depth)")
+                layer_map = default_layer_map(s_depth, t_depth)
+            self.layer_map = check_layer_map(layer_map, s_depth if s_depth is not None else t_depth, t_depth)
+        if student is not None and target == "logits":
+            self._check_vocab(student)
+
+    @property
+    def needs_hidden(self) -> bool:
+        return self.target != "logits"
+
+    def weight(self, step: int) -> float:
+        return self.schedule.weights(step)[1]
+
+    def phase(self, step: int) -> str:
+        return self.schedule.phase(step)
+
+    def parameters(self):
+        """The trainable parameters of φ and ψ (learned projections): give them to the optimiser."""
+        return [p for m in (self.student_map, self.teacher_map) for p in m.parameters() if p.requires_grad]
+
+    def on_step_begin(self, model, step: int) -> None:
+        if self.refresh is None or not self.schedule.task_phase_starts(step):
+            return
+        how, arg = self.refresh
+        if how == "ema":
+            self.teacher.refresh_ema(model, arg)
+        else:
+            self.teacher.reload(arg)
+
+    def __call__(self, model, batch: dict, outputs, step: int):
+        """D between the student's `outputs` (from `model(**batch)`, with hidden states for the hidden targets) and
+        the teacher's on the same batch."""
+        logits = outputs["logits"]
+        teacher = self.teacher(batch, logits.device, hidden=self.needs_hidden)
+        labels = batch.get("labels")
+        causal = logits.dim() == 3 and labels is not None and labels.shape == logits.shape[:2]
+        if self.target == "logits":
+            mask = causal_lm_mask(labels) if causal else None
+            return logit_divergence(self.student_map(logits), self.teacher_map(teacher["logits"]), mask, self.kind,
+                                    self.temperature, self.beta)
+        s_hidden, t_hidden = outputs["hidden_states"], teacher["hidden_states"]
+        attention = batch.get("attention_mask")
+        if self.target == "pooled":
+            return hidden_divergence(self.student_map(mean_pool(s_hidden[-1], attention)),
+                                     self.teacher_map(mean_pool(t_hidden[-1], attention)), None, self.kind)
+        mask = causal_lm_mask(labels) if causal else (attention.bool() if attention is not None else None)
+        losses = [hidden_divergence(self.student_map(s_hidden[i]), self.teacher_map(t_hidden[j]), mask, self.kind)
+                  for i, j in self.layer_map]
+        return sum(losses) / len(losses)
+
+    def _check_vocab(self, student) -> None:
+        from .teacher import _output_size
+
+        s, t = _output_size(student), self.teacher.vocab_size
+        s_out, t_out = _mapped_size(self.student_map, s), _mapped_size(self.teacher_map, t)
+        if s_out != t_out:
+            raise ValueError(f"the student has {s} outputs and the teacher {t} (after the mappings: {s_out} and "
+                             f"{t_out}): a teacher with another vocabulary or label set needs a mapping (TruncateVocab "
+                             "for a padded vocabulary, LinearMap otherwise)")
+
+
+def _mapped_size(mapping: nn.Module, size: int) -> int:
+    if isinstance(mapping, nn.Identity):
+        return size
+    if hasattr(mapping, "size"):  # TruncateVocab
+        return min(size, mapping.size)
+    if hasattr(mapping, "weight"):  # LinearMap
+        return mapping.weight.shape[0]
+    return size
+
+
+def _check_refresh(refresh, teacher):
+    if refresh is None:
+        return None
+    if not (isinstance(refresh, (tuple, list)) and len(refresh) == 2 and refresh[0] in ("ema", "checkpoint")):
+        raise ValueError(f"refresh must be None, ('ema', mu) or ('checkpoint', path); got {refresh!r}")
+    how, arg = refresh
+    if how == "ema" and not (isinstance(arg, (int, float)) and 0 <= arg < 1):
+        raise ValueError(f"the EMA refresh needs mu in [0, 1), got {arg!r}")
+    if not hasattr(teacher, "refresh_ema"):
+        raise ValueError("a refreshed teacher must be a separate model (ModelTeacher), not the student's own base")
+    return how, arg
