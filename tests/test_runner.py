@@ -60,9 +60,11 @@ def _group_options(group: str) -> list[str]:
 @pytest.mark.parametrize("override", [f"+init={o}" for o in _group_options("init")]
                          + [f"+peft={o}" for o in _group_options("peft")]
                          + [f"model={o}" for o in _group_options("model")]
-                         + [f"+experiment={o}" for o in _group_options("experiment")] + ["--none--"])
+                         + [f"+experiment={o}" for o in _group_options("experiment")]
+                         + [f"+align={o}" for o in _group_options("align")] + ["--none--"])
 def test_every_yaml_composes_and_validates(override):
-    cfg = parse_run_config(composed([] if override == "--none--" else [override]))
+    extra = ["++align.teacher=some/teacher"] if override == "+align=distill" else []  # distill needs one
+    cfg = parse_run_config(composed(([] if override == "--none--" else [override]) + extra))
     assert isinstance(cfg, RunConfig)
 
 

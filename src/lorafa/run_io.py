@@ -111,7 +111,10 @@ class MetricsLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        row = {"step": state.global_step, "epoch": state.epoch, **logs}
+        self.write_row({"step": state.global_step, "epoch": state.epoch, **logs})
+
+    def write_row(self, row: dict) -> None:
+        """Append one record (e.g. a step's loss terms and phase, from lorafa.terms.TermsTrainer)."""
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         self._rewrite_csv()
@@ -156,11 +159,17 @@ def plot_curves(run_dir: str, label: str | None = None, others: dict[str, str] |
     for i, (name, rows) in enumerate(series.items()):
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         held = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        aligned = [(r["step"], r["align_loss"]) for r in rows if "align_loss" in r and "loss" not in r]
         color = f"C{i}"
         if train:
             ax.plot(*zip(*train), color=color, alpha=0.35, label=f"{name}: training loss")
         if held:
             ax.plot(*zip(*held), "o-", color=color, label=f"{name}: validation loss")
+        if aligned:
+            ax.plot(*zip(*aligned), ".", ms=3, color=color, label=f"{name}: alignment term D")
+        if i == 0:  # the realignment phases of the first series, shaded
+            for k, (a, b) in enumerate(align_spans(rows)):
+                ax.axvspan(a - 0.5, b + 0.5, color="0.85", zorder=0, label="realignment phase" if k == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -172,6 +181,18 @@ def plot_curves(run_dir: str, label: str | None = None, others: dict[str, str] |
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
     return path
+
+
+def align_spans(rows: list[dict]) -> list[tuple[int, int]]:
+    """(first, last) step of each run of consecutive steps whose phase is "align" (from the per-step records)."""
+    steps = sorted(r["step"] for r in rows if r.get("phase") == "align")
+    spans = []
+    for s in steps:
+        if spans and s == spans[-1][1] + 1:
+            spans[-1][1] = s
+        else:
+            spans.append([s, s])
+    return [tuple(x) for x in spans]
 
 
 def resolve_targets_keyword(model: nn.Module, target_modules: list[str]) -> list[str]:

@@ -125,6 +125,30 @@ class EvalSection:
 
 
 @dataclass
+class AlignSection:
+    """`align.*` (SPEC §5): none | distill (task loss + λ·D to a teacher at every step) | self (the same against the
+    base model, with the adapters disabled: against forgetting) | cyclic (task phases and realignment phases)."""
+
+    mode: str = "none"
+    teacher: str | None = None  # HF id or path; cyclic without one aligns to the base model (as self)
+    kind: str = "fkl"  # fkl | rkl | jsd (target=logits); mse | cosine (hidden, pooled)
+    lambda_: float = 1.0  # λ (in cyclic mode: of the realignment phases)
+    temperature: float = 1.0
+    beta: float = 0.5  # jsd's mixture weight, in (0, 1)
+    target: str = "logits"  # logits | hidden | pooled
+    layer_map: list | None = None  # target=hidden: [[student, teacher], ...] indices into hidden_states
+    task_steps: int = 0  # cyclic: task-phase length (λ = task_lambda)
+    align_steps: int = 1  # cyclic: realignment-phase length (λ = lambda_, w_task = align_task_weight)
+    task_lambda: float = 0.0
+    align_task_weight: float = 1.0
+    warmup_steps: int = 0
+    refresh: str | None = None  # cyclic with a teacher model: ema | checkpoint, at each task phase's start
+    ema_mu: float = 0.99
+    projection: str = "none"  # none | truncate (a padded vocabulary) | learned (a LinearMap trained with the adapters)
+    teacher_dtype: str | None = None  # fp32 | bf16 | fp16; None: the student's
+
+
+@dataclass
 class WandbSection:
     name: str | None = None  # the run name; also names the run folder
     project: str = "lorafa"
@@ -148,6 +172,7 @@ class RunConfig:
     dataset: DatasetSection = field(default_factory=DatasetSection)
     eval: EvalSection = field(default_factory=EvalSection)
     wandb: WandbSection = field(default_factory=WandbSection)
+    align: AlignSection = field(default_factory=AlignSection)
 
     def init_config(self) -> InitConfig:
         """The library's InitConfig for this run (validates the method and its options)."""
@@ -253,4 +278,7 @@ def parse_run_config(data: dict) -> RunConfig:
         raise ValueError(f"dataset.validation_size must be >= 0 (0: no validation set), got {cfg.dataset.validation_size}")
     cfg.init_config()  # method and options are validated up front, before any long work
     cfg.baseline_init_config()
+    from .align.build import check_align_section
+
+    check_align_section(cfg.align, [c for c in (cfg.init_config(), cfg.baseline_init_config()) if c is not None])
     return cfg

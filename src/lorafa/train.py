@@ -248,17 +248,21 @@ def run(cfg: RunConfig) -> dict:
     if cfg.dry_run:
         return results
 
+    teacher = _teacher(cfg, task, dtype, state.device, tokenizer)  # loaded and checked before any long work
     if cfg.eval.enabled and cfg.eval.before and not cfg.resume:
         t = time.perf_counter()
         results["before"] = _summary(evaluate_task(cfg, model, tokenizer, task, collate), time.perf_counter() - t)
-    results.update(_train_arm(cfg, model, tokenizer, task, validation, collate, init_config, run_dir, state))
+    results.update(_train_arm(cfg, model, tokenizer, task, validation, collate, init_config, run_dir, state,
+                              teacher=teacher))
     if baseline_config is not None:
         del model
         gc.collect()
         set_seed(cfg.seed)  # the same seed: the same batches in the same order, and the same adapter RNG draws
         model = _load_model(cfg, task, dtype)[0].to(state.device)
+        if teacher is not None and cfg.align.refresh:  # the first arm moved it: the baseline starts from the same one
+            teacher.reload()
         results["baseline"] = _train_arm(cfg, model, tokenizer, task, validation, collate, baseline_config,
-                                         os.path.join(run_dir, "baseline"), state, merge=False)
+                                         os.path.join(run_dir, "baseline"), state, merge=False, teacher=teacher)
     results["wall_s"] = round(time.perf_counter() - t_start, 2)
     if state.is_main_process:
         others = {f"baseline ({baseline_config.method})": os.path.join(run_dir, "baseline")} if baseline_config else {}
@@ -268,10 +272,48 @@ def run(cfg: RunConfig) -> dict:
     return results
 
 
+def _teacher(cfg: RunConfig, task, dtype, device, tokenizer):
+    """`align.*`: the phases must fit the run, and a teacher model is loaded (None for none and self)."""
+    from .align.build import load_teacher, schedule_of
+
+    if cfg.align.mode == "none":
+        return None
+    schedule_of(cfg.align).check_fits(_total_steps(cfg, len(task.train)))
+    return load_teacher(cfg.align, task.kind, getattr(task, "num_labels", None), dtype, device, tokenizer)
+
+
+def _total_steps(cfg: RunConfig, n_train: int) -> int:
+    """The optimiser steps the Trainer will take (max_steps, else epochs × batches per epoch)."""
+    m = cfg.model
+    if m.max_steps and m.max_steps > 0:
+        return m.max_steps
+    return max(1, math.ceil(m.epochs * math.ceil(n_train / m.real_batch_size)))
+
+
+def _trainer(cfg: RunConfig, peft_model, args, task, validation, collate, optimizer, callbacks, teacher, metrics):
+    """HF's Trainer, or with `align.*` the TermsTrainer that adds the alignment term (SPEC §5)."""
+    from transformers import Trainer
+
+    kwargs = dict(model=peft_model, args=args, train_dataset=task.train, eval_dataset=validation or None,
+                  data_collator=collate, callbacks=callbacks)
+    if cfg.align.mode == "none":
+        return Trainer(optimizers=(optimizer, None), **kwargs), None
+    from .align.build import build_term
+    from .terms import TermsTrainer
+
+    term = build_term(cfg.align, peft_model, teacher, _total_steps(cfg, len(task.train)))
+    if term.parameters():  # a learned projection trains with the adapters
+        optimizer.add_param_group({"params": term.parameters(), "lr": cfg.model.learning_rate,
+                                   "weight_decay": cfg.model.weight_decay})
+    trainer = TermsTrainer(optimizers=(optimizer, None), terms=[term], step_log=metrics.write_row,
+                           task_weight=lambda step: term.schedule.weights(step)[0], **kwargs)
+    return trainer, term
+
+
 def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init_config, run_dir: str, state,
-               merge: bool = True) -> dict:
+               merge: bool = True, teacher=None) -> dict:
     """Statistics + init -> train -> save the initial and trained adapters -> accuracy after, into `run_dir`."""
-    from transformers import EarlyStoppingCallback, Trainer
+    from transformers import EarlyStoppingCallback
 
     os.makedirs(run_dir, exist_ok=True)
     out = {"method": init_config.method}
@@ -295,11 +337,11 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     state.wait_for_everyone()  # rank 0 has written the initial adapter
 
     args = _training_args(cfg, run_dir, len(task.train), state.num_processes, evaluate=bool(validation))
-    callbacks = [MetricsLogger(run_dir), _evaluate_at_end()]
+    metrics = MetricsLogger(run_dir)
+    callbacks = [metrics, _evaluate_at_end()]
     if cfg.model.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.model.early_stopping_patience))
-    trainer = Trainer(model=peft_model, args=args, train_dataset=task.train, eval_dataset=validation or None,
-                      data_collator=collate, optimizers=(optimizer, None), callbacks=callbacks)
+    trainer, term = _trainer(cfg, peft_model, args, task, validation, collate, optimizer, callbacks, teacher, metrics)
     t = time.perf_counter()
     resume = cfg.resume and _has_checkpoint(args.output_dir)
     at_init = trainer.evaluate()["eval_loss"] if validation and not resume else None  # what the init alone did
@@ -315,6 +357,8 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
             out["validation_loss"]["at_init"] = at_init
 
     out["adapter_dir"] = save_adapter(peft_model, os.path.join(run_dir, "adapter"), initial_adapter=initial_dir)
+    if term is not None:
+        out["align"] = _align_report(cfg, term, out["adapter_dir"], state)
     out["initial_adapter_dir"] = initial_dir
     if cfg.eval.enabled:
         t = time.perf_counter()
@@ -324,6 +368,18 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     del trainer, peft_model
     gc.collect()
     return out
+
+
+def _align_report(cfg: RunConfig, term, adapter_dir: str, state) -> dict:
+    """What the alignment was, and where a learned projection was saved (beside the adapter)."""
+    from .align.mapping import LinearMap, save_mapping
+
+    a = cfg.align
+    report = {"mode": a.mode, "teacher": a.teacher or "base model (adapters disabled)", "kind": a.kind,
+              "target": a.target, "lambda": a.lambda_, "temperature": a.temperature}
+    if isinstance(term.student_map, LinearMap) and state.is_main_process:
+        report["projection"] = save_mapping(term.student_map, adapter_dir)
+    return report
 
 
 def _init_report(peft_model, run_dir: str, state) -> dict:

@@ -39,18 +39,19 @@ class ModelTeacher:
     def __init__(self, model, device=None, dtype=None, kind: str = "causal_lm", num_labels: int | None = None):
         self.source = model if isinstance(model, str) else None
         self.kind, self.num_labels, self.dtype = kind, num_labels, dtype
+        self.tokenizer = None  # loaded with a teacher given by id or path
         if isinstance(model, str):
-            model = self._load(model)
+            model, self.tokenizer = self._load(model)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = self._freeze(model.to(self.device))
 
-    def _load(self, name_or_path: str) -> nn.Module:
+    def _load(self, name_or_path: str):
         from ..models import load_causal_lm, load_sequence_classifier
 
         if self.kind == "causal_lm":
-            return load_causal_lm(name_or_path, dtype=self.dtype)[0]
+            return load_causal_lm(name_or_path, dtype=self.dtype)
         if self.kind == "classification":
-            return load_sequence_classifier(name_or_path, num_labels=self.num_labels, dtype=self.dtype)[0]
+            return load_sequence_classifier(name_or_path, num_labels=self.num_labels, dtype=self.dtype)
         raise ValueError(f"teacher kind must be causal_lm or classification, got {self.kind!r}")
 
     @staticmethod
@@ -97,7 +98,7 @@ class ModelTeacher:
         path = path or self.source
         if path is None:
             raise ValueError("this teacher was given as a model object: pass the checkpoint path to reload from")
-        self.model = self._freeze(self._load(path).to(self.device))
+        self.model = self._freeze(self._load(path)[0].to(self.device))
 
 
 class SelfTeacher:
