@@ -286,3 +286,62 @@ def test_terms_trainer_sums_the_weighted_terms_and_logs_every_step(tmp_path):
     assert all(math.isfinite(r["task_loss"]) for r in rows)
     logged = [h for h in trainer.state.log_history if "loss" in h and "task_loss" in h]
     assert logged and "align_loss" in logged[1]  # steps 3-4 hold the realignment step
+
+
+def test_align_init_equals_the_init_from_an_independent_gradient_of_the_combined_loss():
+    """InitConfig(align_init=True): the statistics pass's G is the mean gradient of L_task + λ·D over the batches,
+    so the init equals lora_one's from that gradient computed here with plain autograd."""
+    from lorafa import InitConfig, initialize
+    from lorafa.stats import LayerStats
+
+    batches, lam = make_batches(2), 0.7
+    teacher = ModelTeacher(tiny_llama(seed=2))
+    term = AlignmentTerm(teacher, kind="jsd", temperature=2.0)
+    targets = ["q_proj", "v_proj"]
+    got = initialize(tiny_llama(), lora_cfg(targets), InitConfig(method="lora_one", align_init=True,
+                                                                 align_lambda=lam, iters=2, bsz=4),
+                     batches=batches, align=term, progress=False)
+
+    base = tiny_llama()
+    names = [n for n, m in base.named_modules() if n.split(".")[-1] in targets]
+    grads = {n: torch.zeros_like(base.get_submodule(n).weight) for n in names}
+    for b in batches:
+        out = base(**b)
+        loss = out.loss + lam * logit_divergence(out.logits, teacher.model(input_ids=b["input_ids"],
+                                                                            attention_mask=b["attention_mask"]).logits,
+                                                 causal_lm_mask(b["labels"]), "jsd", 2.0)
+        gs = torch.autograd.grad(loss, [base.get_submodule(n).weight for n in names])
+        for n, g in zip(names, gs):
+            grads[n] += g / len(batches)
+    stats = {n: LayerStats(grad=grads[n], n_batches=len(batches)) for n in names}
+    want = initialize(base, lora_cfg(targets), InitConfig(method="lora_one", iters=2, bsz=4), stats=stats,
+                      progress=False)
+    got_w = {n: p for n, p in got.named_parameters() if "lora_" in n}
+    for n, p in want.named_parameters():
+        if "lora_" in n:
+            torch.testing.assert_close(got_w[n], p, rtol=1e-4, atol=1e-6)
+    plain = initialize(tiny_llama(), lora_cfg(targets), InitConfig(method="lora_one", iters=2, bsz=4),
+                       batches=batches, progress=False)
+    diff = max((dict(plain.named_parameters())[n] - p).abs().max().item() for n, p in got_w.items())
+    assert diff > 1e-5  # the teacher changed the init (beyond the 1e-6 tolerance of the equality above)
+
+
+def test_align_init_bad_input():
+    from lorafa import InitConfig, initialize
+
+    with pytest.raises(ValueError, match="uses no gradient"):
+        InitConfig(method="eva", align_init=True)
+    with pytest.raises(ValueError, match="align_lambda"):
+        InitConfig(method="lora_fa", align_init=True, align_lambda=-1.0)
+    batches = make_batches(1)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        initialize(tiny_llama(), lora_cfg(["q_proj"]), InitConfig(method="lora_one", align_init=True, iters=1),
+                   batches=batches, progress=False)
+    term = AlignmentTerm(ModelTeacher(tiny_llama(seed=2)))
+    with pytest.raises(ValueError, match="used by InitConfig"):
+        initialize(tiny_llama(), lora_cfg(["q_proj"]), InitConfig(method="lora_one", iters=1), batches=batches,
+                   align=term, progress=False)
+    student = _student()
+    with pytest.raises(ValueError, match="separate teacher"):
+        initialize(tiny_llama(), lora_cfg(["q_proj"]), InitConfig(method="lora_one", align_init=True, iters=1),
+                   batches=batches, align=AlignmentTerm(SelfTeacher(student)), progress=False)

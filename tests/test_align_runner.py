@@ -94,3 +94,19 @@ def test_a_learned_projection_is_saved_beside_the_adapter_and_reloads(assets, te
     proj = load_mapping(res["adapter_dir"])
     assert proj.weight.shape == (32, 32)
     assert not torch.equal(proj.weight, torch.eye(32))  # it trained (identity at the start)
+
+
+def test_align_init_from_the_runner_changes_the_init_and_the_statistics_cache_key(assets, teacher, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    common = ["+init=gradient", "++init.direction=LoRA-One", *local(assets, tmp_path / "runs", steps=1),
+              "++eval.enabled=false", "+align=distill", f"++align.teacher={teacher}"]
+    plain = _in_process(common + ["++wandb.name=plain"])
+    aligned = _in_process(common + ["++wandb.name=ainit", "++init.align_init=true", "++init.align_lambda=2.0"])
+    a = load_file(str(Path(plain["initial_adapter_dir"]) / "adapter_model.safetensors"))
+    b = load_file(str(Path(aligned["initial_adapter_dir"]) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.allclose(a[k], b[k]) for k in a)  # not the cached task-only stats
+    with pytest.raises(ValueError, match="align_init"):
+        parse_run_config(composed(["++init.align_init=true"]))
+    with pytest.raises(ValueError, match="align_init"):
+        parse_run_config(composed(["+align=self", "++init.align_init=true"]))

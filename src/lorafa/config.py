@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,6 +53,9 @@ class InitConfig:
             gradient methods then use its rank-k reconstruction; k > 2r is advised (lora_ga uses 2r directions).
         accumulate_on: device of the fp32 statistics accumulators, e.g. "cpu" to keep them off the GPU (each
             layer's contribution is copied over as soon as it is computed); None: the weights' device.
+        align_init, align_lambda: teacher-aware init (SPEC §5): the statistics pass (and the line search) use the
+            gradient of L_task + align_lambda · D(student, teacher) instead of L_task, so a gradient method starts
+            toward the aligned update; `initialize` then needs `align=` (a `lorafa.align.AlignmentTerm`).
     """
 
     method: str = "lora_fa"
@@ -84,6 +88,8 @@ class InitConfig:
     sketch_l: int | None = None
     accumulate_on: str | None = None
     weight: str | None = None  # alias of `scale`
+    align_init: bool = False
+    align_lambda: float = 1.0
 
     def __post_init__(self):
         canonical, direction = resolve_method(self.method)
@@ -113,6 +119,12 @@ class InitConfig:
                 raise ValueError(f"sketch= approximates the gradient, which {self.method} does not use: drop it.")
             sketch_sizes(self.sketch, self.sketch_l)
         self.method_options()  # validates the options against the method
+        if not (isinstance(self.align_lambda, (int, float)) and math.isfinite(self.align_lambda)
+                and self.align_lambda >= 0):
+            raise ValueError(f"align_lambda must be a finite number >= 0, got {self.align_lambda!r}")
+        if self.align_init and self.needs not in ("grad", "kfac"):
+            raise ValueError(f"align_init points the gradient methods (lora_ga, lora_one, lora_fa) at the aligned "
+                             f"update through the statistics pass's gradient; {self.method} uses no gradient.")
 
     def _check_rank(self) -> None:
         if self.rank is None:

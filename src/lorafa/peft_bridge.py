@@ -130,7 +130,7 @@ def _check_lora_config(lora_config, init_config: InitConfig) -> None:
 
 
 def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=None, batches=None, loss_fn=None,
-                 progress: bool = True, search_batches=None) -> dict[str, InitResult]:
+                 progress: bool = True, search_batches=None, align=None) -> dict[str, InitResult]:
     """Every target layer's InitResult, computed from the untouched base model (nothing is modified).
 
     With `init_config.rank="auto"` each result has its allocated rank (`info["rank"]`); `initialize` also writes
@@ -139,11 +139,40 @@ def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=
     Raises:
         ValueError: see `initialize`.
     """
-    return _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches)[0]
+    return _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches, align)[0]
 
 
-def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches=None):
+def aligned_loss(align, lambda_: float, loss_fn=None):
+    """`loss_fn(model, batch)` = L_task + λ · D(model, teacher), the dual objective of SPEC §5 at the init.
+
+    Args:
+        align: a `lorafa.align.AlignmentTerm` (its teacher must be a separate model: against the model itself D and
+            its gradient are 0 at the start).
+        lambda_: λ.
+        loss_fn: the task loss (default `model(**batch).loss`).
+    """
+    if not hasattr(align, "teacher") or not hasattr(align.teacher, "refresh_ema"):
+        raise ValueError("align_init needs an AlignmentTerm with a separate teacher model (ModelTeacher): against "
+                         "the base model itself the alignment gradient is 0 at the start")
+
+    def loss(model, batch):
+        out = model(**batch, **({"output_hidden_states": True} if align.needs_hidden else {}))
+        task = loss_fn(model, batch) if loss_fn is not None else out.loss
+        return task + lambda_ * align(model, batch, out, 0)
+
+    return loss
+
+
+def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches=None,
+                  align=None):
     """(results, the LoraConfig the results are for, summary)."""
+    if init_config.align_init:
+        if align is None:
+            raise ValueError("InitConfig(align_init=True) needs the teacher: pass align=AlignmentTerm(teacher, ...) to "
+                             "initialize / compute_init")
+        loss_fn = aligned_loss(align, init_config.align_lambda, loss_fn)
+    elif align is not None:
+        raise ValueError("align= is used by InitConfig(align_init=True) only: set it, or drop align=")
     base = unwrap_model(model)
     targets = resolve_targets(base, lora_config)
     needs = init_config.needs
@@ -384,7 +413,7 @@ def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, 
 def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = None, batches=None, stats=None, *,
                adapter_name: str = "default", loss_fn=None, progress: bool = True,
                initial_adapter_dir: str | os.PathLike | None = None,
-               autocast_adapter_dtype: bool = True, search_batches=None) -> PeftModel:
+               autocast_adapter_dtype: bool = True, search_batches=None, align=None) -> PeftModel:
     """Build a PEFT model whose adapters are initialised by `init_config`.
 
     Runs the statistics pass over `batches` if the method needs statistics and `stats` is None, computes every
@@ -410,6 +439,8 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
             The statistics batches are the data the step was computed from, so a search on them favours long steps
             that fit those examples (measured: on a probe-first classifier, 128 statistics reviews' loss fell from
             0.61 to 0.03 while the held-out loss rose); other training examples avoid that.
+        align: with `InitConfig(align_init=True)`, the `lorafa.align.AlignmentTerm` whose teacher the init aligns
+            to: the statistics pass and the line search use L_task + align_lambda · D (SPEC §5, teacher-aware init).
 
     Returns:
         The PeftModel. `save_adapter` writes it so that it loads on the original base.
@@ -421,7 +452,7 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     init_config = init_config or InitConfig()
     _check_lora_config(lora_config, init_config)
     results, lora_config, summary = _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress,
-                                                  search_batches)
+                                                  search_batches, align)
     subtract = init_config.subtracts()
     with quiet_checkpointing_rename():
         peft_model = get_peft_model(unwrap_model(model), lora_config, adapter_name=adapter_name,

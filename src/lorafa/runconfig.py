@@ -71,6 +71,8 @@ class InitSection:
     r_max: int | None = None
     tau: float = 0.9
     search_iters: int = 0  # scale=line_search: 0 searches on the statistics batches, k > 0 on k batches of others
+    align_init: bool = False  # statistics on the gradient of L_task + align_lambda · D to align.teacher (SPEC §5)
+    align_lambda: float = 1.0
     bsz: int = 4
     iters: int = 4
     max_length: int = 256
@@ -201,7 +203,8 @@ class RunConfig:
             options["direction"] = direction
         return InitConfig(method=method, bsz=i.bsz, iters=i.iters, max_length=i.max_length, sample=i.sample,
                           seed=self.seed if i.seed is None else i.seed, offset=i.offset, svd=i.svd, sketch=i.sketch, sketch_l=i.sketch_l,
-                          accumulate_on=i.accumulate_on, **options)
+                          accumulate_on=i.accumulate_on, align_init=i.align_init, align_lambda=i.align_lambda,
+                          **options)
 
 
     def baseline_init_config(self) -> InitConfig | None:

@@ -69,9 +69,10 @@ def _lora_config(cfg: RunConfig, model, task):
     )
 
 
-def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, collate, state):
+def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, collate, state, align_term=None):
     """Statistics for the init: from the cache when every process has it for this config and these weights (keyed
-    by a fingerprint of their values), else a pass on all processes."""
+    by a fingerprint of their values), else a pass on all processes. With `init.align_init`, on the gradient of the
+    dual objective (the teacher and the divergence settings are part of the key)."""
     if init_config.needs is None:
         return None
     from .targets import resolve_targets
@@ -82,6 +83,8 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
            "max_length": init_config.max_length, "sample": init_config.sample, "seed": init_config.seed,
            "sketch": init_config.sketch_sizes,
            "targets": targets, "dtype": str(next(model.parameters()).dtype)}
+    if init_config.align_init:
+        key["align"] = {**dataclasses.asdict(cfg.align), "lambda_init": init_config.align_lambda}
     if cfg.init.cache or world()[1] > 1:  # keyed by content: a checkpoint overwritten in place misses the cache
         t = time.perf_counter()
         key["weights"] = weights_fingerprint(model)
@@ -97,8 +100,13 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
             logger.info("statistics from cache %s", path)
             return stats
     batches = stat_batches(task.train, collate, init_config.bsz, init_config.iters, init_config.sample, init_config.seed)
+    loss_fn = None
+    if init_config.align_init:
+        from .peft_bridge import aligned_loss
+
+        loss_fn = aligned_loss(align_term, init_config.align_lambda)
     stats = collect_stats(model, batches, targets, kinds=(init_config.needs,), sketch=init_config.sketch_sizes,
-                          accumulate_on=init_config.accumulate_on)
+                          accumulate_on=init_config.accumulate_on, loss_fn=loss_fn)
     if cfg.init.cache and state.is_local_main_process:  # one copy per node: nodes may not share a filesystem
         try:
             save_stats(stats, path, config=key)
@@ -319,8 +327,13 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     out = {"method": init_config.method}
     lora_config = _lora_config(cfg, model, task)
     t = time.perf_counter()
+    align_term = None
+    if init_config.align_init:  # the dual objective's term at the init, on the base model
+        from .align.build import build_term
+
+        align_term = build_term(cfg.align, model, teacher, _total_steps(cfg, len(task.train)))
     stats = _stats_for_init(cfg, model, lora_config, init_config, task,
-                            _collator(cfg, task, tokenizer, init_config.max_length), state)
+                            _collator(cfg, task, tokenizer, init_config.max_length), state, align_term)
     initial_dir = os.path.join(run_dir, "initial_adapter")
     search_batches = None
     if init_config.line_search:  # on the statistics batches, or (init.search_iters > 0) on as many batches of others
@@ -329,7 +342,7 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
                                       init_config.bsz, k or init_config.iters, init_config.sample, init_config.seed,
                                       skip=init_config.iters if k else 0)
     peft_model = initialize(model, lora_config, init_config, stats=stats, batches=search_batches,
-                            initial_adapter_dir=initial_dir)
+                            initial_adapter_dir=initial_dir, align=align_term)
     out["init_s"] = round(time.perf_counter() - t, 2)
     out.update(_init_report(peft_model, run_dir, state))
     optimizer = _optimizer(cfg, peft_model)

@@ -42,6 +42,9 @@ def check_align_section(a, init_configs=()) -> None:
     if a.mode == "none":
         if a.teacher is not None:
             raise ValueError("align.teacher is set but align.mode is none: select +align=distill (or cyclic)")
+        if any(c.align_init for c in init_configs):
+            raise ValueError("init.align_init=true initialises toward a teacher: select +align=distill (or cyclic) "
+                             "with ++align.teacher=...")
         return
     if a.mode == "distill" and a.teacher is None:
         raise ValueError("align.mode=distill needs a teacher: ++align.teacher=<HF id or path> (or +align=self to align "
@@ -67,6 +70,9 @@ def check_align_section(a, init_configs=()) -> None:
                              "+align=cyclic with ++align.teacher=...")
         if not 0 <= a.ema_mu < 1:
             raise ValueError(f"align.ema_mu must be in [0, 1), got {a.ema_mu}")
+    if any(c.align_init for c in init_configs) and (a.mode == "none" or uses_self_teacher(a)):
+        raise ValueError("init.align_init=true initialises toward a teacher: it needs +align=distill or cyclic with "
+                         "++align.teacher=... (against the base model itself the alignment gradient is 0)")
     if uses_self_teacher(a):
         for c in init_configs:
             if c.subtracts():
