@@ -11,7 +11,7 @@ from .methods.registry import METHODS, make_options, method_needs, method_option
 from .stats.sketch import sketch_sizes
 
 METHOD_OPTION_FIELDS = ("direction", "scale", "stable_gamma", "reg", "reg_mode", "corda_method", "target",
-                        "step_factor", "line_search_from", "factor_gamma", "rho")
+                        "step_factor", "line_search_from", "factor_gamma", "rho", "metric")
 RANK_RULES = ("energy", "effective", "budget", "importance")
 
 
@@ -23,7 +23,8 @@ class InitConfig:
     error (so a typo never silently changes nothing). `weight` is accepted as an alias of `scale` (seed configs).
 
     Attributes:
-        method: lora | pissa | milora | lora_ga | lora_one | lora_fa | corda | eva (or LoRA-FA, LoRA-One, LoRA-GA,
+        method: lora | pissa | milora | lora_ga | lora_one | lora_fa | corda | eva | extract (from a fine-tune:
+            `initialize(..., tuned=)`; or LoRA-FA, LoRA-One, LoRA-GA,
             or a lora_ga direction name, which selects lora_ga with that direction).
         direction: lora_ga's ArB2r | A2rBr | ArBr | random.
         scale: stable | gd_scale | unit | weight_svd (aliases gd, weightS) for lora_ga, lora_one, lora_fa; and for
@@ -37,6 +38,7 @@ class InitConfig:
         reg, reg_mode: damping of lora_fa (1e-6, relative|absolute); corda's damping (0.01).
         corda_method: ipm | kpm.
         rho: eva's rank redistribution (default 2: a layer takes at most round(2r); 1: none).
+        metric: extract's kfac (the K-FAC metric, from the statistics pass) | identity (plain truncated SVD).
         rank: None (LoraConfig's r and rank_pattern) or "auto": per-layer ranks from the method's spectra (SPEC §6),
             written into the LoraConfig's rank_pattern/alpha_pattern; rank_rule: energy | effective | budget |
             importance; rank_budget: Σ r_l (budget_by="rank", default r × layers) or Σ r_l(m_l + n_l)
@@ -70,6 +72,7 @@ class InitConfig:
     line_search_from: str | None = None
     factor_gamma: float | None = None
     rho: float | None = None
+    metric: str | None = None
     rank: str | None = None
     rank_rule: str = "energy"
     rank_budget: int | None = None

@@ -130,7 +130,7 @@ def _check_lora_config(lora_config, init_config: InitConfig) -> None:
 
 
 def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=None, batches=None, loss_fn=None,
-                 progress: bool = True, search_batches=None, align=None) -> dict[str, InitResult]:
+                 progress: bool = True, search_batches=None, align=None, tuned=None) -> dict[str, InitResult]:
     """Every target layer's InitResult, computed from the untouched base model (nothing is modified).
 
     With `init_config.rank="auto"` each result has its allocated rank (`info["rank"]`); `initialize` also writes
@@ -139,7 +139,8 @@ def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=
     Raises:
         ValueError: see `initialize`.
     """
-    return _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches, align)[0]
+    return _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches, align,
+                         tuned)[0]
 
 
 def aligned_loss(align, lambda_: float, loss_fn=None):
@@ -164,7 +165,7 @@ def aligned_loss(align, lambda_: float, loss_fn=None):
 
 
 def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches=None,
-                  align=None):
+                  align=None, tuned=None):
     """(results, the LoraConfig the results are for, summary)."""
     if init_config.align_init:
         if align is None:
@@ -175,6 +176,7 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
         raise ValueError("align= is used by InitConfig(align_init=True) only: set it, or drop align=")
     base = unwrap_model(model)
     targets = resolve_targets(base, lora_config)
+    tuned = _tuned_weights(tuned, targets, init_config.method)  # a wrong architecture fails before the pass
     needs = init_config.needs
     _check_sketch_size(init_config, lora_config, targets)
     _check_budget(init_config, targets)
@@ -198,8 +200,8 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
     summary = {}
     opts = init_config.method_options()
     with whitener_scope():
-        lora_config, targets, summary["ranks"] = _allocate(targets, lora_config, init_config, stats, opts)
-        results = _init_layers(targets, lora_config, init_config, stats, opts, progress)
+        lora_config, targets, summary["ranks"] = _allocate(targets, lora_config, init_config, stats, opts, tuned)
+        results = _init_layers(targets, lora_config, init_config, stats, opts, progress, tuned)
     if init_config.line_search:
         own = search_batches is None  # the statistics batches: this process's share of init.iters
         summary["line_search"] = line_search(base, targets, results, lora_config, batches if own else search_batches,
@@ -210,6 +212,40 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
     if summary["ranks"] is None:
         del summary["ranks"]
     return results, lora_config, summary
+
+
+def _tuned_weights(tuned, targets, method: str):
+    """{target name: a function giving its fine-tuned weight (out × in, fp32)} from a model or a state dict, every
+    layer checked now (presence, shape) so a wrong architecture fails before the statistics pass; the weights are
+    read one layer at a time. None for methods that do not use one."""
+    if not METHODS[method].tuned:
+        if tuned is not None:
+            raise ValueError(f"tuned= is the fine-tuned model that method='extract' starts from; {method} does not "
+                             "use it")
+        return None
+    if tuned is None:
+        raise ValueError("method='extract' needs the fine-tuned model: pass tuned= (a model of the base's "
+                         "architecture, or its state dict)")
+    if isinstance(tuned, torch.nn.Module):
+        modules = dict(unwrap_model(tuned).named_modules())
+        found = {n: modules[n].weight for n in targets if n in modules and hasattr(modules[n], "weight")}
+    else:
+        found = {n: tuned[f"{n}.weight"] for n in targets if f"{n}.weight" in tuned}
+    missing = [n for n in targets if n not in found]
+    if missing:
+        raise ValueError(f"the fine-tuned model has no {missing[:4]}{' ...' if len(missing) > 4 else ''}: extract "
+                         "needs a fine-tune of the base's own architecture (the same module names)")
+    for name, w in found.items():  # stored as the base stores it (GPT-2's Conv1D transposed)
+        if tuple(w.shape) != tuple(targets[name].weight.shape):
+            raise ValueError(f"the fine-tuned {name!r} has shape {tuple(w.shape)}, the base's "
+                             f"{tuple(targets[name].weight.shape)}: extract needs a fine-tune of the same "
+                             "architecture")
+    return {n: (lambda n=n: _as_matrix(found[n], targets[n])) for n in targets}
+
+
+def _as_matrix(w: torch.Tensor, like: torch.nn.Module) -> torch.Tensor:
+    w = w.detach().to(like.weight.device)
+    return (w.t() if is_transposed(like) else w).float()
 
 
 def _check_budget(init_config, targets) -> None:
@@ -240,7 +276,7 @@ def _check_sketch_size(init_config, lora_config, targets) -> None:
                          "(more than that is advised), or lower the rank.")
 
 
-def _allocate(targets, lora_config, init_config, stats, opts):
+def _allocate(targets, lora_config, init_config, stats, opts, tuned=None):
     """Per-layer ranks from the method's spectra (SPEC §6), or EVA's redistribution; (LoraConfig, targets, info)."""
     from . import ranks as R
 
@@ -254,7 +290,8 @@ def _allocate(targets, lora_config, init_config, stats, opts):
     spectra = {}
     for name, module in targets.items():
         st = stats[name].densified() if stats is not None else None
-        spectra[name] = method.spectrum(weight_matrix(module).float(), st, method_opts).detach().float().cpu()
+        extra = {"tuned": tuned[name]()} if method.tuned else {}
+        spectra[name] = method.spectrum(weight_matrix(module).float(), st, method_opts, **extra).detach().float().cpu()
     if eva:
         rho = method_opts.rho
         explained = {n: s / s.sum().clamp_min(1e-30) for n, s in spectra.items()}
@@ -314,13 +351,14 @@ def _energy(spectrum: torch.Tensor, r: int) -> float:
     return float(sq[:r].sum() / sq.sum()) if float(sq.sum()) > 0 else 0.0
 
 
-def _init_layers(targets, lora_config, init_config, stats, opts, progress) -> dict[str, InitResult]:
+def _init_layers(targets, lora_config, init_config, stats, opts, progress, tuned=None) -> dict[str, InitResult]:
     results = {}
     for i, (name, module) in enumerate(tqdm(targets.items(), desc=f"lorafa {init_config.method} init",
                                             disable=not progress or world()[0] != 0, leave=False)):
         r, s = layer_rank_and_scaling(lora_config, name)
         results[name] = init_factors(init_config.method, weight_matrix(module), None if stats is None else stats.get(name),
-                                     rank=r, scaling=s, svd=init_config.svd, seed=init_config.seed + i, name=name, **opts)
+                                     rank=r, scaling=s, svd=init_config.svd, seed=init_config.seed + i, name=name,
+                                     tuned=None if tuned is None else tuned[name](), **opts)
         results[name].info["rank"] = r
     return results
 
@@ -413,7 +451,7 @@ def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, 
 def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = None, batches=None, stats=None, *,
                adapter_name: str = "default", loss_fn=None, progress: bool = True,
                initial_adapter_dir: str | os.PathLike | None = None,
-               autocast_adapter_dtype: bool = True, search_batches=None, align=None) -> PeftModel:
+               autocast_adapter_dtype: bool = True, search_batches=None, align=None, tuned=None) -> PeftModel:
     """Build a PEFT model whose adapters are initialised by `init_config`.
 
     Runs the statistics pass over `batches` if the method needs statistics and `stats` is None, computes every
@@ -439,6 +477,8 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
             The statistics batches are the data the step was computed from, so a search on them favours long steps
             that fit those examples (measured: on a probe-first classifier, 128 statistics reviews' loss fell from
             0.61 to 0.03 while the held-out loss rose); other training examples avoid that.
+        tuned: for method="extract", the fine-tuned model (same architecture as `model`) or its state dict: each
+            target layer's adapter is extracted from W_tuned − W.
         align: with `InitConfig(align_init=True)`, the `lorafa.align.AlignmentTerm` whose teacher the init aligns
             to: the statistics pass and the line search use L_task + align_lambda · D (SPEC §5, teacher-aware init).
 
@@ -452,7 +492,7 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     init_config = init_config or InitConfig()
     _check_lora_config(lora_config, init_config)
     results, lora_config, summary = _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress,
-                                                  search_batches, align)
+                                                  search_batches, align, tuned)
     subtract = init_config.subtracts()
     with quiet_checkpointing_rename():
         peft_model = get_peft_model(unwrap_model(model), lora_config, adapter_name=adapter_name,

@@ -10,6 +10,7 @@ import torch
 from ..stats.types import LayerStats
 from .activation_methods import CordaOptions, EvaOptions, corda_init, eva_init, input_spectrum
 from .common import InitResult
+from .extract import ExtractOptions, extract_init, extract_spectrum
 from .lora_fa import LoraFAOptions, lora_fa_init, whitened_spectrum
 from .lora_ga import DIRECTIONS, LoraGAOptions, lora_ga_init
 from .lora_one import LoraOneOptions, gradient_spectrum, lora_one_init
@@ -24,6 +25,7 @@ class Method:
     needs: str | None  # statistic kind: None, "grad", "kfac" or "act"
     subtracts: bool  # SPEC §2's offset column
     spectrum: callable = None  # (weight, stats, opts) -> singular values for data-aware ranks (SPEC §6); None: none
+    tuned: bool = False  # the method takes the fine-tuned weight of the layer (`tuned=`), e.g. extract
 
 
 METHODS: dict[str, Method] = {
@@ -37,6 +39,7 @@ METHODS: dict[str, Method] = {
         Method("lora_fa", lora_fa_init, LoraFAOptions, "kfac", False, whitened_spectrum),
         Method("corda", corda_init, CordaOptions, "act", True),
         Method("eva", eva_init, EvaOptions, "act", False, input_spectrum),
+        Method("extract", extract_init, ExtractOptions, "kfac", False, extract_spectrum, tuned=True),
     )
 }
 
@@ -81,14 +84,21 @@ def make_options(method: str, **options):
 def method_needs(method: str, options) -> str | None:
     """The statistics kind a method needs with these options: lora_one's `kfac` step length needs kfac (C, Σ)."""
     spec = METHODS[resolve_method(method)[0]]
+    if callable(getattr(options, "needs", None)):  # the options decide (extract's metric)
+        return options.needs()
     if spec.needs == "grad" and getattr(options, "uses_curvature", lambda: False)():
         return "kfac"
     return spec.needs
 
 
-def check_stats(name: str, method: Method, weight_shape, stats: LayerStats | None, needs: str | None = None) -> None:
-    """Raise unless `stats` has what `method` needs, with shapes matching an m × n weight and finite values."""
-    needs = needs or method.needs
+_METHOD_DEFAULT = object()
+
+
+def check_stats(name: str, method: Method, weight_shape, stats: LayerStats | None,
+                needs: str | None = _METHOD_DEFAULT) -> None:
+    """Raise unless `stats` has what `method` needs (by default its own kind; `needs`: what its options need,
+    None for nothing), with shapes matching an m × n weight and finite values."""
+    needs = method.needs if needs is _METHOD_DEFAULT else needs
     if needs is None:
         return
     label = name or "this layer"
@@ -108,7 +118,8 @@ def check_stats(name: str, method: Method, weight_shape, stats: LayerStats | Non
 
 
 def init_factors(method: str, weight: torch.Tensor, stats: LayerStats | None = None, *, rank: int, scaling: float,
-                 svd: str = "auto", seed: int = 0, name: str = "", **options) -> InitResult:
+                 svd: str = "auto", seed: int = 0, name: str = "", tuned: torch.Tensor | None = None,
+                 **options) -> InitResult:
     """Compute one layer's LoRA factors with a named method (a pure function of its inputs).
 
     Args:
@@ -118,6 +129,7 @@ def init_factors(method: str, weight: torch.Tensor, stats: LayerStats | None = N
         rank: r; scaling: s (α/r, or α/√r with rsLoRA).
         svd: "auto", "exact" or "randomized"; seed: for random parts (LoRA's A, randomized SVD, lora_ga's random split).
         name: module name, used in error messages.
+        tuned: the layer's fine-tuned weight (m × n), for methods that extract from it (`extract`).
         **options: the method's options (e.g. direction=, scale=, stable_gamma=, reg=, reg_mode=, corda_method=).
 
     Returns:
@@ -139,4 +151,23 @@ def init_factors(method: str, weight: torch.Tensor, stats: LayerStats | None = N
     if spec.needs in ("grad", "kfac") and stats is not None:
         stats = stats.densified()  # a gradient sketch becomes its rank-k reconstruction, one layer at a time
     check_stats(name, spec, tuple(weight.shape), stats, method_needs(canonical, opts))
-    return spec.fn(weight.float(), stats, rank=rank, scaling=float(scaling), opts=opts, svd=svd, seed=seed)
+    extra = {}
+    if spec.tuned:
+        extra["tuned"] = check_tuned(name, spec.name, weight, tuned)
+    elif tuned is not None:
+        raise ValueError(f"tuned= is the fine-tuned weight that extract starts from; {spec.name} does not use it")
+    return spec.fn(weight.float(), stats, rank=rank, scaling=float(scaling), opts=opts, svd=svd, seed=seed, **extra)
+
+
+def check_tuned(name: str, method: str, weight: torch.Tensor, tuned: torch.Tensor | None) -> torch.Tensor:
+    """The fine-tuned weight of a layer, checked against the base weight (same shape, finite), as fp32."""
+    label = name or "this layer"
+    if tuned is None:
+        raise ValueError(f"{method} needs the fine-tuned weight of {label!r}: pass tuned= (a model of the base's "
+                         "architecture, or its state dict)")
+    if tuple(tuned.shape) != tuple(weight.shape):
+        raise ValueError(f"the fine-tuned weight of {label!r} has shape {tuple(tuned.shape)}, the base's "
+                         f"{tuple(weight.shape)}: {method} needs a fine-tune of the same architecture")
+    if not torch.isfinite(tuned).all():
+        raise ValueError(f"the fine-tuned weight of {label!r} contains NaN/inf")
+    return tuned.float().to(weight.device)

@@ -1,0 +1,72 @@
+"""Extraction of a fine-tune into a LoRA adapter (SPEC §5, teacher-aware init (b)): the known functional target is
+T = W_tuned − W, and its best rank-r approximation in the K-FAC metric ‖C_λ^{1/2} (ΔW − T) Σ_λ^{1/2}‖_F is
+
+    ΔW = C_λ^{-1/2} [C_λ^{1/2} T Σ_λ^{1/2}]_r Σ_λ^{-1/2}.
+
+`metric="identity"` (C = Σ = I) is plain truncated-SVD extraction, [T]_r, as mergekit's LoRA extraction does. The
+adapter starts at ΔW: s·B·A = ΔW with balanced factors (‖B‖ and ‖A‖ share the singular values' square roots), and the
+base is not offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .common import InitResult, SvdMode, check_rank, top_svd
+from .lora_fa import factor_low_rank, whitener
+
+METRICS = ("kfac", "identity")
+
+
+@dataclass
+class ExtractOptions:
+    """metric: kfac (the data-aware metric: needs C and Σ from the statistics pass) | identity (plain SVD, no data);
+    reg, reg_mode: the damping of C and Σ, as LoRA-FA's."""
+
+    metric: str = "kfac"
+    reg: float = 1e-6
+    reg_mode: str = "relative"
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.reg_mode not in ("relative", "absolute"):
+            raise ValueError(f"reg_mode must be 'relative' or 'absolute', got {self.reg_mode!r}")
+        if not self.reg >= 0:
+            raise ValueError(f"reg must be >= 0, got {self.reg}")
+
+    def needs(self) -> str | None:
+        return "kfac" if self.metric == "kfac" else None
+
+
+def _whitened(weight, tuned, stats, opts):
+    """(H, the two whiteners or None): H = F_Cᵀ T F_Σ (C_λ = F_C F_Cᵀ, Σ_λ = F_Σ F_Σᵀ), or T itself."""
+    target = tuned.float() - weight.float()
+    if opts.metric == "identity":
+        return target, None, None
+    relative = opts.reg_mode == "relative"
+    wc = whitener(stats.out_cov, opts.reg, relative)
+    ws = whitener(stats.in_cov, opts.reg, relative, shared=True)
+    return wc.t_mul(ws.t_mul(target.T).T).float(), wc, ws
+
+
+def extract_init(weight: torch.Tensor, stats, *, rank: int, scaling: float, opts: ExtractOptions,
+                 svd: SvdMode = "auto", seed: int = 0, tuned: torch.Tensor) -> InitResult:
+    """The rank-r adapter closest to `tuned − weight` in the chosen metric, as s·B·A."""
+    m, n = weight.shape
+    check_rank(rank, m, n)
+    h, wc, ws = _whitened(weight, tuned, stats, opts)
+    U, S, Vh, used = top_svd(h, rank, svd, seed)
+    if wc is not None:  # back from the whitened space: ΔW = P diag(S) Qᵀ, P = F_C^{-T} U, Q = F_Σ^{-T} V
+        U, S, Vh = factor_low_rank(wc.t_solve(U).float(), S, ws.t_solve(Vh.T).float())
+    root = torch.sqrt(S.clamp_min(0) / scaling)
+    info = {"svd": used, "metric": opts.metric, "sigma": S.tolist(),
+            "target_norm": float((tuned.float() - weight.float()).norm())}
+    return InitResult(A=(root[:, None] * Vh).float(), B=(U * root[None, :]).float(), subtract=False, info=info)
+
+
+def extract_spectrum(weight: torch.Tensor, stats, opts: ExtractOptions, tuned: torch.Tensor) -> torch.Tensor:
+    """The singular values of the (whitened) target: extraction's spectrum for data-aware ranks (SPEC §6)."""
+    return torch.linalg.svdvals(_whitened(weight, tuned, stats, opts)[0])
