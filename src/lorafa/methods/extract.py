@@ -3,9 +3,14 @@ T = W_tuned − W, and its best rank-r approximation in the K-FAC metric ‖C_λ
 
     ΔW = C_λ^{-1/2} [C_λ^{1/2} T Σ_λ^{1/2}]_r Σ_λ^{-1/2}.
 
+`metric="input"` keeps C = I (only the layer inputs' covariance Σ: forward passes, no gradients), and
 `metric="identity"` (C = Σ = I) is plain truncated-SVD extraction, [T]_r, as mergekit's LoRA extraction does. The
 adapter starts at ΔW: s·B·A = ΔW with balanced factors (‖B‖ and ‖A‖ share the singular values' square roots), and the
 base is not offset.
+
+C from the task loss's gradients (the empirical Fisher) weighs output directions by how the data's labels pull on
+them, which is not the model's own output curvature; `lorafa.stats.sampled_label_loss` gives the statistics pass
+labels drawn from the model instead (the true Fisher), the usual K-FAC choice for a KL-type objective.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ import torch
 from .common import InitResult, SvdMode, check_rank, top_svd
 from .lora_fa import factor_low_rank, whitener
 
-METRICS = ("kfac", "identity")
+METRICS = ("kfac", "input", "identity")
+NEEDS = {"kfac": "kfac", "input": "act", "identity": None}
 
 
 @dataclass
 class ExtractOptions:
-    """metric: kfac (the data-aware metric: needs C and Σ from the statistics pass) | identity (plain SVD, no data);
-    reg, reg_mode: the damping of C and Σ, as LoRA-FA's."""
+    """metric: kfac (C and Σ from a statistics pass with gradients) | input (Σ only: forward passes) | identity
+    (plain SVD, no data); reg, reg_mode: the damping of C and Σ, as LoRA-FA's."""
 
     metric: str = "kfac"
     reg: float = 1e-6
@@ -38,17 +44,19 @@ class ExtractOptions:
             raise ValueError(f"reg must be >= 0, got {self.reg}")
 
     def needs(self) -> str | None:
-        return "kfac" if self.metric == "kfac" else None
+        return NEEDS[self.metric]
 
 
 def _whitened(weight, tuned, stats, opts):
-    """(H, the two whiteners or None): H = F_Cᵀ T F_Σ (C_λ = F_C F_Cᵀ, Σ_λ = F_Σ F_Σᵀ), or T itself."""
+    """(H, the whiteners of C and Σ or None): H = F_Cᵀ T F_Σ (C_λ = F_C F_Cᵀ, Σ_λ = F_Σ F_Σᵀ), T F_Σ, or T."""
     target = tuned.float() - weight.float()
     if opts.metric == "identity":
         return target, None, None
     relative = opts.reg_mode == "relative"
-    wc = whitener(stats.out_cov, opts.reg, relative)
     ws = whitener(stats.in_cov, opts.reg, relative, shared=True)
+    if opts.metric == "input":
+        return ws.t_mul(target.T).T.float(), None, ws
+    wc = whitener(stats.out_cov, opts.reg, relative)
     return wc.t_mul(ws.t_mul(target.T).T).float(), wc, ws
 
 
@@ -59,8 +67,9 @@ def extract_init(weight: torch.Tensor, stats, *, rank: int, scaling: float, opts
     check_rank(rank, m, n)
     h, wc, ws = _whitened(weight, tuned, stats, opts)
     U, S, Vh, used = top_svd(h, rank, svd, seed)
-    if wc is not None:  # back from the whitened space: ΔW = P diag(S) Qᵀ, P = F_C^{-T} U, Q = F_Σ^{-T} V
-        U, S, Vh = factor_low_rank(wc.t_solve(U).float(), S, ws.t_solve(Vh.T).float())
+    if ws is not None:  # back from the whitened space: ΔW = P diag(S) Qᵀ, P = F_C^{-T} U (or U), Q = F_Σ^{-T} V
+        P = wc.t_solve(U).float() if wc is not None else U
+        U, S, Vh = factor_low_rank(P, S, ws.t_solve(Vh.T).float())
     root = torch.sqrt(S.clamp_min(0) / scaling)
     info = {"svd": used, "metric": opts.metric, "sigma": S.tolist(),
             "target_norm": float((tuned.float() - weight.float()).norm())}
