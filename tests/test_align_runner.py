@@ -110,3 +110,29 @@ def test_align_init_from_the_runner_changes_the_init_and_the_statistics_cache_ke
         parse_run_config(composed(["++init.align_init=true"]))
     with pytest.raises(ValueError, match="align_init"):
         parse_run_config(composed(["+align=self", "++init.align_init=true"]))
+
+
+def test_extract_from_the_runner(assets, teacher, tmp_path):  # noqa: F811
+    """init.direction=extract with init.tuned: the adapter starts at the fine-tune's rank-r part (so the validation
+    loss at step 0 differs from plain LoRA's); a fine-tune of another architecture fails before the statistics pass."""
+    common = ["+init=gradient", *local(assets, tmp_path / "runs", steps=1), "++eval.enabled=false"]
+    res = _in_process(common + ["++wandb.name=ex", "++init.direction=extract", f"++init.tuned={teacher}",
+                                "++init.metric=input"])
+    assert res["method"] == "extract" and res["steps"] == 1
+    plain = _in_process(["+init=default", *common[1:], "++wandb.name=plain"])
+    assert res["validation_loss"]["at_init"] != pytest.approx(plain["validation_loss"]["at_init"], rel=1e-6)
+    with pytest.raises(ValueError, match="init.tuned"):
+        parse_run_config(composed(["++init.direction=extract"]))
+    with pytest.raises(ValueError, match="does not use it"):
+        parse_run_config(composed(["++init.tuned=x"]))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(vocab_size=104, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    import shutil
+
+    for f in (Path(teacher)).glob("tokenizer*"):
+        shutil.copy(f, other / f.name)
+    with pytest.raises(ValueError, match="same architecture"):
+        _in_process(common + ["++wandb.name=ex2", "++init.direction=extract", f"++init.tuned={other}"])

@@ -71,6 +71,8 @@ class InitSection:
     r_max: int | None = None
     tau: float = 0.9
     search_iters: int = 0  # scale=line_search: 0 searches on the statistics batches, k > 0 on k batches of others
+    tuned: str | None = None  # direction=extract: the fine-tuned checkpoint (HF id or path) to extract from
+    metric: str | None = None  # extract: input (default in the runner's group: null = the method's kfac) | kfac | identity
     align_init: bool = False  # statistics on the gradient of L_task + align_lambda · D to align.teacher (SPEC §5)
     align_lambda: float = 1.0
     bsz: int = 4
@@ -180,7 +182,7 @@ class RunConfig:
         """The library's InitConfig for this run (validates the method and its options)."""
         i = self.init
         method, direction = resolve_method(i.direction)
-        allowed = {"gradient": ("lora_ga", "lora_one", "lora_fa", "corda", "eva"), "svd": ("pissa", "milora"),
+        allowed = {"gradient": ("lora_ga", "lora_one", "lora_fa", "corda", "eva", "extract"), "svd": ("pissa", "milora"),
                    "default": ("lora",)}
         if i.mode not in allowed:
             raise ValueError(f"init.mode must be one of {sorted(allowed)}, got {i.mode!r}")
@@ -196,8 +198,13 @@ class RunConfig:
         if i.search_iters and (i.scale or i.weight) != "line_search":
             raise ValueError("init.search_iters chooses the batches of the line search: set ++init.scale=line_search "
                              "too, or leave search_iters at 0.")
+        if (method == "extract") != (i.tuned is not None):
+            raise ValueError("init.direction=extract extracts the adapter from a fine-tune: set ++init.tuned=<its HF id "
+                             "or path>" if method == "extract" else
+                             f"init.tuned is the fine-tune that init.direction=extract starts from; {method} does not "
+                             "use it")
         options = {k: getattr(i, k) for k in ("scale", "weight", "stable_gamma", "reg", "reg_mode", "corda_method",
-                                              "target", "step_factor", "line_search_from", "factor_gamma", "rho",
+                                              "target", "step_factor", "line_search_from", "factor_gamma", "rho", "metric",
                                               "rank", "rank_rule", "rank_budget", "budget_by", "r_min", "r_max", "tau")}
         if direction is not None:
             options["direction"] = direction

@@ -327,6 +327,7 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     out = {"method": init_config.method}
     lora_config = _lora_config(cfg, model, task)
     t = time.perf_counter()
+    tuned = _tuned_model(cfg, model, lora_config, init_config, task, dtype=next(model.parameters()).dtype)
     align_term = None
     if init_config.align_init:  # the dual objective's term at the init, on the base model
         from .align.build import build_term
@@ -342,7 +343,8 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
                                       init_config.bsz, k or init_config.iters, init_config.sample, init_config.seed,
                                       skip=init_config.iters if k else 0)
     peft_model = initialize(model, lora_config, init_config, stats=stats, batches=search_batches,
-                            initial_adapter_dir=initial_dir, align=align_term)
+                            initial_adapter_dir=initial_dir, align=align_term, tuned=tuned)
+    del tuned
     out["init_s"] = round(time.perf_counter() - t, 2)
     out.update(_init_report(peft_model, run_dir, state))
     optimizer = _optimizer(cfg, peft_model)
@@ -381,6 +383,23 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     del trainer, peft_model
     gc.collect()
     return out
+
+
+def _tuned_model(cfg: RunConfig, model, lora_config, init_config, task, dtype):
+    """`init.direction=extract`: the fine-tune `init.tuned`, its architecture checked against the base's targets
+    before the statistics pass (None for the other methods)."""
+    if init_config.method != "extract":
+        return None
+    from .peft_bridge import _tuned_weights
+    from .targets import resolve_targets
+
+    from .align import ModelTeacher
+
+    # on the CPU: each target's weight is moved to the base's device as its layer is extracted
+    tuned = ModelTeacher(cfg.init.tuned, device="cpu", dtype=dtype, kind=task.kind,
+                         num_labels=getattr(task, "num_labels", None)).model
+    _tuned_weights(tuned, resolve_targets(model, lora_config), "extract")
+    return tuned
 
 
 def _align_report(cfg: RunConfig, term, adapter_dir: str, state) -> dict:
