@@ -25,7 +25,7 @@ R = 2
 TARGETS = ["q_proj", "v_proj"]
 SUBTRACTING = ["pissa", "milora", "lora_ga", "corda"]
 ZERO_B = ["lora", "eva"]
-NO_OFFSET = ["lora_one", "lora_fa"]  # real update at init
+NO_OFFSET = ["lora_one", "lora_fa", "extract"]  # real update at init
 ALL_METHODS = sorted(METHODS)
 ALLOWED_FILES = {"adapter_model.safetensors", "adapter_config.json", "lorafa_init.json", "README.md"}
 
@@ -61,9 +61,22 @@ def assert_untouched(model, snap) -> None:
     assert not any("lora_" in n for n, _ in model.named_modules())
 
 
+def tuned_for(method):
+    """extract's fine-tune: the tiny model with every Linear perturbed (the other methods take none)."""
+    if InitConfig(method=method).method != "extract":
+        return {}
+    tuned = tiny_llama()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for m in tuned.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.add_(0.05 * torch.randn(m.weight.shape, generator=g))
+    return {"tuned": tuned}
+
+
 def init(model, method, batches, cfg=None, **init_kw):
     return lorafa.initialize(model, cfg or lora_config(), InitConfig(method=method, **init_kw), batches=batches,
-                             progress=False)
+                             progress=False, **tuned_for(method))
 
 
 def train(pm, batches, steps=4, lr=0.5) -> None:
@@ -186,7 +199,8 @@ def test_offset_uses_cast_factors_with_bf16_adapters(method, mbatches):
 def _round_trip(make_model, method, batches, cfg, tmp_path, *, atol=1e-5, rtol=0.0, lr=0.5, **init_kw):
     """init -> train -> save_adapter -> PeftModel.from_pretrained(pristine) reproduces the trained model."""
     pristine_logits = logits(make_model(), batches)
-    pm = lorafa.initialize(make_model(), cfg, InitConfig(method=method, **init_kw), batches=batches, progress=False)
+    pm = lorafa.initialize(make_model(), cfg, InitConfig(method=method, **init_kw), batches=batches, progress=False,
+                           **tuned_for(method))
     init_logits = logits(pm, batches)
     train(pm, batches, lr=lr)
     trained = logits(pm, batches)

@@ -118,7 +118,9 @@ def product(res) -> torch.Tensor:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_shapes_dtype_and_offset_flag(method, shape):
     m, n = shape
-    res = init_factors(method, weight_matrix(m, n), full_stats(m, n), rank=R, scaling=S_LORA)
+    w = weight_matrix(m, n)
+    extra = {"tuned": w + torch.randn(m, n, generator=torch.Generator().manual_seed(5))} if method == "extract" else {}
+    res = init_factors(method, w, full_stats(m, n), rank=R, scaling=S_LORA, **extra)
     assert res.A.shape == (R, n) and res.B.shape == (m, R)
     assert res.A.dtype == torch.float32 and res.B.dtype == torch.float32
     assert torch.isfinite(res.A).all() and torch.isfinite(res.B).all()

@@ -1,0 +1,314 @@
+"""Functional alignment (SPEC §5, issue 10): a teacher fully fine-tuned by this script, then rank-r LoRA-FA students
+at equal steps trained on the task alone, distilled (λ·D at every step), cyclic (task and realignment phases), and
+initialised toward the teacher (`align_init`, then task-only training); and extraction of the teacher into adapters
+of rank 4, 8 and 16 by plain SVD and by the data-aware metrics.
+
+    python benchmarks/alignment.py --preset classification --seeds 0 1 2 --out benchmarks/results/align_cls
+
+The presets, data split, training order, schedule and held-out evaluation are convergence.py's (so the students'
+task-only row is that benchmark's LoRA-FA at the same rate). The teacher trains `--teacher-steps` steps of full
+fine-tuning at `--teacher-lr` on the same training pool, seed 0, and is cached in `<out>/teacher`. Every run is
+cached as JSON under `<out>/runs/`; `--summary-only` rebuilds the tables and the plot.
+
+Reported: the test loss (and accuracy for classification) and the test KL to the teacher at every evaluation, mean ±
+std over seeds; "gap closed" = (L_base − L_student) / (L_base − L_teacher) on the test loss, where the issue's target
+asks ≥ 0.9 of distillation at rank 8. Extraction: test KL to the teacher and test loss per rank and metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import convergence as cv  # noqa: E402
+from common import device_info, pick_device, save_figure, write_json, write_table  # noqa: E402
+
+STUDENTS = ("task", "distill", "cyclic", "align_init")
+EXTRACT = ("identity", "input", "kfac_sampled", "kfac_empirical")
+logger = logging.getLogger("alignment")
+
+
+def _setup(args):
+    p = cv.PRESETS[args.preset]
+    p = dataclasses.replace(p, **{k: v for k, v in dict(steps=args.steps, n_heldout=args.n_heldout,
+                                                         n_val=args.n_val).items() if v is not None})
+    device, dtype = pick_device(args.device, args.dtype)
+    return p, device, dtype
+
+
+def teacher_dir(args) -> str:
+    """Full fine-tuning of the preset's model (seed 0), saved once to <out>/teacher."""
+    out = os.path.join(args.out, "teacher")
+    if os.path.exists(os.path.join(out, "teacher.json")):
+        return out
+    p, device, dtype = _setup(args)
+    torch.manual_seed(0)
+    task, model, tok, collate = cv.load_everything(p, args, device, dtype)
+    split = cv.data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, 0)
+    tp = dataclasses.replace(p, steps=args.teacher_steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cv.schedule(s, tp))
+    model.train()
+    for idx in cv.train_order(split["train"], tp, 0):
+        model(**cv.to_device(collate([task.train[i] for i in idx]), device)).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    test = cv.heldout(model, task.test[: p.n_heldout], collate, device)
+    tmp = out + ".tmp"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    write_json(os.path.join(tmp, "teacher.json"), {"steps": args.teacher_steps, "lr": args.teacher_lr, "test": test})
+    os.replace(tmp, out)
+    return out
+
+
+@torch.no_grad()
+def kl_to_teacher(model, teacher, examples, collate, device, batch_size=16) -> float:
+    """Mean over test examples' scored positions of KL(p_teacher ‖ p_model), τ = 1."""
+    from lorafa.align import causal_lm_mask, logit_divergence
+
+    was = model.training
+    model.eval()
+    total = n = 0.0
+    for i in range(0, len(examples), batch_size):
+        b = cv.to_device(collate(examples[i : i + batch_size]), device)
+        s = model(**b).logits
+        t = teacher.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        mask = causal_lm_mask(b["labels"]) if s.dim() == 3 else None
+        k = int(mask.sum()) if mask is not None else s.shape[0]
+        total += float(logit_divergence(s, t, mask)) * k
+        n += k
+    model.train(was)
+    return total / n
+
+
+def _term(kind: str, teacher, args, p):
+    from lorafa.align import AlignmentTerm, CyclicSchedule
+
+    if kind == "cyclic":
+        schedule = CyclicSchedule(task_steps=args.task_steps, align_steps=args.align_steps, align_lambda=args.lam)
+    else:
+        schedule = CyclicSchedule.constant(args.lam)
+    return AlignmentTerm(teacher, kind=args.kind, temperature=args.temperature, schedule=schedule)
+
+
+def run_student(kind: str, seed: int, args) -> dict:
+    from lorafa import InitConfig, initialize
+    from lorafa.align import ModelTeacher
+
+    path = os.path.join(args.out, "runs", f"{kind}_s{seed}.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    p, device, dtype = _setup(args)
+    task, model, _, collate = cv.load_everything(p, args, device, dtype)
+    teacher = ModelTeacher(cv.load_everything(dataclasses.replace(p, model=teacher_dir(args)), args, device,
+                                              dtype)[1])
+    torch.manual_seed(seed)
+    split = cv.data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, seed)
+    test, val = task.test[: p.n_heldout], [task.train[i] for i in split["val"]]
+    term = _term(kind, teacher, args, p)
+    batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
+    init = InitConfig(method="lora_fa", bsz=p.init_bsz, iters=p.init_iters, seed=seed,
+                      align_init=kind == "align_init", align_lambda=args.lam)
+    model = initialize(model, cv.lora_config(p, args, task, True), init, batches=batches, progress=False,
+                       align=term if kind == "align_init" else None)
+    res = {"kind": kind, "seed": seed, "lr": args.lr, "device": device_info(), "curve": []}
+
+    def evaluate(step):
+        h = cv.heldout(model, test, collate, device)
+        res["curve"].append({"step": step, "test_loss": h["loss"], "test_acc": h["acc"],
+                             "val_loss": cv.heldout(model, val, collate, device)["loss"],
+                             "test_kl": kl_to_teacher(model, teacher, test, collate, device)})
+
+    evaluate(0)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cv.schedule(s, p))
+    model.train()
+    for step, idx in enumerate(cv.train_order(split["train"], p, seed)):
+        b = cv.to_device(collate([task.train[i] for i in idx]), device)
+        out = model(**b)
+        loss = out.loss
+        lam = term.weight(step) if kind in ("distill", "cyclic") else 0.0
+        if lam:
+            loss = loss + lam * term(model, b, out, step)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
+            evaluate(step + 1)
+    write_json(path, res)
+    return res
+
+
+def run_extraction(rank: int, metric: str, args) -> dict:
+    from peft import LoraConfig, TaskType
+
+    from lorafa import InitConfig, initialize
+    from lorafa.align import ModelTeacher
+    from lorafa.stats import sampled_label_loss
+
+    path = os.path.join(args.out, "runs", f"extract_{metric}_r{rank}.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    p, device, dtype = _setup(args)
+    task, model, _, collate = cv.load_everything(p, args, device, dtype)
+    tuned = cv.load_everything(dataclasses.replace(p, model=teacher_dir(args)), args, device, dtype)[1]
+    teacher = ModelTeacher(tuned)
+    split = cv.data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, 0)
+    batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
+    name = "kfac" if metric.startswith("kfac") else metric
+    init = InitConfig(method="extract", metric=name, bsz=p.init_bsz, iters=p.init_iters)
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=p.targets, lora_dropout=0.0,
+                     task_type=TaskType.CAUSAL_LM if task.kind == "causal_lm" else TaskType.SEQ_CLS)
+    if task.kind == "classification":  # the head is not a target: the adapter carries the teacher's head along
+        cfg.modules_to_save = ["classifier"]
+    loss_fn = sampled_label_loss(0) if metric == "kfac_sampled" else None
+    model = initialize(model, cfg, init, batches=batches, tuned=tuned, loss_fn=loss_fn, progress=False)
+    if task.kind == "classification":
+        with torch.no_grad():
+            head = model.base_model.model.classifier.modules_to_save["default"]
+            head.load_state_dict(tuned.classifier.state_dict())
+    test = task.test[: p.n_heldout]
+    res = {"rank": rank, "metric": metric, "test_kl": kl_to_teacher(model, teacher, test, collate, device),
+           "test_loss": cv.heldout(model, test, collate, device)["loss"], "device": device_info()}
+    write_json(path, res)
+    return res
+
+
+def _ms(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "—"
+    return f"{statistics.mean(xs):.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
+
+
+def summarise(args) -> str:
+    p, device, dtype = _setup(args)
+    runs = [json.load(open(os.path.join(args.out, "runs", f))) for f in sorted(os.listdir(os.path.join(args.out,
+                                                                                                       "runs")))]
+    teacher = json.load(open(os.path.join(args.out, "teacher", "teacher.json")))
+    students = [r for r in runs if "kind" in r]
+    base_loss = json.load(open(os.path.join(args.out, "base.json")))["test_loss"]  # the model before any adapter
+    rows = []
+    for kind in STUDENTS:
+        rs = [r for r in students if r["kind"] == kind]
+        if not rs:
+            continue
+        last = [r["curve"][-1] for r in rs]
+        mid = [min(r["curve"], key=lambda c: abs(c["step"] - p.steps / 2)) for r in rs]
+        gap = [(base_loss - c["test_loss"]) / (base_loss - teacher["test"]["loss"]) for c in last]
+        rows.append({"student": kind, "seeds": len(rs), "test loss at 0": _ms([r["curve"][0]["test_loss"] for r in rs]),
+                     f"test loss at step {mid[0]['step']}": _ms([c["test_loss"] for c in mid]),
+                     "final test loss": _ms([c["test_loss"] for c in last]),
+                     "final test acc": _ms([c["test_acc"] for c in last]),
+                     "final KL to teacher": _ms([c["test_kl"] for c in last]), "gap closed": _ms(gap)})
+    md = write_table(rows, list(rows[0]), os.path.join(args.out, "students"),
+                     f"{args.preset}: rank-{args.rank} LoRA-FA students at {p.steps} steps (teacher test loss "
+                     f"{teacher['test']['loss']:.4f}, base model {base_loss:.4f})")
+    ext = [r for r in runs if "metric" in r]
+    if ext:
+        erows = []
+        for rank in sorted({r["rank"] for r in ext}):
+            row = {"rank": rank}
+            for m in EXTRACT:
+                hit = [r for r in ext if r["rank"] == rank and r["metric"] == m]
+                if hit:
+                    row[f"{m}: KL"] = f"{hit[0]['test_kl']:.4f}"
+                    row[f"{m}: loss"] = f"{hit[0]['test_loss']:.4f}"
+            erows.append(row)
+        md += "\n" + write_table(erows, list(erows[0]), os.path.join(args.out, "extraction"),
+                                 f"{args.preset}: the teacher extracted into rank-r adapters (test KL to the teacher, "
+                                 "test loss)")
+    plot(students, p, os.path.join(args.out, "alignment.png"), args.preset)
+    return md
+
+
+def plot(students, p, path, title) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for kind in STUDENTS:
+        rs = [r for r in students if r["kind"] == kind]
+        if not rs:
+            continue
+        steps = [c["step"] for c in rs[0]["curve"]]
+        for ax, key in zip(axes, ("test_loss", "test_kl")):
+            ys = [statistics.mean(r["curve"][i][key] for r in rs) for i in range(len(steps))]
+            ax.plot(steps, ys, marker="o", ms=3, label=kind)
+    for ax, label in zip(axes, ("test loss", "test KL to the teacher")):
+        ax.set(xlabel="step", ylabel=label, title=f"{title}: {label}")
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def base_loss(args) -> float:
+    path = os.path.join(args.out, "base.json")
+    if not os.path.exists(path):
+        p, device, dtype = _setup(args)
+        task, model, _, collate = cv.load_everything(p, args, device, dtype)
+        write_json(path, {"test_loss": cv.heldout(model, task.test[: p.n_heldout], collate, device)["loss"]})
+    return json.load(open(path))["test_loss"]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(cv.PRESETS), default="classification")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--students", nargs="+", default=list(STUDENTS), choices=STUDENTS)
+    ap.add_argument("--lr", type=float, required=True, help="the students' rate (LoRA-FA's, from convergence.py)")
+    ap.add_argument("--teacher-lr", type=float, required=True)
+    ap.add_argument("--teacher-steps", type=int, required=True)
+    ap.add_argument("--lam", type=float, default=1.0, help="λ of the alignment term")
+    ap.add_argument("--kind", default="fkl")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--task-steps", type=int, default=10, help="cyclic: task-phase length")
+    ap.add_argument("--align-steps", type=int, default=5, help="cyclic: realignment-phase length")
+    ap.add_argument("--ranks", nargs="*", type=int, default=[4, 8, 16], help="extraction ranks (none: skip)")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--no-rslora", action="store_true")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--n-heldout", type=int, default=None)
+    ap.add_argument("--n-val", type=int, default=None)
+    ap.add_argument("--gsm8k", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--summary-only", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    write_json(os.path.join(args.out, "meta.json"), {"args": vars(args), "command": sys.argv})
+    if not args.summary_only:
+        teacher_dir(args)
+        base_loss(args)
+        for seed in args.seeds:
+            for kind in args.students:
+                r = run_student(kind, seed, args)
+                logger.info("%s seed %d: test loss %.4f, KL %.4f", kind, seed, r["curve"][-1]["test_loss"],
+                            r["curve"][-1]["test_kl"])
+        for rank in args.ranks:
+            for metric in EXTRACT:
+                r = run_extraction(rank, metric, args)
+                logger.info("extract r=%d %s: KL %.4f, loss %.4f", rank, metric, r["test_kl"], r["test_loss"])
+    print(summarise(args))
+
+
+if __name__ == "__main__":
+    main()
