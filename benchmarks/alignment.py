@@ -226,7 +226,8 @@ def summarise(args) -> str:
                     row[f"{m}: KL"] = f"{hit[0]['test_kl']:.4f}"
                     row[f"{m}: loss"] = f"{hit[0]['test_loss']:.4f}"
             erows.append(row)
-        md += "\n" + write_table(erows, list(erows[0]), os.path.join(args.out, "extraction"),
+        md += "\n" + write_table(erows, list(dict.fromkeys(k for r in erows for k in r)),
+                                 os.path.join(args.out, "extraction"),
                                  f"{args.preset}: the teacher extracted into rank-r adapters (test KL to the teacher, "
                                  "test loss)")
     plot(students, p, os.path.join(args.out, "alignment.png"), args.preset)

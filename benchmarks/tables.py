@@ -67,6 +67,7 @@ INIT_PROBE = "benchmarks/results/init_probe_causal"
 INIT_PROBE_DAMPING = "benchmarks/results/init_probe_damping"
 INIT_PROBE_CLS = "benchmarks/results/init_probe_cls_probe"
 INIT_PROBE_CLS_SEARCH = "benchmarks/results/init_probe_cls_probe_search"
+ALIGN_CLS = "benchmarks/results/align_cls"
 
 BEGIN = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) \(python benchmarks/tables\.py\) -->[ \t]*$", re.M)
 END = re.compile(r"^<!-- /generated -->[ \t]*$", re.M)
@@ -171,6 +172,15 @@ def render_protocol(root: str, results_dir: str = CAUSAL_VAL, brief: bool = Fals
     if keep:
         present = [next(c for c in present if c.startswith(k)) for k in keep]
     return markdown_table(rows, present)
+
+
+def render_csv_table(root: str, results_dir: str, stem: str, command: str) -> str:
+    """A table a benchmark wrote with `write_table` (`<stem>.csv`), as its `.md` shows it (without the title)."""
+    path = _path(root, os.path.join(results_dir, f"{stem}.csv"))
+    if not os.path.exists(path):
+        return _not_run(results_dir, command)
+    columns, rows = read_table(path)
+    return markdown_table(rows, columns)
 
 
 def render_subspaces(root: str, folder: str = SUBSPACES) -> str:
@@ -476,6 +486,12 @@ BLOCKS: dict[str, Block] = {
     "init_probe_cls_search": Block(lambda root: render_init_probe(root, INIT_PROBE_CLS_SEARCH),
                                    (f"{INIT_PROBE_CLS_SEARCH}/init_probe.json",),
                                    "docs/benchmarks.md: the same, line search on other training examples"),
+    "align_cls_students": Block(
+        lambda root: render_csv_table(root, ALIGN_CLS, "students", f"python benchmarks/alignment.py --out {ALIGN_CLS}"),
+        (f"{ALIGN_CLS}/students.csv",), "docs/benchmarks.md: alignment students, classification"),
+    "align_cls_extraction": Block(
+        lambda root: render_csv_table(root, ALIGN_CLS, "extraction", f"python benchmarks/alignment.py --out {ALIGN_CLS}"),
+        (f"{ALIGN_CLS}/extraction.csv",), "docs/benchmarks.md: extraction of the teacher, classification"),
     "init_memory": Block(render_init_memory, (f"{INIT_MEMORY}/before.json", f"{INIT_MEMORY}/after.json"),
                          "docs/main_job.md: memory of the init before and after issue 8"),
 }

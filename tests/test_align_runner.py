@@ -33,6 +33,7 @@ def teacher(assets):  # noqa: F811
     (["+align=distill", "++align.teacher=t", "++align.layer_map=[[1,1]]"], "target=hidden"),
     (["+align=distill", "++align.teacher=t", "++align.projection=pca"], "projection"),
     (["++align.lamda=1"], "align.lamda"),
+    (["+align=distill", "++align.teacher=t", "++align.projection=learned", "++resume=true"], "resume"),
 ])
 def test_bad_align_settings_fail_when_the_config_is_parsed(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -461,3 +461,40 @@ def test_merge_meta_adds_to_an_earlier_benchmark_and_refuses_another_setup(tmp_p
         convergence.merge_meta(path, meta(["eva"], batch=4))
     with pytest.raises(ValueError, match="seed 0"):
         convergence.merge_meta(path, meta(["eva"], seeds=(1, 2)))
+
+
+def test_alignment_summary_gap_closed_and_extraction_table(tmp_path):
+    """benchmarks/alignment.py's tables from cached runs: "gap closed" = (L_base − L) / (L_base − L_teacher) on the
+    final test loss, mean ± std over seeds; the extraction table has one row per rank, one column pair per metric."""
+    import argparse
+
+    import alignment
+
+    out = tmp_path / "align"
+    (out / "runs").mkdir(parents=True)
+    (out / "teacher").mkdir()
+    common.write_json(str(out / "teacher" / "teacher.json"), {"test": {"loss": 0.5}})
+    common.write_json(str(out / "base.json"), {"test_loss": 0.7})
+
+    def curve(final):
+        return [{"step": s, "test_loss": v, "test_acc": 0.6, "val_loss": v, "test_kl": 0.01}
+                for s, v in ((0, 0.69), (30, 0.6), (60, final))]
+
+    for kind, finals in (("task", (0.6, 0.62)), ("distill", (0.52, 0.54))):
+        for seed, final in enumerate(finals):
+            common.write_json(str(out / "runs" / f"{kind}_s{seed}.json"), {"kind": kind, "seed": seed,
+                                                                            "curve": curve(final)})
+    for rank, metric, kl in ((4, "identity", 0.02), (4, "input", 0.01), (8, "identity", 0.015)):
+        common.write_json(str(out / "runs" / f"extract_{metric}_r{rank}.json"),
+                          {"rank": rank, "metric": metric, "test_kl": kl, "test_loss": 0.6})
+    args = argparse.Namespace(preset="classification", steps=None, n_heldout=None, n_val=None, device="cpu",
+                              dtype="auto", out=str(out), rank=8)
+    md = alignment.summarise(args)
+    students = common.read_table(str(out / "students.csv"))[1]
+    assert [r["student"] for r in students] == ["task", "distill"]
+    assert students[0]["gap closed"] == "0.4500 ± 0.0707"  # (0.7 − 0.6)/0.2 = 0.5 and (0.7 − 0.62)/0.2 = 0.4
+    assert students[1]["gap closed"] == "0.8500 ± 0.0707"
+    assert students[0]["test loss at step 30"] == "0.6000 ± 0.0000"
+    ext = common.read_table(str(out / "extraction.csv"))[1]
+    assert [r["rank"] for r in ext] == ["4", "8"] and ext[0]["input: KL"] == "0.0100" and ext[1].get("input: KL") is None
+    assert "teacher test loss 0.5000" in md and (out / "alignment.png").exists()

@@ -291,4 +291,7 @@ def parse_run_config(data: dict) -> RunConfig:
     from .align.build import check_align_section
 
     check_align_section(cfg.align, [c for c in (cfg.init_config(), cfg.baseline_init_config()) if c is not None])
+    if cfg.resume and cfg.align.mode != "none" and cfg.align.projection == "learned":
+        raise ValueError("resume=true cannot restore a learned alignment projection (the Trainer's checkpoints hold "
+                         "the adapters, not the projection): rerun without resume, or use projection=none/truncate")
     return cfg
