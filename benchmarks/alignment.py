@@ -168,7 +168,14 @@ def run_extraction(rank: int, metric: str, args) -> dict:
     batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
     name = "kfac" if metric.startswith("kfac") else metric
     init = InitConfig(method="extract", metric=name, bsz=p.init_bsz, iters=p.init_iters)
-    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=p.targets, lora_dropout=0.0,
+    if args.extract_targets:
+        from lorafa.run_io import resolve_targets_keyword
+
+        # a pooler reads one vector per example, not per token: the statistics pass cannot whiten its input
+        targets = [n for n in resolve_targets_keyword(model, args.extract_targets) if ".pooler." not in f".{n}."]
+    else:
+        targets = p.targets
+    cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0,
                      task_type=TaskType.CAUSAL_LM if task.kind == "causal_lm" else TaskType.SEQ_CLS)
     if task.kind == "classification":  # the head is not a target: the adapter carries the teacher's head along
         cfg.modules_to_save = ["classifier"]
@@ -199,7 +206,7 @@ def summarise(args) -> str:
     teacher = json.load(open(os.path.join(args.out, "teacher", "teacher.json")))
     students = [r for r in runs if "kind" in r]
     base_loss = json.load(open(os.path.join(args.out, "base.json")))["test_loss"]  # the model before any adapter
-    rows = []
+    rows, md = [], ""
     for kind in STUDENTS:
         rs = [r for r in students if r["kind"] == kind]
         if not rs:
@@ -212,9 +219,10 @@ def summarise(args) -> str:
                      "final test loss": _ms([c["test_loss"] for c in last]),
                      "final test acc": _ms([c["test_acc"] for c in last]),
                      "final KL to teacher": _ms([c["test_kl"] for c in last]), "gap closed": _ms(gap)})
-    md = write_table(rows, list(rows[0]), os.path.join(args.out, "students"),
-                     f"{args.preset}: rank-{args.rank} LoRA-FA students at {p.steps} steps (teacher test loss "
-                     f"{teacher['test']['loss']:.4f}, base model {base_loss:.4f})")
+    if rows:
+        md = write_table(rows, list(rows[0]), os.path.join(args.out, "students"),
+                         f"{args.preset}: rank-{args.rank} LoRA-FA students at {p.steps} steps (teacher test loss "
+                         f"{teacher['test']['loss']:.4f}, base model {base_loss:.4f})")
     ext = [r for r in runs if "metric" in r]
     if ext:
         erows = []
@@ -230,7 +238,8 @@ def summarise(args) -> str:
                                  os.path.join(args.out, "extraction"),
                                  f"{args.preset}: the teacher extracted into rank-r adapters (test KL to the teacher, "
                                  "test loss)")
-    plot(students, p, os.path.join(args.out, "alignment.png"), args.preset)
+    if students:
+        plot(students, p, os.path.join(args.out, "alignment.png"), args.preset)
     return md
 
 
@@ -269,7 +278,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(cv.PRESETS), default="classification")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--students", nargs="+", default=list(STUDENTS), choices=STUDENTS)
+    ap.add_argument("--students", nargs="*", default=list(STUDENTS), choices=STUDENTS)
+    ap.add_argument("--extract-targets", nargs="+", default=None,
+                    help="extraction's target modules (default: the preset's; e.g. all-linear)")
     ap.add_argument("--lr", type=float, required=True, help="the students' rate (LoRA-FA's, from convergence.py)")
     ap.add_argument("--teacher-lr", type=float, required=True)
     ap.add_argument("--teacher-steps", type=int, required=True)
@@ -295,7 +306,9 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
-    write_json(os.path.join(args.out, "meta.json"), {"args": vars(args), "command": sys.argv})
+    meta_path = os.path.join(args.out, "meta.json")
+    commands = json.load(open(meta_path)).get("commands", []) if os.path.exists(meta_path) else []
+    write_json(meta_path, {"args": vars(args), "commands": commands + [sys.argv]})  # every invocation into --out
     if not args.summary_only:
         teacher_dir(args)
         base_loss(args)

@@ -68,6 +68,7 @@ INIT_PROBE_DAMPING = "benchmarks/results/init_probe_damping"
 INIT_PROBE_CLS = "benchmarks/results/init_probe_cls_probe"
 INIT_PROBE_CLS_SEARCH = "benchmarks/results/init_probe_cls_probe_search"
 ALIGN_CLS = "benchmarks/results/align_cls"
+ALIGN_CLS_ALL = "benchmarks/results/align_cls_all"
 
 BEGIN = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) \(python benchmarks/tables\.py\) -->[ \t]*$", re.M)
 END = re.compile(r"^<!-- /generated -->[ \t]*$", re.M)
@@ -492,6 +493,10 @@ BLOCKS: dict[str, Block] = {
     "align_cls_extraction": Block(
         lambda root: render_csv_table(root, ALIGN_CLS, "extraction", f"python benchmarks/alignment.py --out {ALIGN_CLS}"),
         (f"{ALIGN_CLS}/extraction.csv",), "docs/benchmarks.md: extraction of the teacher, classification"),
+    "align_cls_extraction_all": Block(
+        lambda root: render_csv_table(root, ALIGN_CLS_ALL, "extraction",
+                                      f"python benchmarks/alignment.py --extract-targets all-linear --out {ALIGN_CLS_ALL}"),
+        (f"{ALIGN_CLS_ALL}/extraction.csv",), "docs/benchmarks.md: extraction on every linear layer, classification"),
     "init_memory": Block(render_init_memory, (f"{INIT_MEMORY}/before.json", f"{INIT_MEMORY}/after.json"),
                          "docs/main_job.md: memory of the init before and after issue 8"),
 }
