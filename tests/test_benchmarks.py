@@ -76,7 +76,7 @@ def test_committed_summaries_match_their_runs_and_md_files():
     """The summary.csv files the tables read are what convergence.py's summary gives for the committed runs, and
     each table renders as the .md the benchmark wrote beside it."""
     root = tables.ROOT
-    new = [d for d in (tables.CAUSAL_VAL, tables.CAUSAL_ABLATION, tables.CAUSAL_DAMPING)  # format 2, once committed
+    new = [d for d in (tables.CAUSAL_VAL, tables.CAUSAL_GPU, tables.CAUSAL_ABLATION, tables.CAUSAL_DAMPING)  # format 2
            if os.path.exists(os.path.join(root, d, "meta.json"))]
     for d in (tables.CAUSAL, tables.CLS, tables.CLS_PROBE, *new):
         results, methods = convergence.saved_runs(os.path.join(root, d))

@@ -80,7 +80,8 @@ def test_full_rank_extraction_reproduces_the_fine_tune_and_loads_on_the_original
                             InitConfig(method="extract", metric="identity"), tuned=tuned, progress=False)
     torch.testing.assert_close(batch_logits(peft_model, batches), want, rtol=1e-4, atol=1e-4)
     # data-aware metric at full rank: the same (nothing is truncated)
-    kfac = initialize(tiny_llama(), lora_cfg(targets, **full), InitConfig(method="extract", iters=2, bsz=4),
+    kfac = initialize(tiny_llama(), lora_cfg(targets, **full),
+                      InitConfig(method="extract", metric="kfac", iters=2, bsz=4),
                       batches=batches, tuned=tuned.state_dict(), progress=False)
     torch.testing.assert_close(batch_logits(kfac, batches), want, rtol=1e-3, atol=1e-3)
     path = save_adapter(peft_model, str(tmp_path / "adapter"))

@@ -38,7 +38,7 @@ class InitConfig:
         reg, reg_mode: damping of lora_fa (1e-6, relative|absolute); corda's damping (0.01).
         corda_method: ipm | kpm.
         rho: eva's rank redistribution (default 2: a layer takes at most round(2r); 1: none).
-        metric: extract's kfac (the K-FAC metric, from the statistics pass) | identity (plain truncated SVD).
+        metric: extract's input (Σ only, the default) | kfac (C and Σ) | identity (plain truncated SVD).
         rank: None (LoraConfig's r and rank_pattern) or "auto": per-layer ranks from the method's spectra (SPEC §6),
             written into the LoraConfig's rank_pattern/alpha_pattern; rank_rule: energy | effective | budget |
             importance; rank_budget: Σ r_l (budget_by="rank", default r × layers) or Σ r_l(m_l + n_l)

@@ -72,7 +72,7 @@ class InitSection:
     tau: float = 0.9
     search_iters: int = 0  # scale=line_search: 0 searches on the statistics batches, k > 0 on k batches of others
     tuned: str | None = None  # direction=extract: the fine-tuned checkpoint (HF id or path) to extract from
-    metric: str | None = None  # extract: input (default in the runner's group: null = the method's kfac) | kfac | identity
+    metric: str | None = None  # extract: input (null: the method's default) | kfac | identity
     align_init: bool = False  # statistics on the gradient of L_task + align_lambda · D to align.teacher (SPEC §5)
     align_lambda: float = 1.0
     bsz: int = 4
