@@ -101,6 +101,16 @@ def _term(kind: str, teacher, args, p):
     return AlignmentTerm(teacher, kind=args.kind, temperature=args.temperature, schedule=schedule)
 
 
+def _load(args, seed: int):
+    """(preset, device, task, model, collate, the teacher model, data split, statistics batches) of one run."""
+    p, device, dtype = _setup(args)
+    task, model, _, collate = cv.load_everything(p, args, device, dtype)
+    tuned = cv.load_everything(dataclasses.replace(p, model=teacher_dir(args)), args, device, dtype)[1]
+    split = cv.data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, seed)
+    batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
+    return p, device, task, model, collate, tuned, split, batches
+
+
 def run_student(kind: str, seed: int, args) -> dict:
     from lorafa import InitConfig, initialize
     from lorafa.align import ModelTeacher
@@ -108,15 +118,11 @@ def run_student(kind: str, seed: int, args) -> dict:
     path = os.path.join(args.out, "runs", f"{kind}_s{seed}.json")
     if os.path.exists(path):
         return json.load(open(path))
-    p, device, dtype = _setup(args)
-    task, model, _, collate = cv.load_everything(p, args, device, dtype)
-    teacher = ModelTeacher(cv.load_everything(dataclasses.replace(p, model=teacher_dir(args)), args, device,
-                                              dtype)[1])
+    p, device, task, model, collate, tuned, split, batches = _load(args, seed)
+    teacher = ModelTeacher(tuned)
     torch.manual_seed(seed)
-    split = cv.data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, seed)
     test, val = task.test[: p.n_heldout], [task.train[i] for i in split["val"]]
     term = _term(kind, teacher, args, p)
-    batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
     init = InitConfig(method="lora_fa", bsz=p.init_bsz, iters=p.init_iters, seed=seed,
                       align_init=kind == "align_init", align_lambda=args.lam)
     model = initialize(model, cv.lora_config(p, args, task, True), init, batches=batches, progress=False,
@@ -160,12 +166,8 @@ def run_extraction(rank: int, metric: str, args) -> dict:
     path = os.path.join(args.out, "runs", f"extract_{metric}_r{rank}.json")
     if os.path.exists(path):
         return json.load(open(path))
-    p, device, dtype = _setup(args)
-    task, model, _, collate = cv.load_everything(p, args, device, dtype)
-    tuned = cv.load_everything(dataclasses.replace(p, model=teacher_dir(args)), args, device, dtype)[1]
+    p, device, task, model, collate, tuned, split, batches = _load(args, 0)
     teacher = ModelTeacher(tuned)
-    split = cv.data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, 0)
-    batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
     name = "kfac" if metric.startswith("kfac") else metric
     init = InitConfig(method="extract", metric=name, bsz=p.init_bsz, iters=p.init_iters)
     if args.extract_targets:

@@ -176,7 +176,7 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
         raise ValueError("align= is used by InitConfig(align_init=True) only: set it, or drop align=")
     base = unwrap_model(model)
     targets = resolve_targets(base, lora_config)
-    tuned = _tuned_weights(tuned, targets, init_config.method)  # a wrong architecture fails before the pass
+    tuned = tuned_weights(tuned, targets, init_config.method)  # a wrong architecture fails before the pass
     needs = init_config.needs
     _check_sketch_size(init_config, lora_config, targets)
     _check_budget(init_config, targets)
@@ -214,7 +214,7 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
     return results, lora_config, summary
 
 
-def _tuned_weights(tuned, targets, method: str):
+def tuned_weights(tuned, targets, method: str):
     """{target name: a function giving its fine-tuned weight (out × in, fp32)} from a model or a state dict, every
     layer checked now (presence, shape) so a wrong architecture fails before the statistics pass; the weights are
     read one layer at a time. None for methods that do not use one."""

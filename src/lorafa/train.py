@@ -390,7 +390,7 @@ def _tuned_model(cfg: RunConfig, model, lora_config, init_config, task, dtype):
     before the statistics pass (None for the other methods)."""
     if init_config.method != "extract":
         return None
-    from .peft_bridge import _tuned_weights
+    from .peft_bridge import tuned_weights
     from .targets import resolve_targets
 
     from .align import ModelTeacher
@@ -398,7 +398,7 @@ def _tuned_model(cfg: RunConfig, model, lora_config, init_config, task, dtype):
     # on the CPU: each target's weight is moved to the base's device as its layer is extracted
     tuned = ModelTeacher(cfg.init.tuned, device="cpu", dtype=dtype, kind=task.kind,
                          num_labels=getattr(task, "num_labels", None)).model
-    _tuned_weights(tuned, resolve_targets(model, lora_config), "extract")
+    tuned_weights(tuned, resolve_targets(model, lora_config), "extract")
     return tuned
 
 

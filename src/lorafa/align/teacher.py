@@ -32,7 +32,21 @@ def _outputs(out, device, hidden: bool) -> dict:
     return res
 
 
-class ModelTeacher:
+class _Teacher:
+    """What both teachers share: the wrapped model's depth and output size (for the term's checks)."""
+
+    model: nn.Module
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def vocab_size(self) -> int:
+        return _output_size(self.model)
+
+
+class ModelTeacher(_Teacher):
     """A frozen model. `model`: an nn.Module (moved to `device`, set to eval, gradients off) or an HF id / path
     loaded with `kind` ("causal_lm" | "classification", `num_labels` for the latter) in `dtype`."""
 
@@ -60,14 +74,6 @@ class ModelTeacher:
         for p in model.parameters():
             p.requires_grad_(False)
         return model
-
-    @property
-    def num_layers(self) -> int:
-        return self.model.config.num_hidden_layers
-
-    @property
-    def vocab_size(self) -> int:
-        return _output_size(self.model)
 
     @torch.no_grad()
     def __call__(self, batch: dict, out_device, hidden: bool = False) -> dict:
@@ -101,7 +107,7 @@ class ModelTeacher:
         self.model = self._freeze(self._load(path)[0].to(self.device))
 
 
-class SelfTeacher:
+class SelfTeacher(_Teacher):
     """The student's base model: the student run with its adapters disabled, in eval mode, under no_grad.
 
     Raises:
@@ -124,14 +130,6 @@ class SelfTeacher:
                              "that does not (lora, lora_one, lora_fa with offset=none, eva), or align.teacher=<the "
                              "base model's id or path>.")
         self.model = peft_model
-
-    @property
-    def num_layers(self) -> int:
-        return self.model.config.num_hidden_layers
-
-    @property
-    def vocab_size(self) -> int:
-        return _output_size(self.model)
 
     @torch.no_grad()
     def __call__(self, batch: dict, out_device, hidden: bool = False) -> dict:

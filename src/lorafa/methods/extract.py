@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import InitResult, SvdMode, check_rank, top_svd
-from .lora_fa import factor_low_rank, whitener
+from .lora_fa import check_damping, factor_low_rank, whitener
 
 METRICS = ("kfac", "input", "identity")
 NEEDS = {"kfac": "kfac", "input": "act", "identity": None}
@@ -38,10 +38,7 @@ class ExtractOptions:
     def __post_init__(self):
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
-        if self.reg_mode not in ("relative", "absolute"):
-            raise ValueError(f"reg_mode must be 'relative' or 'absolute', got {self.reg_mode!r}")
-        if not self.reg >= 0:
-            raise ValueError(f"reg must be >= 0, got {self.reg}")
+        check_damping(self.reg, self.reg_mode)
 
     def needs(self) -> str | None:
         return NEEDS[self.metric]

@@ -32,10 +32,15 @@ class LoraFAOptions(LoraOneOptions):
         super().__post_init__()
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
-        if self.reg_mode not in ("relative", "absolute"):
-            raise ValueError(f"reg_mode must be 'relative' or 'absolute', got {self.reg_mode!r}")
-        if not self.reg >= 0:
-            raise ValueError(f"reg must be >= 0, got {self.reg}")
+        check_damping(self.reg, self.reg_mode)
+
+
+def check_damping(reg: float, reg_mode: str) -> None:
+    """The damping λ of C and Σ: reg >= 0, relative (to tr/dim) or absolute."""
+    if reg_mode not in ("relative", "absolute"):
+        raise ValueError(f"reg_mode must be 'relative' or 'absolute', got {reg_mode!r}")
+    if not reg >= 0:
+        raise ValueError(f"reg must be >= 0, got {reg}")
 
 
 class Whitener:
