@@ -26,7 +26,7 @@ TARGETS = ["q_proj", "v_proj"]
 SUBTRACTING = ["pissa", "milora", "lora_ga", "corda"]
 ZERO_B = ["lora", "eva"]
 NO_OFFSET = ["lora_one", "lora_fa", "extract"]  # real update at init
-ALL_METHODS = sorted(METHODS)
+ALL_METHODS = sorted(m for m, spec in METHODS.items() if spec.variant is None)  # kasa, goat: test_variants.py
 ALLOWED_FILES = {"adapter_model.safetensors", "adapter_config.json", "lorafa_init.json", "README.md"}
 
 

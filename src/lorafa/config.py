@@ -11,7 +11,8 @@ from .methods.registry import METHODS, make_options, method_needs, method_option
 from .stats.sketch import sketch_sizes
 
 METHOD_OPTION_FIELDS = ("direction", "scale", "stable_gamma", "reg", "reg_mode", "corda_method", "target",
-                        "step_factor", "line_search_from", "factor_gamma", "rho", "metric")
+                        "step_factor", "line_search_from", "factor_gamma", "rho", "metric", "beta", "gamma",
+                        "num_experts", "top_k", "eta", "expert_scale", "residual", "aux_loss_weight")
 RANK_RULES = ("energy", "effective", "budget", "importance")
 
 
@@ -24,8 +25,8 @@ class InitConfig:
 
     Attributes:
         method: lora | pissa | milora | lora_ga | lora_one | lora_fa | corda | eva | extract (from a fine-tune:
-            `initialize(..., tuned=)`; or LoRA-FA, LoRA-One, LoRA-GA,
-            or a lora_ga direction name, which selects lora_ga with that direction).
+            `initialize(..., tuned=)`) | kasa | goat (the LoRA variants of SPEC §9); or LoRA-FA, LoRA-One, LoRA-GA,
+            or a lora_ga direction name, which selects lora_ga with that direction.
         direction: lora_ga's ArB2r | A2rBr | ArBr | random.
         scale: stable | gd_scale | unit | weight_svd (aliases gd, weightS) for lora_ga, lora_one, lora_fa; and for
             lora_one and lora_fa (SPEC §2.5) `kfac` (each layer's step from the K-FAC quadratic model of the loss)
@@ -37,7 +38,14 @@ class InitConfig:
             `line_search` scales; factor_gamma: with offset="partial", the factors' γ (norm m^{1/4}/√γ, default 16).
         reg, reg_mode: damping of lora_fa (1e-6, relative|absolute); corda's damping (0.01).
         corda_method: ipm | kpm.
-        rho: eva's rank redistribution (default 2: a layer takes at most round(2r); 1: none).
+        rho: eva's rank redistribution (default 2: a layer takes at most round(2r); 1: none); goat's divisor of the
+            experts' singular values (default 10).
+        beta, gamma: kasa's regulariser weights (Σ‖σ‖², default 1e-4; ‖BᵀB − I‖ + ‖AAᵀ − I‖, default 1e-3), added to
+            the training loss by the runner or `lorafa.kasa_loss`.
+        num_experts, top_k, eta, expert_scale, residual, aux_loss_weight: goat's E experts of rank r/E (default 8),
+            its router's k (2), the scale √(3·eta·n/(r/E)) (expert_scale="goat", eta 1) or PEFT's α/r ("lora"), the
+            residual (routed: exact output at init; static: the authors' W − s·Σ B_i A_i) and the weight of the
+            load-balancing loss (1e-3). See `lorafa.goat`.
         metric: extract's input (Σ only, the default) | kfac (C and Σ) | identity (plain truncated SVD).
         rank: None (LoraConfig's r and rank_pattern) or "auto": per-layer ranks from the method's spectra (SPEC §6),
             written into the LoraConfig's rank_pattern/alpha_pattern; rank_rule: energy | effective | budget |
@@ -73,6 +81,14 @@ class InitConfig:
     factor_gamma: float | None = None
     rho: float | None = None
     metric: str | None = None
+    beta: float | None = None
+    gamma: float | None = None
+    num_experts: int | None = None
+    top_k: int | None = None
+    eta: float | None = None
+    expert_scale: str | None = None
+    residual: str | None = None
+    aux_loss_weight: float | None = None
     rank: str | None = None
     rank_rule: str = "energy"
     rank_budget: int | None = None
@@ -110,6 +126,10 @@ class InitConfig:
         if self.offset == "partial" and self.method not in ("lora_one", "lora_fa"):
             raise ValueError(f"offset='partial' separates the init step from the factors' scale, which only the "
                              f"one-step methods lora_one and lora_fa have (not {self.method}).")
+        if METHODS[self.method].variant is not None and self.offset in ("subtract", "partial"):
+            raise ValueError(f"{self.method} is a LoRA variant that leaves the base to itself (KaSA: PEFT's truncation; "
+                             f"GOAT: the residual in the forward); offset={self.offset!r} would also offset it. Use "
+                             "offset='auto'.")
         self._check_rank()
         _check_choice("svd", self.svd, ("auto", "exact", "randomized"))
         for key in ("bsz", "iters", "max_length"):

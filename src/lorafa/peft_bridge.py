@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import InitConfig
+from .kasa import TRUNCATION_NOTE, kasa_lora_config
 from .methods.common import InitResult
 from .methods.lora_fa import whitener_scope
 from .methods.registry import METHODS, init_factors, make_options
@@ -124,6 +125,14 @@ def _check_lora_config(lora_config, init_config: InitConfig) -> None:
             f"lora_config.init_lora_weights={lora_config.init_lora_weights!r}: choose the method with "
             f"InitConfig(method=...) and leave init_lora_weights=True, so PEFT does not run a second init."
         )
+    if lora_config.kasa_config is not None and init_config.method != "kasa":
+        if init_config.subtracts():
+            raise ValueError(f"KaSA (lora_config.kasa_config) truncates the base weight, and {init_config.method} "
+                             "offsets it by its initial factors: the two cannot share a layer (the saved adapter could "
+                             "not be expressed on the original base). Use one of them.")
+        raise ValueError(f"lora_config.kasa_config turns on KaSA, whose factors start at B = 0 with random singular "
+                         f"values; {init_config.method}'s factors would be scaled by those. Use InitConfig("
+                         "method='kasa', beta=..., gamma=...) and leave kasa_config unset.")
     if lora_config.use_dora and init_config.method != "lora":
         raise ValueError("use_dora is not supported with data-aware inits (DoRA's magnitude would be taken from the "
                          "wrong weight). Use InitConfig(method='lora') with DoRA, or turn DoRA off.")
@@ -494,12 +503,22 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     results, lora_config, summary = _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress,
                                                   search_batches, align, tuned)
     subtract = init_config.subtracts()
+    variant = METHODS[init_config.method].variant
+    if variant == "kasa":
+        opts = make_options("kasa", **init_config.method_options())
+        lora_config = kasa_lora_config(lora_config, opts.beta, opts.gamma)
     with quiet_checkpointing_rename():
         peft_model = get_peft_model(unwrap_model(model), lora_config, adapter_name=adapter_name,
                                     autocast_adapter_dtype=autocast_adapter_dtype)
     layers = {n: m for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
-    for name, res in results.items():
-        _write_layer(name, layers[name], adapter_name, res, subtract, *layer_rank_and_scaling(lora_config, name))
+    if variant == "goat":
+        from .goat import apply_goat
+
+        apply_goat(peft_model, adapter_name, {n: (r.A, r.B) for n, r in results.items()},
+                   make_options("goat", **init_config.method_options()), seed=init_config.seed)
+    else:
+        for name, res in results.items():
+            _write_layer(name, layers[name], adapter_name, res, subtract, *layer_rank_and_scaling(lora_config, name))
     initial = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()}
     record = InitRecord(adapter_name, init_config, subtract, initial, {n: r.info for n, r in results.items()},
                         summary=summary)
@@ -605,8 +624,18 @@ def save_adapter(peft_model: PeftModel, path: str | os.PathLike, *, save_initial
         if save_initial:
             _save_initial(peft_model, record, os.path.join(tmp, "initial_adapter"))
         src = out if name == "default" else os.path.join(out, name)
+        meta = {"init_config": record.init_config.to_dict(), "converted_to_original_base": record.subtracted}
+        variant = METHODS[record.init_config.method].variant
+        if variant == "kasa":
+            logger.warning("lorafa: %s", TRUNCATION_NOTE)
+            meta["base_truncated"] = TRUNCATION_NOTE
+        elif variant == "goat":
+            from .goat import save_goat
+
+            save_goat(peft_model, src, adapter_name=name)
+            meta["load_with"] = "lorafa.goat.load_goat(original_base, path): stock PEFT has no GOAT router"
         with open(os.path.join(src, INIT_FILE), "w") as f:
-            json.dump({"init_config": record.init_config.to_dict(), "converted_to_original_base": record.subtracted}, f, indent=2)
+            json.dump(meta, f, indent=2)
         for fname in os.listdir(src):
             if os.path.isfile(os.path.join(src, fname)):
                 os.replace(os.path.join(src, fname), os.path.join(path, fname))

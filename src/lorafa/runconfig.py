@@ -73,6 +73,14 @@ class InitSection:
     search_iters: int = 0  # scale=line_search: 0 searches on the statistics batches, k > 0 on k batches of others
     tuned: str | None = None  # direction=extract: the fine-tuned checkpoint (HF id or path) to extract from
     metric: str | None = None  # extract: input (null: the method's default) | kfac | identity
+    beta: float | None = None  # kasa: weight of Σσ² (null: 1e-4)
+    gamma: float | None = None  # kasa: weight of ‖BᵀB − I‖ + ‖AAᵀ − I‖ (null: 1e-3)
+    num_experts: int | None = None  # goat: E experts of rank r/E (null: 8)
+    top_k: int | None = None  # goat: experts per token (null: 2)
+    eta: float | None = None  # goat: η of the expert scale √(3ηn/(r/E)) (null: 1)
+    expert_scale: str | None = None  # goat: goat (√(3ηn/(r/E))) | lora (PEFT's α/r)
+    residual: str | None = None  # goat: routed (output unchanged at init) | static (the authors' W − s·Σ B_i A_i)
+    aux_loss_weight: float | None = None  # goat: weight of the load-balancing loss (null: 1e-3)
     align_init: bool = False  # statistics on the gradient of L_task + align_lambda · D to align.teacher (SPEC §5)
     align_lambda: float = 1.0
     bsz: int = 4
@@ -182,7 +190,7 @@ class RunConfig:
         """The library's InitConfig for this run (validates the method and its options)."""
         i = self.init
         method, direction = resolve_method(i.direction)
-        allowed = {"gradient": ("lora_ga", "lora_one", "lora_fa", "corda", "eva", "extract"), "svd": ("pissa", "milora"),
+        allowed = {"gradient": ("lora_ga", "lora_one", "lora_fa", "corda", "eva", "extract"), "svd": ("pissa", "milora", "kasa", "goat"),
                    "default": ("lora",)}
         if i.mode not in allowed:
             raise ValueError(f"init.mode must be one of {sorted(allowed)}, got {i.mode!r}")
@@ -205,6 +213,8 @@ class RunConfig:
                              "use it")
         options = {k: getattr(i, k) for k in ("scale", "weight", "stable_gamma", "reg", "reg_mode", "corda_method",
                                               "target", "step_factor", "line_search_from", "factor_gamma", "rho", "metric",
+                                              "beta", "gamma", "num_experts", "top_k", "eta", "expert_scale",
+                                              "residual", "aux_loss_weight",
                                               "rank", "rank_rule", "rank_budget", "budget_by", "r_min", "r_max", "tau")}
         if direction is not None:
             options["direction"] = direction
@@ -291,6 +301,9 @@ def parse_run_config(data: dict) -> RunConfig:
     from .align.build import check_align_section
 
     check_align_section(cfg.align, [c for c in (cfg.init_config(), cfg.baseline_init_config()) if c is not None])
+    if m.saving and "goat" in (cfg.init_config().method, cfg.baseline):
+        raise ValueError("model.saving merges the adapter into the weights, but GOAT's router makes its update depend "
+                         "on the input, so it cannot be merged: set model.saving=false (the adapter is saved anyway).")
     if cfg.resume and cfg.align.mode != "none" and cfg.align.projection == "learned":
         raise ValueError("resume=true cannot restore a learned alignment projection (the Trainer's checkpoints hold "
                          "the adapters, not the projection): rerun without resume, or use projection=none/truncate")

@@ -112,3 +112,20 @@ class _TermsCallback(TrainerCallback):
         row = self.trainer.step_row(state.global_step - 1)
         if self.trainer.step_log is not None and state.is_world_process_zero:
             self.trainer.step_log(row)
+
+
+def method_terms(init_config) -> list:
+    """The loss terms a method brings to training (SPEC §9): KaSA's regulariser, GOAT's load-balancing loss."""
+    from .methods.registry import METHODS, make_options
+
+    variant = METHODS[init_config.method].variant
+    if variant == "kasa":
+        from .kasa import KasaTerm
+
+        return [KasaTerm()]
+    if variant == "goat":
+        from .goat import GoatAuxTerm
+
+        opts = make_options("goat", **init_config.method_options())
+        return [GoatAuxTerm(opts.aux_loss_weight)] if opts.aux_loss_weight > 0 else []
+    return []

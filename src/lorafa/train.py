@@ -298,23 +298,30 @@ def _total_steps(cfg: RunConfig, n_train: int) -> int:
     return max(1, math.ceil(m.epochs * math.ceil(n_train / m.real_batch_size)))
 
 
-def _trainer(cfg: RunConfig, peft_model, args, task, validation, collate, optimizer, callbacks, teacher, metrics):
-    """HF's Trainer, or with `align.*` the TermsTrainer that adds the alignment term (SPEC §5)."""
+def _trainer(cfg: RunConfig, peft_model, args, task, validation, collate, optimizer, callbacks, teacher, metrics,
+             init_config):
+    """HF's Trainer, or the TermsTrainer when training adds terms to the task loss: `align.*`'s alignment term
+    (SPEC §5), KaSA's regulariser or GOAT's load-balancing loss (SPEC §9). Returns (trainer, alignment term)."""
     from transformers import Trainer
+
+    from .terms import TermsTrainer, method_terms
 
     kwargs = dict(model=peft_model, args=args, train_dataset=task.train, eval_dataset=validation or None,
                   data_collator=collate, callbacks=callbacks)
-    if cfg.align.mode == "none":
-        return Trainer(optimizers=(optimizer, None), **kwargs), None
-    from .align.build import build_term
-    from .terms import TermsTrainer
+    terms, term = method_terms(init_config), None
+    if cfg.align.mode != "none":
+        from .align.build import build_term
 
-    term = build_term(cfg.align, peft_model, teacher, _total_steps(cfg, len(task.train)))
-    if term.parameters():  # a learned projection trains with the adapters
-        optimizer.add_param_group({"params": term.parameters(), "lr": cfg.model.learning_rate,
-                                   "weight_decay": cfg.model.weight_decay})
-    trainer = TermsTrainer(optimizers=(optimizer, None), terms=[term], step_log=metrics.write_row,
-                           task_weight=lambda step: term.schedule.weights(step)[0], **kwargs)
+        term = build_term(cfg.align, peft_model, teacher, _total_steps(cfg, len(task.train)))
+        if term.parameters():  # a learned projection trains with the adapters
+            optimizer.add_param_group({"params": term.parameters(), "lr": cfg.model.learning_rate,
+                                       "weight_decay": cfg.model.weight_decay})
+        terms.append(term)
+    if not terms:
+        return Trainer(optimizers=(optimizer, None), **kwargs), None
+    task_weight = (lambda step: term.schedule.weights(step)[0]) if term is not None else None
+    trainer = TermsTrainer(optimizers=(optimizer, None), terms=terms, step_log=metrics.write_row,
+                           task_weight=task_weight, **kwargs)
     return trainer, term
 
 
@@ -356,7 +363,8 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     callbacks = [metrics, _evaluate_at_end()]
     if cfg.model.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.model.early_stopping_patience))
-    trainer, term = _trainer(cfg, peft_model, args, task, validation, collate, optimizer, callbacks, teacher, metrics)
+    trainer, term = _trainer(cfg, peft_model, args, task, validation, collate, optimizer, callbacks, teacher, metrics,
+                             init_config)
     t = time.perf_counter()
     resume = cfg.resume and _has_checkpoint(args.output_dir)
     at_init = trainer.evaluate()["eval_loss"] if validation and not resume else None  # what the init alone did

@@ -14,6 +14,7 @@ from .extract import ExtractOptions, extract_init, extract_spectrum
 from .lora_fa import LoraFAOptions, lora_fa_init, whitened_spectrum
 from .lora_ga import DIRECTIONS, LoraGAOptions, lora_ga_init
 from .lora_one import LoraOneOptions, gradient_spectrum, lora_one_init
+from .variant_methods import KasaOptions, goat_init, kasa_init  # GOAT_REGISTRY_TODO
 from .weight_methods import NoOptions, lora_init, milora_init, pissa_init
 
 
@@ -26,6 +27,7 @@ class Method:
     subtracts: bool  # SPEC §2's offset column
     spectrum: callable = None  # (weight, stats, opts) -> singular values for data-aware ranks (SPEC §6); None: none
     tuned: bool = False  # the method takes the fine-tuned weight of the layer (`tuned=`), e.g. extract
+    variant: str | None = None  # a LoRA variant installed on the PEFT model (SPEC §9): "kasa" | "goat"
 
 
 METHODS: dict[str, Method] = {
@@ -40,6 +42,7 @@ METHODS: dict[str, Method] = {
         Method("corda", corda_init, CordaOptions, "act", True),
         Method("eva", eva_init, EvaOptions, "act", False, input_spectrum),
         Method("extract", extract_init, ExtractOptions, "kfac", False, extract_spectrum, tuned=True),
+        Method("kasa", kasa_init, KasaOptions, None, False, variant="kasa"),
     )
 }
 
