@@ -120,6 +120,8 @@ def test_shapes_dtype_and_offset_flag(method, shape):
     m, n = shape
     w = weight_matrix(m, n)
     extra = {"tuned": w + torch.randn(m, n, generator=torch.Generator().manual_seed(5))} if method == "extract" else {}
+    if method == "goat":  # R experts of rank 1
+        extra = {"num_experts": R}
     res = init_factors(method, w, full_stats(m, n), rank=R, scaling=S_LORA, **extra)
     assert res.A.shape == (R, n) and res.B.shape == (m, R)
     assert res.A.dtype == torch.float32 and res.B.dtype == torch.float32

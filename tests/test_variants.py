@@ -94,3 +94,31 @@ def test_kasa_errors():
         InitConfig(method="kasa", beta=-1.0)
     with pytest.raises(ValueError, match="no KaSA layer"):
         kasa_loss(lorafa.initialize(tiny_llama(), lora_cfg(TARGETS), InitConfig(method="lora")))
+
+
+# ----------------------------------------------------------------------------------------------------------- GOAT
+def test_goat_through_initialize_keeps_the_output_and_round_trips(tmp_path):
+    from lorafa.goat import goat_layers, load_goat
+
+    batches = make_batches(2)
+    base = batch_logits(tiny_llama(), batches)
+    pm = lorafa.initialize(tiny_llama(), lora_cfg(TARGETS, r=4, alpha=8), InitConfig(method="goat", num_experts=2))
+    assert len(goat_layers(pm)) == 4
+    torch.testing.assert_close(batch_logits(pm, batches), base, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    trained = batch_logits(pm, batches)
+    path = lorafa.save_adapter(pm, tmp_path / "goat")
+    assert "load_goat" in json.load(open(os.path.join(path, "lorafa_init.json")))["load_with"]
+    torch.testing.assert_close(batch_logits(load_goat(tiny_llama(), path), batches), trained, atol=1e-6, rtol=0)
+
+
+def test_goat_errors_before_the_model_changes():
+    with pytest.raises(ValueError, match="divisible"):
+        lorafa.initialize(tiny_llama(), lora_cfg(TARGETS, r=4, alpha=8), InitConfig(method="goat", num_experts=3))
+    with pytest.raises(ValueError, match="top_k"):
+        InitConfig(method="goat", num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="offset"):
+        InitConfig(method="goat", offset="subtract")

@@ -36,3 +36,18 @@ def test_kasa_run_adds_its_regulariser_every_step(assets, tmp_path):  # noqa: F8
     assert all(r["kasa_weight"] == 1.0 and r["kasa_loss"] > 0 for r in steps)
     meta = json.loads((Path(res["adapter_dir"]) / "lorafa_init.json").read_text())
     assert "truncat" in meta["base_truncated"]
+
+
+def test_goat_run_adds_the_load_balancing_loss_every_step(assets, tmp_path):  # noqa: F811
+    res = _in_process(["+init=svd", "++init.direction=goat", "++init.num_experts=2", "++init.aux_loss_weight=0.01",
+                       *local(assets, tmp_path / "r", steps=3), "++wandb.name=goat", "++eval.enabled=false",
+                       "++peft.target_modules=[q_proj,v_proj]", "++peft.lora_r=4"])
+    steps = _steps(res["run_dir"])
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["goat_aux_weight"] == 0.01 and r["goat_aux_loss"] > 0 for r in steps)
+    assert (Path(res["adapter_dir"]) / "goat.json").exists()
+
+
+def test_goat_refuses_a_merged_checkpoint():
+    with pytest.raises(ValueError, match="cannot be merged"):
+        parse_run_config(composed(["+init=svd", "++init.direction=goat", "++model.saving=true"]))

@@ -14,7 +14,8 @@ from .extract import ExtractOptions, extract_init, extract_spectrum
 from .lora_fa import LoraFAOptions, lora_fa_init, whitened_spectrum
 from .lora_ga import DIRECTIONS, LoraGAOptions, lora_ga_init
 from .lora_one import LoraOneOptions, gradient_spectrum, lora_one_init
-from .variant_methods import KasaOptions, goat_init, kasa_init  # GOAT_REGISTRY_TODO
+from ..goat import GoatOptions
+from .variant_methods import KasaOptions, goat_init, kasa_init
 from .weight_methods import NoOptions, lora_init, milora_init, pissa_init
 
 
@@ -43,6 +44,7 @@ METHODS: dict[str, Method] = {
         Method("eva", eva_init, EvaOptions, "act", False, input_spectrum),
         Method("extract", extract_init, ExtractOptions, "kfac", False, extract_spectrum, tuned=True),
         Method("kasa", kasa_init, KasaOptions, None, False, variant="kasa"),
+        Method("goat", goat_init, GoatOptions, None, False, variant="goat"),
     )
 }
 
