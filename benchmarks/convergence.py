@@ -39,7 +39,9 @@ rate was chosen on the test loss) are summarised the old way and titled "legacy"
 
 Method specs: `name[+flag][:key=value,...]`, the flag picking the optimiser (AdamW without one): `+prec` PEFT's
 Riemannian preconditioner (`--prec-reg`), `+kfac` AdamW and `+kfac_sgd` SGD on K-FAC-preconditioned gradients from
-the init's own statistics (`lorafa.optim`, `--kfac-reg`; SGD has its own rate grid, `Preset.sgd_lrs`). The options
+the init's own statistics (`lorafa.optim`, `--kfac-reg`; SGD has its own rate grid, `Preset.sgd_lrs`), `+lora_pro`
+AdamW on LoRA-Pro's adjusted factor gradients (`lorafa.optim.create_lora_pro_optimizer`, factor moments; any init,
+e.g. `lora_fa+lora_pro`). The options
 go to `lorafa.InitConfig(method=name, **options)` (to PEFT's `LoraGAConfig` for peft_lora_ga), e.g.
 `lora_fa+prec:stable_gamma=16`, `lora_fa:target=natural,scale=kfac,offset=partial`, `lora_fa:target=natural,reg=1e-2`,
 `lora_one:rank=auto,rank_rule=importance`. Values are read as int, else float, else string. Names: lora, pissa,
@@ -111,8 +113,9 @@ DAMPING = ["lora"] + [f"lora_fa:target=natural,reg={reg},scale=line_search,offse
 # init whose statistics it reuses, against the same init under plain AdamW and PEFT's Riemannian preconditioner.
 OPTIMIZERS = ["lora", "lora_fa", "lora_fa+prec", "lora_fa+kfac", "lora_fa+kfac_sgd"]
 ABLATIONS = {"design": ABLATION, "damping": DAMPING, "optimizers": OPTIMIZERS}
-# +flag -> the optimiser: "" AdamW, prec PEFT's create_riemannian_optimizer, kfac/kfac_sgd lorafa's K-FAC one
-OPTIMIZER_FLAGS = ("", "prec", "kfac", "kfac_sgd")
+# +flag -> the optimiser: "" AdamW, prec PEFT's create_riemannian_optimizer, kfac/kfac_sgd lorafa's K-FAC one,
+# lora_pro AdamW on LoRA-Pro's adjusted gradients (SPEC §9)
+OPTIMIZER_FLAGS = ("", "prec", "kfac", "kfac_sgd", "lora_pro")
 
 
 @dataclasses.dataclass
@@ -159,7 +162,8 @@ def parse_spec(spec: str) -> tuple[str, str, dict]:
     name, _, flag = head.partition("+")
     if flag not in OPTIMIZER_FLAGS:
         raise ValueError(f"Unknown flag +{flag} in {spec!r}: the flags are +prec (PEFT's Riemannian preconditioner), "
-                         "+kfac (AdamW on K-FAC-preconditioned gradients) and +kfac_sgd (SGD on them).")
+                         "+kfac (AdamW on K-FAC-preconditioned gradients), +kfac_sgd (SGD on them) and +lora_pro "
+                         "(AdamW on LoRA-Pro's adjusted gradients).")
     if not name:
         raise ValueError(f"No method name in spec {spec!r}.")
     options = {}
@@ -187,6 +191,8 @@ def check_spec(spec: str, p: Preset, seed: int = 0) -> None:
             raise ValueError(f"{spec!r}: {name} takes no options.")
         if flag.startswith("kfac"):
             raise ValueError(f"{spec!r}: +{flag} reuses the init's K-FAC statistics; {name} collects none.")
+        if flag == "lora_pro" and name == "full":
+            raise ValueError(f"{spec!r}: +lora_pro adjusts LoRA factor gradients; full fine-tuning has none.")
         return
     from lorafa import InitConfig
 
@@ -350,6 +356,20 @@ def build(spec: str, model, task, collate, p: Preset, args, seed: int, device, i
     return peft_model, stats
 
 
+def method_terms(spec: str) -> list:
+    """What the method adds to the training loss (KaSA's regulariser, GOAT's load balancing), as the runner does;
+    the recorded training losses stay the task loss."""
+    from lorafa.methods import METHODS
+    from lorafa.terms import method_terms as terms_of
+
+    name, _, options = parse_spec(spec)
+    if name not in METHODS or METHODS[name].variant is None:
+        return []
+    from lorafa import InitConfig
+
+    return terms_of(InitConfig(method=name, **options))
+
+
 def optimizer(model, lr: float, flag: str, args, stats=None):
     params = [q for q in model.parameters() if q.requires_grad]
     if flag == "prec":
@@ -361,6 +381,10 @@ def optimizer(model, lr: float, flag: str, args, stats=None):
 
         cls = torch.optim.AdamW if flag == "kfac" else torch.optim.SGD
         return create_kfac_optimizer(model, stats, cls, lr=lr, reg=args.kfac_reg, weight_decay=0.0)
+    if flag == "lora_pro":
+        from lorafa.optim import create_lora_pro_optimizer
+
+        return create_lora_pro_optimizer(model, torch.optim.AdamW, lr=lr, moments="factor", weight_decay=0.0)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
@@ -410,16 +434,20 @@ def run_one(job: dict) -> dict:
     opt = optimizer(model, job["lr"], flag, args, stats)
     del stats
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, p))
+    terms = method_terms(job["method"])
     model.train()
     train_losses, train_s = [], 0.0
     for step, idx in enumerate(train_order(split["train"], p, seed), start=1):
         _sync(device)
         t0 = time.perf_counter()
-        loss = model(**to_device(collate([task.train[i] for i in idx]), device)).loss
+        batch = to_device(collate([task.train[i] for i in idx]), device)
+        out = model(**batch)
+        loss = out.loss
         if not torch.isfinite(loss):
             res["diverged_at"] = step
             break
-        loss.backward()
+        total = loss + sum(t.weight(step - 1) * t(model, batch, out, step - 1) for t in terms)
+        total.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

@@ -37,7 +37,9 @@ class ModelSection:
     lr_scheduler_type: str = "cosine"
     weight_decay: float = 0.0
     prec_reg: float | None = None  # λ of PEFT's Riemannian preconditioner; None: plain optimiser
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: str = "adamw"  # adamw | sgd | lora_pro (LoRA-Pro's projected factor gradients, AdamW underneath)
+    lora_pro_damping: float = 1e-6  # lora_pro: relative damping of BᵀB and AAᵀ (lorafa.lora_pro)
+    lora_pro_moments: str = "factor"  # lora_pro: factor (r × n, m × r AdamW state) | full (m × n, the paper's)
     saving: bool = False  # also merge and save a full transformers checkpoint
     logging_steps: int = 1
     save_steps: int | None = None  # checkpoint every this many steps (resume); None: only at the end

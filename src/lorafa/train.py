@@ -117,9 +117,22 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
 
 def _optimizer(cfg: RunConfig, model):
     m, p = cfg.model, cfg.peft
+    default = type(m)()
+    if m.optimizer != "lora_pro" and (m.lora_pro_damping, m.lora_pro_moments) != (default.lora_pro_damping,
+                                                                                   default.lora_pro_moments):
+        raise ValueError("model.lora_pro_damping / model.lora_pro_moments are set but model.optimizer is "
+                         f"{m.optimizer!r}: add ++model.optimizer=lora_pro, or drop them.")
+    if m.optimizer == "lora_pro":  # AdamW on LoRA-Pro's adjusted gradients (SPEC §9)
+        if m.prec_reg is not None or p.use_loraplus:
+            raise ValueError("model.optimizer=lora_pro cannot be combined with model.prec_reg (Riemannian "
+                             "preconditioner) or peft.use_loraplus: each rewrites the LoRA step its own way; pick one.")
+        from .optim import create_lora_pro_optimizer
+
+        return create_lora_pro_optimizer(model, torch.optim.AdamW, lr=m.learning_rate, weight_decay=m.weight_decay,
+                                         damping=m.lora_pro_damping, moments=m.lora_pro_moments)
     cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}.get(m.optimizer)
     if cls is None:
-        raise ValueError(f"model.optimizer must be adamw or sgd, got {m.optimizer!r}")
+        raise ValueError(f"model.optimizer must be adamw, sgd or lora_pro, got {m.optimizer!r}")
     if m.prec_reg is not None and p.use_loraplus:
         raise ValueError("model.prec_reg (Riemannian preconditioner) and peft.use_loraplus cannot be combined: pick "
                          "one.")
