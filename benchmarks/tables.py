@@ -60,6 +60,7 @@ INIT_MEMORY = "benchmarks/results/init_memory"
 CAUSAL_VAL = "benchmarks/results/causal_val"
 CAUSAL_GPU = "benchmarks/results/causal_gpu"
 CLS_OPTIM = "benchmarks/results/cls_optim"
+VARIANTS_CLS = "benchmarks/results/variants_cls"
 CAUSAL_ABLATION = "benchmarks/results/causal_ablation"
 CAUSAL_DAMPING = "benchmarks/results/causal_damping"
 SUBSPACES = "benchmarks/results/subspaces_causal"
@@ -471,6 +472,11 @@ BLOCKS: dict[str, Block] = {
         lambda root: render_protocol(root, CLS_OPTIM, columns=PROTOCOL_NO_TIME, command=(
             f"python benchmarks/convergence.py --preset classification --ablation optimizers --out {CLS_OPTIM}")),
         (f"{CLS_OPTIM}/summary.csv",), "docs/benchmarks.md: the K-FAC preconditioner in training, classifier"),
+    "variants_cls": Block(
+        lambda root: render_protocol(root, VARIANTS_CLS, columns=PROTOCOL_NO_TIME, command=(
+            "python benchmarks/convergence.py --preset classification --seeds 0 1 2 --methods lora lora_fa kasa goat "
+            f"lora_fa+lora_pro --out {VARIANTS_CLS}")),
+        (f"{VARIANTS_CLS}/summary.csv",), "docs/benchmarks.md and README: KaSA, GOAT and LoRA-Pro beside LoRA-FA"),
     "causal_damping": Block(
         lambda root: render_protocol(root, CAUSAL_DAMPING, command=(
             f"python benchmarks/convergence.py --ablation damping --out {CAUSAL_DAMPING}")),

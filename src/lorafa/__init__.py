@@ -1,6 +1,8 @@
 """lorafa: data-aware low-rank adaptation on top of PEFT."""
 
 from .config import InitConfig
+from .goat import goat_aux_loss, load_goat
+from .kasa import kasa_loss
 from .methods import InitResult, init_factors, resolve_method
 from .peft_bridge import compute_init, initialize, read_initial_adapter, save_adapter, save_initial_adapter
 from .ranks import allocate_ranks
@@ -9,7 +11,7 @@ from .stats import LayerStats, collect_stats, load_stats, read_stats_config, sav
 __version__ = "0.1.0"
 
 __all__ = [
-    "InitConfig", "InitResult", "LayerStats", "allocate_ranks", "collect_stats", "compute_init", "init_factors", "initialize",
-    "load_stats", "read_initial_adapter", "read_stats_config", "resolve_method", "save_adapter",
+    "InitConfig", "InitResult", "LayerStats", "allocate_ranks", "collect_stats", "compute_init", "goat_aux_loss",
+    "init_factors", "initialize", "kasa_loss", "load_goat", "load_stats", "read_initial_adapter", "read_stats_config", "resolve_method", "save_adapter",
     "save_initial_adapter", "save_stats", "stat_batches",
 ]
