@@ -112,7 +112,10 @@ DAMPING = ["lora"] + [f"lora_fa:target=natural,reg={reg},scale=line_search,offse
 # The K-FAC preconditioner for training (lorafa.optim, SPEC §2.5) with AdamW and with SGD, on the
 # init whose statistics it reuses, against the same init under plain AdamW and PEFT's Riemannian preconditioner.
 OPTIMIZERS = ["lora", "lora_fa", "lora_fa+prec", "lora_fa+kfac", "lora_fa+kfac_sgd"]
-ABLATIONS = {"design": ABLATION, "damping": DAMPING, "optimizers": OPTIMIZERS}
+# The variants of SPEC §9 beside LoRA-FA: KaSA and GOAT (their loss terms added as the runner adds them) and LoRA-FA
+# trained with LoRA-Pro's projected gradients, against plain LoRA and LoRA-FA under AdamW.
+VARIANTS = ["lora", "lora_fa", "kasa", "goat", "lora_fa+lora_pro"]
+ABLATIONS = {"design": ABLATION, "damping": DAMPING, "optimizers": OPTIMIZERS, "variants": VARIANTS}
 # +flag -> the optimiser: "" AdamW, prec PEFT's create_riemannian_optimizer, kfac/kfac_sgd lorafa's K-FAC one,
 # lora_pro AdamW on LoRA-Pro's adjusted gradients (SPEC §9)
 OPTIMIZER_FLAGS = ("", "prec", "kfac", "kfac_sgd", "lora_pro")

@@ -303,7 +303,7 @@ def parse_run_config(data: dict) -> RunConfig:
     from .align.build import check_align_section
 
     check_align_section(cfg.align, [c for c in (cfg.init_config(), cfg.baseline_init_config()) if c is not None])
-    if m.saving and "goat" in (cfg.init_config().method, cfg.baseline):
+    if m.saving and "goat" in [c.method for c in (cfg.init_config(), cfg.baseline_init_config()) if c is not None]:
         raise ValueError("model.saving merges the adapter into the weights, but GOAT's router makes its update depend "
                          "on the input, so it cannot be merged: set model.saving=false (the adapter is saved anyway).")
     if cfg.resume and cfg.align.mode != "none" and cfg.align.projection == "learned":
