@@ -93,6 +93,14 @@ class _TermsCallback(TrainerCallback):
     def __init__(self, trainer: TermsTrainer):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # DDP broadcasts the model's parameters from rank 0 when it wraps the model, not the terms' own (a learned
+        # projection initialised from each process's random state): start every process from rank 0's
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            with torch.no_grad():
+                for p in self.trainer.term_parameters():
+                    torch.distributed.broadcast(p.data, src=0)
+
     def on_step_begin(self, args, state, control, **kwargs):
         for t in self.trainer.terms:
             if hasattr(t, "on_step_begin"):
