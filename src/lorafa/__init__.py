@@ -2,6 +2,7 @@
 
 from .config import InitConfig
 from .goat import goat_aux_loss, load_goat
+from .integrations import initialize_trainer, trainer_stat_batches
 from .kasa import kasa_loss
 from .methods import InitResult, init_factors, resolve_method
 from .peft_bridge import compute_init, initialize, read_initial_adapter, save_adapter, save_initial_adapter
@@ -12,6 +13,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "InitConfig", "InitResult", "LayerStats", "allocate_ranks", "collect_stats", "compute_init", "goat_aux_loss",
-    "init_factors", "initialize", "kasa_loss", "load_goat", "load_stats", "read_initial_adapter", "read_stats_config", "resolve_method", "save_adapter",
-    "save_initial_adapter", "save_stats", "stat_batches",
+    "init_factors", "initialize", "initialize_trainer", "kasa_loss", "load_goat", "load_stats", "read_initial_adapter", "read_stats_config", "resolve_method", "save_adapter",
+    "save_initial_adapter", "save_stats", "stat_batches", "trainer_stat_batches",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -300,9 +300,9 @@ def _checkpointing(model: nn.Module) -> bool:
     return False
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    if not isinstance(batch, dict):
-        raise TypeError(f"Each batch must be a dict of tensors (input_ids, attention_mask, labels), got {type(batch)}")
+def _to_device(batch: Mapping, device: torch.device) -> dict:
+    if not isinstance(batch, Mapping):  # a dict, or transformers' BatchEncoding (what its collators return)
+        raise TypeError(f"Each batch must be a mapping of tensors (input_ids, attention_mask, labels), got {type(batch)}")
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 

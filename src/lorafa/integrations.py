@@ -1,0 +1,200 @@
+"""lorafa's data-aware init for a `transformers.Trainer` (or TRL's `SFTTrainer`) that is already built.
+
+The statistics pass must run on the base model before the adapters exist, and the Trainer must then train the
+adapters. `initialize_trainer` does both in one call between building the trainer and `trainer.train()`:
+
+    trainer = SFTTrainer(model=base_model, args=SFTConfig(...), train_dataset=ds)   # no peft_config=
+    peft_model = lorafa.initialize_trainer(trainer, lora_config, lorafa.InitConfig(method="lora_fa"))
+    trainer.train()
+
+Why a function and not a `TrainerCallback`: in `Trainer._inner_training_loop` the optimizer is created from the
+model's trainable parameters and the model is wrapped (DDP, FSDP, DeepSpeed) in `_prepare_for_training`, before
+`on_train_begin` fires (transformers 5.24 trainer.py: `_prepare_for_training` at line 1615, `create_optimizer` at
+1741, `on_train_begin` at 1653). A callback also receives the model object, not the trainer, so it cannot replace
+`trainer.model` by the PeftModel; and `on_init_end` fires inside `Trainer.__init__`, before a subclass such as
+`SFTTrainer` has finished preparing its data and model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Mapping
+
+import torch
+from peft import LoraConfig, PeftModel
+
+from .config import InitConfig
+from .peft_bridge import initialize
+from .stats.sampling import sample_indices, shard_batches
+
+logger = logging.getLogger(__name__)
+
+
+def trainer_stat_batches(trainer, init_config: InitConfig | None = None, *, require_labels: bool = True) -> list[dict]:
+    """This process's statistics batches, drawn from the data the trainer's own train dataloader reads.
+
+    The examples are chosen as `lorafa.stat_batches` chooses them: `init_config.iters` batches of `init_config.bsz`
+    examples, a seeded random sample (`sample="random"`, `seed`) or the first bsz·iters examples (`sample="first"`),
+    identical on every process, batch b belonging to rank b mod world size. They are taken from the dataset of
+    `trainer.get_train_dataloader()` (so after the trainer's own tokenisation, packing and column removal) and
+    collated by that dataloader's collate function (the trainer's data collator). The trainer's batch size and
+    shuffling are not used (InitConfig's are), and `init_config.max_length` does not apply: the trainer's own
+    preprocessing sets the lengths. A streamed (iterable) training set gives its first bsz·iters examples, read by
+    every process.
+
+    Args:
+        trainer: a `transformers.Trainer` (or subclass, e.g. `trl.SFTTrainer`) with a train_dataset.
+        init_config: bsz, iters, sample and seed of the statistics pass; default InitConfig().
+        require_labels: check, on the first batch of all (the same one on every process, so all of them raise
+            together), that the batches carry the model's labels (`trainer.label_names`, default "labels").
+
+    Returns:
+        This process's collated batches (plain dicts, as the collator makes them); `initialize` moves each to the
+        model's device.
+
+    Raises:
+        ValueError: no train_dataset, fewer examples than bsz·iters, a seeded sample of a streamed dataset, or (with
+            `require_labels`) batches without labels.
+    """
+    init_config = init_config or InitConfig()
+    bsz, iters = init_config.bsz, init_config.iters
+    if trainer.train_dataset is None:
+        raise ValueError("The trainer has no train_dataset: the statistics pass draws its examples from it.")
+    streamed = isinstance(trainer.train_dataset, torch.utils.data.IterableDataset)
+    if streamed and init_config.sample != "first":
+        raise ValueError("The trainer's train_dataset is streamed (an IterableDataset): a seeded random sample of it "
+                         "needs its length. Use InitConfig(sample='first') (its first bsz·iters examples).")
+    if not streamed and len(trainer.train_dataset) < bsz * iters:  # before a DataLoader refuses an empty set
+        raise ValueError(f"The statistics pass needs {bsz * iters} examples (bsz={bsz} × iters={iters}); the "
+                         f"trainer's train_dataset has {len(trainer.train_dataset)} after its preprocessing "
+                         "(SFTTrainer drops examples whose completion max_length cut off). Lower InitConfig's bsz or "
+                         "iters.")
+    loader = trainer.get_train_dataloader()
+    collate, dataset = loader.collate_fn, loader.dataset  # after the trainer's column removal
+    if streamed:  # the raw stream, the same on every process (accelerate's shard of it differs by rank)
+        dataset = list(itertools.islice(iter(trainer.train_dataset), bsz * iters))
+    chosen = sample_indices(len(dataset), bsz, iters, init_config.sample, init_config.seed)
+
+    def batch(b: int) -> dict:
+        out = collate([dataset[i] for i in chosen[b]])
+        if not isinstance(out, Mapping):
+            raise TypeError(f"The trainer's data collator returned a {type(out).__name__}; the statistics pass needs "
+                            "a dict of tensors (input_ids, attention_mask, labels) per batch.")
+        return dict(out)  # BatchEncoding is a Mapping, not a dict
+
+    first = batch(0)
+    if require_labels:
+        _check_labels(first, list(getattr(trainer, "label_names", None) or ["labels"]), trainer.data_collator)
+    return [first if b == 0 else batch(b) for b in shard_batches(range(iters))]
+
+
+def _check_labels(batch: dict, label_names: list[str], collator) -> None:
+    missing = [name for name in label_names if batch.get(name) is None]
+    if missing:
+        raise ValueError(
+            f"The trainer's train dataloader gives batches without {missing} (keys: {sorted(batch)}; collator: "
+            f"{type(collator).__name__}), so the statistics pass has no loss to differentiate. Use a data collator "
+            "that sets labels, e.g. transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False), or a dataset "
+            "with a 'labels' column, or TRL's SFTTrainer (its collator sets labels, with prompt tokens masked for "
+            "prompt/completion data); or pass loss_fn=."
+        )
+
+
+def _check_trainer(trainer) -> None:
+    from transformers import Trainer
+
+    if not isinstance(trainer, Trainer):
+        raise TypeError(f"initialize_trainer needs a transformers.Trainer (or a subclass such as trl.SFTTrainer), "
+                        f"got {type(trainer).__name__}; for a model of your own use lorafa.initialize.")
+    if getattr(trainer, "model_init", None) is not None:
+        raise ValueError("The trainer was built with model_init=, which builds a new model at train(): the "
+                         "initialised adapters would be dropped. Build the trainer with model=.")
+    model = trainer.model
+    if isinstance(model, PeftModel) or getattr(model, "_hf_peft_config_loaded", False):
+        raise ValueError("The trainer's model already has adapters; the statistics pass needs the plain base model. "
+                         "Build the trainer with the base model (SFTTrainer: without peft_config=) and let "
+                         "initialize_trainer add the adapters.")
+    if trainer.optimizer is not None:
+        raise ValueError("The trainer already has an optimizer (from train(), create_optimizer() or optimizers=), "
+                         "built on the base model's parameters instead of the adapters. Call initialize_trainer "
+                         "before train() and build the trainer without optimizers= (optimizer_cls_and_kwargs= is "
+                         "fine: the optimizer is then created from the adapters at train()).")
+    if trainer.model_wrapped is not model:
+        raise ValueError("The trainer's model is already wrapped (DDP/FSDP/DeepSpeed: train() has run). Call "
+                         "initialize_trainer on a freshly built trainer, before train().")
+
+
+def _checkpointing(args) -> bool:
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name is an alias)
+    return bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
+
+
+def _install(trainer, peft_model: PeftModel) -> None:
+    """Make the trainer train `peft_model`: what Trainer.__init__ cached about the model, refreshed.
+
+    The model-dependent flags Trainer.__init__ computes (`model_accepts_loss_kwargs`, `label_names`,
+    `can_return_loss`, the signature columns) are read from the model under PEFT's wrapper, so they are unchanged.
+    """
+    trainer.model = trainer.model_wrapped = peft_model  # train() wraps `model_wrapped` and builds the optimizer
+    trainer.callback_handler.model = peft_model  # callbacks get the model the handler was built with
+    if _checkpointing(trainer.args) and hasattr(peft_model, "enable_input_require_grads"):
+        # the embeddings are frozen now: under transformers 4.x's reentrant checkpointing no block input would
+        # require grad and backward fails ("element 0 of tensors does not require grad", seen on 4.56); 5.x does it
+        peft_model.enable_input_require_grads()
+
+
+def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig | None = None, *, stats=None,
+                       loss_fn: Callable | None = None, adapter_name: str = "default", progress: bool = True,
+                       initial_adapter_dir=None, **initialize_options) -> PeftModel:
+    """Initialise LoRA adapters on an already-built trainer's base model from its own training data, and make the
+    trainer train them.
+
+    The statistics batches are `trainer_stat_batches(trainer, init_config)`: InitConfig's bsz·iters examples (a
+    seeded sample or the first ones) of the trainer's prepared train dataset, collated by the trainer's collator.
+    The result equals `lorafa.initialize(base, lora_config, init_config, batches=those batches)`, which is what this
+    calls; the PeftModel then replaces `trainer.model`, so `trainer.train()` creates its optimizer from the adapters.
+    Methods that need no statistics (lora, pissa, milora, ...) draw no batches.
+
+    Under torchrun / accelerate every process calls it (as it calls train()): each draws its share of the batches
+    (batch b on rank b mod world size), the statistics are summed across processes, and every process ends with
+    the same adapters. The pass runs where the trainer put the model (`args.device`; under DeepSpeed or FSDP the
+    Trainer leaves it where it was loaded).
+
+    The loss of the statistics pass is `model(**batch).loss` unless `loss_fn` is given: for SFTTrainer's default
+    loss (`loss_type="nll"`, the mean over completion tokens) that is the same loss; pass `loss_fn` for others
+    (e.g. `loss_type="dft"`). For methods that offset the base weights (lora_ga, pissa, ...), save the trained
+    adapter with `lorafa.save_adapter(peft_model, path)` (it loads on the original base); `trainer.save_model`
+    writes it relative to the offset base.
+
+    Args:
+        trainer: a `transformers.Trainer` or subclass (e.g. `trl.SFTTrainer`) built with the plain base model (no
+            adapters, no `peft_config=`), not yet trained, without an optimizer.
+        lora_config: the PEFT LoraConfig.
+        init_config: the method and the statistics pass (bsz, iters, sample, seed); default InitConfig() (LoRA-FA).
+        stats: precomputed statistics (e.g. `lorafa.load_stats`): then no batches are drawn.
+        loss_fn: `loss_fn(model, batch)` for the statistics pass; without it the batches must carry labels.
+        adapter_name, progress, initial_adapter_dir: as in `lorafa.initialize`.
+        **initialize_options: further keyword arguments of `lorafa.initialize` (search_batches, align, tuned,
+            autocast_adapter_dtype).
+
+    Returns:
+        The PeftModel, also installed as `trainer.model`.
+
+    Raises:
+        TypeError: `trainer` is not a transformers Trainer.
+        ValueError: the trainer's model already has adapters, an optimizer exists, train() has run, the trainer
+            uses model_init=, the batches carry no labels (checked before the statistics pass), too few examples;
+            and whatever `lorafa.initialize` raises.
+    """
+    init_config = init_config or InitConfig()
+    _check_trainer(trainer)
+    needs_batches = (stats is None and init_config.needs is not None) or (
+        init_config.line_search and initialize_options.get("search_batches") is None)
+    batches = trainer_stat_batches(trainer, init_config, require_labels=loss_fn is None) if needs_batches else None
+    peft_model = initialize(trainer.model, lora_config, init_config, batches=batches, stats=stats,
+                            adapter_name=adapter_name, loss_fn=loss_fn, progress=progress,
+                            initial_adapter_dir=initial_adapter_dir, **initialize_options)
+    _install(trainer, peft_model)
+    logger.info("lorafa: %s adapters installed in %s", init_config.method, type(trainer).__name__)
+    return peft_model
