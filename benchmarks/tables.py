@@ -473,7 +473,7 @@ BLOCKS: dict[str, Block] = {
             f"python benchmarks/convergence.py --preset classification --ablation optimizers --out {CLS_OPTIM}")),
         (f"{CLS_OPTIM}/summary.csv",), "docs/benchmarks.md: the K-FAC preconditioner in training, classifier"),
     "variants_cls": Block(
-        lambda root: render_protocol(root, VARIANTS_CLS, columns=PROTOCOL_NO_TIME, command=(
+        lambda root: render_protocol(root, VARIANTS_CLS, columns=PROTOCOL_NO_TIME + ["test acc"], command=(
             f"python benchmarks/convergence.py --preset classification --ablation variants --seeds 0 1 2 --out {VARIANTS_CLS}")),
         (f"{VARIANTS_CLS}/summary.csv",), "docs/benchmarks.md and README: KaSA, GOAT and LoRA-Pro beside LoRA-FA"),
     "causal_damping": Block(
