@@ -263,7 +263,7 @@ def test_nan_loss_on_one_rank_raises_on_both(failure_run):
 
 def test_bad_batch_on_one_rank_raises_on_both_even_after_the_other_ran_out(failure_run):
     _, res = failure_run
-    assert res[0]["bad_batch"][0] == "TypeError" and "dict" in res[0]["bad_batch"][1]
+    assert res[0]["bad_batch"][0] == "TypeError" and "mapping" in res[0]["bad_batch"][1]
     kind, msg = res[1]["bad_batch"]
     assert kind == "RankFailedError" and "rank 0: TypeError" in msg and "statistics batch 3" in msg
     assert res[0]["after"] == res[1]["after"] == ["ok", ""]

@@ -388,8 +388,17 @@ def test_error_nan_loss(llama, batches):
 
 
 def test_error_non_dict_batch(llama):
-    with pytest.raises(TypeError, match="dict"):
+    with pytest.raises(TypeError, match="mapping"):
         lorafa.collect_stats(llama, [torch.zeros(2, 3, dtype=torch.long)], ["q_proj"], progress=False)
+
+
+def test_a_batch_encoding_is_a_batch(llama, batches):
+    from transformers import BatchEncoding
+
+    plain = lorafa.collect_stats(llama, batches[:1], ["q_proj"], progress=False)
+    wrapped = lorafa.collect_stats(llama, [BatchEncoding(batches[0])], ["q_proj"], progress=False)
+    for name in plain:
+        torch.testing.assert_close(wrapped[name].grad, plain[name].grad)
 
 
 def test_error_unknown_target_lists_close_matches(llama, batches):
