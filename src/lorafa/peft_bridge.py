@@ -577,7 +577,8 @@ def _conversion_safe_config(peft_model: PeftModel, adapter_name: str):
 
 def save_adapter(peft_model: PeftModel, path: str | os.PathLike, *, save_initial: bool = False,
                  initial_adapter: str | os.PathLike | None = None) -> str:
-    """Save the adapter so that stock `PeftModel.from_pretrained(original_base, path)` reproduces the model.
+    """Save the adapter so that stock `PeftModel.from_pretrained(original_base, path)` reproduces the model (GOAT:
+    `lorafa.load_goat(original_base, path)`, since PEFT has no GOAT router; KaSA: PEFT truncates the base again).
 
     For methods that offset the base weight, the trained adapter is converted to ΔW = s·B·A − s·B₀·A₀ relative to the
     pristine base, a rank-2r LoRA, with PEFT's weight-converting `save_pretrained`. Other methods are saved as they
