@@ -61,6 +61,8 @@ CAUSAL_VAL = "benchmarks/results/causal_val"
 CAUSAL_GPU = "benchmarks/results/causal_gpu"
 CLS_OPTIM = "benchmarks/results/cls_optim"
 VARIANTS_CLS = "benchmarks/results/variants_cls"
+KASA_TRUNCATION = "benchmarks/results/kasa_truncation"
+VARIANT_JOBS = [f"benchmarks/results/variants_main_job/{m}/results.json" for m in ("kasa", "goat", "lora_pro")]
 CAUSAL_ABLATION = "benchmarks/results/causal_ablation"
 CAUSAL_DAMPING = "benchmarks/results/causal_damping"
 SUBSPACES = "benchmarks/results/subspaces_causal"
@@ -388,18 +390,33 @@ def render_main_job(root: str, path: str = MAIN_JOB) -> str:
     (lorafa.train.run). Keys used (dotted = nested): `before.accuracy`, `after.accuracy` (fractions; `.correct` and
     `.n` are shown when present), `init_s`, `train_s`, `wall_s` (seconds), and optionally `method`, `steps`, and a
     `baseline` arm with the same keys but `before`/`wall_s` (a second row). A missing key renders as "—"."""
+    return _job_table(_job_rows(root, path))
+
+
+def render_jobs(root: str, paths: list[str]) -> str:
+    """Several runner results (one `results.json` each, e.g. one per method) as rows of one main-job table."""
+    return _job_table([row for path in paths for row in _job_rows(root, path)])
+
+
+def _job_rows(root: str, path: str) -> list[dict]:
     full = _path(root, path)
     if not os.path.exists(full):
-        raise FileNotFoundError(f"{path}: the main job's results.json is not committed yet (the block needs it)")
+        raise FileNotFoundError(f"{path}: the run's results.json is not committed yet (the block needs it)")
     with open(full) as f:
         r = json.load(f)
     arms = [r] + ([r["baseline"]] if isinstance(r.get("baseline"), dict) else [])
+    config = os.path.join(os.path.dirname(full), "run_config.json")  # the optimiser, when it is not AdamW
+    optimizer = json.load(open(config)).get("model", {}).get("optimizer", "adamw") if os.path.exists(config) else "adamw"
+    flag = "" if optimizer == "adamw" else f" + {optimizer}"
     val = lambda a: (f"{a['validation_loss']['first']:.3f} → {a['validation_loss']['last']:.3f}"  # noqa: E731
                      if a.get("validation_loss") else None)
-    rows = [{"run": a.get("method", "main job") + ("" if a is r else " (baseline)"), "steps": a.get("steps"),
+    return [{"run": a.get("method", "main job") + flag + ("" if a is r else " (baseline)"), "steps": a.get("steps"),
              "before": _accuracy(r.get("before")), "after": _accuracy(a.get("after")), "val": val(a),
              "init": _seconds(a.get("init_s")), "train": _seconds(a.get("train_s")),
              "wall": _seconds(a.get("wall_s")) if a is r else None} for a in arms]
+
+
+def _job_table(rows: list[dict]) -> str:
     return markdown_table(rows, ["run", "steps", "before", "after", "val", "init", "train", "wall"],
                           header=["run", "steps", "accuracy before", "accuracy after", "validation loss",
                                   "init (statistics + init)", "training", "whole run"])
@@ -476,6 +493,12 @@ BLOCKS: dict[str, Block] = {
         lambda root: render_protocol(root, VARIANTS_CLS, columns=PROTOCOL_NO_TIME + ["test acc"], command=(
             f"python benchmarks/convergence.py --preset classification --ablation variants --seeds 0 1 2 --out {VARIANTS_CLS}")),
         (f"{VARIANTS_CLS}/summary.csv",), "docs/benchmarks.md and README: KaSA, GOAT and LoRA-Pro beside LoRA-FA"),
+    "variants_main_job": Block(lambda root: render_jobs(root, VARIANT_JOBS), tuple(VARIANT_JOBS),
+                               "README: KaSA, GOAT and LoRA-Pro on the main job through the runner"),
+    "kasa_truncation": Block(
+        lambda root: render_csv_table(root, KASA_TRUNCATION, "truncation",
+                                      f"python benchmarks/kasa_truncation.py --out {KASA_TRUNCATION}"),
+        (f"{KASA_TRUNCATION}/truncation.csv",), "docs/benchmarks.md: KaSA's truncation alone on SmolLM2"),
     "causal_damping": Block(
         lambda root: render_protocol(root, CAUSAL_DAMPING, command=(
             f"python benchmarks/convergence.py --ablation damping --out {CAUSAL_DAMPING}")),
