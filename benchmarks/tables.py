@@ -62,6 +62,7 @@ CAUSAL_GPU = "benchmarks/results/causal_gpu"
 CLS_OPTIM = "benchmarks/results/cls_optim"
 VARIANTS_CLS = "benchmarks/results/variants_cls"
 KASA_TRUNCATION = "benchmarks/results/kasa_truncation"
+ALIGN_FORGETTING = "benchmarks/results/align_causal_forgetting"
 VARIANT_JOBS = [f"benchmarks/results/variants_main_job/{m}/results.json" for m in ("kasa", "goat", "lora_pro")]
 CAUSAL_ABLATION = "benchmarks/results/causal_ablation"
 CAUSAL_DAMPING = "benchmarks/results/causal_damping"
@@ -495,6 +496,10 @@ BLOCKS: dict[str, Block] = {
         (f"{VARIANTS_CLS}/summary.csv",), "docs/benchmarks.md and README: KaSA, GOAT and LoRA-Pro beside LoRA-FA"),
     "variants_main_job": Block(lambda root: render_jobs(root, VARIANT_JOBS), tuple(VARIANT_JOBS),
                                "README: KaSA, GOAT and LoRA-Pro on the main job through the runner"),
+    "align_causal_forgetting": Block(
+        lambda root: render_csv_table(root, ALIGN_FORGETTING, "forgetting",
+                                      f"python benchmarks/alignment.py --preset causal --forgetting --out {ALIGN_FORGETTING}"),
+        (f"{ALIGN_FORGETTING}/forgetting.csv",), "docs/benchmarks.md: self-alignment against forgetting"),
     "kasa_truncation": Block(
         lambda root: render_csv_table(root, KASA_TRUNCATION, "truncation",
                                       f"python benchmarks/kasa_truncation.py --out {KASA_TRUNCATION}"),
