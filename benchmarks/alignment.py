@@ -130,6 +130,28 @@ def _load(args, seed: int):
     return p, device, task, model, collate, tuned, split, batches
 
 
+def train_student(model, term, p, task, collate, split, seed: int, device, lr: float, evaluate) -> None:
+    """The students' training: convergence.py's order, AdamW and schedule, the task loss plus `term`'s weighted
+    value at each step (None: the task alone); `evaluate(step)` at 0, every `p.eval_every` steps and at the end."""
+    evaluate(0)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cv.schedule(s, p))
+    model.train()
+    for step, idx in enumerate(cv.train_order(split["train"], p, seed)):
+        b = cv.to_device(collate([task.train[i] for i in idx]), device)
+        out = model(**b)
+        loss = out.loss
+        lam = term.weight(step) if term is not None else 0.0
+        if lam:
+            loss = loss + lam * term(model, b, out, step)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
+            evaluate(step + 1)
+
+
 def run_student(kind: str, seed: int, args) -> dict:
     from lorafa import InitConfig, initialize
     from lorafa.align import ModelTeacher
@@ -154,23 +176,8 @@ def run_student(kind: str, seed: int, args) -> dict:
                              "val_loss": cv.heldout(model, val, collate, device)["loss"],
                              "test_kl": kl_to_teacher(model, teacher, test, collate, device)})
 
-    evaluate(0)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cv.schedule(s, p))
-    model.train()
-    for step, idx in enumerate(cv.train_order(split["train"], p, seed)):
-        b = cv.to_device(collate([task.train[i] for i in idx]), device)
-        out = model(**b)
-        loss = out.loss
-        lam = term.weight(step) if kind in ("distill", "cyclic") else 0.0
-        if lam:
-            loss = loss + lam * term(model, b, out, step)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
-            evaluate(step + 1)
+    train_student(model, term if kind in ("distill", "cyclic") else None, p, task, collate, split, seed, device,
+                  args.lr, evaluate)
     write_json(path, res)
     return res
 
@@ -409,22 +416,7 @@ def run_forgetting(lam: float, seed: int, args) -> dict:
         res["curve"].append({"step": step, "test_loss": cv.heldout(model, test, collate, device)["loss"],
                              "general_loss": general_loss(model, ids, device)})
 
-    evaluate(0)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cv.schedule(s, p))
-    model.train()
-    for step, idx in enumerate(cv.train_order(split["train"], p, seed)):
-        b = cv.to_device(collate([task.train[i] for i in idx]), device)
-        out = model(**b)
-        loss = out.loss
-        if term is not None:
-            loss = loss + term.weight(step) * term(model, b, out, step)
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
-            evaluate(step + 1)
+    train_student(model, term, p, task, collate, split, seed, device, args.lr, evaluate)
     write_json(path, res)
     return res
 

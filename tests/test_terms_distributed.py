@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -32,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import VOCAB, lora_cfg, tiny_llama
 from safetensors.torch import load_file, save_file
+from test_distributed import _free_port
 
 WORLD = 2
 STEPS = 3  # optimiser steps
@@ -169,12 +169,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             json.dump(rows, f)
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
