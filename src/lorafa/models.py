@@ -97,6 +97,24 @@ def load_causal_lm(name_or_path: str = EMBEDDED_CAUSAL_LM, dtype=None, **kwargs)
     return model, tokenizer
 
 
+def full_precision_checkpoint(name_or_path: str) -> str:
+    """The folder of a model's full-precision safetensors checkpoint (for a 4-bit base's residual, SPEC §10): the
+    embedded models' folders, a local folder, or the hub snapshot `from_pretrained` has already cached."""
+    if str(name_or_path).lower() in EMBEDDED_ALIASES:
+        return embedded_model_path()
+    if str(name_or_path).lower() in EMBEDDED_ENCODERS:
+        return embedded_encoder_path()
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"])
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated repo: all say the same to the user
+        raise ValueError(f"Cannot find the full-precision checkpoint of {name_or_path!r}, from which a 4-bit base's "
+                         f"residual W - s·B·A is quantized ({exc}). Pass a local path with ++model.name=...") from exc
+
+
 EMBEDDED_ENCODERS = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
 

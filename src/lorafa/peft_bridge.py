@@ -31,7 +31,8 @@ from .methods.lora_fa import whitener_scope
 from .methods.registry import METHODS, init_factors, make_options
 from .stats.collect import collect_stats
 from .stats.distributed import all_reduce_sum_, world
-from .targets import is_transposed, resolve_targets, unwrap_model, weight_matrix
+from .quant import requantize_
+from .targets import is_quantized, is_transposed, out_in_features, resolve_targets, unwrap_model, weight_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,8 @@ def _check_lora_config(lora_config, init_config: InitConfig) -> None:
 
 
 def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=None, batches=None, loss_fn=None,
-                 progress: bool = True, search_batches=None, align=None, tuned=None) -> dict[str, InitResult]:
+                 progress: bool = True, search_batches=None, align=None, tuned=None,
+                 base_weights=None) -> dict[str, InitResult]:
     """Every target layer's InitResult, computed from the untouched base model (nothing is modified).
 
     With `init_config.rank="auto"` each result has its allocated rank (`info["rank"]`); `initialize` also writes
@@ -149,7 +151,7 @@ def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=
         ValueError: see `initialize`.
     """
     return _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches, align,
-                         tuned)[0]
+                         tuned, base_weights)[0]
 
 
 def aligned_loss(align, lambda_: float, loss_fn=None):
@@ -174,8 +176,8 @@ def aligned_loss(align, lambda_: float, loss_fn=None):
 
 
 def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches=None,
-                  align=None, tuned=None):
-    """(results, the LoraConfig the results are for, summary)."""
+                  align=None, tuned=None, base_weights=None):
+    """(results, the LoraConfig the results are for, summary, {name: a function reading W})."""
     if init_config.align_init:
         if align is None:
             raise ValueError("InitConfig(align_init=True) needs the teacher: pass align=AlignmentTerm(teacher, ...) to "
@@ -185,6 +187,8 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
         raise ValueError("align= is used by InitConfig(align_init=True) only: set it, or drop align=")
     base = unwrap_model(model)
     targets = resolve_targets(base, lora_config)
+    _check_quantized(base, targets, init_config)
+    weights = base_weight_readers(base_weights, targets, init_config)
     tuned = tuned_weights(tuned, targets, init_config.method)  # a wrong architecture fails before the pass
     needs = init_config.needs
     _check_sketch_size(init_config, lora_config, targets)
@@ -209,8 +213,9 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
     summary = {}
     opts = init_config.method_options()
     with whitener_scope():
-        lora_config, targets, summary["ranks"] = _allocate(targets, lora_config, init_config, stats, opts, tuned)
-        results = _init_layers(targets, lora_config, init_config, stats, opts, progress, tuned)
+        lora_config, targets, summary["ranks"] = _allocate(targets, lora_config, init_config, stats, opts, weights,
+                                                           tuned)
+        results = _init_layers(targets, lora_config, init_config, stats, opts, progress, weights, tuned)
     if init_config.line_search:
         own = search_batches is None  # the statistics batches: this process's share of init.iters
         summary["line_search"] = line_search(base, targets, results, lora_config, batches if own else search_batches,
@@ -220,7 +225,23 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
         summary["line_search"]["on"] = "statistics batches" if own else "search_batches"
     if summary["ranks"] is None:
         del summary["ranks"]
-    return results, lora_config, summary
+    return results, lora_config, summary, weights
+
+
+def _check_quantized(base, targets, init_config) -> None:
+    """Quantized (bitsandbytes) targets: refuse, before the statistics pass, what cannot be read or re-quantized."""
+    from .quant import check_quantized_model
+
+    kinds = check_quantized_model(base, targets, method_needs_weight_grad=init_config.needs in ("grad", "kfac"),
+                                  offset=init_config.subtracts())
+    quantized = sorted(n for n, k in kinds.items() if k is not None)
+    if not quantized:
+        return
+    variant = METHODS[init_config.method].variant
+    if variant is not None:
+        raise ValueError(f"{init_config.method} on quantized layers ({quantized[:3]}...) is not supported: "
+                         f"{'KaSA truncates the base weight through PEFT, which cannot on 4-bit/int8 layers' if variant == 'kasa' else 'the GOAT variant runs on float nn.Linear layers only'}. "
+                         "Load the model in fp32/bf16, or use another method (pissa, lora_ga, lora_fa, ...).")
 
 
 def tuned_weights(tuned, targets, method: str):
@@ -235,33 +256,120 @@ def tuned_weights(tuned, targets, method: str):
     if tuned is None:
         raise ValueError("method='extract' needs the fine-tuned model: pass tuned= (a model of the base's "
                          "architecture, or its state dict)")
-    if isinstance(tuned, torch.nn.Module):
-        modules = dict(unwrap_model(tuned).named_modules())
-        found = {n: modules[n].weight for n in targets if n in modules and hasattr(modules[n], "weight")}
+    return layer_weights(tuned, targets, "the fine-tuned model", "extract needs a fine-tune of the same "
+                         "architecture as the base (the same module names and shapes)")
+
+
+def layer_weights(source, targets, what: str, hint: str) -> dict:
+    """{target name: a function giving that layer's weight from `source` as an fp32 `out × in` matrix on the
+    target's device}, read one layer at a time; every layer's presence and shape is checked now.
+
+    Args:
+        source: a model (its layers are read as `weight_matrix` reads them: dequantized if quantized), a state dict,
+            or a checkpoint: a `.safetensors` file or a folder of them (sharded checkpoints included), opened lazily.
+        targets: name -> target module of the base.
+        what, hint: for error messages (what the source is; what it must be).
+    """
+    if isinstance(source, torch.nn.Module):
+        modules = dict(unwrap_model(source).named_modules())
+        found = {n: modules[n] for n in targets if n in modules and hasattr(modules[n], "weight")}
+        shapes = {n: out_in_features(m) for n, m in found.items()}
+        read = lambda n: weight_matrix(found[n])  # noqa: E731
     else:
-        found = {n: tuned[f"{n}.weight"] for n in targets if f"{n}.weight" in tuned}
+        tensors = _checkpoint_tensors(source) if isinstance(source, (str, os.PathLike)) else source
+        # a task model's checkpoint may be its backbone's (keys without `bert.`/`model.`), as transformers allows
+        found = {n: k for n in targets for k in (f"{n.partition('.')[2]}.weight", f"{n}.weight") if k in tensors}  # exact wins
+        shapes = {n: _stored_shape(tensors, k, targets[n]) for n, k in found.items()}
+        read = lambda n: _as_matrix(tensors[found[n]], targets[n])  # noqa: E731
     missing = [n for n in targets if n not in found]
     if missing:
-        raise ValueError(f"the fine-tuned model has no {missing[:4]}{' ...' if len(missing) > 4 else ''}: extract "
-                         "needs a fine-tune of the base's own architecture (the same module names)")
-    for name, w in found.items():  # stored as the base stores it (GPT-2's Conv1D transposed)
-        if tuple(w.shape) != tuple(targets[name].weight.shape):
-            raise ValueError(f"the fine-tuned {name!r} has shape {tuple(w.shape)}, the base's "
-                             f"{tuple(targets[name].weight.shape)}: extract needs a fine-tune of the same "
-                             "architecture")
-    return {n: (lambda n=n: _as_matrix(found[n], targets[n])) for n in targets}
+        raise ValueError(f"{what} has no {missing[:4]}{' ...' if len(missing) > 4 else ''}: {hint}")
+    for name in targets:
+        if shapes[name] != out_in_features(targets[name]):
+            raise ValueError(f"{what}'s {name!r} is {shapes[name][0]} × {shapes[name][1]} (out × in), the base's "
+                             f"{out_in_features(targets[name])}: {hint}")
+    return {n: (lambda n=n: read(n).to(_device(targets[n]))) for n in targets}
+
+
+def _device(module) -> torch.device:
+    return module.weight.device
+
+
+def _stored_shape(tensors, key: str, like) -> tuple[int, int]:
+    shape = tensors.shape(key) if isinstance(tensors, _checkpoint_tensors) else tuple(tensors[key].shape)
+    if len(shape) != 2:
+        return shape
+    return (shape[1], shape[0]) if is_transposed(like) else shape
+
+
+class _checkpoint_tensors:
+    """A read-only mapping key -> tensor over a `.safetensors` file or a folder of them, each tensor read from disk
+    only when asked for (one layer at a time, never the whole checkpoint)."""
+
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")) \
+            if os.path.isdir(path) else [path]
+        if not files or not all(os.path.isfile(f) for f in files):
+            raise ValueError(f"{path!r} is neither a .safetensors file nor a folder holding .safetensors files: pass "
+                             "the full-precision checkpoint's folder (as saved by save_pretrained), a state dict or "
+                             "a model.")
+        self._files = {}
+        for f in files:
+            with safe_open(f, framework="pt") as h:
+                for k in h.keys():
+                    self._files[k] = f
+        self._open = safe_open
+
+    def __contains__(self, key) -> bool:
+        return key in self._files
+
+    def shape(self, key) -> tuple:
+        with self._open(self._files[key], framework="pt") as h:
+            return tuple(h.get_slice(key).get_shape())
+
+    def __getitem__(self, key) -> torch.Tensor:
+        with self._open(self._files[key], framework="pt") as h:
+            return h.get_tensor(key)
 
 
 def _as_matrix(w: torch.Tensor, like: torch.nn.Module) -> torch.Tensor:
-    w = w.detach().to(like.weight.device)
+    w = w.detach()
     return (w.t() if is_transposed(like) else w).float()
+
+
+def base_weight_readers(base_weights, targets, init_config) -> dict:
+    """{target name: a function giving W, the weight the factors are computed from and the offset is taken from}.
+
+    Float targets: their own weight. bitsandbytes-quantized targets: their dequantized weight Q(W), or, with
+    `base_weights` (the full-precision checkpoint), the original W, read one layer at a time; an offset method then
+    stores Q(W − s·B·A), which is closer to W than Q(W) is (QPiSSA). Offset methods on quantized targets need
+    `base_weights` (or `base_weights="dequantized"` to accept Q(Q(W) − s·B·A), which adds a second quantization
+    error), so that the loss of accuracy is never silent.
+    """
+    quantized = [n for n, m in targets.items() if is_quantized(m)]
+    if base_weights is None or isinstance(base_weights, str) and base_weights == "dequantized":
+        if quantized and base_weights is None and init_config.subtracts():
+            raise ValueError(
+                f"{init_config.method} offsets the base by its factors, and the targets ({quantized[:2]}...) are "
+                "quantized: the residual W − s·B·A must come from the full-precision W, or it carries the 4-bit "
+                "error twice. Pass base_weights=<the full-precision checkpoint folder, state dict or model> "
+                "(read one layer at a time), or base_weights='dequantized' to start from the quantized weights.")
+        return {n: (lambda m=m: weight_matrix(m)) for n, m in targets.items()}
+    if not quantized:
+        raise ValueError("base_weights= gives the full-precision weights of quantized targets, but no target is "
+                         "quantized: drop it (the model's own weights are used).")
+    return layer_weights(base_weights, targets, "base_weights", "pass the full-precision checkpoint the quantized "
+                         "model was loaded from")
 
 
 def _check_budget(init_config, targets) -> None:
     """A rank budget that cannot give every layer r_min: an error before the statistics pass."""
     if init_config.rank != "auto" or init_config.rank_budget is None:
         return
-    sizes = [sum(weight_matrix(m).shape) for m in targets.values()]
+    sizes = [sum(out_in_features(m)) for m in targets.values()]
     need = init_config.r_min * (len(sizes) if init_config.budget_by == "rank" else sum(sizes))
     if init_config.rank_budget < need:
         raise ValueError(f"rank_budget={init_config.rank_budget} ({init_config.budget_by}s) cannot give each of the "
@@ -285,7 +393,7 @@ def _check_sketch_size(init_config, lora_config, targets) -> None:
                          "(more than that is advised), or lower the rank.")
 
 
-def _allocate(targets, lora_config, init_config, stats, opts, tuned=None):
+def _allocate(targets, lora_config, init_config, stats, opts, weights, tuned=None):
     """Per-layer ranks from the method's spectra (SPEC §6), or EVA's redistribution; (LoraConfig, targets, info)."""
     from . import ranks as R
 
@@ -294,13 +402,13 @@ def _allocate(targets, lora_config, init_config, stats, opts, tuned=None):
     if init_config.rank != "auto" and not eva:
         return lora_config, targets, None
     layer_r = {n: layer_rank_and_scaling(lora_config, n)[0] for n in targets}
-    sizes = {n: tuple(weight_matrix(m).shape) for n, m in targets.items()}
+    sizes = {n: out_in_features(m) for n, m in targets.items()}
     method_opts = make_options(init_config.method, **opts)
     spectra = {}
     for name, module in targets.items():
         st = stats[name].densified() if stats is not None else None
         extra = {"tuned": tuned[name]()} if method.tuned else {}
-        spectra[name] = method.spectrum(weight_matrix(module).float(), st, method_opts, **extra).detach().float().cpu()
+        spectra[name] = method.spectrum(weights[name](), st, method_opts, **extra).detach().float().cpu()
     if eva:
         rho = method_opts.rho
         explained = {n: s / s.sum().clamp_min(1e-30) for n, s in spectra.items()}
@@ -325,8 +433,8 @@ def _allocate(targets, lora_config, init_config, stats, opts, tuned=None):
         importance = None
         if init_config.rank_rule == "importance":
             importance = {}
-            for n, m in targets.items():
-                w = weight_matrix(m).float()
+            for n in targets:
+                w = weights[n]()
                 importance[n] = float((w * stats[n].densified().grad.to(w.device)).abs().mean())
         allocation = R.allocate_ranks(spectra, budget, rule=init_config.rank_rule, r_min=init_config.r_min,
                                       r_max=r_max, tau=init_config.tau, sizes=sizes, budget_by=init_config.budget_by,
@@ -360,12 +468,13 @@ def _energy(spectrum: torch.Tensor, r: int) -> float:
     return float(sq[:r].sum() / sq.sum()) if float(sq.sum()) > 0 else 0.0
 
 
-def _init_layers(targets, lora_config, init_config, stats, opts, progress, tuned=None) -> dict[str, InitResult]:
+def _init_layers(targets, lora_config, init_config, stats, opts, progress, weights,
+                 tuned=None) -> dict[str, InitResult]:
     results = {}
     for i, (name, module) in enumerate(tqdm(targets.items(), desc=f"lorafa {init_config.method} init",
                                             disable=not progress or world()[0] != 0, leave=False)):
         r, s = layer_rank_and_scaling(lora_config, name)
-        results[name] = init_factors(init_config.method, weight_matrix(module), None if stats is None else stats.get(name),
+        results[name] = init_factors(init_config.method, weights[name](), None if stats is None else stats.get(name),
                                      rank=r, scaling=s, svd=init_config.svd, seed=init_config.seed + i, name=name,
                                      tuned=None if tuned is None else tuned[name](), **opts)
         results[name].info["rank"] = r
@@ -460,7 +569,8 @@ def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, 
 def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = None, batches=None, stats=None, *,
                adapter_name: str = "default", loss_fn=None, progress: bool = True,
                initial_adapter_dir: str | os.PathLike | None = None,
-               autocast_adapter_dtype: bool = True, search_batches=None, align=None, tuned=None) -> PeftModel:
+               autocast_adapter_dtype: bool = True, search_batches=None, align=None, tuned=None,
+               base_weights=None) -> PeftModel:
     """Build a PEFT model whose adapters are initialised by `init_config`.
 
     Runs the statistics pass over `batches` if the method needs statistics and `stats` is None, computes every
@@ -488,6 +598,11 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
             0.61 to 0.03 while the held-out loss rose); other training examples avoid that.
         tuned: for method="extract", the fine-tuned model (same architecture as `model`) or its state dict: each
             target layer's adapter is extracted from W_tuned − W.
+        base_weights: for a bitsandbytes-quantized model (SPEC §10), the full-precision weights it was loaded from:
+            a checkpoint folder or `.safetensors` file (read lazily), a state dict, or a model. The factors are
+            computed from W and offset methods store Q(W − s·B·A) (closer to W than Q(W) is). Required for offset
+            methods on quantized targets; `"dequantized"` starts from the quantized weights instead. No-offset
+            methods (lora_fa, lora_one, ...) leave the quantized base untouched.
         align: with `InitConfig(align_init=True)`, the `lorafa.align.AlignmentTerm` whose teacher the init aligns
             to: the statistics pass and the line search use L_task + align_lambda · D (SPEC §5, teacher-aware init).
 
@@ -500,8 +615,8 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     """
     init_config = init_config or InitConfig()
     _check_lora_config(lora_config, init_config)
-    results, lora_config, summary = _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress,
-                                                  search_batches, align, tuned)
+    results, lora_config, summary, weights = _compute_init(model, lora_config, init_config, stats, batches, loss_fn,
+                                                           progress, search_batches, align, tuned, base_weights)
     subtract = init_config.subtracts()
     variant = METHODS[init_config.method].variant
     if variant == "kasa":
@@ -518,7 +633,8 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
                    make_options("goat", **init_config.method_options()), seed=init_config.seed)
     else:
         for name, res in results.items():
-            _write_layer(name, layers[name], adapter_name, res, subtract, *layer_rank_and_scaling(lora_config, name))
+            _write_layer(name, layers[name], adapter_name, res, subtract, *layer_rank_and_scaling(lora_config, name),
+                         weight=weights[name])
     initial = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()}
     record = InitRecord(adapter_name, init_config, subtract, initial, {n: r.info for n, r in results.items()},
                         summary=summary)
@@ -540,7 +656,7 @@ def quiet_checkpointing_rename():
 
 
 @torch.no_grad()
-def _write_layer(name, layer, adapter_name, res: InitResult, subtract: bool, r: int, s: float) -> None:
+def _write_layer(name, layer, adapter_name, res: InitResult, subtract: bool, r: int, s: float, weight) -> None:
     lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
     if layer.r[adapter_name] != r or not math.isclose(layer.scaling[adapter_name], s, rel_tol=1e-6):
         raise RuntimeError(f"PEFT built {name!r} with r={layer.r[adapter_name]}, s={layer.scaling[adapter_name]}, "
@@ -550,8 +666,11 @@ def _write_layer(name, layer, adapter_name, res: InitResult, subtract: bool, r: 
     if subtract:
         base = layer.get_base_layer()
         c = res.offset_scale if res.subtract else 1.0
-        w = weight_matrix(base) - (c * s) * (lora_B.float() @ lora_A.float()).to(base.weight.device)
-        base.weight.copy_((w.t() if is_transposed(base) else w).to(base.weight.dtype))
+        w = weight() - (c * s) * (lora_B.float() @ lora_A.float()).to(base.weight.device)
+        if is_quantized(base):  # SPEC §10: the residual goes into a fresh quantization with the layer's settings
+            requantize_(base, w)
+        else:
+            base.weight.copy_((w.t() if is_transposed(base) else w).to(base.weight.dtype))
 
 
 @contextmanager

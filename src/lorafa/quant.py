@@ -27,6 +27,14 @@ _UNSUPPORTED = (
 _FLOAT8 = {getattr(torch, n) for n in dir(torch) if n.startswith("float8_")}
 
 
+def require_bitsandbytes() -> None:
+    """Raise a clear error when bitsandbytes, which quantized bases need, is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("A 4-bit base needs bitsandbytes: pip install 'lorafa[quant]' (bitsandbytes>=0.47).")
+
+
 def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module  # PEFT's wrapper -> the layer
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import InitConfig
-from .methods.registry import resolve_method
+from .methods.registry import METHODS, resolve_method
 
 
 @dataclass
@@ -25,6 +25,10 @@ class ModelSection:
     name: str = "smollm2-135m-instruct"  # HF id, local path, or an embedded default's name
     type: str = "CausalLM"  # CausalLM | SequenceClassification
     bf16: bool = False
+    load_in_4bit: bool = False  # a bitsandbytes 4-bit base (SPEC §10), quantized while loading; offset methods
+    # re-quantize W − s·B·A from the full-precision checkpoint; the adapter still loads on the original base
+    bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
+    bnb_4bit_use_double_quant: bool = False
     max_length: int = 256
     learning_rate: float = 1e-3
     epochs: float = 1.0
@@ -296,6 +300,16 @@ def parse_run_config(data: dict) -> RunConfig:
         if m.activation_checkpointing and not m.gradient_checkpointing:
             raise ValueError("model.activation_checkpointing and its alias model.gradient_checkpointing disagree: set one.")
         m.activation_checkpointing, m.gradient_checkpointing = m.gradient_checkpointing, None
+    if m.load_in_4bit:
+        if m.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"model.bnb_4bit_quant_type must be nf4 or fp4, got {m.bnb_4bit_quant_type!r}")
+        if m.saving:
+            raise ValueError("model.saving merges the adapter into the weights, which a 4-bit base cannot hold "
+                             "without a second quantization error: set model.saving=false (the adapter is saved, "
+                             "and loads on the original full-precision base).")
+        if any(c is not None and METHODS[c.method].variant for c in (cfg.init_config(), cfg.baseline_init_config())):
+            raise ValueError("model.load_in_4bit=true does not run KaSA or GOAT (they need float base layers): "
+                             "choose another init, or load the model in full precision.")
     if cfg.dataset.validation_size < 0:
         raise ValueError(f"dataset.validation_size must be >= 0 (0: no validation set), got {cfg.dataset.validation_size}")
     cfg.init_config()  # method and options are validated up front, before any long work

@@ -69,7 +69,7 @@ def resolve_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
 
     Raises:
         ValueError: an entry matches no module (close matches are listed), a match is not `nn.Linear`/`Conv1D`,
-            or its weight is quantized or not floating point.
+            or its weight is quantized with a scheme lorafa does not support, or not floating point.
     """
     config = _as_config(target_modules)
     if config.target_modules is None:
@@ -105,20 +105,29 @@ def _check_every_entry_matched(config: LoraConfig, named: dict, found: dict) -> 
 
 
 def check_layer(name: str, module: nn.Module) -> None:
-    """Raise a clear error unless `module` is a float `nn.Linear` or `Conv1D` lorafa can read and modify."""
+    """Raise a clear error unless `module` is an `nn.Linear` (float, or bitsandbytes 4-bit/int8) or a `Conv1D` that
+    lorafa can read and modify."""
+    from .quant import quant_kind
+
     if not isinstance(module, SUPPORTED_LAYERS):
         raise ValueError(
             f"Target {name!r} is a {type(module).__name__}; lorafa initialises nn.Linear and transformers Conv1D "
             "layers only. Remove it from target_modules."
         )
-    weight = module.weight
-    if hasattr(weight, "quant_state") or "4bit" in type(module).__name__ or "8bit" in type(module).__name__:
-        raise ValueError(
-            f"Target {name!r} holds quantized weights ({type(weight).__name__}); data-aware inits need full-precision "
-            "weights and gradients. Load the model in fp32/bf16/fp16 for the statistics pass and initialisation."
-        )
-    if not torch.is_floating_point(weight):
-        raise ValueError(f"Target {name!r} has a non-floating weight dtype {weight.dtype}: load it in fp32/bf16/fp16.")
+    try:
+        kind = quant_kind(module)
+    except ValueError as err:
+        raise ValueError(f"Target {name!r}: {err}") from None
+    if kind is None and not torch.is_floating_point(module.weight):
+        raise ValueError(f"Target {name!r} has a non-floating weight dtype {module.weight.dtype}: load it in "
+                         "fp32/bf16/fp16.")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or int8 layer (whose `weight` is not the `out × in` float matrix)."""
+    from .quant import quant_kind
+
+    return quant_kind(module) is not None
 
 
 def is_transposed(module: nn.Module) -> bool:
@@ -127,11 +136,20 @@ def is_transposed(module: nn.Module) -> bool:
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as an fp32 `m × n` (out × in) matrix (a fresh tensor)."""
+    """The layer's weight as an fp32 `m × n` (out × in) matrix (a fresh tensor); a bitsandbytes layer is dequantized
+    (that layer only), an FSDP2-sharded weight is gathered (that layer only)."""
+    if is_quantized(module):
+        from .quant import dequantized_weight
+
+        return dequantized_weight(module)
     w = module.weight.detach()
+    if hasattr(w, "full_tensor"):  # a DTensor (FSDP2 shard): one layer's full weight, gathered on every rank
+        w = w.full_tensor()
     return (w.t() if is_transposed(module) else w).float().clone()
 
 
 def out_in_features(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):  # a packed 4-bit weight's shape is not the layer's
+        return module.out_features, module.in_features
     w = module.weight
     return (w.shape[1], w.shape[0]) if is_transposed(module) else (w.shape[0], w.shape[1])

@@ -36,18 +36,47 @@ def _device_checks(cfg: RunConfig) -> torch.dtype:
     return torch.float32
 
 
-def _load_model(cfg: RunConfig, task, dtype):
+def _load_model(cfg: RunConfig, task, dtype, device):
+    """(model, tokenizer) on `device`; with model.load_in_4bit, quantized by bitsandbytes while loading."""
     from .models import load_causal_lm, load_sequence_classifier
 
+    kwargs = {}
+    if cfg.model.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        from .quant import require_bitsandbytes
+
+        require_bitsandbytes()
+        kwargs = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.model.bnb_4bit_quant_type, bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=cfg.model.bnb_4bit_use_double_quant), "device_map": {"": device}}
     if cfg.model.type == "CausalLM":
         if task.kind != "causal_lm":
             raise ValueError(f"model.type=CausalLM needs a prompt/answer dataset; {task.name} is {task.kind}.")
-        return load_causal_lm(cfg.model.name, dtype=dtype)
-    if cfg.model.type == "SequenceClassification":
+        model, tokenizer = load_causal_lm(cfg.model.name, dtype=dtype, **kwargs)
+    elif cfg.model.type == "SequenceClassification":
         if task.kind != "classification":
             raise ValueError(f"model.type=SequenceClassification needs a text/label dataset; {task.name} is {task.kind}.")
-        return load_sequence_classifier(cfg.model.name, num_labels=task.num_labels, dtype=dtype)
-    raise ValueError(f"model.type must be CausalLM or SequenceClassification, got {cfg.model.type!r}")
+        model, tokenizer = load_sequence_classifier(cfg.model.name, num_labels=task.num_labels, dtype=dtype, **kwargs)
+    else:
+        raise ValueError(f"model.type must be CausalLM or SequenceClassification, got {cfg.model.type!r}")
+    if not cfg.model.load_in_4bit:  # transformers places a quantized model itself (device_map) and refuses .to()
+        model.to(device)
+    return model, tokenizer
+
+
+def _quantization(cfg: RunConfig) -> str | None:
+    m = cfg.model
+    return f"bnb-{m.bnb_4bit_quant_type}{'-double' if m.bnb_4bit_use_double_quant else ''}" if m.load_in_4bit else None
+
+
+def _base_weights(cfg: RunConfig, init_config):
+    """For a 4-bit base and an offset method: the full-precision checkpoint the residual is computed from."""
+    if not (cfg.model.load_in_4bit and init_config.subtracts()):
+        return None
+    from .models import full_precision_checkpoint
+
+    return full_precision_checkpoint(cfg.model.name)
 
 
 def _collator(cfg: RunConfig, task, tokenizer, max_length):
@@ -82,7 +111,8 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
            "kind": init_config.needs, "bsz": init_config.bsz, "iters": init_config.iters,
            "max_length": init_config.max_length, "sample": init_config.sample, "seed": init_config.seed,
            "sketch": init_config.sketch_sizes,
-           "targets": targets, "dtype": str(next(model.parameters()).dtype)}
+           "targets": targets, "dtype": str(next(model.parameters()).dtype),
+           "quantization": _quantization(cfg)}
     if init_config.align_init:
         key["align"] = {**dataclasses.asdict(cfg.align), "lambda_init": init_config.align_lambda}
     if cfg.init.cache or world()[1] > 1:  # keyed by content: a checkpoint overwritten in place misses the cache
@@ -259,13 +289,13 @@ def run(cfg: RunConfig) -> dict:
     task = dataclasses.replace(task, train=train_set)  # the statistics pass and training never see the validation set
     logger.info("%s: %d training, %d validation (from the training data), %d test examples", task.name,
                 len(task.train), len(validation), len(task.test))
-    model, tokenizer = _load_model(cfg, task, dtype)
-    model.to(state.device)
+    model, tokenizer = _load_model(cfg, task, dtype, state.device)
     collate = _collator(cfg, task, tokenizer, cfg.model.max_length)
     _check_lengths(task, collate)
     results = {"run_dir": run_dir, "dataset": task.name, "n_train": len(task.train), "n_validation": len(validation),
                "n_test": len(task.test), "model": cfg.model.name, "method": init_config.method,
-               "world_size": state.num_processes, "is_main_process": state.is_main_process}
+               "world_size": state.num_processes, "is_main_process": state.is_main_process,
+               "quantization": _quantization(cfg)}
     if cfg.dry_run:
         return results
 
@@ -279,7 +309,7 @@ def run(cfg: RunConfig) -> dict:
         del model
         gc.collect()
         set_seed(cfg.seed)  # the same seed: the same batches in the same order, and the same adapter RNG draws
-        model = _load_model(cfg, task, dtype)[0].to(state.device)
+        model = _load_model(cfg, task, dtype, state.device)[0]
         if teacher is not None and cfg.align.refresh:  # the first arm moved it: the baseline starts from the same one
             teacher.reload()
         results["baseline"] = _train_arm(cfg, model, tokenizer, task, validation, collate, baseline_config,
@@ -363,7 +393,8 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
                                       init_config.bsz, k or init_config.iters, init_config.sample, init_config.seed,
                                       skip=init_config.iters if k else 0)
     peft_model = initialize(model, lora_config, init_config, stats=stats, batches=search_batches,
-                            initial_adapter_dir=initial_dir, align=align_term, tuned=tuned)
+                            initial_adapter_dir=initial_dir, align=align_term, tuned=tuned,
+                            base_weights=_base_weights(cfg, init_config))
     del tuned
     out["init_s"] = round(time.perf_counter() - t, 2)
     out.update(_init_report(peft_model, run_dir, state))

@@ -10,13 +10,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..targets import is_transposed, out_in_features, resolve_targets, unwrap_model
+from ..targets import is_quantized, is_transposed, out_in_features, resolve_targets, unwrap_model
 from .distributed import agree_step, all_gather_objects, all_reduce_counts, all_reduce_sum_, world
 from .sketch import DEFAULT_SKETCH_SEED, GradSketch, gaussian_matrix, sketch_sizes
 from .types import LayerStats
 
 logger = logging.getLogger(__name__)
 KINDS = ("grad", "kfac", "act")
+GRAD_FROM = ("auto", "weight", "hooks")
+
+
+def grad_from_hooks(module: nn.Module, grad_from: str = "auto") -> bool:
+    """Whether a target's gradient is built from its inputs and output gradients (G_b = Δᵀ X) rather than read from
+    `weight.grad`: always with `hooks`; with `auto` for the layers that cannot hold a usable weight gradient, a
+    bitsandbytes 4-bit/int8 weight (no gradient at all) and an FSDP2 shard (whose gradient is one rank's slice of
+    the mean over processes, where the pass needs this process's own full sum)."""
+    if grad_from not in GRAD_FROM:
+        raise ValueError(f"grad_from={grad_from!r}: choose from {GRAD_FROM}.")
+    if grad_from != "auto":
+        return grad_from == "hooks"
+    return is_quantized(module) or hasattr(module.weight, "full_tensor")
 
 
 def normalize_kinds(kinds: Iterable[str] | str) -> frozenset[str]:
@@ -52,12 +65,16 @@ class StatsRecorder:
     Only target weights require grad inside the context; each weight's gradient is added to its fp32 buffer as soon
     as autograd has accumulated it, then freed, so no layer's gradient outlives its own backward step.
     With `sketch=(k, l)` no weight requires grad at all: each target's input does, and the gradient is accumulated
-    as the two sketches G·Ω and Ψᵀ·G from the layer's inputs and output gradients (see `stats.sketch`).
+    as the two sketches G·Ω and Ψᵀ·G from the layer's inputs and output gradients (see `stats.sketch`). The targets
+    in `hook_grad` (quantized or FSDP2-sharded weights, see `grad_from_hooks`) get their dense gradient the same way,
+    as Σ Δᵀ X in fp32, with no weight gradient.
     """
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Module], kinds, accumulate_on=None, train_mode=False,
-                 sketch: tuple[int, int] | None = None, sketch_seed: int = DEFAULT_SKETCH_SEED):
+                 sketch: tuple[int, int] | None = None, sketch_seed: int = DEFAULT_SKETCH_SEED,
+                 grad_from: str = "auto"):
         self.model, self.targets, self.kinds = model, targets, normalize_kinds(kinds)
+        self.hook_grad = {n for n, m in targets.items() if grad_from_hooks(m, grad_from)} if sketch is None else set()
         self.accumulate_on, self.train_mode = accumulate_on, train_mode
         self.sketch, self.sketch_seed = sketch, sketch_seed
         self.sk_y, self.sk_z, self._gauss, self._sketch_rows = {}, {}, {}, {}
@@ -106,7 +123,8 @@ class StatsRecorder:
 
     def _install(self, name: str, mod: nn.Module) -> None:
         transposed = is_transposed(mod)
-        if "grad" in self.kinds and self.sketch is not None:
+        from_hooks = "grad" in self.kinds and (self.sketch is not None or name in self.hook_grad)
+        if from_hooks:
             self._handles.append(mod.register_forward_pre_hook(_input_requires_grad, with_kwargs=True))
         elif "grad" in self.kinds:
             mod.weight.requires_grad_(True)
@@ -123,7 +141,7 @@ class StatsRecorder:
                 p.grad = None  # free at once: never all layers' gradients in model dtype
 
             self._handles.append(mod.weight.register_post_accumulate_grad_hook(on_grad))
-        if "act" in self.kinds or ("grad" in self.kinds and self.sketch is not None):
+        if "act" in self.kinds or from_hooks:
             self._handles.append(mod.register_forward_hook(
                 lambda m, args, kwargs, out, name=name: self._on_forward(name, args[0] if args else kwargs["input"], out),
                 with_kwargs=True))
@@ -139,6 +157,16 @@ class StatsRecorder:
                 rows = _rows(x.detach(), self.mask, name)  # kept until this layer's backward, as autograd keeps x
                 self._sketch_rows[id(x)] = (weakref.ref(x), rows)
             out.register_hook(lambda g, name=name, mask=self.mask, rows=rows: self._on_sketch_grad(name, g, mask, rows))
+        elif name in self.hook_grad and "grad" in self.kinds and out.requires_grad:
+            x = x.detach()  # every token, padding included, as autograd's weight gradient counts them
+            out.register_hook(lambda g, name=name, x=x: self._on_hook_grad(name, g, x))
+
+    def _on_hook_grad(self, name: str, g: torch.Tensor, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            d, rows = g.reshape(-1, g.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
+            buf = self._buffer(self.grad, name, (d.shape[1], rows.shape[1]), d)
+            buf.add_((d.T @ rows).to(buf.device))  # G_b = Δᵀ X, the layer's weight gradient, in fp32
+            self.calls[name] += 1
 
     def _gaussian(self, rows: int, cols: int, device) -> torch.Tensor:
         key = (rows, cols, device)
@@ -351,6 +379,7 @@ def collect_stats(
     progress: bool = True,
     sketch: int | tuple[int, int] | None = None,
     sketch_seed: int = DEFAULT_SKETCH_SEED,
+    grad_from: str = "auto",
 ) -> dict[str, LayerStats]:
     """Run the statistics pass of SPEC §1 over `batches`.
 
@@ -368,6 +397,9 @@ def collect_stats(
             l >= k (default l = 2k + 1). Memory per layer O(m·k + l·n) instead of m·n; the methods then use the
             rank-k reconstruction. Needs a `grad` (or `kfac`) kind.
         sketch_seed: seed of the sketches' Gaussian test matrices (the same on every process).
+        grad_from: where a dense gradient comes from: "weight" (autograd's `weight.grad`, freed layer by layer),
+            "hooks" (Σ Δᵀ X from each layer's input and output gradient, in fp32; no weight gradient exists), or
+            "auto" (default): hooks for bitsandbytes-quantized and FSDP2-sharded weights, `weight.grad` otherwise.
 
     Returns:
         dict module name -> LayerStats, identical on every process (sums are all-reduced when torch.distributed is
@@ -392,7 +424,7 @@ def collect_stats(
             raise ValueError(f"sketch= sketches the gradient, but kinds={sorted(kinds)} has none: add 'grad' or 'kfac'.")
         sketch = sketch_sizes(*((sketch,) if isinstance(sketch, int) else tuple(sketch)))
     recorder = StatsRecorder(model, targets, kinds, accumulate_on=accumulate_on, train_mode=train_mode,
-                             sketch=sketch, sketch_seed=sketch_seed)
+                             sketch=sketch, sketch_seed=sketch_seed, grad_from=grad_from)
     total = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
     bar = tqdm(total=total, desc="lorafa statistics", disable=not progress or world()[0] != 0, leave=False)
     with recorder, (torch.enable_grad() if needs_backward else torch.no_grad()):
