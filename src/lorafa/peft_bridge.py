@@ -29,10 +29,11 @@ from .kasa import TRUNCATION_NOTE, kasa_lora_config
 from .methods.common import InitResult
 from .methods.lora_fa import whitener_scope
 from .methods.registry import METHODS, init_factors, make_options
-from .stats.collect import collect_stats
-from .stats.distributed import all_reduce_sum_, world
+from .stats.collect import collect_stats, fsdp_sharded
+from .stats.distributed import all_gather_objects, all_reduce_sum_, world
 from .quant import requantize_
-from .targets import is_quantized, is_transposed, out_in_features, resolve_targets, unwrap_model, weight_matrix
+from .targets import (is_quantized, is_transposed, out_in_features, resolve_targets, set_weight_matrix, unwrap_model,
+                      weight_matrix)
 
 logger = logging.getLogger(__name__)
 
@@ -504,6 +505,8 @@ def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, 
     batches = list(batches)[: max_batches] if max_batches is not None else list(batches)
     if not batches:
         raise ValueError("scale='line_search' got no statistics batches for this process.")
+    # under FSDP each forward gathers the sharded weights on every rank: a rank with fewer batches runs blank passes
+    blank = max(all_gather_objects(len(batches))) - len(batches) if fsdp_sharded(model) else 0
     deltas = {}
     for name, res in results.items():
         _, s = layer_rank_and_scaling(lora_config, name)
@@ -526,10 +529,10 @@ def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, 
         if g not in tried:
             g_now["g"] = g
             total = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
-            for b in batches:
+            for i, b in enumerate(batches + batches[:1] * blank):  # the blank passes are not counted
                 b = {k: v.to(total.device) if torch.is_tensor(v) else v for k, v in b.items()}
                 loss = (loss_fn(model, b) if loss_fn else model(**b).loss).double()
-                total += torch.stack([loss, torch.ones_like(loss)])
+                total += torch.stack([loss, torch.ones_like(loss)]) * (i < len(batches))
             all_reduce_sum_(total)
             tried[g] = float(total[0] / total[1])
             if not math.isfinite(tried[g]):
@@ -670,7 +673,7 @@ def _write_layer(name, layer, adapter_name, res: InitResult, subtract: bool, r: 
         if is_quantized(base):  # SPEC §10: the residual goes into a fresh quantization with the layer's settings
             requantize_(base, w)
         else:
-            base.weight.copy_((w.t() if is_transposed(base) else w).to(base.weight.dtype))
+            set_weight_matrix(base, w)
 
 
 @contextmanager

@@ -148,6 +148,22 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return (w.t() if is_transposed(module) else w).float().clone()
 
 
+@torch.no_grad()
+def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    """Store the `m × n` matrix `w` as the float layer's weight, in its dtype; an FSDP2 shard keeps its own rows (the
+    same `w` is computed on every rank, so nothing is communicated). Quantized layers: `quant.requantize_`."""
+    w = w.t() if is_transposed(module) else w
+    weight = module.weight
+    if hasattr(weight, "full_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        local = distribute_tensor(w.to(weight.device, weight.dtype), weight.device_mesh, weight.placements,
+                                  src_data_rank=None).to_local()
+        weight.to_local().copy_(local)
+    else:
+        weight.copy_(w.to(weight.device, weight.dtype))
+
+
 def out_in_features(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):  # a packed 4-bit weight's shape is not the layer's
         return module.out_features, module.in_features

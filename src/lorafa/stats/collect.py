@@ -79,6 +79,7 @@ class StatsRecorder:
         self.sketch, self.sketch_seed = sketch, sketch_seed
         self.sk_y, self.sk_z, self._gauss, self._sketch_rows = {}, {}, {}, {}
         self.mask: torch.Tensor | None = None
+        self.paused = False  # a blank pass (FSDP lockstep): the hooks record nothing
         self.n_batches = 0
         self.fisher_weight, self.loss_tokens_known = 0, True  # Σ_b T_b·N_b (see LayerStats.fisher_weight)
         self.calls = dict.fromkeys(targets, 0)
@@ -130,6 +131,9 @@ class StatsRecorder:
             mod.weight.requires_grad_(True)
 
             def on_grad(p, name=name):
+                if self.paused:
+                    p.grad = None
+                    return
                 g = p.grad.t() if transposed else p.grad
                 home = torch.device(self.accumulate_on) if self.accumulate_on is not None else g.device
                 if name not in self.grad and g.dtype == torch.float32 and g.device == home:
@@ -147,6 +151,8 @@ class StatsRecorder:
                 with_kwargs=True))
 
     def _on_forward(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        if self.paused:
+            return
         if "act" in self.kinds:
             self._on_forward_act(name, x, out)
         if self.sketch is not None and out.requires_grad:
@@ -345,13 +351,14 @@ def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 _END = object()
 
 
-def _one_batch(model, recorder: StatsRecorder, batch_iter, i: int, device, needs_backward: bool, loss_fn) -> bool:
-    """Process this process's next batch; False when it has none left."""
-    batch = next(batch_iter, _END)
-    if batch is _END:
-        return False
+def _one_batch(model, recorder: StatsRecorder, batch, i: int, device, needs_backward: bool, loss_fn,
+               record: bool = True) -> None:
+    """One forward (and backward) pass on `batch`; with record=False nothing is recorded (an FSDP rank with no batch
+    left runs such a pass so that its collectives match the other ranks')."""
     batch = _to_device(batch, device)
-    recorder.begin_batch(batch.get("attention_mask"), batch.get("labels"), batch.get("input_ids"))
+    recorder.paused = not record
+    if record:
+        recorder.begin_batch(batch.get("attention_mask"), batch.get("labels"), batch.get("input_ids"))
     if needs_backward:
         loss = (loss_fn or _default_loss)(model, batch)
         if not loss.requires_grad:
@@ -359,11 +366,17 @@ def _one_batch(model, recorder: StatsRecorder, batch_iter, i: int, device, needs
                              "and loss_fn.")
         if not torch.isfinite(loss).all():
             raise ValueError(f"Non-finite loss {loss.item()} on statistics batch {i}: check the data and dtype.")
-        loss.backward()
+        (loss if record else loss * 0).backward()
     else:
         (loss_fn(model, batch) if loss_fn else model(**batch))
-    recorder.end_batch()
-    return True
+    if record:
+        recorder.end_batch()
+    recorder.paused = False
+
+
+def fsdp_sharded(model: nn.Module) -> bool:
+    """Whether any parameter is an FSDP2 (`fully_shard`) shard: every process must then run the same passes."""
+    return any(hasattr(p, "device_mesh") and hasattr(p, "full_tensor") for p in model.parameters())
 
 
 def collect_stats(
@@ -427,16 +440,32 @@ def collect_stats(
                              sketch=sketch, sketch_seed=sketch_seed, grad_from=grad_from)
     total = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
     bar = tqdm(total=total, desc="lorafa statistics", disable=not progress or world()[0] != 0, leave=False)
+    lockstep = world()[1] > 1 and fsdp_sharded(model)  # FSDP gathers each unit's weights: all ranks pass together
     with recorder, (torch.enable_grad() if needs_backward else torch.no_grad()):
-        batch_iter, done, step = None, False, 0
+        batch_iter, done, step, first = None, False, 0, None
         while True:  # all processes step together: a failure, or one running out early, is agreed on by all
-            error, active = None, not done and (max_batches is None or step < max_batches)
-            if active:
+            error, batch = None, _END
+            if not done and (max_batches is None or step < max_batches):
                 try:
                     batch_iter = iter(batches) if batch_iter is None else batch_iter
-                    active = _one_batch(model, recorder, batch_iter, step, device, needs_backward, loss_fn)
-                    done = not active
+                    batch = next(batch_iter, _END)
                 except Exception as e:  # noqa: BLE001 - re-raised by agree_step, here and (named) on the others
+                    error = e
+            active = batch is not _END
+            done = done or not active
+            first = batch if first is None and active else first
+            if lockstep:  # does any rank have a batch this step? Then every rank runs a pass (its own, or a blank)
+                if error is None and first is None and world()[1] > 1:
+                    error = ValueError("Under FSDP every process must have at least one statistics batch (each "
+                                       "pass gathers the sharded weights on all ranks): use at least as many "
+                                       "statistics batches (init.iters) as processes.")
+                if not agree_step(error, active, f"statistics batch {step}"):
+                    break
+            if error is None and (active or lockstep):
+                try:
+                    _one_batch(model, recorder, batch if active else first, step, device, needs_backward, loss_fn,
+                               record=active)
+                except Exception as e:  # noqa: BLE001
                     error = e
             if not agree_step(error, active, f"statistics batch {step}"):
                 break

@@ -1,0 +1,139 @@
+"""FSDP2-sharded statistics and init (2 gloo processes on CPU): the same statistics and the same adapter as one
+process on the union of the batches, with no full weight gradient on any rank (a sharded weight never gets one)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import make_batches, tiny_llama
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+import lorafa
+from lorafa.stats import shard_batches
+
+from test_distributed import _free_port
+
+WORLD = 2
+N_BATCHES = 5  # odd: rank 0 has 3 batches, rank 1 has 2 and runs one blank pass
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ("lora_ga", "pissa", "lora_fa")
+
+
+def _lora_config() -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
+
+
+def _sharded_llama():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_llama(seed=0)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.model.layers:  # each decoder block is one FSDP unit: its weights are row shards
+        fully_shard(layer, mesh=mesh)
+    return model, mesh
+
+
+def _full_state(module) -> dict[str, torch.Tensor]:
+    """Every tensor, with FSDP2 shards gathered (one tensor at a time)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v
+        out[k] = v.detach().clone().contiguous()
+    return out
+
+
+def assert_close_fro(got, want, name):
+    """Equal to fp32 round-off, as a matrix: summation orders differ between 1 and 2 processes (and thread counts),
+    which moves a factor by up to ~2e-5 relative (measured), most by ~1e-6."""
+    err = float((got.float() - want.float()).norm())
+    assert err <= 1e-4 * float(want.float().norm()) + 1e-6, (name, err, float(want.norm()))
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        mine = shard_batches(make_batches(N_BATCHES), rank, WORLD)
+        model, mesh = _sharded_llama()
+        q = model.model.layers[0].self_attn.q_proj.weight
+        assert q.to_local().shape[0] == q.shape[0] // WORLD  # really sharded
+        stats = lorafa.collect_stats(model, mine, TARGETS, kinds=("kfac",), progress=False)
+        assert all(p.grad is None for p in model.parameters())  # no weight gradient was ever made
+        lorafa.save_stats(stats, os.path.join(out_dir, f"stats{rank}.safetensors"))
+        for method in METHODS:
+            model, mesh = _sharded_llama()
+            init = lorafa.InitConfig(method=method, iters=N_BATCHES)
+            pm = lorafa.initialize(model, _lora_config(), init, batches=mine, progress=False)
+            base_q = pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+            assert hasattr(base_q, "full_tensor")  # the offset was written into the shard, which stays a shard
+            save_file(_full_state(pm), os.path.join(out_dir, f"{method}{rank}.safetensors"))
+            if method == "pissa":  # then shard the adapters too (the root unit) and train one step
+                fully_shard(pm.base_model.model, mesh=mesh)
+                opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
+                loss = pm(**mine[0]).loss
+                loss.backward()
+                opt.step()
+                save_file({"loss": loss.detach().reshape(1)}, os.path.join(out_dir, f"loss{rank}.safetensors"))
+        # a line search under FSDP: rank 1 runs blank passes so that both ranks gather the weights together
+        model, _ = _sharded_llama()
+        pm = lorafa.initialize(model, _lora_config(), lorafa.InitConfig(method="lora_fa", iters=N_BATCHES,
+                                                                        scale="line_search"),
+                               batches=mine, progress=False)
+        save_file(_full_state(pm), os.path.join(out_dir, f"search{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    pytest.importorskip("torch.distributed.fsdp").fully_shard  # FSDP2
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return out
+
+
+def test_fsdp2_stats_equal_one_process(fsdp_run):
+    ranks = [lorafa.load_stats(fsdp_run / f"stats{r}.safetensors") for r in range(WORLD)]
+    single = lorafa.collect_stats(tiny_llama(seed=0), make_batches(N_BATCHES), TARGETS, kinds=("kfac",),
+                                  progress=False)
+    assert list(ranks[0]) == list(single) == list(ranks[1])
+    for name, st in single.items():
+        for r in range(WORLD):
+            assert ranks[r][name].n_batches == N_BATCHES and ranks[r][name].n_tokens == st.n_tokens
+            for key in ("grad", "in_cov", "out_cov"):
+                torch.testing.assert_close(getattr(ranks[r][name], key), getattr(st, key), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fsdp2_init_equals_one_process(fsdp_run, method):
+    """Factors and offset base weights of the 2-process FSDP2 init equal a one-process init on all the batches."""
+    single = lorafa.initialize(tiny_llama(seed=0), _lora_config(), lorafa.InitConfig(method=method, iters=N_BATCHES),
+                               batches=make_batches(N_BATCHES), progress=False)
+    want = {k: v.detach() for k, v in single.state_dict().items()}
+    for r in range(WORLD):
+        got = load_file(fsdp_run / f"{method}{r}.safetensors")
+        assert set(got) == set(want)
+        for k in want:
+            assert_close_fro(got[k], want[k], k)
+
+
+def test_fsdp2_training_step_and_line_search(fsdp_run):
+    losses = [load_file(fsdp_run / f"loss{r}.safetensors")["loss"] for r in range(WORLD)]
+    assert all(torch.isfinite(x).all() for x in losses)
+    single = lorafa.initialize(tiny_llama(seed=0), _lora_config(),
+                               lorafa.InitConfig(method="lora_fa", iters=N_BATCHES, scale="line_search"),
+                               batches=make_batches(N_BATCHES), progress=False)
+    want = {k: v.detach() for k, v in single.state_dict().items()}
+    got = load_file(fsdp_run / "search0.safetensors")
+    for k in want:
+        assert_close_fro(got[k], want[k], k)
