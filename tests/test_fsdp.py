@@ -137,3 +137,19 @@ def test_fsdp2_training_step_and_line_search(fsdp_run):
     got = load_file(fsdp_run / "search0.safetensors")
     for k in want:
         assert_close_fro(got[k], want[k], k)
+
+
+@pytest.mark.parametrize("orig", [False, True])
+def test_fsdp1_is_refused_with_the_way_out(orig):
+    """FSDP (v1) needs an accelerator to be built at all, so a stand-in of its class (matched by name, as lorafa
+    matches it without importing FSDP) wraps the model here."""
+
+    class FullyShardedDataParallel(torch.nn.Module):
+        def __init__(self, module, use_orig_params):
+            super().__init__()
+            self._fsdp_wrapped_module, self._use_orig_params = module, use_orig_params
+
+    wrapped = torch.nn.Sequential(FullyShardedDataParallel(tiny_llama(seed=0), orig))
+    with pytest.raises(ValueError, match="fully_shard") as err:
+        lorafa.collect_stats(wrapped, make_batches(1), TARGETS, progress=False)
+    assert ("use_orig_params=False" in str(err.value)) == (not orig)

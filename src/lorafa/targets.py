@@ -23,12 +23,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP/accelerate wrappers; refuse a PEFT model (statistics are taken before adapters exist)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
+    _refuse_fsdp1(model)
     if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
         raise TypeError(
             "Statistics are computed on the base model before adapters exist: pass the model you will give to "
             "get_peft_model, not a PeftModel."
         )
     return model
+
+
+def _refuse_fsdp1(model: nn.Module) -> None:
+    """FSDP (v1) keeps a layer's weight in a flattened, sharded buffer outside forward: refuse it with the way out."""
+    wrapped = [m for m in model.modules() if type(m).__name__ == "FullyShardedDataParallel"]
+    if wrapped:
+        flat = not all(getattr(m, "_use_orig_params", False) for m in wrapped)
+        raise ValueError(
+            "The model is wrapped in FSDP (v1)" + (" with use_orig_params=False, whose FlatParameters cannot be "
+                                                    "mapped to module names" if flat else "") + ". lorafa supports "
+            "FSDP2: shard the blocks with torch.distributed.fsdp.fully_shard (accelerate: fsdp_version: 2), or run "
+            "the init before wrapping the model.")
 
 
 def _as_config(target_modules) -> LoraConfig:
