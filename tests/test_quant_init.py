@@ -200,3 +200,29 @@ def test_int8_base(fp_folder, batches, tmp_path):
     lorafa.save_adapter(pm, tmp_path / "a")
     torch.testing.assert_close(batch_logits(PeftModel.from_pretrained(load(fp_folder), tmp_path / "a"), batches), ref,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_runner_load_in_4bit(tmp_path):
+    """`++model.load_in_4bit=true`: the main job's flow on a 4-bit base, the adapter loadable on the original base."""
+    from test_runner import composed, local
+    from tiny_assets import arithmetic_rows, save_tiny_causal_lm, write_jsonl
+
+    from lorafa.cli import run_from_config
+
+    model = save_tiny_causal_lm(str(tmp_path / "tiny-lm"))
+    write_jsonl(str(tmp_path / "gsm8k" / "train.jsonl"), arithmetic_rows(48, seed=0))
+    write_jsonl(str(tmp_path / "gsm8k" / "test.jsonl"), arithmetic_rows(8, seed=1))
+    rows = [{"query": r["question"], "response": r["answer"].replace("####", "The answer is:"), "type": "GSM_Rephrased"}
+            for r in arithmetic_rows(48, seed=2)]
+    write_jsonl(str(tmp_path / "metamath.jsonl"), rows)
+    assets = {"model": model, "gsm8k": str(tmp_path / "gsm8k"), "metamath": str(tmp_path / "metamath.jsonl")}
+    res = run_from_config(composed(["+init=svd", "++init.direction=pissa", "++model.load_in_4bit=true",
+                                    *local(assets, tmp_path / "runs", steps=3)]))
+    assert res["quantization"] == "bnb-nf4" and res["steps"] == 3
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+                                       res["adapter_dir"])
+    assert any("lora_A" in n for n, _ in loaded.named_parameters())
+    for bad, match in ((["++model.saving=true"], "saving"), (["++model.bnb_4bit_quant_type=int4"], "nf4 or fp4"),
+                       (["+init=svd", "++init.direction=kasa"], "KaSA or GOAT")):
+        with pytest.raises(ValueError, match=match):
+            run_from_config(composed(["++model.load_in_4bit=true", *local(assets, tmp_path / "bad"), *bad]))
