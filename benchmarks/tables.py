@@ -39,6 +39,7 @@ from typing import Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convergence  # noqa: E402
 import init_probe  # noqa: E402
+import quant  # noqa: E402
 import stats_cost  # noqa: E402
 import subspaces  # noqa: E402
 from common import markdown_table, read_table  # noqa: E402
@@ -73,6 +74,7 @@ INIT_PROBE_CLS = "benchmarks/results/init_probe_cls_probe"
 INIT_PROBE_CLS_SEARCH = "benchmarks/results/init_probe_cls_probe_search"
 ALIGN_CLS = "benchmarks/results/align_cls"
 ALIGN_CLS_ALL = "benchmarks/results/align_cls_all"
+QUANT = "benchmarks/results/quant_cpu/results.json"
 
 BEGIN = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) \(python benchmarks/tables\.py\) -->[ \t]*$", re.M)
 END = re.compile(r"^<!-- /generated -->[ \t]*$", re.M)
@@ -446,6 +448,23 @@ def render_init_memory(root: str, folder: str = INIT_MEMORY) -> str:
                           header=["code", "LoRA-FA layers", "peak during initialize (MB)", "held after it (MB)"])
 
 
+def render_quant(root: str, path: str = QUANT) -> str:
+    """quant.py's three tables (statistics pass fp32 vs nf4; lora_fa's and lora_ga's subspaces on nf4, and from other
+    batches, against the fp32 init; the initialised nf4 model's quantization error), as its `.md` files show them,
+    each under a one-line caption instead of its title, from `results.json`."""
+    if not os.path.exists(_path(root, path)):
+        return _not_run(os.path.dirname(path), f"python benchmarks/quant.py --out {os.path.dirname(path)}")
+    with open(_path(root, path)) as f:
+        rows = json.load(f)["rows"]
+    parts = [("Statistics pass (kinds=(\"grad\",)), fp32 vs nf4, each model in its own process:", "stats_pass",
+              quant.STATS_COLUMNS),
+             ("The init's subspaces against the fp32 init's (mean principal-angle cosine per layer):", "subspaces",
+              quant.SUBSPACE_COLUMNS),
+             ("Quantization error of the initialised nf4 model against the fp32 model:", "quant_error",
+              quant.ERROR_COLUMNS)]
+    return "\n".join(f"{caption}\n\n{markdown_table(rows[stem], columns)}" for caption, stem, columns in parts)
+
+
 # -- the registry ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Block:
@@ -530,6 +549,7 @@ BLOCKS: dict[str, Block] = {
         lambda root: render_csv_table(root, ALIGN_CLS_ALL, "extraction",
                                       f"python benchmarks/alignment.py --extract-targets all-linear --out {ALIGN_CLS_ALL}"),
         (f"{ALIGN_CLS_ALL}/extraction.csv",), "docs/benchmarks.md: extraction on every linear layer, classification"),
+    "quant_cpu": Block(render_quant, (QUANT,), "docs/benchmarks.md: data-aware inits on a 4-bit (nf4) SmolLM2, CPU"),
     "init_memory": Block(render_init_memory, (f"{INIT_MEMORY}/before.json", f"{INIT_MEMORY}/after.json"),
                          "docs/main_job.md: memory of the init before and after issue 8"),
 }
