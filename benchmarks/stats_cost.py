@@ -82,8 +82,20 @@ def worker(args) -> dict:
     if "RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
     model, batches, targets, device = setup(args)
-    floor(model, batches[:1], targets)  # warm-up
     mode, out = args.worker, {"mode": args.worker, "world": world()[1], "threads": args.threads}
+    if mode.endswith("_fsdp2"):  # each decoder block one FSDP2 unit: its weights are row shards across the ranks
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world()[1],))
+        for block in model.model.layers:
+            fully_shard(block, mesh=mesh)
+        mode = mode[: -len("_fsdp2")]
+        collect_stats(model, batches[:1], targets, kinds=("grad",), progress=False)  # warm-up, all ranks together
+    else:
+        floor(model, batches[:1], targets)  # warm-up
+    out["weights_mb_per_rank"] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+                                     for p in model.parameters()) / 2**20
     modules = dict(model.named_modules())
     out["target_fp32_mb"] = sum(modules[n].weight.numel() for n in targets) * 4 / 2**20
     if world()[1] > 1:
@@ -119,7 +131,7 @@ def worker(args) -> dict:
     if mode in ("grad", "kfac", "peft_lora_ga"):  # the decomposition and surgery after the pass
         out.update(decompose(model, stats, mode, args, device))
     if stats is not None and mode != "peft_lora_ga" and world()[0] == 0:
-        save_stats(stats, os.path.join(args.out, f"stats_{mode}_w{world()[1]}.safetensors"))
+        save_stats(stats, os.path.join(args.out, f"stats_{args.worker}_w{world()[1]}.safetensors"))
     if world()[0] == 0:
         print("RESULT " + json.dumps(out), flush=True)
     return out
@@ -176,12 +188,12 @@ def sketch_accuracy(out: str, mode: str, rank: int) -> dict:
             "median_rel_err": statistics.median(a["rel_err_rank_r"] for a in agree)}
 
 
-def equality(out: str, kind: str) -> float:
+def equality(out: str, kind: str, two_kind: str | None = None) -> float:
     """Largest relative difference between the 2-process and the 1-process statistics."""
     from lorafa.stats import load_stats
 
     one = load_stats(os.path.join(out, f"stats_{kind}_w1.safetensors"))
-    two = load_stats(os.path.join(out, f"stats_{kind}_w2.safetensors"))
+    two = load_stats(os.path.join(out, f"stats_{two_kind or kind}_w2.safetensors"))
     worst = 0.0
     for n, st in one.items():
         for k, t in st.tensors().items():
@@ -202,6 +214,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-multiprocess", action="store_true", help="skip the 2-process (torchrun) rows")
+    ap.add_argument("--fsdp", action="store_true", help="only the FSDP2 comparison: grad and kfac on 1 process, "
+                    "2 plain processes and 2 FSDP2 processes (fully_shard per decoder block), into stats_fsdp.*")
     ap.add_argument("--out", required=True)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -211,6 +225,9 @@ def main(argv=None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device, _ = pick_device(args.device)
+    if args.fsdp:
+        fsdp_table(args)
+        return
     modes = ["floor", "grad", "kfac", *[f"sketch_k{k}" for k in args.sketches], "peft_lora_ga"]
     if device.type == "cuda":
         modes.insert(2, "grad_offload")
@@ -239,6 +256,37 @@ def main(argv=None) -> None:
     write_json(os.path.join(args.out, "stats_cost.json"), {"rows": rows, "raw": res, "device": device_info(),
                                                           "args": vars(args), "time": time.ctime()})
     for f in os.listdir(args.out):  # the statistics files served the comparisons; they are large
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(args.out, f))
+    print(md)
+
+
+FSDP_COLUMNS = ["mode", "processes", "sharding", "threads per process", "s", "speed-up vs 1 process",
+                "weights MB per rank", "peak MB above model", "held MB", "max rel diff vs 1 process"]
+
+
+def fsdp_table(args) -> None:
+    """The pass on 1 process, on 2 processes with a full model each (DDP-style), and on 2 processes under FSDP2."""
+    half = max(1, args.threads // 2)
+    rows, raw = [], {}
+    for kind in ("grad", "kfac"):
+        one = raw[f"{kind}_w1"] = launch(args, kind)
+        for sharding, mode in (("none", kind), ("FSDP2", f"{kind}_fsdp2")):
+            two = raw[f"{mode}_w2"] = launch(args, mode, world_size=2, threads=half)
+            rows.append({"mode": kind, "processes": 2, "sharding": sharding, "threads per process": half,
+                         "s": round(two["seconds"], 2), "speed-up vs 1 process": round(one["seconds"] / two["seconds"], 2),
+                         "weights MB per rank": round(two["weights_mb_per_rank"]),
+                         "peak MB above model": round(two["peak_mb"]), "held MB": round(two.get("held_mb", 0.0), 1),
+                         "max rel diff vs 1 process": f"{equality(args.out, kind, mode):.1e}"})
+        rows.insert(len(rows) - 2, {"mode": kind, "processes": 1, "sharding": "none", "threads per process": args.threads,
+                                    "s": round(one["seconds"], 2), "weights MB per rank": round(one["weights_mb_per_rank"]),
+                                    "peak MB above model": round(one["peak_mb"]), "held MB": round(one.get("held_mb", 0.0), 1)})
+    title = (f"Statistics pass under FSDP2: {args.model}, {args.targets}, GSM8K {args.bsz}×{args.iters} examples, "
+             f"{device_info()['device']}, {args.threads} threads in all")
+    md = write_table(rows, FSDP_COLUMNS, os.path.join(args.out, "stats_fsdp"), title)
+    write_json(os.path.join(args.out, "stats_fsdp.json"), {"rows": rows, "raw": raw, "device": device_info(),
+                                                          "args": vars(args), "time": time.ctime()})
+    for f in os.listdir(args.out):
         if f.endswith(".safetensors"):
             os.remove(os.path.join(args.out, f))
     print(md)

@@ -51,6 +51,7 @@ CAUSAL = "benchmarks/results/causal_cpu"
 CLS = "benchmarks/results/cls_cpu"
 CLS_PROBE = "benchmarks/results/cls_probe_cpu"
 STATS = "benchmarks/results/stats_cpu/stats_cost.json"
+STATS_FSDP = "benchmarks/results/stats_fsdp_cpu"
 # the main job's results (`python run_exp.py` writes `<run_dir>/results.json`; the lead commits one here)
 MAIN_JOB = "docs/results/main_job/results.json"
 FIRST_COMMAND = "docs/results/main_job/first_command.json"
@@ -549,6 +550,10 @@ BLOCKS: dict[str, Block] = {
         lambda root: render_csv_table(root, ALIGN_CLS_ALL, "extraction",
                                       f"python benchmarks/alignment.py --extract-targets all-linear --out {ALIGN_CLS_ALL}"),
         (f"{ALIGN_CLS_ALL}/extraction.csv",), "docs/benchmarks.md: extraction on every linear layer, classification"),
+    "stats_fsdp": Block(
+        lambda root: render_csv_table(root, STATS_FSDP, "stats_fsdp",
+                                      f"python benchmarks/stats_cost.py --fsdp --targets all --threads 2 --out {STATS_FSDP}"),
+        (f"{STATS_FSDP}/stats_fsdp.csv",), "docs/benchmarks.md: the statistics pass under FSDP2, 2 processes"),
     "quant_cpu": Block(render_quant, (QUANT,), "docs/benchmarks.md: data-aware inits on a 4-bit (nf4) SmolLM2, CPU"),
     "init_memory": Block(render_init_memory, (f"{INIT_MEMORY}/before.json", f"{INIT_MEMORY}/after.json"),
                          "docs/main_job.md: memory of the init before and after issue 8"),

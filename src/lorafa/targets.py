@@ -33,7 +33,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _refuse_fsdp1(model: nn.Module) -> None:
-    """FSDP (v1) keeps a layer's weight in a flattened, sharded buffer outside forward: refuse it with the way out."""
+    """FSDP (v1) and DeepSpeed ZeRO-3 keep a layer's weight in a flattened or partitioned buffer outside forward:
+    refuse them with the way out."""
     wrapped = [m for m in model.modules() if type(m).__name__ == "FullyShardedDataParallel"]
     if wrapped:
         flat = not all(getattr(m, "_use_orig_params", False) for m in wrapped)
@@ -42,6 +43,10 @@ def _refuse_fsdp1(model: nn.Module) -> None:
                                                     "mapped to module names" if flat else "") + ". lorafa supports "
             "FSDP2: shard the blocks with torch.distributed.fsdp.fully_shard (accelerate: fsdp_version: 2), or run "
             "the init before wrapping the model.")
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError("The model's weights are partitioned by DeepSpeed ZeRO-3, which lorafa does not read (its "
+                         "shards are not mapped to module weights here). Run the init before deepspeed.initialize / "
+                         "accelerator.prepare, or shard with FSDP2 (torch.distributed.fsdp.fully_shard).")
 
 
 def _as_config(target_modules) -> LoraConfig:
