@@ -238,10 +238,10 @@ def _check_quantized(base, targets, init_config) -> None:
     quantized = sorted(n for n, k in kinds.items() if k is not None)
     if not quantized:
         return
-    variant = METHODS[init_config.method].variant
-    if variant is not None:
-        raise ValueError(f"{init_config.method} on quantized layers ({quantized[:3]}...) is not supported: "
-                         f"{'KaSA truncates the base weight through PEFT, which cannot on 4-bit/int8 layers' if variant == 'kasa' else 'the GOAT variant runs on float nn.Linear layers only'}. "
+    why = {"kasa": "KaSA truncates the base weight through PEFT, which cannot on 4-bit/int8 layers",
+           "goat": "the GOAT variant runs on float nn.Linear layers only"}.get(METHODS[init_config.method].variant)
+    if why is not None:
+        raise ValueError(f"{init_config.method} on quantized layers ({quantized[:3]}...) is not supported: {why}. "
                          "Load the model in fp32/bf16, or use another method (pissa, lora_ga, lora_fa, ...).")
 
 
