@@ -474,6 +474,11 @@ class Block:
     doc: str = ""
 
 
+def csv_block(results_dir: str, stem: str, command: str, doc: str) -> Block:
+    """A block showing `<results_dir>/<stem>.csv` as its benchmark wrote it (`command` is shown when it is missing)."""
+    return Block(lambda root: render_csv_table(root, results_dir, stem, command), (f"{results_dir}/{stem}.csv",), doc)
+
+
 BLOCKS: dict[str, Block] = {
     "causal_convergence": Block(lambda root: render_convergence(root, CAUSAL), (f"{CAUSAL}/summary.csv",),
                                 "docs/benchmarks.md: the causal-LM summary"),
@@ -516,14 +521,13 @@ BLOCKS: dict[str, Block] = {
         (f"{VARIANTS_CLS}/summary.csv",), "docs/benchmarks.md and README: KaSA, GOAT and LoRA-Pro beside LoRA-FA"),
     "variants_main_job": Block(lambda root: render_jobs(root, VARIANT_JOBS), tuple(VARIANT_JOBS),
                                "README: KaSA, GOAT and LoRA-Pro on the main job through the runner"),
-    "align_causal_forgetting": Block(
-        lambda root: render_csv_table(root, ALIGN_FORGETTING, "forgetting",
-                                      f"python benchmarks/alignment.py --preset causal --forgetting --out {ALIGN_FORGETTING}"),
-        (f"{ALIGN_FORGETTING}/forgetting.csv",), "docs/benchmarks.md: self-alignment against forgetting"),
-    "kasa_truncation": Block(
-        lambda root: render_csv_table(root, KASA_TRUNCATION, "truncation",
-                                      f"python benchmarks/kasa_truncation.py --out {KASA_TRUNCATION}"),
-        (f"{KASA_TRUNCATION}/truncation.csv",), "docs/benchmarks.md: KaSA's truncation alone on SmolLM2"),
+    "align_causal_forgetting": csv_block(
+        ALIGN_FORGETTING, "forgetting",
+        f"python benchmarks/alignment.py --preset causal --forgetting --out {ALIGN_FORGETTING}",
+        "docs/benchmarks.md: self-alignment against forgetting"),
+    "kasa_truncation": csv_block(KASA_TRUNCATION, "truncation",
+                                 f"python benchmarks/kasa_truncation.py --out {KASA_TRUNCATION}",
+                                 "docs/benchmarks.md: KaSA's truncation alone on SmolLM2"),
     "causal_damping": Block(
         lambda root: render_protocol(root, CAUSAL_DAMPING, command=(
             f"python benchmarks/convergence.py --ablation damping --out {CAUSAL_DAMPING}")),
@@ -540,20 +544,18 @@ BLOCKS: dict[str, Block] = {
     "init_probe_cls_search": Block(lambda root: render_init_probe(root, INIT_PROBE_CLS_SEARCH),
                                    (f"{INIT_PROBE_CLS_SEARCH}/init_probe.json",),
                                    "docs/benchmarks.md: the same, line search on other training examples"),
-    "align_cls_students": Block(
-        lambda root: render_csv_table(root, ALIGN_CLS, "students", f"python benchmarks/alignment.py --out {ALIGN_CLS}"),
-        (f"{ALIGN_CLS}/students.csv",), "docs/benchmarks.md: alignment students, classification"),
-    "align_cls_extraction": Block(
-        lambda root: render_csv_table(root, ALIGN_CLS, "extraction", f"python benchmarks/alignment.py --out {ALIGN_CLS}"),
-        (f"{ALIGN_CLS}/extraction.csv",), "docs/benchmarks.md: extraction of the teacher, classification"),
-    "align_cls_extraction_all": Block(
-        lambda root: render_csv_table(root, ALIGN_CLS_ALL, "extraction",
-                                      f"python benchmarks/alignment.py --extract-targets all-linear --out {ALIGN_CLS_ALL}"),
-        (f"{ALIGN_CLS_ALL}/extraction.csv",), "docs/benchmarks.md: extraction on every linear layer, classification"),
-    "stats_fsdp": Block(
-        lambda root: render_csv_table(root, STATS_FSDP, "stats_fsdp",
-                                      f"python benchmarks/stats_cost.py --fsdp --targets all --threads 2 --out {STATS_FSDP}"),
-        (f"{STATS_FSDP}/stats_fsdp.csv",), "docs/benchmarks.md: the statistics pass under FSDP2, 2 processes"),
+    "align_cls_students": csv_block(ALIGN_CLS, "students", f"python benchmarks/alignment.py --out {ALIGN_CLS}",
+                                    "docs/benchmarks.md: alignment students, classification"),
+    "align_cls_extraction": csv_block(ALIGN_CLS, "extraction", f"python benchmarks/alignment.py --out {ALIGN_CLS}",
+                                      "docs/benchmarks.md: extraction of the teacher, classification"),
+    "align_cls_extraction_all": csv_block(
+        ALIGN_CLS_ALL, "extraction",
+        f"python benchmarks/alignment.py --extract-targets all-linear --out {ALIGN_CLS_ALL}",
+        "docs/benchmarks.md: extraction on every linear layer, classification"),
+    "stats_fsdp": csv_block(
+        STATS_FSDP, "stats_fsdp",
+        f"python benchmarks/stats_cost.py --fsdp --targets all --threads 2 --out {STATS_FSDP}",
+        "docs/benchmarks.md: the statistics pass under FSDP2, 2 processes"),
     "quant_cpu": Block(render_quant, (QUANT,), "docs/benchmarks.md: data-aware inits on a 4-bit (nf4) SmolLM2, CPU"),
     "init_memory": Block(render_init_memory, (f"{INIT_MEMORY}/before.json", f"{INIT_MEMORY}/after.json"),
                          "docs/main_job.md: memory of the init before and after issue 8"),

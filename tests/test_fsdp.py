@@ -55,6 +55,15 @@ def assert_close_fro(got, want, name):
     assert err <= 1e-4 * float(want.float().norm()) + 1e-6, (name, err, float(want.norm()))
 
 
+def assert_ranks_equal(out_dir, stem: str, want: dict) -> None:
+    """Every rank's `<stem><rank>.safetensors` holds the tensors of `want`, equal to round-off."""
+    for r in range(WORLD):
+        got = load_file(out_dir / f"{stem}{r}.safetensors")
+        assert set(got) == set(want)
+        for k in want:
+            assert_close_fro(got[k], want[k], k)
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -75,13 +84,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             base_q = pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
             assert hasattr(base_q, "full_tensor")  # the offset was written into the shard, which stays a shard
             save_file(_full_state(pm), os.path.join(out_dir, f"{method}{rank}.safetensors"))
-            if method == "pissa":  # then shard the adapters too (the root unit) and train one step
-                fully_shard(pm.base_model.model, mesh=mesh)
+            if method == "pissa":  # then shard the adapters too and train one step, each rank on its first batch
+                lorafa.shard_adapters(pm, mesh=mesh)
+                lora = [p for n, p in pm.named_parameters() if "lora_" in n]
+                assert lora and all(hasattr(p, "full_tensor") for p in lora)  # the adapters are shards now
                 opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.1)
-                loss = pm(**mine[0]).loss
-                loss.backward()
+                pm(**mine[0]).loss.backward()
                 opt.step()
-                save_file({"loss": loss.detach().reshape(1)}, os.path.join(out_dir, f"loss{rank}.safetensors"))
+                trained = {k: v for k, v in _full_state(pm).items() if "lora_" in k}
+                save_file(trained, os.path.join(out_dir, f"trained{rank}.safetensors"))
         # a line search under FSDP: rank 1 runs blank passes so that both ranks gather the weights together
         model, _ = _sharded_llama()
         pm = lorafa.initialize(model, _lora_config(), lorafa.InitConfig(method="lora_fa", iters=N_BATCHES,
@@ -120,23 +131,28 @@ def test_fsdp2_init_equals_one_process(fsdp_run, method):
     single = lorafa.initialize(tiny_llama(seed=0), _lora_config(), lorafa.InitConfig(method=method, iters=N_BATCHES),
                                batches=make_batches(N_BATCHES), progress=False)
     want = {k: v.detach() for k, v in single.state_dict().items()}
-    for r in range(WORLD):
-        got = load_file(fsdp_run / f"{method}{r}.safetensors")
-        assert set(got) == set(want)
-        for k in want:
-            assert_close_fro(got[k], want[k], k)
+    assert_ranks_equal(fsdp_run, method, want)
 
 
-def test_fsdp2_training_step_and_line_search(fsdp_run):
-    losses = [load_file(fsdp_run / f"loss{r}.safetensors")["loss"] for r in range(WORLD)]
-    assert all(torch.isfinite(x).all() for x in losses)
+def test_fsdp2_training_step_equals_one_process(fsdp_run):
+    """After `shard_adapters`, one SGD step on 2 ranks (batch 0 on rank 0, batch 1 on rank 1) is one process's step
+    on the mean of the two batches' losses: FSDP2 averages the factors' gradients."""
+    batches = make_batches(N_BATCHES)
+    single = lorafa.initialize(tiny_llama(seed=0), _lora_config(), lorafa.InitConfig(method="pissa", iters=N_BATCHES),
+                               batches=batches, progress=False)
+    opt = torch.optim.SGD([p for p in single.parameters() if p.requires_grad], lr=0.1)
+    ((single(**batches[0]).loss + single(**batches[1]).loss) / 2).backward()
+    opt.step()
+    want = {k: v.detach() for k, v in single.state_dict().items() if "lora_" in k}
+    assert_ranks_equal(fsdp_run, "trained", want)
+
+
+def test_fsdp2_line_search_equals_one_process(fsdp_run):
     single = lorafa.initialize(tiny_llama(seed=0), _lora_config(),
                                lorafa.InitConfig(method="lora_fa", iters=N_BATCHES, scale="line_search"),
                                batches=make_batches(N_BATCHES), progress=False)
     want = {k: v.detach() for k, v in single.state_dict().items()}
-    got = load_file(fsdp_run / "search0.safetensors")
-    for k in want:
-        assert_close_fro(got[k], want[k], k)
+    assert_ranks_equal(fsdp_run, "search", want)  # both ranks, not rank 0 alone
 
 
 @pytest.mark.parametrize("orig", [False, True])

@@ -5,7 +5,8 @@ from .goat import goat_aux_loss, load_goat
 from .integrations import initialize_trainer, trainer_stat_batches
 from .kasa import kasa_loss
 from .methods import InitResult, init_factors, resolve_method
-from .peft_bridge import compute_init, initialize, read_initial_adapter, save_adapter, save_initial_adapter
+from .peft_bridge import (compute_init, initialize, read_initial_adapter, save_adapter, save_initial_adapter,
+                          shard_adapters)
 from .ranks import allocate_ranks
 from .stats import LayerStats, collect_stats, load_stats, read_stats_config, save_stats, stat_batches
 
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "InitConfig", "InitResult", "LayerStats", "allocate_ranks", "collect_stats", "compute_init", "goat_aux_loss",
     "init_factors", "initialize", "initialize_trainer", "kasa_loss", "load_goat", "load_stats", "read_initial_adapter", "read_stats_config", "resolve_method", "save_adapter",
-    "save_initial_adapter", "save_stats", "stat_batches", "trainer_stat_batches",
+    "save_initial_adapter", "save_stats", "shard_adapters", "stat_batches", "trainer_stat_batches",
 ]

@@ -278,8 +278,9 @@ def layer_weights(source, targets, what: str, hint: str) -> dict:
         read = lambda n: weight_matrix(found[n])  # noqa: E731
     else:
         tensors = _checkpoint_tensors(source) if isinstance(source, (str, os.PathLike)) else source
-        # a task model's checkpoint may be its backbone's (keys without `bert.`/`model.`), as transformers allows
-        found = {n: k for n in targets for k in (f"{n.partition('.')[2]}.weight", f"{n}.weight") if k in tensors}  # exact wins
+        # a task model's checkpoint may be its backbone's (keys without `bert.`/`model.`), as transformers allows;
+        # the exact key, looked at last, wins
+        found = {n: k for n in targets for k in (f"{n.partition('.')[2]}.weight", f"{n}.weight") if k in tensors}
         shapes = {n: _stored_shape(tensors, k, targets[n]) for n, k in found.items()}
         read = lambda n: _as_matrix(tensors[found[n]], targets[n])  # noqa: E731
     missing = [n for n in targets if n not in found]
@@ -289,11 +290,7 @@ def layer_weights(source, targets, what: str, hint: str) -> dict:
         if shapes[name] != out_in_features(targets[name]):
             raise ValueError(f"{what}'s {name!r} is {shapes[name][0]} × {shapes[name][1]} (out × in), the base's "
                              f"{out_in_features(targets[name])}: {hint}")
-    return {n: (lambda n=n: read(n).to(_device(targets[n]))) for n in targets}
-
-
-def _device(module) -> torch.device:
-    return module.weight.device
+    return {n: (lambda n=n: read(n).to(targets[n].weight.device)) for n in targets}
 
 
 def _stored_shape(tensors, key: str, like) -> tuple[int, int]:
@@ -346,7 +343,8 @@ def base_weight_readers(base_weights, targets, init_config) -> dict:
 
     Float targets: their own weight. bitsandbytes-quantized targets: their dequantized weight Q(W), or, with
     `base_weights` (the full-precision checkpoint), the original W, read one layer at a time; an offset method then
-    stores Q(W − s·B·A), which is closer to W than Q(W) is (QPiSSA). Offset methods on quantized targets need
+    stores Q(W − s·B·A): closer to W than Q(W) is when the offset comes out of W (pissa, corda; QPiSSA), further when
+    it enlarges the residual (lora_ga; docs/benchmarks.md, "4-bit bases"). Offset methods on quantized targets need
     `base_weights` (or `base_weights="dequantized"` to accept Q(Q(W) − s·B·A), which adds a second quantization
     error), so that the loss of accuracy is never silent.
     """
@@ -603,7 +601,8 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
             target layer's adapter is extracted from W_tuned − W.
         base_weights: for a bitsandbytes-quantized model (SPEC §10), the full-precision weights it was loaded from:
             a checkpoint folder or `.safetensors` file (read lazily), a state dict, or a model. The factors are
-            computed from W and offset methods store Q(W − s·B·A) (closer to W than Q(W) is). Required for offset
+            computed from W and offset methods store Q(W − s·B·A) (measured against Q(W) in docs/benchmarks.md,
+            "4-bit bases": closer to W for pissa and corda, further for lora_ga). Required for offset
             methods on quantized targets; `"dequantized"` starts from the quantized weights instead. No-offset
             methods (lora_fa, lora_one, ...) leave the quantized base untouched.
         align: with `InitConfig(align_init=True)`, the `lorafa.align.AlignmentTerm` whose teacher the init aligns
@@ -674,6 +673,32 @@ def _write_layer(name, layer, adapter_name, res: InitResult, subtract: bool, r: 
             requantize_(base, w)
         else:
             set_weight_matrix(base, w)
+
+
+def shard_adapters(peft_model: PeftModel, **fully_shard_kwargs) -> PeftModel:
+    """Shard the LoRA factors of a PEFT model whose base blocks were sharded with FSDP2 before `initialize`.
+
+    `initialize` writes A and B as plain tensors, identical on every rank. A later `fully_shard` of the root does not
+    take them (they sit inside the already-sharded blocks), so their gradients would never be synchronised; each
+    factor's `nn.Linear` is therefore made an FSDP2 unit of its own, and training averages its gradient over the ranks.
+
+    Args:
+        peft_model: the model `initialize` returned.
+        fully_shard_kwargs: passed to `torch.distributed.fsdp.fully_shard` (mesh=, reshard_after_forward=, ...).
+
+    Returns:
+        The same model, its factors now DTensor shards.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise ValueError("shard_adapters found no LoRA layer: pass the PeftModel lorafa.initialize returned.")
+    for layer in layers:
+        for factors in (layer.lora_A, layer.lora_B):
+            for linear in factors.values():
+                fully_shard(linear, **fully_shard_kwargs)
+    return peft_model
 
 
 @contextmanager

@@ -455,7 +455,7 @@ def collect_stats(
             done = done or not active
             first = batch if first is None and active else first
             if lockstep:  # does any rank have a batch this step? Then every rank runs a pass (its own, or a blank)
-                if error is None and first is None and world()[1] > 1:
+                if error is None and first is None:
                     error = ValueError("Under FSDP every process must have at least one statistics batch (each "
                                        "pass gathers the sharded weights on all ranks): use at least as many "
                                        "statistics batches (init.iters) as processes.")
