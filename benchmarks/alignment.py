@@ -58,35 +58,91 @@ logger = logging.getLogger("alignment")
 def _setup(args):
     p = cv.PRESETS[args.preset]
     p = dataclasses.replace(p, **{k: v for k, v in dict(steps=args.steps, n_heldout=args.n_heldout, n_val=args.n_val,
+                                                         eval_every=getattr(args, "eval_every", None),
+                                                         targets=getattr(args, "targets", None),
                                                          model=getattr(args, "model", None)).items() if v is not None})
     device, dtype = pick_device(args.device, args.dtype)
     return p, device, dtype
 
 
-def teacher_dir(args) -> str:
-    """Full fine-tuning of the preset's model (seed 0), saved once to <out>/teacher."""
-    out = os.path.join(args.out, "teacher")
-    if os.path.exists(os.path.join(out, "teacher.json")):
-        return out
+def _train_teacher(args, lr: float, out: str) -> dict:
+    """Full fine-tuning of the preset's model at `lr` (seed 0), saved to `out` with teacher.json (its rate, steps,
+    validation loss and test loss and accuracy); the record of an existing `out` is returned as it is."""
+    record = os.path.join(out, "teacher.json")
+    if os.path.exists(record):
+        return json.load(open(record))
     p, device, dtype = _setup(args)
     torch.manual_seed(0)
     task, model, tok, collate = cv.load_everything(p, args, device, dtype)
     split = cv.data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, 0)
     tp = dataclasses.replace(p, steps=args.teacher_steps)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.0)
+    # the teacher sees more of the pool than a student: leave out the problems whose prompt fills max_length
+    fits = getattr(collate, "fits", lambda ex: True)
+    pool = [i for i in split["train"] if fits(task.train[i])]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cv.schedule(s, tp))
     model.train()
-    for idx in cv.train_order(split["train"], tp, 0):
+    for step, idx in enumerate(cv.train_order(pool, tp, 0)):
         model(**cv.to_device(collate([task.train[i] for i in idx]), device)).loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if (step + 1) % 50 == 0:
+            logger.info("teacher lr %g: step %d of %d", lr, step + 1, args.teacher_steps)
+    val = cv.heldout(model, [task.train[i] for i in split["val"]], collate, device)
     test = cv.heldout(model, task.test[: p.n_heldout], collate, device)
+    rec = {"steps": args.teacher_steps, "lr": lr, "val_loss": val["loss"], "test": test,
+           "left_out_of_pool": len(split["train"]) - len(pool)}
     tmp = out + ".tmp"
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    write_json(os.path.join(tmp, "teacher.json"), {"steps": args.teacher_steps, "lr": args.teacher_lr, "test": test})
+    write_json(os.path.join(tmp, "teacher.json"), rec)
     os.replace(tmp, out)
+    return rec
+
+
+def grid_step(lrs: list[float], val_loss: dict, max_extend: int) -> tuple[float | None, float | None]:
+    """(the chosen rate, or None while the grid is open; the next rate to try, or None). The chosen rate has the
+    lowest validation loss (`val_loss`: rate -> loss, over the rates tried); while it sits at an end of the tried
+    rates and fewer than `max_extend` rates were added past that end, the next rate is one grid ratio further out
+    (the ratio of the first two given rates, ×3 for a single one). A non-finite loss counts as the worst."""
+    given = sorted(lrs)
+    tried = sorted(val_loss)
+    ratio = given[1] / given[0] if len(given) > 1 else 3.0
+    best = min(tried, key=lambda lr: (not torch.isfinite(torch.tensor(val_loss[lr])), val_loss[lr]))
+    if len(tried) > 1 and best == tried[0] and sum(lr < given[0] for lr in tried) < max_extend:
+        return None, tried[0] / ratio
+    if len(tried) > 1 and best == tried[-1] and sum(lr > given[-1] for lr in tried) < max_extend:
+        return None, tried[-1] * ratio
+    return best, None
+
+
+def teacher_dir(args) -> str:
+    """The teacher: full fine-tuning of the preset's model (seed 0), in <out>/teacher. With one --teacher-lr it is
+    trained at that rate. With several, each rate trains in <out>/teacher_grid/lr<rate>, the grid is extended past
+    an end while its best validation loss sits there (--teacher-max-extend), and the rate with the lowest validation
+    loss becomes <out>/teacher, its teacher.json listing the grid's validation losses."""
+    out = os.path.join(args.out, "teacher")
+    if os.path.exists(os.path.join(out, "teacher.json")):
+        return out
+    if len(args.teacher_lr) == 1:
+        _train_teacher(args, args.teacher_lr[0], out)
+        return out
+    grid_dir = os.path.join(args.out, "teacher_grid")
+    val = {}
+    todo = list(args.teacher_lr)
+    while todo:
+        for lr in todo:
+            val[lr] = _train_teacher(args, lr, os.path.join(grid_dir, f"lr{lr:g}"))["val_loss"]
+            logger.info("teacher lr %g: validation loss %.4f", lr, val[lr])
+        chosen, nxt = grid_step(args.teacher_lr, val, args.teacher_max_extend)
+        todo = [nxt] if nxt is not None else []
+    src = os.path.join(grid_dir, f"lr{chosen:g}")
+    rec = json.load(open(os.path.join(src, "teacher.json")))
+    rec["grid"] = [{"lr": lr, "val_loss": val[lr], "chosen": lr == chosen} for lr in sorted(val)]
+    write_json(os.path.join(src, "teacher.json"), rec)
+    os.replace(src, out)
+    write_json(os.path.join(grid_dir, f"lr{chosen:g}.json"), {"moved_to": "teacher"})
     return out
 
 
@@ -123,6 +179,7 @@ def _term(kind: str, teacher, args, p):
 def _load(args, seed: int):
     """(preset, device, task, model, collate, the teacher model, data split, statistics batches) of one run."""
     p, device, dtype = _setup(args)
+    torch.manual_seed(seed)  # a classifier's new head: the same for every student of a seed, whatever ran before
     task, model, _, collate = cv.load_everything(p, args, device, dtype)
     tuned = cv.load_everything(dataclasses.replace(p, model=teacher_dir(args)), args, device, dtype)[1]
     split = cv.data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, seed)
@@ -152,34 +209,125 @@ def train_student(model, term, p, task, collate, split, seed: int, device, lr: f
             evaluate(step + 1)
 
 
-def run_student(kind: str, seed: int, args) -> dict:
+HPARAMS = ("lam", "temperature", "task_steps", "align_steps")  # the alignment's knobs, chosen on validation
+USES = {"task": (), "distill": HPARAMS[:2], "cyclic": HPARAMS, "align_init": HPARAMS[:2]}
+
+
+def _hp(args, kind: str) -> dict:
+    """The knobs `kind` runs with: the command's, overridden by <out>/hparams.json's choice for `kind` (--grid)."""
+    hp = {k: getattr(args, k) for k in HPARAMS}
+    path = os.path.join(args.out, "hparams.json")
+    if os.path.exists(path):
+        hp.update(json.load(open(path)).get("chosen", {}).get(kind, {}))
+    return hp
+
+
+def _hp_slug(hp: dict) -> str:
+    return f"lam{hp['lam']:g}_t{hp['temperature']:g}_p{hp['task_steps']}-{hp['align_steps']}"
+
+
+def _stats(model, batches, cfg, init, path: str):
+    """The task-only LoRA-FA statistics of one seed, cached at `path` (the task, distill and cyclic students and
+    every grid run of a seed share them; align_init's come from another loss and are not cached)."""
+    from lorafa import collect_stats, load_stats, save_stats
+
+    if os.path.exists(path):
+        return load_stats(path)
+    stats = collect_stats(model, batches, cfg, kinds=(init.needs,), max_batches=init.iters, progress=False)
+    save_stats(stats, path)
+    return stats
+
+
+def run_student(kind: str, seed: int, args, hp: dict | None = None, grid: bool = False) -> dict:
+    """One student. `hp` (default `_hp(args, kind)`) sets λ, τ and the cyclic phases. A grid run (`grid=True`) is
+    cached under runs/grid/ by its knobs and evaluated once, on the validation set, at the end; the others are
+    evaluated (test loss and accuracy, validation loss, test KL to the teacher) at 0, every eval_every steps and
+    at the end. A cached run made with other knobs is an error (delete it to rerun)."""
     from lorafa import InitConfig, initialize
     from lorafa.align import ModelTeacher
 
-    path = os.path.join(args.out, "runs", f"{kind}_s{seed}.json")
+    hp = hp or _hp(args, kind)
+    path = os.path.join(args.out, "runs", *(("grid", f"{kind}_{_hp_slug(hp)}_s{seed}.json") if grid
+                                           else (f"{kind}_s{seed}.json",)))
     if os.path.exists(path):
-        return json.load(open(path))
-    p, device, task, model, collate, tuned, split, batches = _load(args, seed)
+        res = json.load(open(path))
+        used = {k: res.get("hparams", {}).get(k, getattr(args, k)) for k in HPARAMS}  # older runs: the command's
+        if kind != "task" and used != hp:
+            raise ValueError(f"{path} was run with {used}, not {hp}: delete it to rerun with the chosen knobs")
+        return res
+    a = argparse.Namespace(**{**vars(args), **hp})
+    p, device, task, model, collate, tuned, split, batches = _load(a, seed)
     teacher = ModelTeacher(tuned)
     torch.manual_seed(seed)
     test, val = task.test[: p.n_heldout], [task.train[i] for i in split["val"]]
-    term = _term(kind, teacher, args, p)
+    term = _term(kind, teacher, a, p)
     init = InitConfig(method="lora_fa", bsz=p.init_bsz, iters=p.init_iters, seed=seed,
-                      align_init=kind == "align_init", align_lambda=args.lam)
-    model = initialize(model, cv.lora_config(p, args, task, True), init, batches=batches, progress=False,
+                      align_init=kind == "align_init", align_lambda=a.lam)
+    cfg = cv.lora_config(p, a, task, True)
+    stats = None if kind == "align_init" else _stats(model, batches, cfg, init,
+                                                     os.path.join(a.out, "runs", f"stats_s{seed}.safetensors"))
+    model = initialize(model, cfg, init, batches=batches, stats=stats, progress=False,
                        align=term if kind == "align_init" else None)
-    res = {"kind": kind, "seed": seed, "lr": args.lr, "device": device_info(), "curve": []}
+    res = {"kind": kind, "seed": seed, "lr": a.lr, "hparams": hp if kind != "task" else {}, "device": device_info(),
+           "curve": []}
 
     def evaluate(step):
+        if grid:
+            if step == p.steps:
+                res["curve"].append({"step": step, "val_loss": cv.heldout(model, val, collate, device)["loss"]})
+            return
         h = cv.heldout(model, test, collate, device)
         res["curve"].append({"step": step, "test_loss": h["loss"], "test_acc": h["acc"],
                              "val_loss": cv.heldout(model, val, collate, device)["loss"],
                              "test_kl": kl_to_teacher(model, teacher, test, collate, device)})
 
     train_student(model, term if kind in ("distill", "cyclic") else None, p, task, collate, split, seed, device,
-                  args.lr, evaluate)
+                  a.lr, evaluate)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json(path, res)
     return res
+
+
+def _search(kind: str, knob: str, values: list, base: dict, seed: int, args, rows: list, integer: bool = False):
+    """One knob of `kind` on the validation loss at the end of a seed-`seed` run, the others at `base`; the grid is
+    extended past an end while its best sits there (grid_step, --grid-max-extend). Returns the chosen value."""
+    losses = {}
+    todo = list(values)
+    while todo:
+        for v in todo:
+            hp = {**base, knob: v}
+            losses[v] = run_student(kind, seed, args, hp=hp, grid=True)["curve"][-1]["val_loss"]
+            logger.info("grid %s %s=%g: validation loss %.4f", kind, knob, v, losses[v])
+        chosen, nxt = grid_step(values, losses, args.grid_max_extend)
+        if nxt is not None and integer:
+            nxt = max(1, round(nxt))
+            if nxt in losses:  # rounding reached a tried value: the grid cannot go further that way
+                chosen, nxt = min(losses, key=losses.get), None
+        todo = [nxt] if nxt is not None else []
+    for v in sorted(losses):
+        rows.append({"student": kind, "knob": knob, "value": f"{v:g}",
+                     "others": ", ".join(f"{k}={base[k]:g}" for k in USES[kind] if k != knob),
+                     "final val loss": f"{losses[v]:.4f}", "chosen": "✓" if v == chosen else ""})
+    return chosen
+
+
+def choose_hparams(args) -> dict:
+    """--grid: the alignment's knobs chosen on the validation split (seed = the first of --seeds), one knob at a
+    time: distill's λ (--grid-lams) at the command's τ, then its τ (--grid-temperatures); cyclic's task-phase
+    length (--grid-task-steps) at distill's λ and τ and the command's realignment length; align_init's λ. The
+    choice and the table go to <out>/hparams.json and grid.csv/.md; the students then run with them."""
+    seed, rows = args.seeds[0], []
+    hp = {k: getattr(args, k) for k in HPARAMS}
+    hp["lam"] = _search("distill", "lam", args.grid_lams, hp, seed, args, rows)
+    hp["temperature"] = _search("distill", "temperature", args.grid_temperatures, hp, seed, args, rows)
+    cyc = {**hp, "task_steps": _search("cyclic", "task_steps", args.grid_task_steps, hp, seed, args, rows,
+                                       integer=True)}
+    ai = {**hp, "lam": _search("align_init", "lam", args.grid_lams, hp, seed, args, rows)}
+    chosen = {"distill": hp, "cyclic": cyc, "align_init": ai}
+    write_json(os.path.join(args.out, "hparams.json"), {"seed": seed, "chosen": chosen})
+    write_table(rows, list(rows[0]), os.path.join(args.out, "grid"),
+                f"{args.preset}: the alignment's knobs on the validation split (seed {seed}, final validation loss)")
+    return chosen
 
 
 def run_extraction(rank: int, metric: str, args) -> dict:
@@ -229,8 +377,8 @@ def _ms(xs) -> str:
 
 def summarise(args) -> str:
     p, device, dtype = _setup(args)
-    runs = [json.load(open(os.path.join(args.out, "runs", f))) for f in sorted(os.listdir(os.path.join(args.out,
-                                                                                                       "runs")))]
+    runs_dir = os.path.join(args.out, "runs")
+    runs = [json.load(open(os.path.join(runs_dir, f))) for f in sorted(os.listdir(runs_dir)) if f.endswith(".json")]
     teacher = json.load(open(os.path.join(args.out, "teacher", "teacher.json")))
     students = [r for r in runs if "kind" in r]
     base_loss = json.load(open(os.path.join(args.out, "base.json")))["test_loss"]  # the model before any adapter
@@ -297,6 +445,7 @@ def base_loss(args) -> float:
     path = os.path.join(args.out, "base.json")
     if not os.path.exists(path):
         p, device, dtype = _setup(args)
+        torch.manual_seed(0)  # a classifier's new head, as the seed-0 students'
         task, model, _, collate = cv.load_everything(p, args, device, dtype)
         write_json(path, {"test_loss": cv.heldout(model, task.test[: p.n_heldout], collate, device)["loss"]})
     return json.load(open(path))["test_loss"]
@@ -372,6 +521,7 @@ def forgetting_base(args) -> dict:
     if os.path.exists(path) and "general_loss" in json.load(open(path)):
         return json.load(open(path))
     p, device, dtype = _setup(args)
+    torch.manual_seed(seed)
     task, model, tok, collate = cv.load_everything(p, args, device, dtype)
     ids = general_text_set(tok, args.general_seqs, args.general_len)
     res = {"test_loss": cv.heldout(model, task.test[: p.n_heldout], collate, device)["loss"],
@@ -396,6 +546,7 @@ def run_forgetting(lam: float, seed: int, args) -> dict:
         return json.load(open(path))
     base = forgetting_base(args)
     p, device, dtype = _setup(args)
+    torch.manual_seed(seed)
     task, model, tok, collate = cv.load_everything(p, args, device, dtype)
     ids = general_text_set(tok, args.general_seqs, args.general_len)
     split = cv.data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, seed)
@@ -533,7 +684,10 @@ def main(argv=None) -> None:
     ap.add_argument("--extract-targets", nargs="+", default=None,
                     help="extraction's target modules (default: the preset's; e.g. all-linear)")
     ap.add_argument("--lr", type=float, required=True, help="the students' rate (LoRA-FA's, from convergence.py)")
-    ap.add_argument("--teacher-lr", type=float, default=None, help="required but with --forgetting")
+    ap.add_argument("--teacher-lr", type=float, nargs="+", default=None,
+                    help="required but with --forgetting; several: a grid, the teacher chosen on validation loss")
+    ap.add_argument("--teacher-max-extend", type=int, default=2,
+                    help="rates added past each end of the teacher grid while its best sits at that end")
     ap.add_argument("--teacher-steps", type=int, default=None, help="required but with --forgetting")
     ap.add_argument("--forgetting", action="store_true",
                     help="self-alignment against forgetting (causal preset): λ·D to the base model, for each --lams")
@@ -546,12 +700,23 @@ def main(argv=None) -> None:
     ap.add_argument("--kind", default="fkl")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--task-steps", type=int, default=10, help="cyclic: task-phase length")
+    ap.add_argument("--grid", action="store_true",
+                    help="choose λ, τ and the cyclic task-phase length on the validation split first (seed: the "
+                         "first of --seeds)")
+    ap.add_argument("--grid-lams", nargs="+", type=float, default=[0.3, 1.0, 3.0])
+    ap.add_argument("--grid-temperatures", nargs="+", type=float, default=[0.5, 1.0, 2.0])
+    ap.add_argument("--grid-task-steps", nargs="+", type=int, default=[5, 10, 20])
+    ap.add_argument("--grid-max-extend", type=int, default=2,
+                    help="values added past each end of a knob's grid while its best sits at that end")
     ap.add_argument("--align-steps", type=int, default=5, help="cyclic: realignment-phase length")
     ap.add_argument("--ranks", nargs="*", type=int, default=[4, 8, 16], help="extraction ranks (none: skip)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--no-rslora", action="store_true")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--targets", nargs="+", default=None,
+                    help="the students' target modules instead of the preset's (e.g. every linear layer of the block)")
+    ap.add_argument("--eval-every", type=int, default=None, help="the students' evaluation interval (preset's)")
     ap.add_argument("--n-heldout", type=int, default=None)
     ap.add_argument("--n-val", type=int, default=None)
     ap.add_argument("--gsm8k", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k"))
@@ -566,6 +731,11 @@ def main(argv=None) -> None:
                  f"not {args.preset}")
     if args.forgetting and any(lam < 0 for lam in args.lams):
         ap.error("--lams must be ≥ 0")
+    if args.grid and (min(args.grid_lams) <= 0 or min(args.grid_temperatures) <= 0 or min(args.grid_task_steps) < 1):
+        ap.error("--grid-lams and --grid-temperatures must be > 0 and --grid-task-steps ≥ 1 (λ = 0 is the task "
+                 "student)")
+    if args.teacher_lr is not None and min(args.teacher_lr) <= 0:
+        ap.error("--teacher-lr must be > 0")
     if not args.forgetting and (args.teacher_lr is None or args.teacher_steps is None):
         ap.error("--teacher-lr and --teacher-steps are required (but with --forgetting)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -580,6 +750,8 @@ def main(argv=None) -> None:
     if not args.summary_only:
         teacher_dir(args)
         base_loss(args)
+        if args.grid:
+            logger.info("knobs chosen on validation: %s", choose_hparams(args))
         for seed in args.seeds:
             for kind in args.students:
                 r = run_student(kind, seed, args)

@@ -498,3 +498,22 @@ def test_alignment_summary_gap_closed_and_extraction_table(tmp_path):
     ext = common.read_table(str(out / "extraction.csv"))[1]
     assert [r["rank"] for r in ext] == ["4", "8"] and ext[0]["input: KL"] == "0.0100" and ext[1].get("input: KL") is None
     assert "teacher test loss 0.5000" in md and (out / "alignment.png").exists()
+
+
+def test_alignment_teacher_grid_extends_past_an_edge_and_chooses_on_validation():
+    """benchmarks/alignment.py's teacher rate: the lowest validation loss, after extending the grid one ratio past
+    an end while the best sits there (at most max_extend rates per end); a non-finite loss is the worst."""
+    import alignment
+
+    lrs = [1e-5, 3e-5, 1e-4]
+    assert alignment.grid_step(lrs, {1e-5: 1.0, 3e-5: 0.9, 1e-4: 0.95}, 2) == (3e-5, None)
+    chosen, nxt = alignment.grid_step(lrs, {1e-5: 1.0, 3e-5: 0.9, 1e-4: 0.8}, 2)
+    assert chosen is None and nxt == pytest.approx(1e-4 * 3)
+    assert alignment.grid_step(lrs, {1e-5: 1.0, 3e-5: 0.9, 1e-4: 0.8, 3e-4: 0.85}, 2) == (1e-4, None)
+    chosen, nxt = alignment.grid_step(lrs, {1e-5: 0.7, 3e-5: 0.9, 1e-4: 0.8}, 2)
+    assert chosen is None and nxt == pytest.approx(1e-5 / 3)
+    # two rates already added below the grid: the bottom edge is accepted
+    assert alignment.grid_step(lrs, {1e-5 / 9: 0.5, 1e-5 / 3: 0.6, 1e-5: 0.7, 3e-5: 0.9, 1e-4: 0.8}, 2) == \
+        (1e-5 / 9, None)
+    chosen, nxt = alignment.grid_step(lrs, {1e-5: float("nan"), 3e-5: 0.9, 1e-4: float("inf")}, 2)
+    assert (chosen, nxt) == (3e-5, None)

@@ -67,6 +67,12 @@ def test_collator_masks_prompt_and_padding():
         assert (batch["labels"][i, length:] == -100).all() and length == n + 2
     with pytest.raises(ValueError, match="max_length"):
         CausalLMCollator(_CharTokenizer(), max_length=5)([{"prompt": "a long prompt", "answer": "1"}])
+    # fits: the prompt (with BOS) leaves room for a label, exactly when the collator accepts the example
+    short = CausalLMCollator(_CharTokenizer(), max_length=6)
+    assert short.fits({"prompt": "abcd", "answer": "1"}) and not short.fits({"prompt": "abcde", "answer": "1"})
+    short([{"prompt": "abcd", "answer": "1"}])
+    with pytest.raises(ValueError, match="max_length"):
+        short([{"prompt": "abcde", "answer": "1"}])
 
 
 @pytest.mark.slow

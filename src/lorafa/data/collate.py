@@ -34,6 +34,10 @@ class CausalLMCollator:
         ids = (prompt + answer + [self.tokenizer.eos_token_id])[: self.max_length]
         return ids, len(prompt)
 
+    def fits(self, ex: dict) -> bool:
+        """Whether the example's prompt leaves room for at least one label within `max_length`."""
+        return len(self.tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"]) < self.max_length
+
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         encoded = [self._encode(ex) for ex in examples]
         width = max(len(ids) for ids, _ in encoded)
