@@ -517,3 +517,65 @@ def test_alignment_teacher_grid_extends_past_an_edge_and_chooses_on_validation()
         (1e-5 / 9, None)
     chosen, nxt = alignment.grid_step(lrs, {1e-5: float("nan"), 3e-5: 0.9, 1e-4: float("inf")}, 2)
     assert (chosen, nxt) == (3e-5, None)
+
+
+def test_alignment_knob_grid_one_knob_at_a_time(tmp_path, monkeypatch):
+    """alignment.py --grid: distill's λ, then its τ at that λ, cyclic's task-phase length (an integer grid, extended
+    past its top end) at distill's λ and τ, align_init's own λ; the choice goes to hparams.json and the students'
+    knobs (_hp) read it; the table lists every grid run."""
+    import argparse
+
+    import alignment
+
+    def val_loss(kind, hp):  # made-up validation losses with known minima
+        if kind == "distill":
+            return (hp["lam"] - 3) ** 2 + (hp["temperature"] - 2) ** 2
+        if kind == "cyclic":
+            return -min(hp["task_steps"], 40)  # better up to 40, flat beyond
+        return abs(hp["lam"] - 0.1)
+
+    calls = []
+
+    def fake_run_student(kind, seed, args, hp=None, grid=False):
+        assert grid and seed == 0
+        calls.append((kind, dict(hp)))
+        return {"curve": [{"val_loss": val_loss(kind, hp)}]}
+
+    monkeypatch.setattr(alignment, "run_student", fake_run_student)
+    args = argparse.Namespace(seeds=[0, 1], lam=1.0, temperature=1.0, task_steps=10, align_steps=5,
+                              grid_lams=[0.3, 1.0, 3.0], grid_temperatures=[0.5, 1.0, 2.0], grid_task_steps=[5, 10, 20],
+                              grid_max_extend=2, out=str(tmp_path), preset="causal")
+    chosen = alignment.choose_hparams(args)
+    assert chosen["distill"] == {"lam": 3.0, "temperature": 2.0, "task_steps": 10, "align_steps": 5}
+    # 20 is the top: 40 and 80 are tried (two extensions), 80 no better than 40
+    assert chosen["cyclic"] == {"lam": 3.0, "temperature": 2.0, "task_steps": 40, "align_steps": 5}
+    # align_init: 0.3 is the bottom, 0.09 is better, 0.027 worse again
+    assert chosen["align_init"]["lam"] == pytest.approx(0.09) and chosen["align_init"]["temperature"] == 2.0
+    assert [hp["lam"] for kind, hp in calls if kind == "align_init"] == pytest.approx([0.3, 1.0, 3.0, 0.09, 0.027])
+    cyc = [hp["task_steps"] for kind, hp in calls if kind == "cyclic"]
+    assert cyc == [5, 10, 20, 40, 80] and all(hp["lam"] == 3.0 for kind, hp in calls if kind == "cyclic")
+    taus = [hp for kind, hp in calls if kind == "distill" and hp["temperature"] != 1.0]
+    assert taus and all(hp["lam"] == 3.0 for hp in taus)
+    assert json.load(open(tmp_path / "hparams.json"))["chosen"] == chosen
+    assert alignment._hp(args, "cyclic")["task_steps"] == 40 and alignment._hp(args, "distill")["temperature"] == 2.0
+    assert alignment._hp(args, "task")["lam"] == 1.0  # the task student has no knobs: the command's are kept
+    _, rows = common.read_table(str(tmp_path / "grid.csv"))
+    assert len(rows) == len(calls) and sum(r["chosen"] == "✓" for r in rows) == 4
+
+
+def test_alignment_cached_student_with_other_knobs_is_refused(tmp_path):
+    """A student cached with other knobs than the ones asked for is an error (not silently reused); the same knobs
+    return the cached run without loading any model."""
+    import argparse
+
+    import alignment
+
+    (tmp_path / "runs").mkdir()
+    hp = {"lam": 3.0, "temperature": 1.0, "task_steps": 10, "align_steps": 5}
+    common.write_json(str(tmp_path / "runs" / "distill_s0.json"), {"kind": "distill", "hparams": hp, "curve": []})
+    args = argparse.Namespace(out=str(tmp_path), lam=1.0, temperature=1.0, task_steps=10, align_steps=5)
+    with pytest.raises(ValueError, match="delete it to rerun"):
+        alignment.run_student("distill", 0, args)  # no hparams.json: the command's λ = 1
+    assert alignment.run_student("distill", 0, args, hp=hp)["hparams"] == hp
+    common.write_json(str(tmp_path / "hparams.json"), {"chosen": {"distill": hp}})
+    assert alignment.run_student("distill", 0, args)["kind"] == "distill"  # the chosen knobs match
