@@ -65,6 +65,7 @@ CLS_OPTIM = "benchmarks/results/cls_optim"
 VARIANTS_CLS = "benchmarks/results/variants_cls"
 KASA_TRUNCATION = "benchmarks/results/kasa_truncation"
 ALIGN_FORGETTING = "benchmarks/results/align_causal_forgetting"
+ALIGN_FORGETTING_ALL = "benchmarks/results/align_causal_forgetting_all"
 VARIANT_JOBS = [f"benchmarks/results/variants_main_job/{m}/results.json" for m in ("kasa", "goat", "lora_pro")]
 CAUSAL_ABLATION = "benchmarks/results/causal_ablation"
 CAUSAL_DAMPING = "benchmarks/results/causal_damping"
@@ -526,6 +527,11 @@ BLOCKS: dict[str, Block] = {
         ALIGN_FORGETTING, "forgetting",
         f"python benchmarks/alignment.py --preset causal --forgetting --out {ALIGN_FORGETTING}",
         "docs/benchmarks.md: self-alignment against forgetting"),
+    "align_causal_forgetting_all": csv_block(
+        ALIGN_FORGETTING_ALL, "forgetting",
+        f"python benchmarks/alignment.py --preset causal --forgetting --targets q_proj k_proj v_proj o_proj gate_proj "
+        f"up_proj down_proj --steps 120 --general-text pydoc --out {ALIGN_FORGETTING_ALL}",
+        "docs/benchmarks.md: self-alignment against forgetting, every linear layer"),
     "kasa_truncation": csv_block(KASA_TRUNCATION, "truncation",
                                  f"python benchmarks/kasa_truncation.py --out {KASA_TRUNCATION}",
                                  "docs/benchmarks.md: KaSA's truncation alone on SmolLM2"),
