@@ -49,10 +49,15 @@ def test_summary_ranks_by_the_reference_final_loss(tmp_path):
 def test_peak_memory_sees_a_transient_allocation():
     import torch
 
+    import time
+
+    # 256 MB, touched, held 50 ms (a sampler thread starved by a loaded machine still sees it), then freed; the
+    # margin allows for other memory the process frees meanwhile
     with common.PeakMemory(torch.device("cpu")) as mem:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        x = torch.ones(256 * 2**20 // 4)
+        time.sleep(0.05)
         del x
-    assert mem.mb > 48
+    assert mem.mb > 192, f"peak {mem.mb:.1f} MB above the level at entry"
 
 
 # -- generated tables (benchmarks/tables.py) ---------------------------------------------------------------------
