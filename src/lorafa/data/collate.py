@@ -26,8 +26,11 @@ class CausalLMCollator:
     tokenizer: object
     max_length: int = 1024
 
+    def _prompt_ids(self, ex: dict) -> list[int]:
+        return self.tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"]
+
     def _encode(self, ex: dict) -> tuple[list[int], int]:
-        prompt = self.tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"]
+        prompt = self._prompt_ids(ex)
         answer = self.tokenizer(ex["answer"], add_special_tokens=False)["input_ids"]
         if len(prompt) >= self.max_length:
             raise ValueError(f"A prompt has {len(prompt)} tokens, max_length is {self.max_length}: raise max_length.")
@@ -36,7 +39,7 @@ class CausalLMCollator:
 
     def fits(self, ex: dict) -> bool:
         """Whether the example's prompt leaves room for at least one label within `max_length`."""
-        return len(self.tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"]) < self.max_length
+        return len(self._prompt_ids(ex)) < self.max_length
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         encoded = [self._encode(ex) for ex in examples]
