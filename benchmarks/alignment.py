@@ -49,6 +49,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -110,18 +111,19 @@ def _train_teacher(args, lr: float, out: str) -> dict:
     return rec
 
 
-def grid_step(lrs: list[float], val_loss: dict, max_extend: int) -> tuple[float | None, float | None]:
-    """(the chosen rate, or None while the grid is open; the next rate to try, or None). The chosen rate has the
-    lowest validation loss (`val_loss`: rate -> loss, over the rates tried); while it sits at an end of the tried
-    rates and fewer than `max_extend` rates were added past that end, the next rate is one grid ratio further out
-    (the ratio of the first two given rates, ×3 for a single one). A non-finite loss counts as the worst."""
-    given = sorted(lrs)
+def grid_step(values: list[float], val_loss: dict, max_extend: int) -> tuple[float | None, float | None]:
+    """One step of a 1-D grid search on validation loss (a rate, λ, τ, a phase length): (the chosen value, or None
+    while the grid is open; the next value to try, or None). The chosen value has the lowest validation loss
+    (`val_loss`: value -> loss, over the values tried); while it sits at an end of the tried values and fewer than
+    `max_extend` values were added past that end, the next value is one grid ratio further out (the ratio of the
+    first two given values, ×3 for a single one). A non-finite loss counts as the worst."""
+    given = sorted(values)
     tried = sorted(val_loss)
     ratio = given[1] / given[0] if len(given) > 1 else 3.0
-    best = min(tried, key=lambda lr: (not torch.isfinite(torch.tensor(val_loss[lr])), val_loss[lr]))
-    if len(tried) > 1 and best == tried[0] and sum(lr < given[0] for lr in tried) < max_extend:
+    best = min(tried, key=lambda v: (not math.isfinite(val_loss[v]), val_loss[v]))
+    if len(tried) > 1 and best == tried[0] and sum(v < given[0] for v in tried) < max_extend:
         return None, tried[0] / ratio
-    if len(tried) > 1 and best == tried[-1] and sum(lr > given[-1] for lr in tried) < max_extend:
+    if len(tried) > 1 and best == tried[-1] and sum(v > given[-1] for v in tried) < max_extend:
         return None, tried[-1] * ratio
     return best, None
 
@@ -151,7 +153,6 @@ def teacher_dir(args) -> str:
     rec["grid"] = [{"lr": lr, "val_loss": val[lr], "chosen": lr == chosen} for lr in sorted(val)]
     write_json(os.path.join(src, "teacher.json"), rec)
     os.replace(src, out)
-    write_json(os.path.join(grid_dir, f"lr{chosen:g}.json"), {"moved_to": "teacher"})
     return out
 
 
