@@ -204,8 +204,11 @@ def train_student(model, term, p, task, collate, split, seed: int, device, lr: f
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cv.schedule(s, p))
     model.train()
+    fits = getattr(collate, "fits", lambda ex: True)
     for step, idx in enumerate(cv.train_order(split["train"], p, seed)):
-        b = cv.to_device(collate([task.train[i] for i in idx]), device)
+        # a problem whose prompt fills max_length has no answer token to learn: it leaves its batch (the others keep
+        # their order, so runs whose batches hold none are unchanged)
+        b = cv.to_device(collate([task.train[i] for i in idx if fits(task.train[i])]), device)
         out = model(**b)
         loss = out.loss
         lam = term.weight(step) if term is not None else 0.0

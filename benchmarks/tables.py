@@ -66,6 +66,7 @@ VARIANTS_CLS = "benchmarks/results/variants_cls"
 KASA_TRUNCATION = "benchmarks/results/kasa_truncation"
 ALIGN_FORGETTING = "benchmarks/results/align_causal_forgetting"
 ALIGN_FORGETTING_ALL = "benchmarks/results/align_causal_forgetting_all"
+ALIGN_FORGETTING_GPU = "benchmarks/results/align_causal_forgetting_gpu"
 VARIANT_JOBS = [f"benchmarks/results/variants_main_job/{m}/results.json" for m in ("kasa", "goat", "lora_pro")]
 CAUSAL_ABLATION = "benchmarks/results/causal_ablation"
 CAUSAL_DAMPING = "benchmarks/results/causal_damping"
@@ -76,7 +77,7 @@ INIT_PROBE_CLS = "benchmarks/results/init_probe_cls_probe"
 INIT_PROBE_CLS_SEARCH = "benchmarks/results/init_probe_cls_probe_search"
 ALIGN_CLS = "benchmarks/results/align_cls"
 ALIGN_CLS_ALL = "benchmarks/results/align_cls_all"
-ALIGN_CAUSAL = "benchmarks/results/align_causal"
+ALIGN_CAUSAL = "benchmarks/results/align_causal_gpu"
 QUANT = "benchmarks/results/quant_cpu/results.json"
 
 BEGIN = re.compile(r"^<!-- generated: (?P<name>[\w.-]+) \(python benchmarks/tables\.py\) -->[ \t]*$", re.M)
@@ -532,6 +533,10 @@ BLOCKS: dict[str, Block] = {
         f"python benchmarks/alignment.py --preset causal --forgetting --targets q_proj k_proj v_proj o_proj gate_proj "
         f"up_proj down_proj --steps 120 --general-text pydoc --out {ALIGN_FORGETTING_ALL}",
         "docs/benchmarks.md: self-alignment against forgetting, every linear layer"),
+    "align_causal_forgetting_gpu": csv_block(
+        ALIGN_FORGETTING_GPU, "forgetting",
+        f"bash benchmarks/alignment_causal.sh (--out {ALIGN_FORGETTING_GPU})",
+        "docs/benchmarks.md and README: self-alignment against forgetting, every linear layer, 3 seeds (H100)"),
     "kasa_truncation": csv_block(KASA_TRUNCATION, "truncation",
                                  f"python benchmarks/kasa_truncation.py --out {KASA_TRUNCATION}",
                                  "docs/benchmarks.md: KaSA's truncation alone on SmolLM2"),
@@ -559,8 +564,8 @@ BLOCKS: dict[str, Block] = {
                                    "docs/benchmarks.md: the classification teacher's rate on validation"),
     "align_cls_grid": csv_block(ALIGN_CLS, "grid", f"python benchmarks/alignment.py --grid --out {ALIGN_CLS}",
                                 "docs/benchmarks.md: the alignment's knobs on validation, classification"),
-    **{f"align_causal_{stem}": csv_block(ALIGN_CAUSAL, stem, f"python benchmarks/alignment.py --preset causal --grid "
-                                         f"--out {ALIGN_CAUSAL}", f"docs/benchmarks.md: alignment, causal LM ({stem})")
+    **{f"align_causal_{stem}": csv_block(ALIGN_CAUSAL, stem, f"bash benchmarks/alignment_causal.sh (--out {ALIGN_CAUSAL})",
+                                         f"docs/benchmarks.md: alignment, causal LM ({stem})")
        for stem in ("teacher_grid", "grid", "students", "extraction")},
     "align_cls_extraction_all": csv_block(
         ALIGN_CLS_ALL, "extraction",

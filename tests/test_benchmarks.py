@@ -584,3 +584,47 @@ def test_alignment_cached_student_with_other_knobs_is_refused(tmp_path):
     assert alignment.run_student("distill", 0, args, hp=hp)["hparams"] == hp
     common.write_json(str(tmp_path / "hparams.json"), {"chosen": {"distill": hp}})
     assert alignment.run_student("distill", 0, args)["kind"] == "distill"  # the chosen knobs match
+
+
+def test_alignment_students_leave_out_only_problems_whose_prompt_fills_max_length():
+    """A training batch drops the problems that `collate.fits` refuses and keeps the others in their order, so a run
+    whose batches hold no such problem trains on exactly the batches it trained on before."""
+    import dataclasses
+
+    import alignment
+    import torch
+
+    p = dataclasses.replace(convergence.PRESETS["causal"], steps=6, batch=3, eval_every=100)
+    pool = list(range(12))
+    order = convergence.train_order(pool, p, 0)
+    too_long = order[2][1]  # one problem in the third batch
+
+    class Collate:
+        def __init__(self):
+            self.batches = []
+
+        def fits(self, ex):
+            return ex["i"] != too_long
+
+        def __call__(self, examples):
+            self.batches.append([ex["i"] for ex in examples])
+            if any(not self.fits(ex) for ex in examples):
+                raise ValueError("a prompt fills max_length")
+            return {"x": torch.tensor([[float(ex["i"])] for ex in examples])}
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return type("Out", (), {"loss": (self.w * x).pow(2).mean()})()
+
+    task = type("Task", (), {"train": [{"i": i} for i in range(12)]})()
+    collate, evaluated = Collate(), []
+    alignment.train_student(Model(), None, p, task, collate, {"train": pool}, 0, torch.device("cpu"), 1e-3,
+                            evaluated.append)
+    want = [[i for i in b if i != too_long] for b in order]
+    assert collate.batches == want
+    assert len(collate.batches[2]) == 2 and all(len(b) == 3 for k, b in enumerate(collate.batches) if k != 2)
+    assert evaluated == [0, 6]
