@@ -89,6 +89,41 @@ def test_demo_on_the_embedded_model(tmp_path):
     assert torch.isfinite(torch.tensor(r["held_out_loss"]["after_init"]))
 
 
+def test_embedded_cache_gets_the_gguf_special_tokens_once(tmp_path, monkeypatch):
+    """A cached checkpoint whose tokenizer names <|im_start|> as eos (as transformers 5.17 reads the GGUF file) is
+    repaired from its config's ids (eos = pad = <|im_end|>) on the next lookup, then stamped and left alone."""
+    import json as _json
+
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from lorafa import models
+
+    words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b"]
+    backend = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    wrong = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_start|>",
+                                    unk_token="<|endoftext|>")
+    target = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    wrong.save_pretrained(target)
+    LlamaConfig(vocab_size=5, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                bos_token_id=1, eos_token_id=2, pad_token_id=2, unk_token_id=0).save_pretrained(target)
+    (target / "model.safetensors").write_bytes(b"weights, not read here")
+    monkeypatch.setenv("LORAFA_CACHE", str(tmp_path))
+
+    assert models.embedded_model_path() == str(target)
+    from transformers import AutoTokenizer
+
+    fixed = AutoTokenizer.from_pretrained(target)
+    assert (fixed.eos_token, fixed.eos_token_id, fixed.pad_token_id, fixed.bos_token_id) == ("<|im_end|>", 2, 2, 1)
+    stamp = target / models.TOKENS_STAMP
+    assert _json.loads(stamp.read_text())["eos_token_id"] == 2
+    assert not [p for p in tmp_path.joinpath("models").iterdir() if p.name != target.name]  # no temporary left
+    before = (target / "tokenizer_config.json").stat().st_mtime_ns
+    models.embedded_model_path()
+    assert (target / "tokenizer_config.json").stat().st_mtime_ns == before  # stamped: not rewritten
+
+
 def test_model_packages_are_found_without_importing_them(tmp_path, monkeypatch):
     """They are installed --no-deps, and their __init__ imports what is then missing (llm, sentence-transformers):
     lorafa must only locate their files."""
