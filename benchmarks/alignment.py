@@ -197,6 +197,24 @@ def _load(args, seed: int):
     return p, device, task, model, collate, tuned, split, batches
 
 
+def generation_accuracy(model, tokenizer, examples: list[dict], n: int) -> dict:
+    """GSM8K exact-match accuracy of greedy generations (up to 256 new tokens) on the first `n` test problems
+    (`lorafa.eval.gsm8k`, the runner's evaluation): {"acc", "correct", "n"}."""
+    from lorafa.eval.gsm8k import evaluate_gsm8k
+
+    r = evaluate_gsm8k(model, tokenizer, examples[:n], progress=False)
+    return {"acc": r["accuracy"], "correct": r["correct"], "n": r["n"]}
+
+
+def _check_accuracy(res: dict, path: str, n: int) -> dict:
+    """A cached run's record, refused when --accuracy asks for a generation accuracy it was not measured with."""
+    got = res.get("generation_acc", {}).get("n", 0)
+    if n and got != n:
+        raise ValueError(f"{path} has no generation accuracy on {n} problems ({got or 'none'}): delete it to rerun "
+                         "with --accuracy")
+    return res
+
+
 def train_student(model, term, p, task, collate, split, seed: int, device, lr: float, evaluate) -> None:
     """The students' training: convergence.py's order, AdamW and schedule, the task loss plus `term`'s weighted
     value at each step (None: the task alone); `evaluate(step)` at 0, every `p.eval_every` steps and at the end."""
@@ -267,7 +285,7 @@ def run_student(kind: str, seed: int, args, hp: dict | None = None, grid: bool =
         used = {k: res.get("hparams", {}).get(k, getattr(args, k)) for k in HPARAMS}  # older runs: the command's
         if kind != "task" and used != hp:
             raise ValueError(f"{path} was run with {used}, not {hp}: delete it to rerun with the chosen knobs")
-        return res
+        return res if grid else _check_accuracy(res, path, getattr(args, "accuracy", 0))
     a = argparse.Namespace(**{**vars(args), **hp})
     p, device, task, model, collate, tuned, split, batches = _load(a, seed)
     teacher = ModelTeacher(tuned)
@@ -296,6 +314,9 @@ def run_student(kind: str, seed: int, args, hp: dict | None = None, grid: bool =
 
     train_student(model, term if kind in ("distill", "cyclic") else None, p, task, collate, split, seed, device,
                   a.lr, evaluate)
+    if getattr(args, "accuracy", 0) and not grid:  # causal LM: the final step's accuracy, by generation
+        res["generation_acc"] = generation_accuracy(model, collate.tokenizer, task.test, args.accuracy)
+        res["curve"][-1]["test_acc"] = res["generation_acc"]["acc"]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json(path, res)
     return res
@@ -394,7 +415,13 @@ def summarise(args) -> str:
     runs = [json.load(open(os.path.join(runs_dir, f))) for f in sorted(os.listdir(runs_dir)) if f.endswith(".json")]
     teacher = json.load(open(os.path.join(args.out, "teacher", "teacher.json")))
     students = [r for r in runs if "kind" in r]
-    base_loss = json.load(open(os.path.join(args.out, "base.json")))["test_loss"]  # the model before any adapter
+    base = json.load(open(os.path.join(args.out, "base.json")))  # the model before any adapter
+    base_loss = base["test_loss"]
+    gen = ""
+    if "generation_acc" in base and "generation_acc" in teacher:
+        b, t = base["generation_acc"], teacher["generation_acc"]
+        gen = (f"; test acc: GSM8K accuracy by greedy generation on {b['n']} test problems, base {b['correct']}/"
+               f"{b['n']}, teacher {t['correct']}/{t['n']}")
     rows, md = [], ""
     for kind in STUDENTS:
         rs = [r for r in students if r["kind"] == kind]
@@ -411,7 +438,7 @@ def summarise(args) -> str:
     if rows:
         md = write_table(rows, list(rows[0]), os.path.join(args.out, "students"),
                          f"{args.preset}: rank-{args.rank} LoRA-FA students at {p.steps} steps (teacher test loss "
-                         f"{teacher['test']['loss']:.4f}, base model {base_loss:.4f})")
+                         f"{teacher['test']['loss']:.4f}, base model {base_loss:.4f}{gen})")
     if "grid" in teacher:
         md += "\n" + write_table([{"lr": f"{g['lr']:g}", "final val loss": f"{g['val_loss']:.4f}",
                                     "chosen": "✓" if g["chosen"] else ""} for g in teacher["grid"]],
@@ -461,13 +488,31 @@ def plot(students, p, path, title) -> None:
 
 
 def base_loss(args) -> float:
+    """The base model's test loss (and, with --accuracy, its generation accuracy), cached in <out>/base.json."""
     path = os.path.join(args.out, "base.json")
-    if not os.path.exists(path):
+    rec = json.load(open(path)) if os.path.exists(path) else {}
+    n = getattr(args, "accuracy", 0)
+    if not rec or (n and rec.get("generation_acc", {}).get("n") != n):
         p, device, dtype = _setup(args)
         torch.manual_seed(0)  # a classifier's new head, as the seed-0 students'
-        task, model, _, collate = cv.load_everything(p, args, device, dtype)
-        write_json(path, {"test_loss": cv.heldout(model, task.test[: p.n_heldout], collate, device)["loss"]})
-    return json.load(open(path))["test_loss"]
+        task, model, tok, collate = cv.load_everything(p, args, device, dtype)
+        rec = rec or {"test_loss": cv.heldout(model, task.test[: p.n_heldout], collate, device)["loss"]}
+        if n:
+            rec["generation_acc"] = generation_accuracy(model, tok, task.test, n)
+        write_json(path, rec)
+    return rec["test_loss"]
+
+
+def teacher_accuracy(args) -> None:
+    """With --accuracy: the teacher's generation accuracy, added to its teacher.json once."""
+    path = os.path.join(teacher_dir(args), "teacher.json")
+    rec = json.load(open(path))
+    if not args.accuracy or rec.get("generation_acc", {}).get("n") == args.accuracy:
+        return
+    p, device, dtype = _setup(args)
+    task, model, tok, _ = cv.load_everything(dataclasses.replace(p, model=teacher_dir(args)), args, device, dtype)
+    rec["generation_acc"] = generation_accuracy(model, tok, task.test, args.accuracy)
+    write_json(path, rec)
 
 
 # -- self-alignment against forgetting (--forgetting) ------------------------------------------------------------
@@ -760,6 +805,9 @@ def main(argv=None) -> None:
     ap.add_argument("--targets", nargs="+", default=None,
                     help="the students' target modules instead of the preset's (e.g. every linear layer of the block)")
     ap.add_argument("--eval-every", type=int, default=None, help="the students' evaluation interval (preset's)")
+    ap.add_argument("--accuracy", type=int, default=0, metavar="N",
+                    help="causal preset: GSM8K accuracy by greedy generation on the first N test problems, for the "
+                         "base, the teacher and each student at its last step (0: not measured)")
     ap.add_argument("--n-heldout", type=int, default=None)
     ap.add_argument("--n-val", type=int, default=None)
     ap.add_argument("--gsm8k", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k"))
@@ -772,6 +820,9 @@ def main(argv=None) -> None:
     if args.forgetting and args.preset != "causal":
         ap.error(f"--forgetting measures the loss on general text of a causal LM: it needs --preset causal, "
                  f"not {args.preset}")
+    if args.accuracy and (args.preset != "causal" or args.forgetting or args.accuracy < 0):
+        ap.error("--accuracy N is the causal preset's generation accuracy (the classifier's is always measured); "
+                 "it needs --preset causal without --forgetting, and N ≥ 1")
     if args.forgetting and any(lam < 0 for lam in args.lams):
         ap.error("--lams must be ≥ 0")
     if args.grid and (min(args.grid_lams) <= 0 or min(args.grid_temperatures) <= 0 or min(args.grid_task_steps) < 1):
@@ -793,6 +844,7 @@ def main(argv=None) -> None:
     if not args.summary_only:
         teacher_dir(args)
         base_loss(args)
+        teacher_accuracy(args)
         if args.grid:
             logger.info("knobs chosen on validation: %s", choose_hparams(args))
         for seed in args.seeds:

@@ -628,3 +628,56 @@ def test_alignment_students_leave_out_only_problems_whose_prompt_fills_max_lengt
     assert collate.batches == want
     assert len(collate.batches[2]) == 2 and all(len(b) == 3 for k, b in enumerate(collate.batches) if k != 2)
     assert evaluated == [0, 6]
+
+
+def test_alignment_generation_accuracy_on_the_first_n_and_refused_when_missing(tmp_path, monkeypatch, capsys):
+    """--accuracy N: the first N test problems go to the runner's GSM8K evaluation; a cached student without that
+    accuracy is an error (not silently reported without it); the students' table shows base and teacher counts;
+    the option needs the causal preset."""
+    import argparse
+
+    import alignment
+    from lorafa.eval import gsm8k
+
+    seen = []
+
+    def fake_evaluate(model, tokenizer, examples, progress=True):
+        seen.append([ex["final"] for ex in examples])
+        return {"accuracy": 1 / len(examples), "correct": 1, "n": len(examples), "records": []}
+
+    monkeypatch.setattr(gsm8k, "evaluate_gsm8k", fake_evaluate)
+    examples = [{"prompt": f"Q{i}", "final": str(i)} for i in range(10)]
+    assert alignment.generation_accuracy(None, None, examples, 4) == {"acc": 0.25, "correct": 1, "n": 4}
+    assert seen == [["0", "1", "2", "3"]]
+
+    out = tmp_path / "align"
+    (out / "runs").mkdir(parents=True)
+    (out / "teacher").mkdir()
+    common.write_json(str(out / "runs" / "task_s0.json"), {"kind": "task", "seed": 0, "curve": [
+        {"step": s, "test_loss": v, "test_acc": None, "val_loss": v, "test_kl": 0.1} for s, v in ((0, 1.5), (40, 1.0))]})
+    args = argparse.Namespace(out=str(out), accuracy=4, lam=1.0, temperature=1.0, task_steps=10, align_steps=5)
+    with pytest.raises(ValueError, match="no generation accuracy on 4 problems.*delete it"):
+        alignment.run_student("task", 0, args)
+    run = json.load(open(out / "runs" / "task_s0.json"))
+    run["generation_acc"] = {"acc": 0.5, "correct": 2, "n": 4}
+    run["curve"][-1]["test_acc"] = 0.5
+    common.write_json(str(out / "runs" / "task_s0.json"), run)
+    assert alignment.run_student("task", 0, args)["generation_acc"]["correct"] == 2
+    args.accuracy = 0  # not asked for: the cached run is reused as it is
+    assert alignment.run_student("task", 0, args)["kind"] == "task"
+
+    common.write_json(str(out / "teacher" / "teacher.json"),
+                      {"test": {"loss": 0.8, "acc": None}, "generation_acc": {"acc": 0.75, "correct": 3, "n": 4}})
+    common.write_json(str(out / "base.json"), {"test_loss": 1.7, "generation_acc": {"acc": 0.0, "correct": 0, "n": 4}})
+    sargs = argparse.Namespace(preset="causal", steps=None, n_heldout=None, n_val=None, device="cpu", dtype="auto",
+                               out=str(out), rank=8)
+    md = alignment.summarise(sargs)
+    assert "base 0/4, teacher 3/4" in md
+    assert common.read_table(str(out / "students.csv"))[1][0]["final test acc"] == "0.5000"
+
+    for argv in (["--preset", "classification", "--accuracy", "8"], ["--preset", "causal", "--forgetting",
+                                                                      "--accuracy", "8"]):
+        with pytest.raises(SystemExit):
+            alignment.main(argv + ["--lr", "1e-3", "--teacher-lr", "1e-4", "--teacher-steps", "1",
+                                   "--out", str(tmp_path / "x")])
+        assert "--accuracy N is the causal preset's" in capsys.readouterr().err
