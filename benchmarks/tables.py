@@ -194,6 +194,62 @@ def render_csv_table(root: str, results_dir: str, stem: str, command: str) -> st
     return markdown_table(rows, columns)
 
 
+ALIGN_TARGET_GAP = 0.9  # issue 10: distillation closes ≥ 90% of the base → teacher gap at rank 8
+
+
+def _mean_of(cell: str) -> float:
+    """The mean of a "m ± s" (or "m") cell of a benchmark's CSV."""
+    return float(cell.split("±")[0])
+
+
+def render_align_targets(root: str) -> str:
+    """Issue 10's three targets, judged from the alignment benchmark's CSVs (students, extraction, forgetting)."""
+    presets = (("causal", ALIGN_CAUSAL), ("classification", ALIGN_CLS))
+    rows = []
+    texts, verdicts = [], []
+    for name, folder in presets:
+        path = _path(root, f"{folder}/students.csv")
+        if not os.path.exists(path):
+            texts.append(f"{name}: not run")
+            continue
+        distill = [r for r in read_table(path)[1] if r["student"] == "distill"]
+        if distill:
+            gap = distill[0]["gap closed"]
+            texts.append(f"{name}: {gap} ({distill[0]['seeds']} seeds)")
+            verdicts.append(f"{'met' if _mean_of(gap) >= ALIGN_TARGET_GAP else 'missed'} on {name}")
+    rows.append({"target": f"distillation closes ≥ {ALIGN_TARGET_GAP:.0%} of the gap from the base's held-out loss to "
+                           "the full fine-tune's (rank 8)", "measured": "; ".join(texts),
+                 "verdict": "; ".join(verdicts) or "not run"})
+
+    path = _path(root, f"{ALIGN_FORGETTING_GPU}/forgetting.csv")
+    if os.path.exists(path):
+        lams = [r for r in read_table(path)[1] if r["target met"] != "reference"]
+        measured = "; ".join(f"λ = {r['λ']}: forgetting ratio {r['forgetting ratio']}, task gain kept "
+                             f"{r['task-gain ratio']}" for r in lams)
+        met = [r["λ"] for r in lams if r["target met"] == "yes"]
+        rows.append({"target": "self-alignment halves forgetting at ≤ 10% loss of task gain (every linear layer, "
+                               f"{lams[0]['seeds']} seeds)" if lams else "self-alignment halves forgetting",
+                     "measured": measured, "verdict": f"met at λ = {', '.join(met)}" if met else "missed on the λ grid"})
+
+    texts, verdicts = [], []
+    for name, folder in (("causal", ALIGN_CAUSAL), ("classification, q/k/v", ALIGN_CLS),
+                         ("classification, every linear layer", ALIGN_CLS_ALL)):
+        path = _path(root, f"{folder}/extraction.csv")
+        if not os.path.exists(path):
+            continue
+        columns, ext = read_table(path)
+        metrics = [c.split(":")[0] for c in columns if c.endswith(": KL") and not c.startswith("identity")]
+        better = [m for m in metrics
+                  if all(r.get(f"{m}: KL") and float(r[f"{m}: KL"]) < float(r["identity: KL"]) for r in ext)]
+        ranks = "/".join(r["rank"] for r in ext)
+        texts.append(f"{name}: " + (", ".join(better) + f" below plain SVD at r = {ranks}" if better
+                                    else f"no data-aware metric below plain SVD at every r of {ranks}"))
+        verdicts.append(f"{'met' if better else 'missed'} on {name}")
+    rows.append({"target": "data-aware extraction has a lower held-out KL to the teacher than plain SVD extraction "
+                           "at every rank", "measured": "; ".join(texts), "verdict": "; ".join(verdicts)})
+    return markdown_table(rows, ["target", "measured", "verdict"])
+
+
 def render_subspaces(root: str, folder: str = SUBSPACES) -> str:
     """subspaces.py's summary (per LoRA-FA variant and side: mean and min principal-angle cosine against LoRA-One),
     as its `summary.md` shows it (without the title), from `subspaces.json`."""
@@ -533,6 +589,12 @@ BLOCKS: dict[str, Block] = {
         f"python benchmarks/alignment.py --preset causal --forgetting --targets q_proj k_proj v_proj o_proj gate_proj "
         f"up_proj down_proj --steps 120 --general-text pydoc --out {ALIGN_FORGETTING_ALL}",
         "docs/benchmarks.md: self-alignment against forgetting, every linear layer"),
+    "align_targets": Block(render_align_targets,
+                           tuple(f"{d}/{f}" for d, f in ((ALIGN_CAUSAL, "students.csv"), (ALIGN_CLS, "students.csv"),
+                                                         (ALIGN_FORGETTING_GPU, "forgetting.csv"),
+                                                         (ALIGN_CAUSAL, "extraction.csv"), (ALIGN_CLS, "extraction.csv"),
+                                                         (ALIGN_CLS_ALL, "extraction.csv"))),
+                           "docs/benchmarks.md and README: issue 10's targets"),
     "align_causal_forgetting_gpu": csv_block(
         ALIGN_FORGETTING_GPU, "forgetting",
         f"bash benchmarks/alignment_causal.sh (--out {ALIGN_FORGETTING_GPU})",

@@ -681,3 +681,26 @@ def test_alignment_generation_accuracy_on_the_first_n_and_refused_when_missing(t
             alignment.main(argv + ["--lr", "1e-3", "--teacher-lr", "1e-4", "--teacher-steps", "1",
                                    "--out", str(tmp_path / "x")])
         assert "--accuracy N is the causal preset's" in capsys.readouterr().err
+
+
+def test_align_targets_are_judged_from_the_csvs(tmp_path):
+    """Issue 10's targets block: the gap closed against 0.9, the forgetting rows' own verdicts, and a data-aware
+    extraction metric counted only if its KL is below plain SVD's at every rank."""
+    def table(folder, stem, rows):
+        os.makedirs(tmp_path / folder, exist_ok=True)
+        common.write_table(rows, list(rows[0]), str(tmp_path / folder / stem))
+
+    table(tables.ALIGN_CAUSAL, "students", [{"student": "task", "seeds": 3, "gap closed": "0.80 ± 0.01"},
+                                            {"student": "distill", "seeds": 3, "gap closed": "0.91 ± 0.02"}])
+    table(tables.ALIGN_CLS, "students", [{"student": "distill", "seeds": 3, "gap closed": "0.72 ± 0.2"}])
+    table(tables.ALIGN_FORGETTING_GPU, "forgetting", [
+        {"λ": "0", "seeds": 3, "forgetting ratio": "1", "task-gain ratio": "1", "target met": "reference"},
+        {"λ": "0.3", "seeds": 3, "forgetting ratio": "0.45", "task-gain ratio": "0.93", "target met": "yes"}])
+    table(tables.ALIGN_CAUSAL, "extraction", [{"rank": 4, "identity: KL": "0.5", "input: KL": "0.4", "kfac: KL": "0.6"},
+                                              {"rank": 8, "identity: KL": "0.4", "input: KL": "0.3", "kfac: KL": "0.3"}])
+    table(tables.ALIGN_CLS, "extraction", [{"rank": 4, "identity: KL": "0.2", "input: KL": "0.1"},
+                                           {"rank": 8, "identity: KL": "0.1", "input: KL": "0.1"}])
+    rows = [line.split(" | ")[-1].rstrip(" |") for line in tables.render_align_targets(str(tmp_path)).splitlines()[2:]]
+    assert rows == ["met on causal; missed on classification", "met at λ = 0.3",
+                    "met on causal; missed on classification, q/k/v"]
+    assert "input below plain SVD at r = 4/8" in tables.render_align_targets(str(tmp_path))
