@@ -387,7 +387,6 @@ def render_targets(root: str) -> str:
     rows.append(("LoRA-FA's test accuracy ≥ default LoRA and ≥ PEFT's lora_ga", "; ".join(parts),
                  _verdict(met, missed)))
 
-    floor = _stats_row(root, "floor")
     for mode, name, limit in (("grad", "grad", 1.2), ("kfac", "kfac", 1.5)):
         x = _stats_row(root, mode)["× floor"]
         rows.append((f"statistics pass ≤ {limit}× the floor ({name})", f"{x:.2f}×",
