@@ -134,11 +134,19 @@ def teacher_dir(args) -> str:
     an end while its best validation loss sits there (--teacher-max-extend), and the rate with the lowest validation
     loss becomes <out>/teacher, its teacher.json listing the grid's validation losses."""
     out = os.path.join(args.out, "teacher")
-    if os.path.exists(os.path.join(out, "teacher.json")):
+
+    def checked() -> str:
+        if not any(f.endswith(".safetensors") for f in os.listdir(out)):
+            raise FileNotFoundError(f"{out}/teacher.json is there but the teacher's weights are not (git keeps only the "
+                                    f"record): delete {out} and {os.path.join(args.out, 'teacher_grid')} to retrain "
+                                    "it, or use --summary-only")
         return out
+
+    if os.path.exists(os.path.join(out, "teacher.json")):
+        return checked()
     if len(args.teacher_lr) == 1:
         _train_teacher(args, args.teacher_lr[0], out)
-        return out
+        return checked()
     grid_dir = os.path.join(args.out, "teacher_grid")
     val = {}
     todo = list(args.teacher_lr)
@@ -153,7 +161,7 @@ def teacher_dir(args) -> str:
     rec["grid"] = [{"lr": lr, "val_loss": val[lr], "chosen": lr == chosen} for lr in sorted(val)]
     write_json(os.path.join(src, "teacher.json"), rec)
     os.replace(src, out)
-    return out
+    return checked()
 
 
 @torch.no_grad()

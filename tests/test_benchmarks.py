@@ -704,3 +704,36 @@ def test_align_targets_are_judged_from_the_csvs(tmp_path):
     assert rows == ["met on causal; missed on classification", "met at λ = 0.3",
                     "met on causal; missed on classification, q/k/v"]
     assert "input below plain SVD at r = 4/8" in tables.render_align_targets(str(tmp_path))
+
+
+def test_alignment_teacher_record_without_weights_is_refused(tmp_path):
+    """A committed teacher.json whose weights (ignored by git) are absent is an error before any training, not a
+    teacher that then fails to load or is silently retrained."""
+    import argparse
+
+    import alignment
+
+    (tmp_path / "teacher").mkdir()
+    common.write_json(str(tmp_path / "teacher" / "teacher.json"), {"lr": 1e-4, "val_loss": 0.5})
+    args = argparse.Namespace(out=str(tmp_path), teacher_lr=[1e-4])
+    with pytest.raises(FileNotFoundError, match="weights are not.*delete"):
+        alignment.teacher_dir(args)
+    (tmp_path / "teacher" / "model.safetensors").write_bytes(b"")
+    assert alignment.teacher_dir(args) == str(tmp_path / "teacher")
+
+
+def test_alignment_teacher_grid_with_weightless_records_is_refused(tmp_path):
+    """Grid candidates known only by their committed records: the chosen one is moved into place, then refused for
+    its missing weights (the records were enough to choose it)."""
+    import argparse
+
+    import alignment
+
+    for lr, val in ((1e-4, 0.6), (3e-4, 0.5), (9e-4, 0.7)):
+        d = tmp_path / "teacher_grid" / f"lr{lr:g}"
+        d.mkdir(parents=True)
+        common.write_json(str(d / "teacher.json"), {"lr": lr, "val_loss": val})
+    args = argparse.Namespace(out=str(tmp_path), teacher_lr=[1e-4, 3e-4, 9e-4], teacher_max_extend=2)
+    with pytest.raises(FileNotFoundError, match="weights are not"):
+        alignment.teacher_dir(args)
+    assert json.load(open(tmp_path / "teacher" / "teacher.json"))["lr"] == 3e-4
