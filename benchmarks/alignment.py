@@ -214,10 +214,15 @@ def generation_accuracy(model, tokenizer, examples: list[dict], n: int) -> dict:
     return {"acc": r["accuracy"], "correct": r["correct"], "n": r["n"]}
 
 
+def _has_accuracy(rec: dict, n: int) -> bool:
+    """Whether a record (a run, base.json, teacher.json) holds what --accuracy n asks for (n = 0: nothing)."""
+    return not n or rec.get("generation_acc", {}).get("n") == n
+
+
 def _check_accuracy(res: dict, path: str, n: int) -> dict:
     """A cached run's record, refused when --accuracy asks for a generation accuracy it was not measured with."""
-    got = res.get("generation_acc", {}).get("n", 0)
-    if n and got != n:
+    if not _has_accuracy(res, n):
+        got = res.get("generation_acc", {}).get("n")
         raise ValueError(f"{path} has no generation accuracy on {n} problems ({got or 'none'}): delete it to rerun "
                          "with --accuracy")
     return res
@@ -500,7 +505,7 @@ def base_loss(args) -> float:
     path = os.path.join(args.out, "base.json")
     rec = json.load(open(path)) if os.path.exists(path) else {}
     n = getattr(args, "accuracy", 0)
-    if not rec or (n and rec.get("generation_acc", {}).get("n") != n):
+    if not rec or not _has_accuracy(rec, n):
         p, device, dtype = _setup(args)
         torch.manual_seed(0)  # a classifier's new head, as the seed-0 students'
         task, model, tok, collate = cv.load_everything(p, args, device, dtype)
@@ -515,7 +520,7 @@ def teacher_accuracy(args) -> None:
     """With --accuracy: the teacher's generation accuracy, added to its teacher.json once."""
     path = os.path.join(teacher_dir(args), "teacher.json")
     rec = json.load(open(path))
-    if not args.accuracy or rec.get("generation_acc", {}).get("n") == args.accuracy:
+    if _has_accuracy(rec, args.accuracy):
         return
     p, device, dtype = _setup(args)
     task, model, tok, _ = cv.load_everything(dataclasses.replace(p, model=teacher_dir(args)), args, device, dtype)

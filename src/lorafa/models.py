@@ -60,12 +60,9 @@ def _special_tokens_from_config(tokenizer, config) -> dict:
 
 
 def _write_stamp(folder: str, ids: dict) -> None:
-    import json
+    from lorafa.run_io import atomic_write_json
 
-    tmp = os.path.join(folder, f".{TOKENS_STAMP}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(ids, f)
-    os.replace(tmp, os.path.join(folder, TOKENS_STAMP))
+    atomic_write_json(os.path.join(folder, TOKENS_STAMP), ids)
 
 
 def _repair_special_tokens(target: str) -> None:
