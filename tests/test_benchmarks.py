@@ -693,6 +693,7 @@ def test_align_targets_are_judged_from_the_csvs(tmp_path):
     table(tables.ALIGN_CAUSAL, "students", [{"student": "task", "seeds": 3, "gap closed": "0.80 ± 0.01"},
                                             {"student": "distill", "seeds": 3, "gap closed": "0.91 ± 0.02"}])
     table(tables.ALIGN_CLS, "students", [{"student": "distill", "seeds": 3, "gap closed": "0.72 ± 0.2"}])
+    table(tables.ALIGN_CAUSAL_CPU, "students", [{"student": "distill", "seeds": 3, "gap closed": "0.89 ± 0.01"}])
     table(tables.ALIGN_FORGETTING_GPU, "forgetting", [
         {"λ": "0", "seeds": 3, "forgetting ratio": "1", "task-gain ratio": "1", "target met": "reference"},
         {"λ": "0.3", "seeds": 3, "forgetting ratio": "0.45", "task-gain ratio": "0.93", "target met": "yes"}])
@@ -701,8 +702,8 @@ def test_align_targets_are_judged_from_the_csvs(tmp_path):
     table(tables.ALIGN_CLS, "extraction", [{"rank": 4, "identity: KL": "0.2", "input: KL": "0.1"},
                                            {"rank": 8, "identity: KL": "0.1", "input: KL": "0.1"}])
     rows = [line.split(" | ")[-1].rstrip(" |") for line in tables.render_align_targets(str(tmp_path)).splitlines()[2:]]
-    assert rows == ["met on causal; missed on classification", "met at λ = 0.3",
-                    "met on causal; missed on classification, q/k/v"]
+    assert rows == ["met on causal (H100); missed on causal (CPU); missed on classification", "met at λ = 0.3",
+                    "met on causal (H100); missed on classification, q/k/v"]
     assert "input below plain SVD at r = 4/8" in tables.render_align_targets(str(tmp_path))
 
 
