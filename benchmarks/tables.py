@@ -638,7 +638,7 @@ BLOCKS: dict[str, Block] = {
                                          f"docs/benchmarks.md: alignment, causal LM ({stem})")
        for stem in ("teacher_grid", "grid", "students", "extraction")},
     **{f"align_causal_cpu_{stem}": csv_block(ALIGN_CAUSAL_CPU, stem, ALIGN_CAUSAL_CPU_COMMAND,
-                                             f"docs/benchmarks.md: alignment, causal LM on the CPU with accuracy ({stem})")
+                                             f"docs/benchmarks.md: alignment, causal LM, CPU ({stem})")
        for stem in ("teacher_grid", "grid", "students", "extraction")},
     "align_cls_extraction_all": csv_block(
         ALIGN_CLS_ALL, "extraction",
