@@ -27,8 +27,12 @@ class TermsTrainer(Trainer):
         step_log: called after every optimiser step with {"step", "phase", "task_loss", "task_weight",
             "<name>_loss", "<name>_weight"} (means over the step's micro-batches, this process's values).
 
-    The task loss is each micro-batch's mean (the Trainer divides by the accumulation steps), not the token-count
-    normalisation over the accumulated batch that a plain Trainer applies when the model accepts it.
+    The task loss is the Trainer's own (`Trainer.compute_loss`: label smoothing, `compute_loss_func`, and the
+    token-count normalisation over the accumulated batch, `num_items_in_batch`, when the model or `compute_loss_func`
+    takes it), so with every term's weight 0 and w_task = 1 the loss and the gradients are exactly a plain Trainer's.
+    The terms are per-micro-batch values; they enter each accumulated step as the mean over its micro-batches, scaled
+    as the task loss is: when the Trainer treats the task loss as already normalised over the accumulated batch (and
+    so does not divide it by the accumulation steps), the terms are divided by the accumulation steps here.
     """
 
     def __init__(self, *args, terms=(), task_weight: Callable[[int], float] | None = None,
@@ -40,7 +44,6 @@ class TermsTrainer(Trainer):
             raise ValueError(f"loss term names must be distinct and not 'task', got {names}")
         self.task_weight = task_weight or (lambda step: 1.0)
         self.step_log = step_log
-        self.model_accepts_loss_kwargs = False  # per-micro-batch means, scaled for accumulation by the Trainer
         self._step_sums: dict[str, list[float]] = defaultdict(list)
         self._log_sums: dict[str, list[float]] = defaultdict(list)
         self.add_callback(_TermsCallback(self))
@@ -50,20 +53,39 @@ class TermsTrainer(Trainer):
         active = [(t, t.weight(step)) for t in self.terms] if model.training else []
         active = [(t, w) for t, w in active if w]
         hidden = any(getattr(t, "needs_hidden", False) for t, _ in active)
-        outputs = model(**inputs, **({"output_hidden_states": True} if hidden else {}))
-        task = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        # the Trainer's own task loss; a copy of the inputs, since it pops "labels" (label smoothing,
+        # compute_loss_func) and the terms read the batch as the collator made it
+        task_inputs = {**inputs, **({"output_hidden_states": True} if hidden else {})}
+        task, outputs = super().compute_loss(model, task_inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
         if not model.training:
             return (task, outputs) if return_outputs else task
+        # what training_step then does with the loss: divide it by the accumulation steps unless the task loss is
+        # already normalised over the accumulated batch; the terms are per-micro-batch values, so in that case they
+        # are divided here, and the task loss is logged as its micro-batch share times the accumulation steps
+        accum = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        scaled = self._task_loss_is_scaled_for_ga(num_items_in_batch)
+        term_scale = 1.0 / accum if scaled else 1.0
         w_task = float(self.task_weight(step))
         loss = task * w_task
-        values = {"task_loss": task.detach()}
+        values = {"task_loss": task.detach() * (accum if scaled else 1)}
         for term, w in active:
             value = term(model, inputs, outputs, step)
-            loss = loss + w * value
+            loss = loss + (w * term_scale) * value
             values[f"{term.name}_loss"] = value.detach()
         for k, v in values.items():
             self._step_sums[k].append(float(v))
         return (loss, outputs) if return_outputs else loss
+
+    def _task_loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Whether `Trainer.training_step` takes the loss as already scaled for gradient accumulation (the rule of
+        transformers >= 4.56: `loss_is_scaled_for_ga` when a subclass sets it, else normalised by num_items_in_batch
+        in the model or by compute_loss_func)."""
+        explicit = getattr(self, "loss_is_scaled_for_ga", None)
+        if explicit is not None:
+            return bool(explicit)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
 
     def step_row(self, step: int) -> dict:
         """The record of optimiser step `step` (0-based schedule index), built from the values summed so far."""
