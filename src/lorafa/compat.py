@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import warnings
 import weakref
 from collections.abc import Callable
@@ -26,7 +25,9 @@ from torch import nn
 
 from .config import InitConfig
 from .methods.lora_ga import LoraGAOptions
-from .peft_bridge import _save_initial, init_record, initialize, save_adapter
+from .fsio import remove_owned
+from .peft_bridge import (INITIAL_FILES, init_record, initialize, is_initial_adapter, save_adapter,
+                          write_initial_folder)
 from .stats import LayerStats, StatsRecorder, collect_stats, load_stats, save_stats
 from .targets import SUPPORTED_LAYERS, resolve_targets, unwrap_model
 
@@ -237,12 +238,7 @@ def save_loraga_model_init(model, save_dir: str) -> None:
     if record is None:
         raise ValueError("save_loraga_model_init expects the model returned by lorafa.compat.get_peft_model.")
     os.makedirs(save_dir, exist_ok=True)
-    target = os.path.join(save_dir, INITIAL_SUBDIR)
-    tmp = target + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_initial(model, record, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    write_initial_folder(model, record, os.path.join(save_dir, INITIAL_SUBDIR))
 
 
 def save_loraga_model_final(model, save_dir: str) -> None:
@@ -251,4 +247,6 @@ def save_loraga_model_final(model, save_dir: str) -> None:
     Afterwards `PeftModel.from_pretrained(original_base, save_dir)` reproduces the trained model.
     """
     save_adapter(model, save_dir)
-    shutil.rmtree(os.path.join(save_dir, INITIAL_SUBDIR), ignore_errors=True)
+    initial = os.path.join(save_dir, INITIAL_SUBDIR)
+    if is_initial_adapter(initial):  # only lorafa's own files are removed, never a folder it did not write
+        remove_owned(initial, INITIAL_FILES)

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import tempfile
 import uuid
 import warnings
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from peft.utils import get_peft_model_state_dict
+from peft.utils import CONFIG_NAME, get_peft_model_state_dict
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -30,7 +29,8 @@ from .methods.common import InitResult
 from .methods.lora_fa import whitener_scope
 from .methods.registry import METHODS, init_factors, make_options
 from .stats.collect import collect_stats, fsdp_sharded
-from .stats.distributed import all_gather_objects, all_reduce_sum_, world
+from .fsio import check_destination, remove_owned, swap_in
+from .stats.distributed import agree_step, all_gather_objects, all_reduce_sum_, world
 from .quant import requantize_
 from .targets import (is_quantized, is_transposed, out_in_features, resolve_targets, set_weight_matrix, unwrap_model,
                       weight_matrix)
@@ -617,6 +617,13 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     """
     init_config = init_config or InitConfig()
     _check_lora_config(lora_config, init_config)
+    if initial_adapter_dir is not None:  # before the statistics pass: a folder that cannot take it fails at once
+        error = None
+        try:
+            check_initial_adapter_dir(initial_adapter_dir)
+        except FileExistsError as e:
+            error = e
+        agree_step(error if world()[0] == 0 else None, True, "checking initial_adapter_dir")
     results, lora_config, summary, weights = _compute_init(model, lora_config, init_config, stats, batches, loss_fn,
                                                            progress, search_batches, align, tuned, base_weights)
     subtract = init_config.subtracts()
@@ -736,28 +743,51 @@ def save_adapter(peft_model: PeftModel, path: str | os.PathLike, *, save_initial
         peft_model: a model returned by `initialize` (possibly trained).
         path: output directory (created if needed).
         save_initial: also write the initial adapter (A₀, B₀) to `path/initial_adapter`; for offset methods it
-            belongs on the offset base W − s·B₀·A₀, for the others on the original base.
+            belongs on the offset base W − s·B₀·A₀, for the others on the original base. A previous initial adapter
+            there is replaced; a folder of that name holding anything else is refused.
         initial_adapter: the folder `initialize(..., initial_adapter_dir=)` (or `save_initial_adapter`) wrote;
             needed when the model is not the very object `initialize` returned in this process (a copy, or a model
             rebuilt in another process).
+
+    Under torch.distributed every process calls it: factors sharded by `shard_adapters` (FSDP2) are gathered on
+    every process, the main process writes, and every process returns, or raises, together.
 
     Returns:
         The path.
 
     Raises:
         ValueError: neither an initial adapter folder nor this process's record of the model's init is available.
+        FileExistsError: `save_initial` and `path/initial_adapter` holds something lorafa did not write.
+        RankFailedError: on the other processes, when one process failed.
     """
-    record = init_record(peft_model, initial_adapter)
-    if record is None:
-        raise ValueError("The initial adapter of this model is unknown: it is not the object lorafa.initialize "
-                         "returned in this process (a copy, or another process). Pass initial_adapter=<the folder "
-                         "given to initialize(initial_adapter_dir=...)>, or save a plain PEFT model with "
-                         "model.save_pretrained(path).")
-    _check_adapter_matches(peft_model, record)
+    error, record = None, None
+    try:
+        record = init_record(peft_model, initial_adapter)
+        if record is None:
+            raise ValueError("The initial adapter of this model is unknown: it is not the object lorafa.initialize "
+                             "returned in this process (a copy, or another process). Pass initial_adapter=<the folder "
+                             "given to initialize(initial_adapter_dir=...)>, or save a plain PEFT model with "
+                             "model.save_pretrained(path).")
+        _check_adapter_matches(peft_model, record)
+        if save_initial and world()[0] == 0:
+            check_initial_adapter_dir(os.path.join(os.fspath(path), "initial_adapter"))
+    except (ValueError, OSError) as e:
+        error = e
+    agree_step(error, True, "checking the adapter to save")  # every process raises together, or none does
     path = os.fspath(path)
+    error = None
+    with _unsharded_adapters(peft_model, keep=world()[0] == 0):  # a collective under FSDP2: every process gathers
+        if world()[0] == 0:
+            try:
+                _write_adapter(peft_model, record, path, save_initial)
+            except Exception as e:  # raised below, on every process together
+                error = e
+    agree_step(error, True, "saving the adapter")
+    return path
+
+
+def _write_adapter(peft_model: PeftModel, record: InitRecord, path: str, save_initial: bool) -> None:
     os.makedirs(path, exist_ok=True)
-    if world()[0] != 0:
-        return path
     name = record.adapter_name
     with tempfile.TemporaryDirectory(dir=path, prefix=".lorafa-tmp-") as tmp:
         out = os.path.join(tmp, "adapter")
@@ -784,14 +814,59 @@ def save_adapter(peft_model: PeftModel, path: str | os.PathLike, *, save_initial
             meta["load_with"] = "lorafa.goat.load_goat(original_base, path): stock PEFT has no GOAT router"
         with open(os.path.join(src, INIT_FILE), "w") as f:
             json.dump(meta, f, indent=2)
+        if save_initial:  # checked again right before the swap; a previous initial adapter is replaced
+            swap_in(os.path.join(tmp, "initial_adapter"), os.path.join(path, "initial_adapter"), is_initial_adapter,
+                    INITIAL_FILES, _INITIAL, _INITIAL_HINT)
         for fname in os.listdir(src):
             if os.path.isfile(os.path.join(src, fname)):
                 os.replace(os.path.join(src, fname), os.path.join(path, fname))
-        if save_initial:
-            target = os.path.join(path, "initial_adapter")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(os.path.join(tmp, "initial_adapter"), target)
-    return path
+
+
+def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """An ordinary module of `module`'s own class (not FSDP2's subclass of it), with the same attributes and its
+    parameters gathered into full tensors (a collective under FSDP2), for saving only."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(module).__mro__ if issubclass(c, torch.nn.Module) and not issubclass(c, FSDPModule))
+    plain = cls.__new__(cls)
+    torch.nn.Module.__init__(plain)
+    for key, value in vars(module).items():
+        if not key.startswith("_"):
+            object.__setattr__(plain, key, value)
+    for key, p in module._parameters.items():
+        if p is not None:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            plain._parameters[key] = torch.nn.Parameter(full.detach(), requires_grad=False)
+    for key, b in module._buffers.items():
+        plain._buffers[key] = b.full_tensor() if hasattr(b, "full_tensor") else b
+    return plain
+
+
+@contextmanager
+def _unsharded_adapters(peft_model: PeftModel, keep: bool):
+    """Under FSDP2 (`shard_adapters`), swap each sharded LoRA factor module for a plain copy holding the full
+    tensors, so that PEFT's `save_pretrained` and its weight conversion see ordinary tensors; put the shards back
+    afterwards. Every process gathers (the gathers are collectives, in the same order on every process); only a
+    process with `keep` swaps. Nothing happens when no factor is sharded."""
+    swapped = []
+    for layer in peft_model.modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for attr in layer.adapter_layer_names:
+            modules = getattr(layer, attr, None)
+            if not isinstance(modules, torch.nn.ModuleDict):
+                continue
+            for key, module in list(modules.items()):
+                if any(hasattr(p, "full_tensor") for p in module.parameters(recurse=False)):
+                    plain = _plain_copy(module)
+                    if keep:
+                        swapped.append((modules, key, module))
+                        modules[key] = plain
+    try:
+        yield
+    finally:
+        for modules, key, module in swapped:
+            modules[key] = module
 
 
 def _check_adapter_matches(peft_model: PeftModel, record: InitRecord) -> None:
@@ -800,31 +875,79 @@ def _check_adapter_matches(peft_model: PeftModel, record: InitRecord) -> None:
                          f"{sorted(peft_model.peft_config)}: pass the initial adapter of this model.")
 
 
-def save_initial_adapter(peft_model: PeftModel, path: str | os.PathLike) -> str:
-    """Write the initial adapter (SPEC §3): A₀, B₀, PEFT's adapter_config.json and `lorafa_init.json` (the
-    InitConfig, whether the base was offset, each layer's init info), into a temporary folder renamed to `path`.
+INITIAL_FILES = (INITIAL_WEIGHTS, CONFIG_NAME, INIT_FILE)  # all that an initial adapter folder holds
+_INITIAL = "initial adapter"
+_INITIAL_HINT = (" for initial_adapter_dir (the run's own folder, or a fresh one beside your checkpoints), or delete "
+                 "the folder yourself if you no longer need it")
 
-    For offset methods A₀, B₀ belong on the offset base W − s·B₀·A₀; for the others on the original base.
-    Only the main process writes. `read_initial_adapter(path)` and `save_adapter(..., initial_adapter=path)` read it.
+
+def is_initial_adapter(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder `save_initial_adapter` wrote: its three files and nothing else."""
+    path = os.fspath(path)
+    try:
+        entries = set(os.listdir(path))
+    except OSError:
+        return False
+    if INIT_FILE not in entries or not entries <= set(INITIAL_FILES):
+        return False
+    if any(os.path.islink(os.path.join(path, e)) or not os.path.isfile(os.path.join(path, e)) for e in entries):
+        return False
+    try:
+        with open(os.path.join(path, INIT_FILE)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"adapter_name", "init_config", "subtracted"} <= set(meta)
+
+
+def check_initial_adapter_dir(path: str | os.PathLike) -> None:
+    """Raise unless `path` can take an initial adapter: absent, empty, or a previous initial adapter (replaced).
 
     Raises:
-        ValueError: the model was not created by `initialize` in this process.
+        FileExistsError: `path` is a file, or a folder holding anything else (which lorafa never deletes).
     """
-    record = init_record(peft_model)
-    if record is None:
-        raise ValueError("save_initial_adapter needs the model returned by lorafa.initialize in this process.")
+    check_destination(path, is_initial_adapter, _INITIAL, _INITIAL_HINT)
+
+
+def write_initial_folder(peft_model: PeftModel, record: InitRecord, path: str | os.PathLike) -> None:
+    """Write the initial adapter into a temporary sibling of `path`, then swap it in (`fsio.swap_in`)."""
     path = os.fspath(path)
-    if world()[0] != 0:
-        return path
+    check_initial_adapter_dir(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".lorafa-initial-", dir=parent)
     try:
         _save_initial(peft_model, record, tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        swap_in(tmp, path, is_initial_adapter, INITIAL_FILES, _INITIAL, _INITIAL_HINT)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(tmp):
+            remove_owned(tmp, INITIAL_FILES)
+
+
+def save_initial_adapter(peft_model: PeftModel, path: str | os.PathLike) -> str:
+    """Write the initial adapter (SPEC §3): A₀, B₀, PEFT's adapter_config.json and `lorafa_init.json` (the
+    InitConfig, whether the base was offset, each layer's init info), into a temporary folder renamed to `path`.
+
+    `path` must be new, empty, or an initial adapter written before (it is then replaced); a folder holding anything
+    else is refused, never emptied. For offset methods A₀, B₀ belong on the offset base W − s·B₀·A₀; for the others on
+    the original base. Only the main process writes; under torch.distributed every process calls it, and a failure
+    is raised on every process. `read_initial_adapter(path)` and `save_adapter(..., initial_adapter=path)` read it.
+
+    Raises:
+        ValueError: the model was not created by `initialize` in this process.
+        FileExistsError: `path` is a file, or a folder that holds anything but a previous initial adapter.
+    """
+    record = init_record(peft_model)
+    if record is None:
+        raise ValueError("save_initial_adapter needs the model returned by lorafa.initialize in this process.")
+    path = os.fspath(path)
+    error = None
+    if world()[0] == 0:
+        try:
+            write_initial_folder(peft_model, record, path)
+        except Exception as e:  # raised below, on every process together
+            error = e
+    agree_step(error, True, "writing the initial adapter")
     return path
 
 
