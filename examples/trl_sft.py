@@ -55,9 +55,24 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def split_on_token_boundary(prompt: str, answer: str) -> dict:
+    """One prompt/completion row whose split lands on a token boundary: the prompt's trailing spaces move to the
+    completion's start, and the text (prompt + completion) is unchanged.
+
+    Why: TRL tokenises the prompt alone and the prompt + completion, and trains on the completion from where the two
+    diverge. lorafa's prompts end in "A: "; a BPE tokenizer such as SmolLM2's merges that space with the answer's
+    first word (" star"), so the prompt's tokens would not be a prefix: TRL would warn that the tokenized prompt is
+    not a prefix and leave the prompt's end out of the training sequence. Without the trailing space, the prompt's
+    tokens are the first tokens of the whole text.
+    """
+    head = prompt.rstrip(" ")
+    return {"prompt": head, "completion": prompt[len(head):] + answer}
+
+
 def rows(examples: list[dict]) -> Dataset:
-    """lorafa's prompt/answer examples as TRL's prompt/completion rows (TRL appends EOS and masks the prompt)."""
-    return Dataset.from_list([{"prompt": ex["prompt"], "completion": ex["answer"]} for ex in examples])
+    """lorafa's prompt/answer examples as TRL's prompt/completion rows (TRL appends EOS and masks the prompt), split
+    on a token boundary (`split_on_token_boundary`)."""
+    return Dataset.from_list([split_on_token_boundary(ex["prompt"], ex["answer"]) for ex in examples])
 
 
 def build_trainer(args) -> tuple[SFTTrainer, object]:
