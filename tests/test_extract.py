@@ -169,3 +169,198 @@ def test_sampled_label_loss_draws_from_the_model_at_the_scored_positions():
     assert sum(draws) / len(draws) == pytest.approx(entropy, rel=0.02)
     with pytest.raises(ValueError, match="labels"):
         fn(model, {k: v for k, v in batch.items() if k != "labels"})
+
+
+# --- lorafa-extract: options, memory, and inputs it must refuse (issue 25, item 11) ---
+
+@pytest.fixture(scope="module")
+def extract_dirs(tmp_path_factory):
+    """A tiny base, a fine-tune of it (every linear layer moved), and a GSM8K-format data folder, saved once."""
+    import shutil
+
+    from tiny_assets import arithmetic_rows, save_tiny_causal_lm, write_jsonl
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("extract_cli")
+    base_dir = save_tiny_causal_lm(str(root / "base"))
+    tuned = AutoModelForCausalLM.from_pretrained(base_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    tuned.save_pretrained(root / "tuned")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (root / "base" / f).exists():
+            shutil.copy(root / "base" / f, root / "tuned" / f)
+    write_jsonl(str(root / "gsm" / "train.jsonl"), arithmetic_rows(16, seed=0))
+    write_jsonl(str(root / "gsm" / "test.jsonl"), arithmetic_rows(4, seed=1))
+    return {"base": base_dir, "tuned": str(root / "tuned"), "data": str(root / "gsm")}
+
+
+def _extract_args(dirs, out, *extra, tuned=None, data=True):
+    args = ["--base", dirs["base"], "--tuned", tuned or dirs["tuned"], "--rank", "2", "--out", str(out),
+            "--iters", "2", "--bsz", "2", "--max-length", "128"]
+    if data:
+        args += ["--dataset", "gsm8k", "--data", dirs["data"], "--heldout", "4"]
+    return args + list(extra)
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    (["--alpha", "0"], "--alpha"),
+    (["--alpha", "-2"], "--alpha"),
+    (["--alpha", "nan"], "--alpha"),
+    (["--heldout", "-1"], "--heldout"),
+    (["--device", "tpu9"], "not a torch device"),
+    (["--device", "meta"], "--device meta holds no data"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice"),
+])
+def test_lorafa_extract_refuses_bad_options_before_loading_anything(extract_dirs, tmp_path, capsys, extra, phrase):
+    """--alpha 0 used to become the rank, --heldout -1 "all but the last example"; there was no --device/--dtype."""
+    from lorafa.extract_cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(_extract_args(extract_dirs, tmp_path / "out", *extra))
+    assert err.value.code == 2 and phrase in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a device this machine lacks")
+def test_lorafa_extract_refuses_a_device_this_machine_lacks(extract_dirs, tmp_path, capsys):
+    from lorafa.extract_cli import main
+
+    with pytest.raises(SystemExit):
+        main(_extract_args(extract_dirs, tmp_path / "out", "--device", "cuda"))
+    assert "not usable on this machine" in capsys.readouterr().err
+
+
+def test_lorafa_extract_alpha_sets_the_scale(extract_dirs, tmp_path):
+    """An explicit --alpha reaches the LoraConfig (and the extracted s·B·A is the same: the factors absorb s)."""
+    import json
+
+    from lorafa.extract_cli import main
+
+    main(_extract_args(extract_dirs, tmp_path / "a1", "--alpha", "1", data=False))
+    main(_extract_args(extract_dirs, tmp_path / "a2", data=False))
+    assert json.loads((tmp_path / "a1" / "adapter_config.json").read_text())["lora_alpha"] == 1
+    assert json.loads((tmp_path / "a2" / "adapter_config.json").read_text())["lora_alpha"] == 2
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lorafa_extract_refuses_a_tuned_model_equal_to_the_base(extract_dirs, tmp_path, dtype):
+    """Base and fine-tune the same: W_tuned − W = 0 everywhere, and the adapter would be B = A = 0 (cannot train).
+    In bf16 the fine-tune's weights are compared in bf16 too (an fp32 checkpoint against a bf16 base differs by the
+    rounding alone)."""
+    from lorafa.extract_cli import main
+
+    with pytest.raises(ValueError, match="nothing to extract"):
+        main(_extract_args(extract_dirs, tmp_path / "out", "--dtype", dtype, tuned=extract_dirs["base"]))
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_lorafa_extract_warns_about_unchanged_target_layers(extract_dirs, tmp_path, caplog):
+    """A fine-tune that changed some targets only: the others' adapters are zero; said, not silent."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafa.extract_cli import main
+
+    tuned = AutoModelForCausalLM.from_pretrained(extract_dirs["base"])
+    with torch.no_grad():
+        tuned.model.layers[0].self_attn.q_proj.weight.add_(0.1)
+    tuned.save_pretrained(tmp_path / "tuned")
+    AutoTokenizer.from_pretrained(extract_dirs["base"]).save_pretrained(tmp_path / "tuned")
+    with caplog.at_level("WARNING", logger="lorafa.extract"):
+        main(_extract_args(extract_dirs, tmp_path / "out", "--targets", "q_proj", data=False,
+                           tuned=str(tmp_path / "tuned")))
+    assert "equals the base on 1 of 2 target layers (model.layers.1.self_attn.q_proj)" in caplog.text
+
+
+def test_lorafa_extract_keeps_at_most_two_models_and_no_fine_tune_during_the_init(extract_dirs, tmp_path,
+                                                                                  monkeypatch):
+    """The init reads the fine-tune's target weights from its checkpoint: no full fine-tuned model is alive while
+    the statistics pass runs, and never more than two full models (the base and, for the KL, the fine-tune)."""
+    import gc
+    import weakref
+
+    import lorafa
+    import lorafa.models
+    from lorafa.extract_cli import main
+
+    alive, peak, at_init = [], [0], []
+
+    def count():
+        gc.collect()
+        return [r() for r in alive if r() is not None]
+
+    real_load, real_init = lorafa.models.load_causal_lm, lorafa.initialize
+
+    def load(*a, **kw):
+        model, tok = real_load(*a, **kw)
+        alive.append(weakref.ref(model))
+        peak[0] = max(peak[0], len(count()))
+        return model, tok
+
+    def init(model, *a, **kw):
+        at_init.append(len(count()))
+        out = real_init(model, *a, **kw)
+        peak[0] = max(peak[0], len(count()))
+        return out
+
+    monkeypatch.setattr(lorafa.models, "load_causal_lm", load)
+    monkeypatch.setattr(lorafa, "initialize", init)
+    report = main(_extract_args(extract_dirs, tmp_path / "out"))
+    assert set(report) >= {"base_model", "extract_input", "extract_identity"}
+    assert at_init == [1, 2]  # the base alone at the statistics pass; a fresh base and the fine-tune for plain SVD
+    assert peak[0] == 2
+
+
+def test_lorafa_extract_in_bf16(extract_dirs, tmp_path, monkeypatch):
+    """--dtype bf16: both models run in bf16; the adapter is the (fp32) truncated SVD of the difference of the bf16
+    weights, the extraction that a bf16 base plus the adapter is closest to the bf16 fine-tune with."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import lorafa.models
+    from lorafa.extract_cli import main
+
+    dtypes = []
+    real_load = lorafa.models.load_causal_lm
+
+    def load(*a, **kw):
+        model, tok = real_load(*a, **kw)
+        dtypes.append(next(model.parameters()).dtype)
+        return model, tok
+
+    monkeypatch.setattr(lorafa.models, "load_causal_lm", load)
+    report = main(_extract_args(extract_dirs, tmp_path / "out", "--dtype", "bf16", "--targets", "v_proj",
+                                "--rank", "3", data=False))
+    assert report["dtype"] == "bf16" and report["device"] == "cpu" and dtypes == [torch.bfloat16]
+    base = AutoModelForCausalLM.from_pretrained(extract_dirs["base"])
+    tuned = AutoModelForCausalLM.from_pretrained(extract_dirs["tuned"])
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(extract_dirs["base"]),
+                                       str(tmp_path / "out"))
+    layer = loaded.base_model.model.model.layers[0].self_attn.v_proj
+    got = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).double() * layer.scaling["default"]
+    w, wt = (m.model.layers[0].self_attn.v_proj.weight.detach() for m in (base, tuned))
+    U, S, Vh = torch.linalg.svd((wt.bfloat16().double() - w.bfloat16().double()))
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    torch.testing.assert_close(got, (U[:, :3] * S[:3]) @ Vh[:3], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lorafa_extract_on_cuda_in_bf16(extract_dirs, tmp_path):
+    """--device cuda --dtype bf16: the data-aware extraction runs on the GPU and gets closer to the fine-tune than
+    the base is; plain SVD extraction there gives the CPU's adapter (the factorisation is fp32 on both)."""
+    from safetensors.torch import load_file
+
+    from lorafa.extract_cli import main
+
+    cuda = main(_extract_args(extract_dirs, tmp_path / "data", "--device", "cuda", "--dtype", "bf16"))
+    assert cuda["device"] == "cuda" and cuda["extract_input"]["kl"] < cuda["base_model"]["kl"]
+    main(_extract_args(extract_dirs, tmp_path / "cuda", "--device", "cuda", "--dtype", "bf16", data=False))
+    main(_extract_args(extract_dirs, tmp_path / "cpu", "--dtype", "bf16", data=False))
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("cuda", "cpu"))
+    for key in (k for k in a if "lora_A" in k):
+        delta = [f[key.replace("lora_A", "lora_B")].float() @ f[key].float() for f in (a, b)]
+        assert (delta[0] - delta[1]).norm() <= 1e-3 * delta[1].norm(), key
