@@ -64,9 +64,40 @@ def assert_ranks_equal(out_dir, stem: str, want: dict) -> None:
             assert_close_fro(got[k], want[k], k)
 
 
+def _save_sharded(pm, rank: int, out_dir: str) -> None:
+    """`save_adapter` on the sharded, trained model (every rank calls it; rank 0 writes), then a failure on rank 0
+    alone: both ranks must raise, and together (a rank that returned would hang in its next collective)."""
+    from lorafa.stats.distributed import RankFailedError
+
+    out = lorafa.save_adapter(pm, os.path.join(out_dir, "adapter"), save_initial=True)
+    assert out == os.path.join(out_dir, "adapter")
+    assert all(hasattr(p, "full_tensor") for n, p in pm.named_parameters() if "lora_" in n)  # the shards are back
+    dist.barrier()
+    real = pm.save_pretrained
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full (test)")
+
+    pm.save_pretrained = broken if rank == 0 else real
+    try:
+        lorafa.save_adapter(pm, os.path.join(out_dir, "adapter_failed"))
+    except (OSError, RankFailedError) as e:
+        outcome = type(e).__name__
+    else:
+        outcome = "returned"
+    finally:
+        pm.save_pretrained = real
+    with open(os.path.join(out_dir, f"failed_save{rank}.txt"), "w") as f:
+        f.write(outcome)
+    dist.barrier()  # reached by both ranks: neither is stuck in a collective the other skipped
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
+    from datetime import timedelta
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))  # a hang fails the test instead of stalling CI
     try:
         from torch.distributed.fsdp import fully_shard
 
@@ -93,6 +124,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 opt.step()
                 trained = {k: v for k, v in _full_state(pm).items() if "lora_" in k}
                 save_file(trained, os.path.join(out_dir, f"trained{rank}.safetensors"))
+                _save_sharded(pm, rank, out_dir)
         # a line search under FSDP: rank 1 runs blank passes so that both ranks gather the weights together
         model, _ = _sharded_llama()
         pm = lorafa.initialize(model, _lora_config(), lorafa.InitConfig(method="lora_fa", iters=N_BATCHES,
@@ -145,6 +177,35 @@ def test_fsdp2_training_step_equals_one_process(fsdp_run):
     opt.step()
     want = {k: v.detach() for k, v in single.state_dict().items() if "lora_" in k}
     assert_ranks_equal(fsdp_run, "trained", want)
+
+
+def test_fsdp2_save_and_reload_equal_the_trained_model(fsdp_run):
+    """The adapter saved from the sharded, trained PiSSA model (rank 0 writes, after gathering the factors on every
+    rank) loads with stock PEFT on the original base and gives the trained model's outputs."""
+    from peft import PeftModel
+
+    from conftest import batch_logits
+
+    batches = make_batches(N_BATCHES)
+    trained = lorafa.initialize(tiny_llama(seed=0), _lora_config(), lorafa.InitConfig(method="pissa", iters=N_BATCHES),
+                                batches=batches, progress=False)
+    shards = load_file(fsdp_run / "trained0.safetensors")
+    missing, unexpected = trained.load_state_dict(shards, strict=False)
+    assert not unexpected and not [k for k in missing if "lora_" in k]
+    reloaded = PeftModel.from_pretrained(tiny_llama(seed=0), fsdp_run / "adapter")
+    want, got = batch_logits(trained, batches), batch_logits(reloaded, batches)
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    untrained = batch_logits(lorafa.initialize(tiny_llama(seed=0), _lora_config(),
+                                               lorafa.InitConfig(method="pissa", iters=N_BATCHES), batches=batches,
+                                               progress=False), batches)
+    assert float((want - untrained).abs().max()) > 1e-3  # the step moved the outputs: the save is the trained model
+    initial = lorafa.read_initial_adapter(fsdp_run / "adapter" / "initial_adapter")
+    assert initial.subtracted and initial.init_config.method == "pissa"
+
+
+def test_fsdp2_a_failed_save_raises_on_every_rank(fsdp_run):
+    outcomes = [(fsdp_run / f"failed_save{r}.txt").read_text() for r in range(WORLD)]
+    assert outcomes == ["OSError", "RankFailedError"]
 
 
 def test_fsdp2_line_search_equals_one_process(fsdp_run):
