@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
 
 from .methods.registry import METHODS, make_options, method_needs, method_options, resolve_method
 from .stats.sketch import sketch_sizes
@@ -133,23 +136,42 @@ class InitConfig:
         self._check_rank()
         _check_choice("svd", self.svd, ("auto", "exact", "randomized"))
         for key in ("bsz", "iters", "max_length"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+            setattr(self, key, _integer(key, getattr(self, key), 1))
+        self.seed = _integer("seed", self.seed, 0, 2 ** 64 - 1)
+        self.accumulate_on = _accumulate_device(self.accumulate_on)
+        if not isinstance(self.align_init, bool):
+            raise ValueError(f"align_init must be True or False, got {self.align_init!r}")
         if self.sketch is not None or self.sketch_l is not None:
             if self.sketch is None:
                 raise ValueError("sketch_l is the second size of a gradient sketch: set sketch=k too, or drop it.")
             if self.needs not in ("grad", "kfac"):
                 raise ValueError(f"sketch= approximates the gradient, which {self.method} does not use: drop it.")
+            self.sketch = _integer("sketch", self.sketch, 1)
+            if self.sketch_l is not None:
+                self.sketch_l = _integer("sketch_l", self.sketch_l, 1)
             sketch_sizes(self.sketch, self.sketch_l)
         self.method_options()  # validates the options against the method
-        if not (isinstance(self.align_lambda, (int, float)) and math.isfinite(self.align_lambda)
-                and self.align_lambda >= 0):
+        if not (_is_real(self.align_lambda) and self.align_lambda >= 0):
             raise ValueError(f"align_lambda must be a finite number >= 0, got {self.align_lambda!r}")
         if self.align_init and self.needs not in ("grad", "kfac"):
             raise ValueError(f"align_init points the gradient methods (lora_ga, lora_one, lora_fa) at the aligned "
                              f"update through the statistics pass's gradient; {self.method} uses no gradient.")
 
     def _check_rank(self) -> None:
+        # the allocation's settings are checked whether or not rank="auto" uses them: a bad value is an error now,
+        # not when someone later turns rank="auto" on
+        _check_choice("rank_rule", self.rank_rule, RANK_RULES)
+        _check_choice("budget_by", self.budget_by, ("rank", "params"))
+        self.r_min = _integer("r_min", self.r_min, 0)
+        if self.r_max is not None:
+            self.r_max = _integer("r_max", self.r_max, 1)
+            if self.r_max < self.r_min:
+                raise ValueError(f"r_max must be >= r_min, got r_min={self.r_min} > r_max={self.r_max} (the per-layer "
+                                 "bounds of rank='auto'): lower r_min or raise r_max.")
+        if self.rank_budget is not None:
+            self.rank_budget = _integer("rank_budget", self.rank_budget, 1)
+        if not _is_real(self.tau) or not 0 < self.tau <= 1:
+            raise ValueError(f"tau (the energy rule's threshold) must be a number in (0, 1], got {self.tau!r}")
         if self.rank is None:
             return
         if self.rank != "auto":
@@ -158,19 +180,9 @@ class InitConfig:
         if METHODS[self.method].spectrum is None:
             raise ValueError(f"rank='auto' draws ranks from the method's spectrum; {self.method} has none. Use one of "
                              f"{sorted(m for m, spec in METHODS.items() if spec.spectrum is not None)}.")
-        _check_choice("rank_rule", self.rank_rule, RANK_RULES)
-        _check_choice("budget_by", self.budget_by, ("rank", "params"))
         if self.rank_rule == "importance" and METHODS[self.method].needs not in ("grad", "kfac"):
             raise ValueError(f"rank_rule='importance' is GoRA's mean|W ⊙ G|, which needs the gradient; {self.method} "
                              "has none.")
-        if not isinstance(self.r_min, int) or self.r_min < 0:
-            raise ValueError(f"r_min must be an integer >= 0, got {self.r_min!r}")
-        if self.r_max is not None and (not isinstance(self.r_max, int) or self.r_max < max(self.r_min, 1)):
-            raise ValueError(f"r_max must be an integer >= max(r_min, 1) = {max(self.r_min, 1)}, got {self.r_max!r}")
-        if self.rank_budget is not None and (not isinstance(self.rank_budget, int) or self.rank_budget < 1):
-            raise ValueError(f"rank_budget must be a positive integer, got {self.rank_budget!r}")
-        if not 0 < self.tau <= 1:
-            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
 
     def method_options(self) -> dict:
         """The options that were set, checked against the method (unknown ones raise, naming the valid ones)."""
@@ -212,3 +224,39 @@ class InitConfig:
 def _check_choice(key, value, choices):
     if value not in choices:
         raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+
+
+def _integer(key: str, value, low: int, high: int | None = None) -> int:
+    """`value` as an int in [low, high]; a bool (which Python counts as an int), a float or a string is refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{key} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < low or high is not None and value > high:
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{key} must be an integer {bounds}, got {value}")
+    return value
+
+
+def _is_real(value) -> bool:
+    """A finite real number; not a bool, not a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _accumulate_device(value):
+    """accumulate_on: None (the weights' device) or a torch device, given as a torch.device or its string."""
+    if value is None:
+        return None
+    hint = ('accumulate_on is the device of the statistics accumulators: None (the weights\' device), "cpu", "cuda", '
+            '"cuda:1", ... (a torch device)')
+    if isinstance(value, torch.device):
+        device, value = value, str(value)  # kept as its string: InitConfig is saved as JSON
+    elif isinstance(value, str):
+        try:
+            device = torch.device(value)
+        except RuntimeError as err:
+            raise ValueError(f"{hint}; got {value!r}, which is not a torch device ({err})") from None
+    else:
+        raise ValueError(f"{hint}; got {value!r} ({type(value).__name__})")
+    if device.type == "meta":
+        raise ValueError(f"{hint}; 'meta' holds no data, so the statistics would be lost.")
+    return value
