@@ -133,3 +133,36 @@ def test_too_small_budget_fails_before_the_statistics_pass(batches):
         lorafa.initialize(tiny_llama(), cfg(), InitConfig(method="lora_fa", rank="auto", rank_budget=4, r_min=1),
                           batches=batches, loss_fn=loss_fn, progress=False)
     assert not calls
+
+
+def test_a_users_rank_pattern_sets_the_budget_and_the_allocation_is_what_is_built(batches, tmp_path):
+    """Issue 25 item 7: with the user's keys first, PEFT took the user's rank for every layer it matched, while the
+    record (ranks.json) reported the allocation. The allocation wins now, each layer keeps the scale the user's
+    alpha_pattern gave it, and the saved adapter reloads on the original base."""
+    config = cfg(r=2, alpha=4, rank_pattern={"v_proj": 4}, alpha_pattern={"v_proj": 16})  # v_proj: s = 4, others 2
+    init = InitConfig(method="lora_fa", rank="auto", rank_rule="effective", r_max=6)
+    pm = lorafa.initialize(tiny_llama(), config, init, batches=batches, progress=False,
+                           initial_adapter_dir=tmp_path / "init")
+    ranks = init_record(pm).summary["ranks"]["ranks"]
+    assert sum(ranks.values()) == 6 * 2 + 2 * 4  # the budget: the user's ranks, v_proj's included
+    built = layers(pm)
+    assert {n: m.r["default"] for n, m in built.items()} == ranks
+    assert {ranks[n] for n in ranks if n.endswith("v_proj")} != {4}  # not the user's rank any more
+    for n, m in built.items():
+        want = 16 / 4 if n.endswith("v_proj") else 4 / 2
+        assert math.isclose(m.scaling["default"], want, rel_tol=1e-6), (n, m.scaling["default"])
+    lorafa.save_adapter(pm, tmp_path / "adapter", initial_adapter=tmp_path / "init")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, batches), logits(pm, batches), atol=2e-5, rtol=1e-4)
+
+
+def test_each_layer_is_capped_by_its_own_shape_not_the_smallest_layers():
+    """Issue 25 item 12: r_max was cut to the smallest target's min(m, n) for every layer: k_proj (16 × 32) capped
+    q_proj (32 × 32) at 16, so a budget that q_proj alone could take was refused as too large."""
+    config = lora_cfg(["q_proj", "k_proj"], r=8, alpha=16)
+    init = InitConfig(method="lora_fa", rank="auto", rank_rule="budget", r_max=30, rank_budget=4 * 22)
+    pm = lorafa.initialize(tiny_llama(), config, init, batches=make_batches(2), progress=False)
+    ranks = init_record(pm).summary["ranks"]["ranks"]
+    assert sum(ranks.values()) == 88
+    assert max(r for n, r in ranks.items() if n.endswith("q_proj")) > 16
+    assert all(r <= 16 for n, r in ranks.items() if n.endswith("k_proj"))

@@ -424,7 +424,7 @@ def _allocate(targets, lora_config, init_config, stats, opts, weights, tuned=Non
     else:
         pairs = 2 if init_config.method == "lora_ga" else 1
         r_max = init_config.r_max if init_config.r_max is not None else 2 * max(layer_r.values())
-        r_max = min(r_max, min(min(sz) // pairs for sz in sizes.values()))
+        caps = {n: min(sz) // pairs for n, sz in sizes.items()}  # each layer by its own shape, not the smallest's
         if init_config.budget_by == "params":
             budget = init_config.rank_budget or sum(layer_r[n] * sum(sizes[n]) for n in targets)
         else:
@@ -437,15 +437,25 @@ def _allocate(targets, lora_config, init_config, stats, opts, weights, tuned=Non
                 importance[n] = float((w * stats[n].densified().grad.to(w.device)).abs().mean())
         allocation = R.allocate_ranks(spectra, budget, rule=init_config.rank_rule, r_min=init_config.r_min,
                                       r_max=r_max, tau=init_config.tau, sizes=sizes, budget_by=init_config.budget_by,
-                                      importance=importance)
+                                      importance=importance, caps=caps)
         rule = init_config.rank_rule
     kept = {n: r for n, r in allocation.items() if r > 0}
-    rank_pattern, alpha_pattern, dropped = R.rank_patterns(allocation, lora_config.r, lora_config.lora_alpha,
-                                                           lora_config.use_rslora)
+    rank_pattern, _, dropped = R.rank_patterns(allocation, lora_config.r, lora_config.lora_alpha,
+                                               lora_config.use_rslora)
+    # Each kept layer keeps the scale s_l its LoraConfig gives it (a user's alpha_pattern included) at its new rank.
+    # The allocation's keys come first: PEFT takes the first pattern that matches, so a user's rank_pattern (which
+    # set the budget) cannot shadow the allocated rank.
+    scale = {re.escape(n): layer_rank_and_scaling(lora_config, n)[1] for n in kept}
+    alpha_pattern = {k: scale[k] * (math.sqrt(r) if lora_config.use_rslora else r) for k, r in rank_pattern.items()}
     new_config = dataclasses.replace(
-        lora_config, rank_pattern={**lora_config.rank_pattern, **rank_pattern},
-        alpha_pattern={**lora_config.alpha_pattern, **alpha_pattern},
+        lora_config, rank_pattern={**rank_pattern, **lora_config.rank_pattern},
+        alpha_pattern={**alpha_pattern, **lora_config.alpha_pattern},
         exclude_modules=_merge_exclude(lora_config.exclude_modules, dropped))
+    for n, r in kept.items():  # what ranks.json reports is what PEFT will build
+        built_r, built_s = layer_rank_and_scaling(new_config, n)
+        if built_r != r or not math.isclose(built_s, scale[re.escape(n)], rel_tol=1e-9):
+            raise RuntimeError(f"the rank pattern resolves {n!r} to r={built_r}, s={built_s}, not the allocated "
+                               f"r={r}, s={scale[re.escape(n)]}: please report this with your LoraConfig.")
     info = {"rule": rule, "budget": budget, "budget_by": "rank" if eva else init_config.budget_by,
             "ranks": allocation, "energy": {n: _energy(spectra[n], r) for n, r in allocation.items()}}
     logger.info("lorafa: ranks by %s (budget %s):\n%s", rule, budget, R.rank_table(allocation, spectra, lora_config.r))

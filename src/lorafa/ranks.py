@@ -288,6 +288,7 @@ def allocate_ranks(
     sizes: Mapping[str, tuple[int, int]] | None = None,
     budget_by: str = "rank",
     importance: Mapping[str, float] | None = None,
+    caps: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """Per-layer ranks from per-layer spectra under one global budget (SPEC §6).
 
@@ -320,6 +321,8 @@ def allocate_ranks(
         sizes: module name -> (m, n), the weight's shape; required for budget_by="params".
         importance: module name -> I_l ≥ 0; required for rule="importance" (and only used there).
         budget_by: "rank" or "params".
+        caps: module name -> a further upper bound of that layer's rank alone (e.g. min(m, n)/2 for LoRA-GA, which
+            takes 2r singular directions); layers not named have none.
 
     Returns:
         module name -> rank, in the order of `spectra`.
@@ -372,6 +375,8 @@ def allocate_ranks(
         top = s.numel() if r_max is None else min(r_max, s.numel())
         if shapes is not None:
             top = min(top, min(shapes[n]))
+        if caps is not None and n in caps:
+            top = min(top, int(caps[n]))
         if r_min > top:
             raise ValueError(f"r_min = {r_min} > r_max = {top} for layer {n!r} (its spectrum has {s.numel()} values"
                              f"{'' if shapes is None else f', weight {shapes[n]}'}): lower r_min.")
