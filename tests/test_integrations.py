@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 from peft import get_peft_model, get_peft_model_state_dict
 from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, LlamaConfig, LlamaForCausalLM,
-                          Trainer, TrainingArguments)
+                          Trainer, TrainerCallback, TrainingArguments)
 
 import lorafa
 from lorafa import InitConfig, initialize, initialize_trainer, stat_batches, trainer_stat_batches
@@ -45,12 +44,12 @@ def lm_rows(tok, n: int = 12) -> list[dict]:
     return [{"input_ids": tok(p + c + "!" * (i % 3))["input_ids"]} for i, (p, c) in enumerate(sums(n))]
 
 
-def make_trainer(model, tok, rows, tmp_path, collator=None, **args) -> Trainer:
+def make_trainer(model, tok, rows, tmp_path, collator=None, callbacks=None, **args) -> Trainer:
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                              report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-                             dataloader_pin_memory=False, **args)
+                             dataloader_pin_memory=False, logging_steps=1, **args)
     collator = collator or DataCollatorForLanguageModeling(tok, mlm=False)
-    return Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+    return Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=callbacks)
 
 
 def plain(batches) -> list[dict]:
@@ -66,6 +65,48 @@ def params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+class Recording:
+    """A data collator that keeps every batch it makes (the k-th batch of training is step k's)."""
+
+    def __init__(self, collate):
+        self.collate, self.batches = collate, []
+
+    def __call__(self, examples):
+        out = self.collate(examples)
+        self.batches.append({k: v.clone() for k, v in dict(out).items()})
+        return out
+
+
+class Snapshots(TrainerCallback):
+    """The trainable parameters at the start of every optimiser step."""
+
+    def __init__(self, model):
+        self.model, self.at_step = model, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.at_step.append({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
+
+
+@torch.no_grad()
+def assert_trained_on_its_own_loss(trainer, peft_model, batches, snapshots, out):
+    """Each logged step loss is the installed PeftModel's loss (with the adapters as they were at that step's start)
+    on that step's batch, computed here; the reported training loss is their mean."""
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == len(snapshots.at_step) == trainer.state.global_step
+    trained = params(peft_model)
+    peft_model.eval()
+    for step, (at_start, loss) in enumerate(zip(snapshots.at_step, logged)):
+        for n, p in peft_model.named_parameters():
+            if n in at_start:
+                p.copy_(at_start[n])
+        want = peft_model(**batches[step]).loss.item()
+        assert loss == pytest.approx(want, rel=1e-4, abs=1e-5), step
+    for n, p in peft_model.named_parameters():
+        p.copy_(trained[n])
+    assert out.training_loss == pytest.approx(sum(logged) / len(logged), rel=1e-4)
+    assert logged[0] != pytest.approx(logged[-1], rel=1e-6)  # the steps trained: the loss moved
+
+
 # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns)
 CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
                  else "gradient_checkpointing")
@@ -78,7 +119,8 @@ def test_trainer_init_equals_initialize_on_the_same_batches_and_trains_only_the_
     base = tiny_lm(tok)
     original, fresh = params(base), copy.deepcopy(base)
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
-    trainer = make_trainer(base, tok, rows, tmp_path, collator, **{CHECKPOINTING: checkpointing})
+    recording = Recording(collator)
+    trainer = make_trainer(base, tok, rows, tmp_path, recording, **{CHECKPOINTING: checkpointing})
     lora, cfg = lora_cfg(TARGETS), InitConfig(method=method, bsz=2, iters=3, sample="first")
 
     peft_model = initialize_trainer(trainer, lora, cfg, progress=False)
@@ -92,8 +134,12 @@ def test_trainer_init_equals_initialize_on_the_same_batches_and_trains_only_the_
     assert max_diff(get_peft_model_state_dict(peft_model), get_peft_model_state_dict(ref)) <= 1e-6
 
     at_init = params(peft_model)
+    snapshots = Snapshots(peft_model)
+    trainer.add_callback(snapshots)
+    recording.batches.clear()  # the statistics pass's batches
     out = trainer.train()
-    assert math.isfinite(out.training_loss) and trainer.state.global_step == 2
+    assert trainer.state.global_step == 2
+    assert_trained_on_its_own_loss(trainer, peft_model, recording.batches, snapshots, out)
     adapters = {n for n in at_init if ".lora_" in n}
     trained = {n for n, p in peft_model.named_parameters() if not torch.equal(p, at_init[n])}
     assert adapters and trained == adapters  # every adapter moved, nothing else did
@@ -118,7 +164,7 @@ def test_sft_trainer_init_equals_initialize_and_trains(tok, tmp_path):
     fresh = copy.deepcopy(base)
     args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                      report_to="none", save_strategy="no", use_cpu=True, bf16=False, disable_tqdm=True,
-                     max_length=64, dataloader_pin_memory=False)  # gradient checkpointing on: SFTConfig's default
+                     max_length=64, dataloader_pin_memory=False, logging_steps=1)  # checkpointing: SFTConfig's default
     trainer = SFTTrainer(model=base, args=args, train_dataset=ds, processing_class=tok)
     cfg = InitConfig(method="lora_fa", bsz=2, iters=3, seed=5)  # a seeded sample
 
@@ -132,8 +178,12 @@ def test_sft_trainer_init_equals_initialize_and_trains(tok, tmp_path):
     assert max_diff(get_peft_model_state_dict(peft_model), get_peft_model_state_dict(ref)) <= 1e-6
 
     at_init = params(peft_model)
+    snapshots, recording = Snapshots(peft_model), Recording(trainer.data_collator)
+    trainer.add_callback(snapshots)
+    trainer.data_collator = recording
     out = trainer.train()
-    assert math.isfinite(out.training_loss) and trainer.state.global_step == 2
+    assert trainer.state.global_step == 2
+    assert_trained_on_its_own_loss(trainer, peft_model, recording.batches, snapshots, out)
     trained = {n for n, p in peft_model.named_parameters() if not torch.equal(p, at_init[n])}
     assert trained == {n for n in at_init if ".lora_" in n}
 
@@ -252,3 +302,25 @@ def test_the_trl_example_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lorafa init: lora_fa" in out and "held-out loss" in out
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_dict_init_config_is_the_initconfig_of_its_fields(tok, tmp_path):
+    rows, fields = lm_rows(tok), {"method": "lora_ga", "bsz": 2, "iters": 3, "sample": "first"}
+    by_dict = initialize_trainer(make_trainer(tiny_lm(tok), tok, rows, tmp_path), lora_cfg(TARGETS), dict(fields),
+                                 progress=False)
+    by_config = initialize_trainer(make_trainer(tiny_lm(tok), tok, rows, tmp_path), lora_cfg(TARGETS),
+                                   InitConfig(**fields), progress=False)
+    assert max_diff(get_peft_model_state_dict(by_dict), get_peft_model_state_dict(by_config)) == 0
+    # the dict's values, not the defaults (lora_ga offsets the base; the default lora_fa does not)
+    default = initialize_trainer(make_trainer(tiny_lm(tok), tok, rows, tmp_path), lora_cfg(TARGETS),
+                                 InitConfig(bsz=2, iters=3, sample="first"), progress=False)
+    assert max_diff(get_peft_model_state_dict(by_dict), get_peft_model_state_dict(default)) > 1e-3
+
+    trainer = make_trainer(tiny_lm(tok), tok, rows, tmp_path)
+    with pytest.raises(TypeError, match=r"not InitConfig fields: \['metod'\].*method, direction"):
+        initialize_trainer(trainer, lora_cfg(TARGETS), {"metod": "lora_ga"}, progress=False)
+    with pytest.raises(ValueError, match="Unknown init method 'bogus'"):
+        initialize_trainer(trainer, lora_cfg(TARGETS), {"method": "bogus"}, progress=False)
+    with pytest.raises(TypeError, match=r"lorafa.InitConfig .* got str"):
+        initialize_trainer(trainer, lora_cfg(TARGETS), "lora_ga", progress=False)
+    assert trainer.model is not None and not hasattr(trainer.model, "peft_config")  # nothing was installed

@@ -17,6 +17,7 @@ model's trainable parameters and the model is wrapped (DDP, FSDP, DeepSpeed) in 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Mapping
@@ -45,7 +46,8 @@ def trainer_stat_batches(trainer, init_config: InitConfig | None = None, *, requ
 
     Args:
         trainer: a `transformers.Trainer` (or subclass, e.g. `trl.SFTTrainer`) with a train_dataset.
-        init_config: bsz, iters, sample and seed of the statistics pass; default InitConfig().
+        init_config: bsz, iters, sample and seed of the statistics pass (an InitConfig or a dict of its fields);
+            default InitConfig().
         require_labels: check, on the first batch of all (the same one on every process, so all of them raise
             together), that the batches carry the model's labels (`trainer.label_names`, default "labels").
 
@@ -57,7 +59,7 @@ def trainer_stat_batches(trainer, init_config: InitConfig | None = None, *, requ
         ValueError: no train_dataset, fewer examples than bsz·iters, a seeded sample of a streamed dataset, or (with
             `require_labels`) batches without labels.
     """
-    init_config = init_config or InitConfig()
+    init_config = as_init_config(init_config)
     bsz, iters = init_config.bsz, init_config.iters
     if trainer.train_dataset is None:
         raise ValueError("The trainer has no train_dataset: the statistics pass draws its examples from it.")
@@ -87,6 +89,29 @@ def trainer_stat_batches(trainer, init_config: InitConfig | None = None, *, requ
     if require_labels:
         _check_labels(first, list(getattr(trainer, "label_names", None) or ["labels"]), trainer.data_collator)
     return [first if b == 0 else batch(b) for b in shard_batches(range(iters))]
+
+
+def as_init_config(init_config) -> InitConfig:
+    """`init_config` as an InitConfig: None gives InitConfig(), a dict (e.g. {"method": "lora_ga", "bsz": 4}) is
+    InitConfig(**init_config), an InitConfig is returned as it is.
+
+    Raises:
+        TypeError: a dict with keys that are not InitConfig fields (named, with the fields), or another type.
+        ValueError: whatever InitConfig raises on the values.
+    """
+    if init_config is None:
+        return InitConfig()
+    if isinstance(init_config, InitConfig):
+        return init_config
+    if isinstance(init_config, Mapping):
+        fields = [f.name for f in dataclasses.fields(InitConfig) if f.init]
+        unknown = sorted(str(k) for k in init_config if k not in fields)
+        if unknown:
+            raise TypeError(f"init_config has keys that are not InitConfig fields: {unknown}. The fields are: "
+                            f"{', '.join(fields)}.")
+        return InitConfig(**init_config)
+    raise TypeError(f"init_config must be a lorafa.InitConfig (or a dict of its fields, or None), got "
+                    f"{type(init_config).__name__}: build it with lorafa.InitConfig(method=...).")
 
 
 def _check_labels(batch: dict, label_names: list[str], collator) -> None:
@@ -171,7 +196,8 @@ def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig
         trainer: a `transformers.Trainer` or subclass (e.g. `trl.SFTTrainer`) built with the plain base model (no
             adapters, no `peft_config=`), not yet trained, without an optimizer.
         lora_config: the PEFT LoraConfig.
-        init_config: the method and the statistics pass (bsz, iters, sample, seed); default InitConfig() (LoRA-FA).
+        init_config: the method and the statistics pass (bsz, iters, sample, seed): an InitConfig, or a dict of its
+            fields (`{"method": "lora_ga", "bsz": 4}`); default InitConfig() (LoRA-FA).
         stats: precomputed statistics (e.g. `lorafa.load_stats`): then no batches are drawn.
         loss_fn: `loss_fn(model, batch)` for the statistics pass; without it the batches must carry labels.
         adapter_name, progress, initial_adapter_dir: as in `lorafa.initialize`.
@@ -182,12 +208,13 @@ def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig
         The PeftModel, also installed as `trainer.model`.
 
     Raises:
-        TypeError: `trainer` is not a transformers Trainer.
+        TypeError: `trainer` is not a transformers Trainer; `init_config` is neither an InitConfig nor a dict of its
+            fields.
         ValueError: the trainer's model already has adapters, an optimizer exists, train() has run, the trainer
             uses model_init=, the batches carry no labels (checked before the statistics pass), too few examples;
             and whatever `lorafa.initialize` raises.
     """
-    init_config = init_config or InitConfig()
+    init_config = as_init_config(init_config)
     _check_trainer(trainer)
     needs_batches = (stats is None and init_config.needs is not None) or (
         init_config.line_search and initialize_options.get("search_batches") is None)
