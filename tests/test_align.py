@@ -153,13 +153,25 @@ def test_gradients_reach_the_adapters_and_the_projection_never_the_teacher():
     params = [p for p in student.parameters() if p.requires_grad] + term.parameters()
     opt = torch.optim.SGD(params, lr=0.1)
     student.train()
+    lora = [p for n, p in student.named_parameters() if "lora_" in n]
     for batch in make_batches(2):
+        # the gradients the term must give: jsd (β = 0.5) written out in plain autograd, on the whole batch at once
+        out = student(**batch)
+        with torch.no_grad():
+            log_t = torch.log_softmax(teacher_model(input_ids=batch["input_ids"],
+                                                    attention_mask=batch["attention_mask"]).logits, -1)
+        log_s = torch.log_softmax(out.logits @ proj.weight.T, -1)
+        log_m = torch.log(0.5 * log_s.exp() + 0.5 * log_t.exp())
+        per = 0.5 * (log_t.exp() * (log_t - log_m)).sum(-1) + 0.5 * (log_s.exp() * (log_s - log_m)).sum(-1)
+        ref = out.loss + per[causal_lm_mask(batch["labels"])].mean()
+        want = torch.autograd.grad(ref, lora + [proj.weight])
+
         out = student(**batch)
         loss = out.loss + term(student, batch, out, step=0)
         loss.backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in student.named_parameters()
-                   if "lora_A" in n)
-        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+        for p, g in zip(lora + [proj.weight], want):
+            assert g.abs().max() > 0
+            torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
         assert all(p.grad is None and not p.requires_grad for p in teacher_model.parameters())
         opt.step()
         opt.zero_grad()
@@ -224,13 +236,24 @@ def test_vocabulary_mismatch_needs_a_mapping():
     term = AlignmentTerm(padded, teacher_map=TruncateVocab(VOCAB), student=student)
     batch = make_batches(1)[0]
     out = student(**batch)
-    assert torch.isfinite(term(student, batch, out, 0))
+    with torch.no_grad():  # the teacher's first VOCAB logits, at the positions the task loss scores
+        t_out = padded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             output_hidden_states=True)
+    t_logits = t_out.logits[..., :VOCAB]
+    mask = causal_lm_mask(batch["labels"])
+    rows = mask.nonzero().tolist()
+    want = _hand([out.logits[b, p].tolist() for b, p in rows], [t_logits[b, p].tolist() for b, p in rows], "fkl",
+                 1.0, 0.5)
+    assert term(student, batch, out, 0).item() == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="teacher has hidden states 0..3"):
         AlignmentTerm(padded, target="hidden", layer_map=[(2, 4)], student=student)
     hidden = AlignmentTerm(padded, target="hidden", layer_map=[(2, 3)], student=student)
     assert hidden.layer_map == [(2, 3)]
     out = student(**batch, output_hidden_states=True)
-    assert hidden(student, batch, out, 0).item() > 0
+    # mse: mean over the scored positions of the mean over features of (h_S[2] − h_T[3])²
+    s_h, t_h = out.hidden_states[2], t_out.hidden_states[3]
+    want = sum(((s_h[b, p] - t_h[b, p]) ** 2).mean().item() for b, p in rows) / len(rows)
+    assert hidden(student, batch, out, 0).item() == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="refresh"):
         AlignmentTerm(SelfTeacher(student), refresh=("ema", 0.9))
 

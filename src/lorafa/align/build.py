@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from .divergence import HIDDEN_KINDS, LOGIT_KINDS, check_divergence_args
+from .divergence import HIDDEN_KINDS, LOGIT_KINDS, check_divergence_args, check_number
 from .mapping import LinearMap, TruncateVocab
 from .schedule import CyclicSchedule
+from ..methods.registry import METHODS, base_change, changes_base, resolve_method
 from .teacher import ModelTeacher, SelfTeacher, _output_size
 from .term import TARGETS, AlignmentTerm
 
@@ -35,7 +36,8 @@ def check_align_section(a, init_configs=()) -> None:
 
     Args:
         a: the AlignSection.
-        init_configs: the run's InitConfigs (a self teacher needs inits that leave the base weights unchanged).
+        init_configs: the run's InitConfigs (a self teacher needs inits that leave the base weights unchanged, an EMA
+            refresh students with merged weights).
     """
     if a.mode not in MODES:
         raise ValueError(f"align.mode must be one of {', '.join(MODES)}, got {a.mode!r} (select with +align=...)")
@@ -54,11 +56,18 @@ def check_align_section(a, init_configs=()) -> None:
                          "+align=distill")
     if a.target not in TARGETS:
         raise ValueError(f"align.target must be one of {', '.join(TARGETS)}, got {a.target!r}")
+    for name, low, high in (("lambda_", 0, None), ("temperature", 0, None), ("beta", 0, 1), ("task_lambda", 0, None),
+                            ("align_task_weight", 0, None), ("ema_mu", 0, 1)):
+        check_number(f"align.{name}", getattr(a, name), low=low, high=high, high_open=name == "ema_mu")
     check_divergence_args(a.kind, a.temperature, a.beta, LOGIT_KINDS if a.target == "logits" else HIDDEN_KINDS)
     if a.layer_map is not None and a.target != "hidden":
         raise ValueError("align.layer_map is for align.target=hidden")
     if a.projection not in PROJECTIONS:
         raise ValueError(f"align.projection must be one of {', '.join(PROJECTIONS)}, got {a.projection!r}")
+    if a.projection == "truncate" and a.target != "logits":
+        raise ValueError(f"align.projection=truncate keeps the first logits of a padded vocabulary; on align.target="
+                         f"{a.target} it would drop hidden features, which are not aligned by index across models: use "
+                         "++align.projection=learned for hidden states of other widths")
     if a.teacher_dtype is not None and a.teacher_dtype not in DTYPES:
         raise ValueError(f"align.teacher_dtype must be one of {', '.join(DTYPES)} or null, got {a.teacher_dtype!r}")
     schedule_of(a)  # λ >= 0, phase lengths
@@ -68,17 +77,21 @@ def check_align_section(a, init_configs=()) -> None:
         if a.mode != "cyclic" or a.teacher is None:
             raise ValueError("align.refresh renews a separate teacher at each task phase's start: it needs "
                              "+align=cyclic with ++align.teacher=...")
-        if not 0 <= a.ema_mu < 1:
-            raise ValueError(f"align.ema_mu must be in [0, 1), got {a.ema_mu}")
+        if a.refresh == "ema":
+            for c in init_configs:
+                if not METHODS[resolve_method(c.method)[0]].mergeable:
+                    raise ValueError(f"align.refresh=ema makes the teacher an EMA of the student's merged weights, "
+                                     f"but a {c.method} student has none (its router makes the update input-"
+                                     "dependent): use ++align.refresh=checkpoint or drop align.refresh")
     if any(c.align_init for c in init_configs) and (a.mode == "none" or uses_self_teacher(a)):
         raise ValueError("init.align_init=true initialises toward a teacher: it needs +align=distill or cyclic with "
                          "++align.teacher=... (against the base model itself the alignment gradient is 0)")
     if uses_self_teacher(a):
         for c in init_configs:
-            if c.subtracts():
+            if changes_base(c):
                 raise ValueError(f"aligning to the base model runs the student with its adapters disabled, which is the "
-                                 f"original model only if the init leaves the base weights unchanged; {c.method} "
-                                 f"(offset={c.offset}) offsets them. Use an init that does not, or "
+                                 f"original model only if the init leaves the base weights unchanged; "
+                                 f"{base_change(c)}. Use an init that does not, or "
                                  "++align.teacher=<the base model's id or path>.")
 
 

@@ -8,6 +8,7 @@ of all positions at once (a 49k vocabulary at 1k tokens is 200 MB per fp32 copy)
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +33,41 @@ def causal_lm_mask(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> to
     return mask
 
 
+def is_real(value) -> bool:
+    """A finite real number given as a number (not a string, not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """Raise ValueError unless `value` is a finite real number (not a string or bool) in the given bounds."""
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+    want = " and ".join(x for x in (lo, hi) if x)
+    if not is_real(value):
+        raise ValueError(f"{name} must be a finite number{' ' + want if want else ''}, got {value!r} "
+                         f"({type(value).__name__}){': write it without quotes' if isinstance(value, str) else ''}")
+    if (low is not None and (value <= low if low_open else value < low)) or \
+            (high is not None and (value >= high if high_open else value > high)):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def check_positive_int(name: str, value) -> None:
+    """Raise ValueError unless `value` is an integer >= 1 (not a bool or a float)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def check_divergence_args(kind: str, temperature: float = 1.0, beta: float = 0.5, kinds=LOGIT_KINDS) -> None:
-    """Raise ValueError for an unknown kind, τ <= 0 or β outside (0, 1) (the bad input of SPEC §5)."""
+    """Raise ValueError for an unknown kind, τ that is not a number > 0 or β outside (0, 1) (the bad input of
+    SPEC §5)."""
     if kind not in kinds:
         raise ValueError(f"divergence kind must be one of {', '.join(kinds)}; got {kind!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if kind == "jsd" and not 0 < beta < 1:
-        raise ValueError(f"jsd needs beta in (0, 1), got {beta!r}: beta = 0 and 1 are not limits of the mixture; use "
-                         "kind='fkl' or 'rkl' for those")
+    check_number("temperature", temperature, low=0, low_open=True)
+    if kind == "jsd":
+        if not is_real(beta) or not 0 < beta < 1:
+            raise ValueError(f"jsd needs beta, a number in (0, 1), got {beta!r}: beta = 0 and 1 are not limits of the "
+                             "mixture; use kind='fkl' or 'rkl' for those")
 
 
 def _select(x: torch.Tensor, mask: torch.Tensor | None, what: str) -> torch.Tensor:
@@ -52,17 +79,61 @@ def _select(x: torch.Tensor, mask: torch.Tensor | None, what: str) -> torch.Tens
     return x[mask.to(x.device, torch.bool)]
 
 
+def _plogr(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """p·(log p − log q) with 0·log 0 = 0: a token that p gives probability 0 (a −inf logit) adds nothing, and its
+    gradient is 0 (not NaN). A NaN p stays NaN, so bad inputs are not hidden."""
+    return p * torch.where(p == 0, 0.0, log_p - log_q)
+
+
 def _position_divergence(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float, beta: float) -> torch.Tensor:
     """Σ over the vocabulary of one kind's divergence, for each row of a chunk (fp32)."""
     log_s = F.log_softmax(s.float() / temperature, dim=-1)
     log_t = F.log_softmax(t.float() / temperature, dim=-1)
     if kind == "fkl":  # KL(p_T || p_S)
-        return (log_t.exp() * (log_t - log_s)).sum(-1)
+        return _plogr(log_t.exp(), log_t, log_s).sum(-1)
     if kind == "rkl":  # KL(p_S || p_T)
-        return (log_s.exp() * (log_s - log_t)).sum(-1)
-    # M = (1 - β) p_S + β p_T, in log space; β KL(p_T || M) + (1 - β) KL(p_S || M)
-    log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), dim=0)
-    return beta * (log_t.exp() * (log_t - log_m)).sum(-1) + (1 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1)
+        return _plogr(log_s.exp(), log_s, log_t).sum(-1)
+    # M = (1 - β) p_S + β p_T, in log space; β KL(p_T || M) + (1 - β) KL(p_S || M). Where both logits are −inf, M = 0
+    # and both terms are 0; logsumexp then gets finite stand-ins, as its gradient at all −inf inputs is NaN
+    both = (log_s == -math.inf) & (log_t == -math.inf)
+    log_m = torch.logsumexp(torch.stack([torch.where(both, 0.0, log_s + math.log(1 - beta)),
+                                         torch.where(both, 0.0, log_t + math.log(beta))]), dim=0)
+    return beta * _plogr(log_t.exp(), log_t, log_m).sum(-1) + (1 - beta) * _plogr(log_s.exp(), log_s, log_m).sum(-1)
+
+
+def _bad(x: torch.Tensor) -> torch.Tensor:
+    """Rows of x holding a NaN or +inf."""
+    return (torch.isnan(x) | (x == math.inf)).any(-1)
+
+
+def _dtype_hint(dtype: torch.dtype) -> str:
+    half = " (they are float16, which overflows above 65504)" if dtype == torch.float16 else ""
+    return (f"{half}. A teacher run in float16 can overflow: load it in bf16 or fp32 (ModelTeacher(..., dtype=torch."
+            "bfloat16), ++align.teacher_dtype=bf16)")
+
+
+def _explain_nonfinite(s: torch.Tensor, t: torch.Tensor, kind: str, what: str, teacher_dtype: torch.dtype) -> None:
+    """Raise ValueError saying why a divergence over rows s, t is not finite (called only when it is not)."""
+    n = s.shape[0]
+    bad_t, bad_s = _bad(t), _bad(s)
+    if bad_t.any():
+        raise ValueError(f"{what}: the teacher's outputs contain NaN or +inf at {int(bad_t.sum())} of the {n} positions "
+                         f"used{_dtype_hint(teacher_dtype)}; or check the teacher checkpoint itself.")
+    if bad_s.any():
+        raise ValueError(f"{what}: the student's outputs contain NaN or +inf at {int(bad_s.sum())} of the {n} positions "
+                         "used: the training diverged (lower the learning rate) or the student overflows in float16 "
+                         "(train in bf16 or fp32).")
+    if s.dim() == 2 and kind in LOGIT_KINDS:
+        empty_t, empty_s = (t == -math.inf).all(-1), (s == -math.inf).all(-1)
+        if empty_t.any() or empty_s.any():
+            who = "teacher" if empty_t.any() else "student"
+            raise ValueError(f"{what}: the {who} gives every logit −inf at {int((empty_t | empty_s).sum())} positions "
+                             "(no distribution): mask those positions out.")
+        zero, other = ("teacher", "student") if kind == "rkl" else ("student", "teacher")
+        raise ValueError(f"{what}: {kind} is infinite: the {zero} gives probability 0 (logit −inf) to tokens the "
+                         f"{other} gives positive probability. Use kind='jsd' (always finite) "
+                         f"{'or fkl ' if kind == 'rkl' else 'or rkl ' if kind == 'fkl' else ''}or mask those tokens.")
+    raise ValueError(f"{what}: the result is not finite (inputs are finite: an overflow in the distance){_dtype_hint(teacher_dtype)}")
 
 
 def logit_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
@@ -77,15 +148,20 @@ def logit_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         kind: "fkl" (KL(p_T‖p_S)), "rkl" (KL(p_S‖p_T)) or "jsd" (β·KL(p_T‖M) + (1−β)·KL(p_S‖M), M the β-mixture).
         temperature: τ > 0.
         beta: the jsd mixture weight, in (0, 1).
-        chunk_size: positions per fp32 chunk.
+        chunk_size: positions per fp32 chunk, an integer >= 1.
 
     Returns:
-        A scalar (fp32). 0 when the mask keeps no position.
+        A scalar (fp32). 0 when the mask keeps no position. A token that a distribution gives probability 0 (a −inf
+        logit) adds 0 to that distribution's p·log(p/q) terms.
 
     Raises:
-        ValueError: unknown kind, τ <= 0, β outside (0, 1), or shapes that differ.
+        ValueError: unknown kind, τ <= 0, β outside (0, 1), chunk_size < 1, or shapes that differ; a NaN or +inf in
+            either input at a position used, or a result that is not finite (e.g. rkl where the teacher gives
+            probability 0 to a token the student does not): the message says which, with a hint on the teacher's
+            dtype (a float16 teacher can overflow).
     """
     check_divergence_args(kind, temperature, beta)
+    check_positive_int("chunk_size", chunk_size)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ: a teacher with another vocabulary needs a mapping "
@@ -102,6 +178,8 @@ def logit_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         else:
             per = _position_divergence(*args)
         total = total + per.sum()
+    if not torch.isfinite(total):
+        _explain_nonfinite(s.detach(), t, kind, "logit_divergence", teacher_logits.dtype)
     return temperature ** 2 * total / s.shape[0]
 
 
@@ -117,6 +195,10 @@ def hidden_divergence(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
 
     Returns:
         A scalar (fp32). 0 when the mask keeps no position.
+
+    Raises:
+        ValueError: a bad kind or shapes that differ; a result that is not finite (NaN or inf in the inputs: the
+            message says whose).
     """
     check_divergence_args(kind, kinds=HIDDEN_KINDS)
     if student_hidden.shape != teacher_hidden.shape:
@@ -127,8 +209,12 @@ def hidden_divergence(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
     if s.shape[0] == 0:
         return student_hidden.sum().float() * 0.0
     if kind == "mse":
-        return (s - t).pow(2).mean(-1).mean()
-    return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+        value = (s - t).pow(2).mean(-1).mean()
+    else:
+        value = (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+    if not torch.isfinite(value):
+        _explain_nonfinite(s.detach(), t, kind, "hidden_divergence", teacher_hidden.dtype)
+    return value
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """Teachers (SPEC §5): a frozen model run under no_grad on the student's batch, or the student's own base.
 
-A `ModelTeacher` holds any HF model (by id or path, or already loaded) in eval mode with gradients off, on its own
-device and dtype; its outputs move to the student's device. `SelfTeacher` runs the student with its adapters
+A `ModelTeacher` holds any HF model (by id or path, or already loaded) in eval mode with gradients off, in its own
+dtype, on the device it is given (one loaded by id or path without a device follows the student: it moves to the
+student's device at its first use); its outputs move to the student's device. `SelfTeacher` runs the student with its adapters
 disabled: the original model, at no extra weights, as long as the init left the base weights unchanged. A
 `ModelTeacher` with the student's architecture can be refreshed: an EMA of the student's merged weights, or a reload
-from a checkpoint path.
+from a checkpoint path. The EMA runs on an fp32 master copy when the teacher is in half precision (bf16 cannot hold
+the small steps (1 − μ)·(merged − T) of a μ close to 1), and refuses students whose adapters have no merged weights
+(GOAT).
 """
 
 from __future__ import annotations
@@ -48,16 +51,28 @@ class _Teacher:
 
 class ModelTeacher(_Teacher):
     """A frozen model. `model`: an nn.Module (moved to `device`, set to eval, gradients off) or an HF id / path
-    loaded with `kind` ("causal_lm" | "classification", `num_labels` for the latter) in `dtype`."""
+    loaded with `kind` ("causal_lm" | "classification", `num_labels` for the latter) in `dtype`.
+
+    `device`: where the teacher runs. None: an nn.Module stays where it is; a model loaded by id or path follows the
+    student, moved at its first use to the device of the student's outputs (`self.device` is None until then)."""
 
     def __init__(self, model, device=None, dtype=None, kind: str = "causal_lm", num_labels: int | None = None):
         self.source = model if isinstance(model, str) else None
         self.kind, self.num_labels, self.dtype = kind, num_labels, dtype
         self.tokenizer = None  # loaded with a teacher given by id or path
+        self._master = None  # fp32 copies of a half-precision teacher's parameters, for the EMA refresh
         if isinstance(model, str):
             model, self.tokenizer = self._load(model)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = self._freeze(model.to(self.device))
+            self.device = torch.device(device) if device is not None else None
+        else:
+            self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = self._freeze(model.to(self.device) if self.device is not None else model)
+
+    def _place(self, device) -> None:
+        """A teacher that follows the student goes to the student's device at its first use."""
+        if self.device is None:
+            self.device = torch.device(device)
+            self.model.to(self.device)
 
     def _load(self, name_or_path: str):
         from ..models import load_causal_lm, load_sequence_classifier
@@ -78,57 +93,78 @@ class ModelTeacher(_Teacher):
     @torch.no_grad()
     def __call__(self, batch: dict, out_device, hidden: bool = False) -> dict:
         """{"logits", and with `hidden` "hidden_states"} of the teacher on the batch, on `out_device`."""
+        self._place(out_device)
         out = self.model(**_inputs(batch, self.device), output_hidden_states=hidden)
         return _outputs(out, out_device, hidden)
 
     @torch.no_grad()
     def refresh_ema(self, student, mu: float) -> None:
-        """T ← μ·T + (1 − μ)·(the student's merged weights W + s·B·A), parameter by parameter (SPEC §5: an EMA of A
-        and B separately would not be an EMA of B·A).
+        """T ← μ·T + (1 − μ)·(the student's merged weights W + ΔW), parameter by parameter (SPEC §5: an EMA of A
+        and B separately would not be an EMA of B·A). A half-precision (bf16/fp16) teacher keeps an fp32 master copy
+        of its parameters (4 bytes per parameter, on its device) that the EMA runs on; its own weights are the master
+        rounded to its dtype. The merged weights are formed in fp32.
 
         Raises:
-            ValueError: the teacher's parameters are not the student base model's (names or shapes differ).
+            ValueError: μ outside [0, 1); the teacher's parameters are not the student base model's (names or shapes
+                differ); a student layer whose adapter PEFT cannot merge (GOAT: the router makes the update
+                input-dependent, so no merged weight exists).
         """
-        merged = dict(merged_weights(student))
+        if not (isinstance(mu, (int, float)) and not isinstance(mu, bool) and 0 <= mu < 1):
+            raise ValueError(f"the EMA refresh needs mu, a number in [0, 1), got {mu!r}")
+        check_mergeable(student, "an EMA teacher refresh")
+        merged = dict(merged_weights(student, dtype=torch.float32))
         own = dict(self.model.named_parameters())
         if set(own) != set(merged) or any(own[k].shape != merged[k].shape for k in own):
             extra, missing = sorted(set(own) - set(merged))[:3], sorted(set(merged) - set(own))[:3]
             raise ValueError("an EMA refresh needs a teacher with the student's architecture; parameters only in the "
                              f"teacher: {extra}, only in the student: {missing} (or shapes differ)")
+        half = any(p.dtype in (torch.float16, torch.bfloat16) for p in own.values())
+        if half and self._master is None:
+            self._master = {k: p.detach().float().clone() for k, p in own.items()}
         for name, p in own.items():
-            p.mul_(mu).add_(merged[name].to(p.device, p.dtype), alpha=1 - mu)
+            if half:
+                m = self._master[name]
+                m.mul_(mu).add_(merged[name].to(m.device), alpha=1 - mu)
+                p.copy_(m)
+            else:
+                p.mul_(mu).add_(merged[name].to(p.device, p.dtype), alpha=1 - mu)
 
     def reload(self, path: str | None = None) -> None:
         """Load the teacher again from `path` (default: where it was loaded from), e.g. a checkpoint that another
-        job keeps updating."""
+        job keeps updating. Drops the EMA's fp32 master copy."""
         path = path or self.source
         if path is None:
             raise ValueError("this teacher was given as a model object: pass the checkpoint path to reload from")
-        self.model = self._freeze(self._load(path)[0].to(self.device))
+        model = self._load(path)[0]
+        self.model = self._freeze(model.to(self.device) if self.device is not None else model)
+        self._master = None
 
 
 class SelfTeacher(_Teacher):
     """The student's base model: the student run with its adapters disabled, in eval mode, under no_grad.
 
     Raises:
-        ValueError: the init rewrote the base weights (then the disabled-adapter model is not the original): use
-            an init that leaves the base unchanged, or a ModelTeacher of the base model's id.
+        ValueError: the model has no LoRA adapter (then there is nothing to disable: the teacher would be the
+            student itself); the init changed the base weights, so the disabled-adapter model is not the original:
+            an offset (−s·B·A) or KaSA's truncation. Use an init that leaves the base unchanged, or a ModelTeacher
+            of the base model's id.
     """
 
     def __init__(self, peft_model):
-        from ..peft_bridge import init_record
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
 
-        record = init_record(peft_model)
-        if record is not None:
-            offset, method = record.subtracted, record.init_config.method
-        else:
-            init = getattr(peft_model.peft_config[peft_model.active_adapter], "init_lora_weights", True)
-            offset, method = isinstance(init, str) and init.startswith(_OFFSET_PEFT_INITS), init
-        if offset:
+        if not isinstance(peft_model, PeftModel) or not any(isinstance(m, LoraLayer)
+                                                            for m in peft_model.modules()):
+            raise ValueError(f"SelfTeacher needs the student as a PEFT model with LoRA adapters (it runs it with them "
+                             f"disabled), got a {type(peft_model).__name__} with none: add the adapters first "
+                             "(lorafa.initialize / get_peft_model), or use ModelTeacher for a separate model.")
+        change = base_change(peft_model)
+        if change:
             raise ValueError(f"self-alignment runs the student with its adapters disabled, which is the original model "
-                             f"only if the init left the base weights unchanged; {method!r} offset them. Use an init "
-                             "that does not (lora, lora_one, lora_fa with offset=none, eva), or align.teacher=<the "
-                             "base model's id or path>.")
+                             f"only if the init left the base weights unchanged; {change}. Use an init that does "
+                             "not (lora, lora_one, lora_fa with offset=none, eva, goat), or a separate teacher: "
+                             "ModelTeacher / align.teacher=<the base model's id or path>.")
         self.model = peft_model
 
     @torch.no_grad()
@@ -143,23 +179,81 @@ class SelfTeacher(_Teacher):
         return _outputs(out, out_device, hidden)
 
 
-def merged_weights(peft_model):
+def base_change(peft_model) -> str:
+    """How the model's base weights differ from the original model's, in words ("" when they do not): an init that
+    offsets them (lorafa's record, or a PEFT offset init such as pissa) or KaSA's truncation (lorafa's kasa, or PEFT's
+    kasa_config on any layer)."""
+    from peft.tuners.lora.variants import KasaLinearVariant
+
+    from ..methods.registry import base_change as init_change
+    from ..peft_bridge import init_record
+
+    record = init_record(peft_model)
+    if record is not None:
+        if record.subtracted:
+            return f"{record.init_config.method!r} offset them by −s·B·A"
+        change = init_change(record.init_config)
+        if change:
+            return change
+    else:
+        init = getattr(peft_model.peft_config[peft_model.active_adapter], "init_lora_weights", True)
+        if isinstance(init, str) and init.startswith(_OFFSET_PEFT_INITS):
+            return f"{init!r} offset them"
+    kasa = [n for n, m in peft_model.named_modules()
+            if any(isinstance(v, KasaLinearVariant) for v in getattr(m, "lora_variant", {}).values())]
+    if kasa:
+        return f"KaSA truncated them (dropped each weight's r smallest singular pairs; e.g. {kasa[0]})"
+    return ""
+
+
+def unmergeable_layers(peft_model) -> list[str]:
+    """The LoRA layers whose update no merged weight equals (GOAT's router makes it input-dependent)."""
+    from ..goat import GoatLinearVariant
+
+    return [n for n, m in peft_model.named_modules()
+            if any(isinstance(v, GoatLinearVariant) for v in getattr(m, "lora_variant", {}).values())]
+
+
+def check_mergeable(peft_model, what: str) -> None:
+    """Raise ValueError if the student has layers whose adapters have no merged weight (for `what`, in words)."""
+    bad = unmergeable_layers(peft_model)
+    if bad:
+        raise ValueError(f"{what} needs the student's merged weights W + ΔW, but {len(bad)} layers (e.g. {bad[0]}) are "
+                         "GOAT layers: the router makes their update input-dependent, so no merged weight equals "
+                         "the student. Use refresh=('checkpoint', path) or no refresh with GOAT.")
+
+
+def merged_weights(peft_model, dtype: torch.dtype | None = None):
     """(name, tensor) of the student's merged model W + ΔW, named as in the base model (no PEFT prefixes), one
-    tensor at a time; the adapters' own parameters are not included."""
+    tensor at a time; the adapters' own parameters are not included. A layer with a LoRA variant (KaSA's
+    B·diag(σ)·A, DoRA) is merged by the variant's own rule, as PEFT's merge does.
+
+    Args:
+        dtype: the tensors' dtype (default: each parameter's own; fp32 keeps small updates to a bf16 weight).
+
+    Raises:
+        ValueError: a layer no merged weight equals (GOAT).
+    """
     from peft.tuners.lora import LoraLayer
 
-    deltas = {}
+    check_mergeable(peft_model, "merging")
+    merges = {}
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer):
             adapter = peft_model.active_adapter
             if adapter in module.lora_A:
-                deltas[f"{name}.base_layer.weight"] = lambda m=module, a=adapter: m.get_delta_weight(a)
+                variant = getattr(module, "lora_variant", {}).get(adapter)
+                if variant is not None:
+                    merge = lambda w, m=module, a=adapter, v=variant: v.merge_safe(m, a, w.clone())  # noqa: E731
+                else:
+                    merge = lambda w, m=module, a=adapter: w + m.get_delta_weight(a).to(w.dtype)  # noqa: E731
+                merges[f"{name}.base_layer.weight"] = merge
     for name, p in peft_model.named_parameters():
         if "lora_" in name or ".original_module." in name:  # the adapters; a modules_to_save copy replaces the original
             continue
-        delta = deltas.get(name)
-        value = p.detach() if delta is None else p.detach() + delta().to(p.dtype)
-        yield _base_name(name), value
+        value = p.detach() if dtype is None else p.detach().to(dtype)
+        merge = merges.get(name)
+        yield _base_name(name), value if merge is None else merge(value).to(value.dtype)
 
 
 def _base_name(name: str) -> str:

@@ -3,11 +3,13 @@ or a user's own loop."""
 
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
-from .divergence import (HIDDEN_KINDS, LOGIT_KINDS, causal_lm_mask, check_divergence_args, hidden_divergence,
+from .divergence import (HIDDEN_KINDS, LOGIT_KINDS, causal_lm_mask, check_divergence_args, hidden_divergence, is_real,
                          logit_divergence, mean_pool)
-from .mapping import check_layer_map, default_layer_map
+from .mapping import TruncateVocab, check_layer_map, default_layer_map
 from .schedule import CyclicSchedule
 
 TARGETS = ("logits", "hidden", "pooled")
@@ -25,12 +27,17 @@ class AlignmentTerm:
             hidden states) or "pooled" (the last hidden state's mean over the attention mask).
         layer_map: (student, teacher) indices into `hidden_states` for target="hidden" (default: the last layers).
         student_map, teacher_map: φ and ψ (nn.Modules on the last dimension; default identity).
-        refresh: None, ("ema", μ) or ("checkpoint", path): what happens to the teacher at each task phase's start.
+        refresh: None, ("ema", μ) or ("checkpoint", path): what happens to the teacher at each task phase's start
+            (EMA: of the student's merged weights, so not for GOAT students, which have none).
         name: the term's name in the logs.
+
+    Logit positions: those the task loss scores (`causal_lm_mask(labels)`) when the batch has per-token labels, else
+    the attended ones (the attention mask), else all.
 
     Raises:
         ValueError: a bad kind, τ, β, target, layer map or refresh; widths or vocabularies that differ without a
-            mapping (checked here, before training, from the two models' sizes when both are known).
+            mapping (checked here, before training, from the two models' sizes when both are known); TruncateVocab
+            on hidden states; an EMA refresh of a student without merged weights (GOAT).
     """
 
     def __init__(self, teacher, kind: str | None = None, temperature: float = 1.0, beta: float = 0.5,
@@ -44,8 +51,12 @@ class AlignmentTerm:
         self.teacher, self.kind, self.temperature, self.beta = teacher, kind, temperature, beta
         self.schedule = schedule or CyclicSchedule.constant()
         self.target, self.name = target, name
+        if target != "logits" and any(isinstance(m, TruncateVocab) for m in (student_map, teacher_map)):
+            raise ValueError(f"TruncateVocab keeps the first logits of a padded vocabulary; on {target} states it would "
+                             "drop features, which are not aligned by index across models: use a LinearMap "
+                             "(projection=learned) for hidden states of other widths")
         self.student_map, self.teacher_map = student_map or nn.Identity(), teacher_map or nn.Identity()
-        self.refresh = _check_refresh(refresh, teacher)
+        self.refresh = _check_refresh(refresh, teacher, student)
         self.layer_map = None
         if target == "hidden":
             s_depth = student.config.num_hidden_layers if student is not None else None
@@ -88,12 +99,13 @@ class AlignmentTerm:
         teacher = self.teacher(batch, logits.device, hidden=self.needs_hidden)
         labels = batch.get("labels")
         causal = logits.dim() == 3 and labels is not None and labels.shape == logits.shape[:2]
+        attention = batch.get("attention_mask")
         if self.target == "logits":
-            mask = causal_lm_mask(labels) if causal else None
+            # the task loss's positions; without labels, the attended ones (padding is no position of the text)
+            mask = causal_lm_mask(labels) if causal else _attention_mask(attention, logits)
             return logit_divergence(self.student_map(logits), self.teacher_map(teacher["logits"]), mask, self.kind,
                                     self.temperature, self.beta)
         s_hidden, t_hidden = outputs["hidden_states"], teacher["hidden_states"]
-        attention = batch.get("attention_mask")
         if self.target == "pooled":
             return hidden_divergence(self.student_map(mean_pool(s_hidden[-1], attention)),
                                      self.teacher_map(mean_pool(t_hidden[-1], attention)), None, self.kind)
@@ -113,6 +125,14 @@ class AlignmentTerm:
                              "for a padded vocabulary, LinearMap otherwise)")
 
 
+def _attention_mask(attention, logits):
+    """The attention mask as a boolean mask over per-token logits ([batch, seq, vocab]); None for per-sequence
+    logits (a classifier's [batch, labels]) or without a mask."""
+    if attention is None or logits.dim() != 3 or tuple(attention.shape) != tuple(logits.shape[:2]):
+        return None
+    return attention.bool()
+
+
 def _mapped_size(mapping: nn.Module, size: int) -> int:
     if isinstance(mapping, nn.Identity):
         return size
@@ -123,14 +143,22 @@ def _mapped_size(mapping: nn.Module, size: int) -> int:
     return size
 
 
-def _check_refresh(refresh, teacher):
+def _check_refresh(refresh, teacher, student=None):
     if refresh is None:
         return None
     if not (isinstance(refresh, (tuple, list)) and len(refresh) == 2 and refresh[0] in ("ema", "checkpoint")):
         raise ValueError(f"refresh must be None, ('ema', mu) or ('checkpoint', path); got {refresh!r}")
     how, arg = refresh
-    if how == "ema" and not (isinstance(arg, (int, float)) and 0 <= arg < 1):
-        raise ValueError(f"the EMA refresh needs mu in [0, 1), got {arg!r}")
+    if how == "ema":
+        if not (is_real(arg) and 0 <= arg < 1):
+            raise ValueError(f"the EMA refresh needs mu, a number in [0, 1), got {arg!r}")
+    elif not (isinstance(arg, (str, os.PathLike)) and str(arg)):
+        raise ValueError(f"refresh=('checkpoint', path) needs the path (or HF id) to reload the teacher from, got "
+                         f"{arg!r}")
     if not hasattr(teacher, "refresh_ema"):
         raise ValueError("a refreshed teacher must be a separate model (ModelTeacher), not the student's own base")
+    if how == "ema" and student is not None:
+        from .teacher import check_mergeable
+
+        check_mergeable(student, "refresh=('ema', mu)")
     return how, arg

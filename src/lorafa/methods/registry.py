@@ -29,6 +29,12 @@ class Method:
     spectrum: callable = None  # (weight, stats, opts) -> singular values for data-aware ranks (SPEC §6); None: none
     tuned: bool = False  # the method takes the fine-tuned weight of the layer (`tuned=`), e.g. extract
     variant: str | None = None  # a LoRA variant installed on the PEFT model (SPEC §9): "kasa" | "goat"
+    # the base weights differ from the original model's whatever the offset (KaSA truncates W to [W]_{k-r}): the
+    # model with its adapters disabled is then not the original model (self-alignment, SPEC §5)
+    truncates_base: bool = False
+    # PEFT's merge (W + ΔW) gives the adapted model's function; False for GOAT, whose router makes the update
+    # input-dependent (no single weight equals it): no merged weights, so no EMA teacher refresh
+    mergeable: bool = True
 
 
 METHODS: dict[str, Method] = {
@@ -43,10 +49,26 @@ METHODS: dict[str, Method] = {
         Method("corda", corda_init, CordaOptions, "act", True),
         Method("eva", eva_init, EvaOptions, "act", False, input_spectrum),
         Method("extract", extract_init, ExtractOptions, "kfac", False, extract_spectrum, tuned=True),
-        Method("kasa", kasa_init, KasaOptions, None, False, variant="kasa"),
-        Method("goat", goat_init, GoatOptions, None, False, variant="goat"),
+        Method("kasa", kasa_init, KasaOptions, None, False, variant="kasa", truncates_base=True),
+        Method("goat", goat_init, GoatOptions, None, False, variant="goat", mergeable=False),
     )
 }
+
+
+def changes_base(init_config) -> bool:
+    """Whether an init leaves base weights that differ from the original model's: an offset (−s·B·A, as
+    `InitConfig.subtracts()`) or a method that rewrites them (KaSA's truncation). With such an init the student with
+    its adapters disabled is not the original model, so it cannot serve as its own base teacher (SPEC §5)."""
+    return init_config.subtracts() or METHODS[resolve_method(init_config.method)[0]].truncates_base
+
+
+def base_change(init_config) -> str:
+    """In words, how an init changes the base weights ("" when it does not): for error messages."""
+    if init_config.subtracts():
+        return f"{init_config.method} (offset={init_config.offset}) offsets them by −s·B·A"
+    if METHODS[resolve_method(init_config.method)[0]].truncates_base:
+        return f"{init_config.method} truncates them (drops each weight's r smallest singular pairs)"
+    return ""
 
 
 def _key(name: str) -> str:
