@@ -82,14 +82,20 @@ def rel(a, b):
     return float((a - b).norm() / b.norm()) if a.shape == b.shape else float("inf")
 
 
-class QuantLinear(nn.Module):  # stands in for auto_gptq / optimum's GPTQ layer
+class QuantLinear(nn.Module):  # stands in for auto_gptq's GPTQ layer: recognised by the module defining it
+    __module__ = "auto_gptq.nn_modules.qlinear.qlinear_cuda"
+
     def __init__(self):
         super().__init__()
         self.qweight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int32), requires_grad=False)
 
 
-class WQLinear_GEMM(nn.Linear):  # AWQ's layer name  # noqa: N801
-    pass
+class WQLinear_GEMM(nn.Linear):  # AWQ's layer, with float weights: only its module says what it is  # noqa: N801
+    __module__ = "awq.modules.linear.gemm"
+
+
+class QTensor(torch.Tensor):  # optimum-quanto's weight tensor (a float tensor subclass)
+    __module__ = "optimum.quanto.tensor.qtensor"
 
 
 def test_quant_kind(nf4_model, tiny_folder):
@@ -109,6 +115,52 @@ def test_quant_kind(nf4_model, tiny_folder):
     odd.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
     with pytest.raises(ValueError, match="unrecognised scheme storing torch.int8"):
         quant_kind(odd)
+
+
+class MyQLinearAdapter(nn.Linear):  # a user's layer whose name contains a quantized layer's (QLinear)
+    pass
+
+
+class HQQStyleInt4Linear(nn.Linear):  # names of HQQ's and torchao's classes, in a user's module
+    pass
+
+
+class BitLinearQuantLinear(nn.Linear):  # BitNet's and GPTQ's class names
+    pass
+
+
+class Marlin(nn.Module):  # a user's module named like the GPTQ kernel, holding a plain float Linear's weight
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(4, 4))
+
+
+def test_quant_kind_goes_by_the_defining_package_not_the_class_name():
+    """A user's float layer named like a quantized one is plain (it used to be refused as optimum-quanto, GPTQ, ...);
+    a layer or weight from the quantization packages is refused naming the scheme; bitsandbytes' own Linear4bit (and
+    a user's subclass of it) is still 4-bit."""
+    for plain in (MyQLinearAdapter(4, 4), HQQStyleInt4Linear(4, 4), BitLinearQuantLinear(4, 4), Marlin()):
+        assert quant_kind(plain) is None, type(plain).__name__
+    user_weight = nn.Linear(4, 4)  # a tensor subclass named like quanto's, but the user's
+    user_weight.weight = nn.Parameter(type("QTensorView", (torch.Tensor,), {})(torch.zeros(4, 4)))
+    assert quant_kind(user_weight) is None
+    quanto = nn.Linear(4, 4)
+    quanto.weight = nn.Parameter(torch.zeros(4, 4).as_subclass(QTensor))
+    with pytest.raises(ValueError, match="optimum-quanto"):
+        quant_kind(quanto)
+    quanto_layer = type("QLinear", (nn.Linear,), {"__module__": "optimum.quanto.nn.qlinear"})(4, 4)
+    with pytest.raises(ValueError, match="optimum-quanto"):
+        quant_kind(quanto_layer)
+
+    class MyLinear4bit(bnb.nn.Linear4bit):  # the user's subclass of the real class
+        pass
+
+    w = weight_like(8, 16)
+    real = layer_4bit(w, "nf4")
+    assert type(real) is bnb.nn.Linear4bit and quant_kind(real) == "nf4"
+    sub = MyLinear4bit(16, 8, bias=False, compute_dtype=torch.float32, quant_type="fp4")
+    sub.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="fp4", module=sub)
+    assert quant_kind(sub.to("cpu")) == "fp4"
 
 
 def test_peft_wrapped_layer(tiny_folder):

@@ -1,9 +1,10 @@
 """Quantized bases (SPEC §10): read one bitsandbytes layer as an fp32 matrix, write a new weight back quantized.
 
 Supported: bitsandbytes `Linear4bit` (nf4, fp4, with or without double quantization) and `Linear8bitLt` (LLM.int8).
-Layers are recognised by class and module names, so a model without bitsandbytes never imports it and other schemes
-(GPTQ, AWQ, torchao, HQQ, ...) are refused by name without importing their libraries. Everything works one layer at
-a time: nothing here copies the whole model.
+Layers are recognised by the package that defines their classes (bitsandbytes' own, or subclasses of them), so a
+model without bitsandbytes never imports it, other schemes (GPTQ, AWQ, torchao, HQQ, ...) are refused without
+importing their libraries, and a user's layer is never taken for a quantized one because of its name. Everything
+works one layer at a time: nothing here copies the whole model.
 """
 
 from __future__ import annotations
@@ -15,14 +16,22 @@ import torch
 from torch import nn
 
 SUPPORTED = "bitsandbytes 4-bit (nf4, fp4: Linear4bit, double quantization included) and LLM.int8 (Linear8bitLt)"
-# Scheme -> fragments of the class names (with module paths) of its layers or weight tensors; checked in this order.
+# Scheme -> the packages and modules that define its layers or weight tensors, checked in this order. A class belongs
+# to a scheme when it is defined in one of them (its `__module__` is the name or below it): a user's class is never
+# taken for a quantized one because of its name.
 _UNSUPPORTED = (
-    ("GPTQ", ("QuantLinear", "auto_gptq", "gptqmodel", "optimum.gptq", "exllama", "marlin", "Marlin")),
-    ("AWQ", ("WQLinear", "awq.")), ("HQQ", ("HQQ", "hqq")), ("EETQ", ("Eetq", "eetq")),
-    ("torchao", ("torchao", "AffineQuantized", "Int4", "NF4Tensor", "Float8Tensor", "LinearActivationQuantized")),
-    ("optimum-quanto", ("quanto", "QLinear", "QTensor")), ("BitNet", ("BitLinear",)),
-    ("AQLM / VPTQ / SpQR / HIGGS", ("aqlm", "vptq", "spqr", "higgs", "Higgs")),
-    ("FP8", ("FP8Linear", "Fp8Linear", "fbgemm")), ("compressed-tensors", ("compressed_tensors", "CompressedLinear")),
+    ("AWQ", ("awq", "gptqmodel.quantization.awq")),
+    ("GPTQ", ("auto_gptq", "gptqmodel", "optimum.gptq", "exllama", "exllamav2", "exllama_kernels", "marlin")),
+    ("HQQ", ("hqq",)), ("EETQ", ("eetq", "transformers.integrations.eetq")),
+    ("torchao", ("torchao",)), ("optimum-quanto", ("optimum.quanto", "quanto")),
+    ("BitNet", ("transformers.integrations.bitnet",)),
+    ("AQLM / VPTQ / SpQR / HIGGS", ("aqlm", "vptq", "spqr_quant", "flute", "transformers.integrations.higgs")),
+    ("FP8", ("transformers.integrations.finegrained_fp8", "transformers.integrations.fbgemm_fp8", "fbgemm_gpu")),
+    ("compressed-tensors", ("compressed_tensors", "transformers.integrations.compressed_tensors")),
+    ("MXFP4 / NVFP4 / FP-Quant / FourOverSix / SINQ",
+     ("transformers.integrations.mxfp4", "transformers.integrations.nvfp4", "fp_quant", "fouroversix", "sinq")),
+    ("transformers' Gemma / Metal quantization",
+     ("transformers.integrations.gemma_quant", "transformers.integrations.metal_quantization")),
 )
 _FLOAT8 = {getattr(torch, n) for n in dir(torch) if n.startswith("float8_")}
 
@@ -39,12 +48,24 @@ def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module  # PEFT's wrapper -> the layer
 
 
-def _names(obj) -> list[str]:
-    return [f"{c.__module__}.{c.__qualname__}" for c in type(obj).__mro__ if c not in (object, nn.Module)]
+def _classes(obj) -> list[type]:
+    return [c for c in type(obj).__mro__ if c not in (object, nn.Module)]
+
+
+def _defined_in(cls: type, package: str) -> bool:
+    module = getattr(cls, "__module__", None) or ""
+    return module == package or module.startswith(package + ".")
 
 
 def _from_bnb(obj, cls_name: str) -> bool:
-    return any(n.startswith("bitsandbytes.") and n.endswith("." + cls_name) for n in _names(obj))
+    """Whether `obj` is an instance of bitsandbytes' class `cls_name` (or of a subclass of it)."""
+    return any(c.__name__ == cls_name and _defined_in(c, "bitsandbytes") for c in _classes(obj))
+
+
+def _unsupported_scheme(*objs) -> str | None:
+    classes = [c for obj in objs for c in _classes(obj)]
+    return next((what for what, packages in _UNSUPPORTED
+                 if any(_defined_in(c, p) for c in classes for p in packages)), None)
 
 
 def quant_kind(module: nn.Module) -> str | None:
@@ -70,8 +91,7 @@ def quant_kind(module: nn.Module) -> str | None:
             return "int8"
         state = weight.quant_state
         return state.quant_type if state is not None else weight.quant_type
-    names = " ".join(_names(base) + _names(weight))
-    scheme = next((what for what, keys in _UNSUPPORTED if any(k in names for k in keys)), None)
+    scheme = _unsupported_scheme(base, weight)
     if scheme is None and isinstance(weight, torch.Tensor) and (
             weight.dtype in _FLOAT8 or not torch.is_floating_point(weight)):
         scheme = f"an unrecognised scheme storing {weight.dtype} weights"
