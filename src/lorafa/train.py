@@ -110,6 +110,7 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
     key = {"model": cfg.model.name, "dataset_name": cfg.dataset_name, "dataset": dataclasses.asdict(cfg.dataset),
            "kind": init_config.needs, "bsz": init_config.bsz, "iters": init_config.iters,
            "max_length": init_config.max_length, "sample": init_config.sample, "seed": init_config.seed,
+           "run_seed": cfg.seed,  # the data (a generated task, a subsample) and the validation split depend on it
            "sketch": init_config.sketch_sizes,
            "targets": targets, "dtype": str(next(model.parameters()).dtype),
            "quantization": _quantization(cfg)}
@@ -489,11 +490,28 @@ def _summary(result: dict, seconds: float) -> dict:
     return {"accuracy": result["accuracy"], "correct": result["correct"], "n": result["n"], "seconds": round(seconds, 2)}
 
 
-def _check_lengths(task, collate) -> None:
-    """A prompt longer than max_length is an error before any long work (the collator raises it)."""
-    if task.kind == "causal_lm":
-        longest = max(task.train[:256] + task.test[:64], key=lambda ex: len(ex["prompt"]))
-        collate([longest])
+def _check_lengths(task, collate, chunk: int = 1024) -> None:
+    """Every training prompt must leave room for an answer token within the collator's max_length: the collator
+    would raise it mid-run (statistics pass, training), so it is an error before any long work.
+
+    All training prompts are tokenised as the collator tokenises them (with the special tokens), `chunk` at a time in
+    one tokenizer call each (a fast tokenizer encodes a batch in parallel). The test prompts are not checked: the
+    evaluation generates from them without the collator and its max_length.
+    """
+    if task.kind != "causal_lm":
+        return
+    prompts = [ex["prompt"] for ex in task.train]
+    lengths = []
+    for start in range(0, len(prompts), chunk):
+        lengths += [len(ids) for ids in collate.tokenizer(prompts[start:start + chunk],
+                                                         add_special_tokens=True)["input_ids"]]
+    too_long = [i for i, n in enumerate(lengths) if n >= collate.max_length]
+    if too_long:
+        worst = max(too_long, key=lengths.__getitem__)
+        raise ValueError(f"{len(too_long)} of {len(prompts)} training prompts have max_length={collate.max_length} "
+                         f"tokens or more, leaving no room for an answer token; the longest has {lengths[worst]} "
+                         f"tokens ({prompts[worst][:60]!r}...). Raise ++model.max_length, or drop those examples "
+                         "from the data.")
 
 
 def _has_checkpoint(folder: str) -> bool:
