@@ -343,20 +343,24 @@ def _total_steps(cfg: RunConfig, n_train: int) -> int:
 
 
 def _trainer(cfg: RunConfig, peft_model, args, task, validation, collate, optimizer, callbacks, teacher, metrics,
-             init_config):
+             init_config, term=None):
     """HF's Trainer, or the TermsTrainer when training adds terms to the task loss: `align.*`'s alignment term
-    (SPEC §5), KaSA's regulariser or GOAT's load-balancing loss (SPEC §9). Returns (trainer, alignment term)."""
+    (SPEC §5), KaSA's regulariser or GOAT's load-balancing loss (SPEC §9). Returns (trainer, alignment term).
+
+    `term`: the alignment term the init already used (init.align_init), trained as it is: a learned projection is
+    then the one the init aligned with, and the one saved. None builds it here."""
     from transformers import Trainer
 
     from .terms import TermsTrainer, method_terms
 
     kwargs = dict(model=peft_model, args=args, train_dataset=task.train, eval_dataset=validation or None,
                   data_collator=collate, callbacks=callbacks)
-    terms, term = method_terms(init_config), None
+    terms = method_terms(init_config)
     if cfg.align.mode != "none":
         from .align.build import build_term
 
-        term = build_term(cfg.align, peft_model, teacher, _total_steps(cfg, len(task.train)))
+        if term is None:
+            term = build_term(cfg.align, peft_model, teacher, _total_steps(cfg, len(task.train)))
         if term.parameters():  # a learned projection trains with the adapters
             optimizer.add_param_group({"params": term.parameters(), "lr": cfg.model.learning_rate,
                                        "weight_decay": cfg.model.weight_decay})
@@ -380,7 +384,7 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     t = time.perf_counter()
     tuned = _tuned_model(cfg, model, lora_config, init_config, task, dtype=next(model.parameters()).dtype)
     align_term = None
-    if init_config.align_init:  # the dual objective's term at the init, on the base model
+    if init_config.align_init:  # the dual objective's term at the init, on the base model; training reuses it
         from .align.build import build_term
 
         align_term = build_term(cfg.align, model, teacher, _total_steps(cfg, len(task.train)))
@@ -409,7 +413,7 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     if cfg.model.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.model.early_stopping_patience))
     trainer, term = _trainer(cfg, peft_model, args, task, validation, collate, optimizer, callbacks, teacher, metrics,
-                             init_config)
+                             init_config, term=align_term)
     t = time.perf_counter()
     resume = cfg.resume and _has_checkpoint(args.output_dir)
     at_init = trainer.evaluate()["eval_loss"] if validation and not resume else None  # what the init alone did
