@@ -50,17 +50,38 @@ def test_kasa_truncates_the_base_and_forward_is_the_hand_formula():
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_kasa_loss_is_the_regulariser_by_hand():
+def test_kasa_loss_is_the_regulariser_by_hand(tmp_path):
+    from transformers import TrainingArguments
+
+    from lorafa.terms import TermsTrainer, method_terms
+
     pm, _ = _kasa(r=2, beta=0.3, gamma=0.7)
+    with torch.no_grad():  # B = 0 at init: a trained B, so ‖BᵀB − I‖ depends on it
+        for layer in _layers(pm).values():
+            layer.lora_B["default"].weight.normal_()
+            layer.lora_diag["default"].normal_()
     expected = 0.0
-    for layer in _layers(pm).values():
-        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        sigma, eye = layer.lora_diag["default"], torch.eye(2)
-        expected = expected + 0.3 * (sigma ** 2).sum() + 0.7 * (torch.linalg.norm(B.T @ B - eye)
-                                                              + torch.linalg.norm(A @ A.T - eye))
+    for layer in _layers(pm).values():  # in float64, from the factors
+        A, B = layer.lora_A["default"].weight.detach().double(), layer.lora_B["default"].weight.detach().double()
+        sigma, eye = layer.lora_diag["default"].detach().double(), torch.eye(2, dtype=torch.float64)
+        expected += (0.3 * (sigma ** 2).sum() + 0.7 * (torch.linalg.norm(B.T @ B - eye)
+                                                      + torch.linalg.norm(A @ A.T - eye))).item()
+    assert len(_layers(pm)) == 4
     value = kasa_loss(pm)
-    torch.testing.assert_close(value, expected)
-    assert KasaTerm()(pm, None, None, 0) is not None and KasaTerm().weight(0) == 1.0
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    # the term the runner adds for method="kasa": weight 1, value the regulariser
+    (term,) = method_terms(InitConfig(method="kasa", beta=0.3, gamma=0.7))
+    assert isinstance(term, KasaTerm) and term.weight(0) == 1.0 and term.weight(1000) == 1.0
+    assert term(pm, None, None, 0).item() == pytest.approx(expected, rel=1e-6)
+    # and in training: the loss is the task loss plus the regulariser
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
+    trainer = TermsTrainer(model=pm, args=args, terms=[term])
+    batch = make_batches(1, bsz=2)[0]
+    pm.train()
+    with torch.no_grad():
+        total = trainer.compute_loss(pm, dict(batch))
+        task = pm(**batch).loss
+    assert total.item() == pytest.approx(task.item() + expected, rel=1e-6)
     value.backward()  # the regulariser trains σ, A and B
     layer = next(iter(_layers(pm).values()))
     assert layer.lora_diag["default"].grad.abs().sum() > 0 and layer.lora_A["default"].weight.grad.abs().sum() > 0
