@@ -136,7 +136,8 @@ def test_infinite_or_nan_divergences_raise_with_what_to_do():
         t_bad = t.clone()
         t_bad[1, 1, 3] = bad
         for kind in ("fkl", "rkl", "jsd"):
-            with pytest.raises(ValueError, match="teacher's outputs contain NaN or \\+inf at 1 of the 6 positions.*bf16"):
+            with pytest.raises(ValueError, match="teacher's outputs contain NaN or \\+inf at 1 of the 6 positions"
+                                                 ".*bf16"):
                 logit_divergence(s, t_bad, kind=kind)
     # an fp16 teacher that overflowed: the message says so
     fp16 = t.half()
@@ -180,7 +181,8 @@ def test_ema_refresh_of_a_bf16_teacher_keeps_the_small_updates():
         layer = k.rsplit(".", 1)[0]
         if layer.split(".")[-1] in TARGETS:
             pre = f"base_model.model.{layer}"
-            delta[k] = 2.0 * params[f"{pre}.lora_B.default.weight"].double() @ params[f"{pre}.lora_A.default.weight"].double()
+            b, a = params[f"{pre}.lora_B.default.weight"], params[f"{pre}.lora_A.default.weight"]
+            delta[k] = 2.0 * b.double() @ a.double()
             merged[k] = params[f"{pre}.base_layer.weight"].double() + delta[k]
         else:
             merged[k] = params[f"base_model.model.{k}"].double()

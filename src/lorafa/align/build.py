@@ -89,8 +89,8 @@ def check_align_section(a, init_configs=()) -> None:
     if uses_self_teacher(a):
         for c in init_configs:
             if changes_base(c):
-                raise ValueError(f"aligning to the base model runs the student with its adapters disabled, which is the "
-                                 f"original model only if the init leaves the base weights unchanged; "
+                raise ValueError(f"aligning to the base model runs the student with its adapters disabled, which is "
+                                 f"the original model only if the init leaves the base weights unchanged; "
                                  f"{base_change(c)}. Use an init that does not, or "
                                  "++align.teacher=<the base model's id or path>.")
 

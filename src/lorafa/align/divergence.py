@@ -117,11 +117,11 @@ def _explain_nonfinite(s: torch.Tensor, t: torch.Tensor, kind: str, what: str, t
     n = s.shape[0]
     bad_t, bad_s = _bad(t), _bad(s)
     if bad_t.any():
-        raise ValueError(f"{what}: the teacher's outputs contain NaN or +inf at {int(bad_t.sum())} of the {n} positions "
-                         f"used{_dtype_hint(teacher_dtype)}; or check the teacher checkpoint itself.")
+        raise ValueError(f"{what}: the teacher's outputs contain NaN or +inf at {int(bad_t.sum())} of the {n} "
+                         f"positions used{_dtype_hint(teacher_dtype)}; or check the teacher checkpoint itself.")
     if bad_s.any():
-        raise ValueError(f"{what}: the student's outputs contain NaN or +inf at {int(bad_s.sum())} of the {n} positions "
-                         "used: the training diverged (lower the learning rate) or the student overflows in float16 "
+        raise ValueError(f"{what}: the student's outputs contain NaN or +inf at {int(bad_s.sum())} of the {n} "
+                         "positions used: the training diverged (lower the learning rate) or the student overflows in float16 "
                          "(train in bf16 or fp32).")
     if s.dim() == 2 and kind in LOGIT_KINDS:
         empty_t, empty_s = (t == -math.inf).all(-1), (s == -math.inf).all(-1)
@@ -133,7 +133,8 @@ def _explain_nonfinite(s: torch.Tensor, t: torch.Tensor, kind: str, what: str, t
         raise ValueError(f"{what}: {kind} is infinite: the {zero} gives probability 0 (logit −inf) to tokens the "
                          f"{other} gives positive probability. Use kind='jsd' (always finite) "
                          f"{'or fkl ' if kind == 'rkl' else 'or rkl ' if kind == 'fkl' else ''}or mask those tokens.")
-    raise ValueError(f"{what}: the result is not finite (inputs are finite: an overflow in the distance){_dtype_hint(teacher_dtype)}")
+    raise ValueError(f"{what}: the result is not finite (the inputs are finite: an overflow in the distance)"
+                     f"{_dtype_hint(teacher_dtype)}")
 
 
 def logit_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,

@@ -2,12 +2,12 @@
 
 A `ModelTeacher` holds any HF model (by id or path, or already loaded) in eval mode with gradients off, in its own
 dtype, on the device it is given (one loaded by id or path without a device follows the student: it moves to the
-student's device at its first use); its outputs move to the student's device. `SelfTeacher` runs the student with its adapters
-disabled: the original model, at no extra weights, as long as the init left the base weights unchanged. A
-`ModelTeacher` with the student's architecture can be refreshed: an EMA of the student's merged weights, or a reload
-from a checkpoint path. The EMA runs on an fp32 master copy when the teacher is in half precision (bf16 cannot hold
-the small steps (1 − μ)·(merged − T) of a μ close to 1), and refuses students whose adapters have no merged weights
-(GOAT).
+student's device at its first use); its outputs move to the student's device. `SelfTeacher` runs the student with
+its adapters disabled: the original model, at no extra weights, as long as the init left the base weights unchanged
+(no offset, no KaSA truncation). A `ModelTeacher` with the student's architecture can be refreshed: an EMA of the
+student's merged weights, or a reload from a checkpoint path. The EMA runs on an fp32 master copy when the teacher is
+in half precision (bf16 cannot hold the small steps (1 − μ)·(merged − T) of a μ close to 1), and refuses students
+whose adapters have no merged weights (GOAT).
 """
 
 from __future__ import annotations

@@ -52,8 +52,8 @@ class AlignmentTerm:
         self.schedule = schedule or CyclicSchedule.constant()
         self.target, self.name = target, name
         if target != "logits" and any(isinstance(m, TruncateVocab) for m in (student_map, teacher_map)):
-            raise ValueError(f"TruncateVocab keeps the first logits of a padded vocabulary; on {target} states it would "
-                             "drop features, which are not aligned by index across models: use a LinearMap "
+            raise ValueError(f"TruncateVocab keeps the first logits of a padded vocabulary; on {target} states it "
+                             "would drop features, which are not aligned by index across models: use a LinearMap "
                              "(projection=learned) for hidden states of other widths")
         self.student_map, self.teacher_map = student_map or nn.Identity(), teacher_map or nn.Identity()
         self.refresh = _check_refresh(refresh, teacher, student)
