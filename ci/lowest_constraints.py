@@ -2,8 +2,8 @@
 pyproject.toml declares, one `name==version` a line. CI installs with them and runs the default test suite, so a
 bound that is not true fails CI (the bounds are read from pyproject, so the two cannot drift).
 
-    python3 ci/lowest_constraints.py [--skip NAME ...] > lowest.txt
-    pip install -e ".[dev]" -c lowest.txt
+    python3 ci/lowest_constraints.py [--skip NAME ...] [--extras dev trl quant] > lowest.txt
+    pip install -e ".[dev,trl,quant]" -c lowest.txt
 
 Every requirement must carry a `>=` lower bound; `--skip` leaves a package out (CI skips torch: see pyproject).
 """
@@ -40,9 +40,10 @@ def lower_bounds(extras=("dev",)) -> dict[str, str]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip", nargs="*", default=[], help="package names to leave out")
+    ap.add_argument("--extras", nargs="*", default=["dev"], help="the optional-dependency groups to pin too")
     args = ap.parse_args(argv)
     skip = {re.sub(r"[-_.]+", "-", s).lower() for s in args.skip}
-    for name, version in lower_bounds().items():
+    for name, version in lower_bounds(tuple(args.extras)).items():
         if name not in skip:
             print(f"{name}=={version}")
 
