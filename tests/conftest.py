@@ -65,3 +65,18 @@ def gpt2():
 @pytest.fixture
 def batches():
     return make_batches()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests without CUDA. LORAFA_TEST_DEVICE (default "cuda") is the device tests/test_gpu.py
+    uses; set to "cpu" it runs those tests on the CPU (the 2-process one with gloo), so they are not skipped."""
+    import os
+
+    device = torch.device(os.environ.get("LORAFA_TEST_DEVICE", "cuda"))
+    if device.type != "cuda" or torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False); "
+                                   "LORAFA_TEST_DEVICE=cpu runs the gpu tests on the CPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
