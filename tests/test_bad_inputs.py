@@ -32,12 +32,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig
+from peft.tuners.lora.config import KasaConfig
 from torch import nn
 
 import lorafa
 from lorafa import InitConfig, LayerStats, collect_stats, initialize
+from lorafa import align as A
+from lorafa import goat as G
+from lorafa import kasa as K
+from lorafa import lora_pro as LP
+from lorafa import optim as O
+from lorafa import quant as Q
+from lorafa import ranks as R
 
 from conftest import lora_cfg, make_batches, tiny_gpt2, tiny_llama
+from tiny_assets import char_tokenizer, save_tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "src" / "lorafa" / "conf"
@@ -118,8 +128,6 @@ def plain_peft(lcfg=None, model=None):
 
 def lm_dir(seed: int = 0) -> str:
     """A tiny Llama with a character tokenizer saved like a hub checkpoint (for the CLIs and ModelTeacher)."""
-    from tiny_assets import save_tiny_causal_lm
-
     return _once(f"lm_dir{seed}", lambda: save_tiny_causal_lm(str(shared_dir(f"tiny-lm-{seed}")), seed=seed))
 
 
@@ -338,7 +346,7 @@ def _initial_adapter_dir_is_cwd():
 
 case(E, "unknown-target", lambda: initialize(llama(), cfg(["q_projj"]), InitConfig(method="pissa"), progress=False),
      ValueError, r"'q_projj' \(close: \['q_proj'.*Fix the names")
-case(E, "unknown-target-regex", lambda: initialize(llama(), __import__("peft").LoraConfig(target_modules=".*\\.attn_q"),
+case(E, "unknown-target-regex", lambda: initialize(llama(), LoraConfig(target_modules=".*\\.attn_q"),
                                                     InitConfig(method="pissa"), progress=False),
      ValueError, r"regex .* matches no module")
 case(E, "target-not-linear", lambda: initialize(llama(), cfg(["embed_tokens"]), InitConfig(method="pissa"),
@@ -394,9 +402,9 @@ case(E, "init_lora_weights-pissa", lambda: initialize(llama(), cfg(init_lora_wei
 case(E, "use_dora-with-data-aware-init", lambda: initialize(llama(), cfg(use_dora=True), InitConfig(method="pissa"),
                                                              progress=False),
      ValueError, r"use_dora is not supported with data-aware inits")
-case(E, "kasa_config-with-lora_ga", lambda: initialize(llama(), cfg(kasa_config=__import__(
-    "peft.tuners.lora.config", fromlist=["KasaConfig"]).KasaConfig()), InitConfig(method="lora_ga"),
-    stats=kfac_stats(), progress=False),
+case(E, "kasa_config-with-lora_ga", lambda: initialize(llama(), cfg(kasa_config=KasaConfig()),
+                                                        InitConfig(method="lora_ga"), stats=kfac_stats(),
+                                                        progress=False),
      ValueError, r"KaSA \(lora_config.kasa_config\) truncates the base weight.*Use one of them")
 case(E, "lora_config-a-dict", lambda: initialize(llama(), {"r": 2, "target_modules": QV}, InitConfig(method="lora"),
                                                   progress=False),
@@ -470,7 +478,6 @@ E = "initialize_trainer"
 def trainer(rows: int | None = 12, collator=None, model=None, model_init=None, **kw):
     """A transformers Trainer on the tiny Llama of tiny_assets' character tokenizer, writing only under the
     working directory."""
-    from tiny_assets import char_tokenizer
     from transformers import (DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, Trainer,
                               TrainingArguments)
 
@@ -503,7 +510,7 @@ def _trainer_with_optimizer():
 def _collator_without_labels():
     from transformers import DataCollatorWithPadding
 
-    return DataCollatorWithPadding(_once("char_tok", lambda: __import__("tiny_assets").char_tokenizer()))
+    return DataCollatorWithPadding(_once("char_tok", char_tokenizer))
 
 
 case(E, "not-a-trainer", lambda: lorafa.initialize_trainer(object(), cfg()), TypeError,
@@ -606,7 +613,7 @@ case(E, "max_batches-negative", lambda: _stats(max_batches=-1), ValueError, r"ma
            "empty: the negative max_batches is not named")
 case(E, "attention_mask-of-another-shape", lambda: _stats(kinds=("act",), bs=[{
     "input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long)}]),
-     ValueError, r"Cannot align the input of .* with attention_mask \(2, 5\): pass batches whose attention_mask matches")
+     ValueError, r"Cannot align the input of .* with attention_mask \(2, 5\): pass batches whose attention_mask")
 case(E, "attention_mask-of-another-shape-grad", lambda: _stats(bs=[{
     "input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
     "labels": torch.ones(2, 8, dtype=torch.long)}]),
@@ -648,7 +655,12 @@ case(E, "load-other-config", lambda: lorafa.load_stats(_saved_stats(config={"ite
      ValueError, r"was produced by a different config.*Delete the file or point to another cache path")
 case(E, "read-config-missing-file", lambda: lorafa.read_stats_config("missing.safetensors"), FileNotFoundError,
      r"missing.safetensors")
-case(E, "save-to-a-folder", lambda: lorafa.save_stats(kfac_stats(), (Path.cwd() / "folder").mkdir() or "folder"),
+def _save_stats_onto_a_folder():
+    (Path.cwd() / "folder").mkdir()
+    lorafa.save_stats(kfac_stats(), "folder")
+
+
+case(E, "save-to-a-folder", _save_stats_onto_a_folder,
      (IsADirectoryError, ValueError), r"'folder' is a (folder|directory)",
      xfail="IsADirectoryError \"[Errno 21] Is a directory: '<cwd>/.stats-XXXX.tmp' -> 'folder'\" from os.replace, "
            "after serialising (names lorafa's temporary file, no hint)")
@@ -713,17 +725,17 @@ case(E, "importance-negative", lambda: _alloc(rule="importance", importance={"a"
 case(E, "params-budget-without-sizes", lambda: _alloc(budget_by="params"), ValueError,
      r"budget_by='params' needs sizes")
 case(E, "sizes-for-other-layers", lambda: _alloc(budget_by="params", budget=100, sizes={"a": (4, 4), "c": (4, 4)}),
-     ValueError, r"sizes must have exactly one entry per layer .* missing for \['b'\]; given for unknown layers \['c'\]")
+     ValueError, r"sizes must have exactly one entry per layer .* missing for \['b'\]; given for unknown layers")
 case(E, "unknown-budget_by", lambda: _alloc(budget_by="flops"), ValueError, r"Unknown budget_by 'flops'")
-case("rank_patterns", "r-zero", lambda: lorafa.ranks.rank_patterns({"a": 2}, 0, 4.0), ValueError,
+case("rank_patterns", "r-zero", lambda: R.rank_patterns({"a": 2}, 0, 4.0), ValueError,
      r"r = 0 < 1: pass the config's base rank")
-case("rank_patterns", "alpha-negative", lambda: lorafa.ranks.rank_patterns({"a": 2}, 2, -4.0), ValueError,
+case("rank_patterns", "alpha-negative", lambda: R.rank_patterns({"a": 2}, 2, -4.0), ValueError,
      r"alpha = -4.0: pass the config's lora_alpha, a finite positive number")
-case("rank_patterns", "every-rank-zero", lambda: lorafa.ranks.rank_patterns({"a": 0, "b": 0}, 2, 4.0), ValueError,
+case("rank_patterns", "every-rank-zero", lambda: R.rank_patterns({"a": 0, "b": 0}, 2, 4.0), ValueError,
      r"Every layer has rank 0: there is no adapter to build")
-case("rank_patterns", "rank-float", lambda: lorafa.ranks.rank_patterns({"a": 2.0}, 2, 4.0), TypeError,
+case("rank_patterns", "rank-float", lambda: R.rank_patterns({"a": 2.0}, 2, 4.0), TypeError,
      r"ranks\['a'\] = 2.0 is not an int")
-case("rank_patterns", "eva-rho-below-1", lambda: lorafa.ranks.eva_ranks(SPECTRA, 2, rho=0.5), ValueError,
+case("rank_patterns", "eva-rho-below-1", lambda: R.eva_ranks(SPECTRA, 2, rho=0.5), ValueError,
      r"rho = 0.5: EVA's rho must be a finite number ≥ 1")
 
 
@@ -827,7 +839,6 @@ case(E, "read-json-unknown-init-config-key", lambda: lorafa.read_initial_adapter
 
 
 # -- align: AlignmentTerm, teachers, divergences, schedule, mappings ------------------------------------------------
-from lorafa import align as A  # noqa: E402
 
 E = "align"
 
@@ -967,7 +978,6 @@ case(E, "default-layer-map-zero-pairs", lambda: A.default_layer_map(2, 4, pairs=
 
 
 # -- quant: bitsandbytes layers, other schemes ----------------------------------------------------------------------
-from lorafa import quant as Q  # noqa: E402
 
 E = "quant"
 
@@ -1008,7 +1018,6 @@ case(E, "base_weights-of-another-model", lambda: initialize(nf4_model(), cfg(["q
 
 
 # -- goat -----------------------------------------------------------------------------------------------------------
-from lorafa import goat as G  # noqa: E402
 
 E = "goat"
 
@@ -1081,7 +1090,6 @@ case(E, "merge-a-goat-model", lambda: list(A.merged_weights(init("goat", lcfg=cf
 
 
 # -- kasa -----------------------------------------------------------------------------------------------------------
-from lorafa import kasa as K  # noqa: E402
 
 E = "kasa"
 case(E, "loss-of-a-plain-model", lambda: K.kasa_loss(llama()), TypeError,
@@ -1089,7 +1097,7 @@ case(E, "loss-of-a-plain-model", lambda: K.kasa_loss(llama()), TypeError,
 case(E, "loss-without-kasa-layers", lambda: K.kasa_loss(init("lora")), ValueError,
      r"The model has no KaSA layer for these adapters: build it with InitConfig\(method='kasa'\)")
 case(E, "config-with-other-weights", lambda: initialize(
-    llama(), cfg(kasa_config=__import__("peft.tuners.lora.config", fromlist=["KasaConfig"]).KasaConfig(beta=0.5)),
+    llama(), cfg(kasa_config=KasaConfig(beta=0.5)),
     InitConfig(method="kasa"), progress=False), ValueError,
      r"kasa_config has beta=0.5, .* set them in one place \(InitConfig's beta/gamma\)")
 case(E, "gamma-nan", lambda: init("kasa", gamma=math.nan), ValueError,
@@ -1099,8 +1107,6 @@ case(E, "loss-of-an-unknown-adapter", lambda: K.kasa_loss(init("kasa"), adapter_
 
 
 # -- lora_pro -------------------------------------------------------------------------------------------------------
-from lorafa import lora_pro as LP  # noqa: E402
-from lorafa import optim as O  # noqa: E402
 
 E = "lora_pro"
 _g = torch.Generator().manual_seed(0)
@@ -1230,7 +1236,8 @@ case(E, "adapter-of-another-model", lambda: eval_cli("--model", lm_dir(), "--ada
      r"targets .*c_attn.*, which the base model does not have: .* Pass --model with the right base")
 case(E, "data-not-json", lambda: eval_cli("--model", lm_dir(), "--data_path", gsm_rows(text="{oops")), ValueError,
      r"test.jsonl:1 is not valid JSON .* fix or regenerate it")
-case(E, "data-folder-without-split", lambda: eval_cli("--model", lm_dir(), "--data_path", gsm_rows("train.jsonl").parent),
+case(E, "data-folder-without-split", lambda: eval_cli("--model", lm_dir(), "--data_path",
+                                                     gsm_rows("train.jsonl").parent),
      ValueError, r"has no test.jsonl: pass a folder with that file")
 
 
