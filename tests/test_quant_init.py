@@ -226,3 +226,46 @@ def test_runner_load_in_4bit(tmp_path):
                        (["+init=svd", "++init.direction=kasa"], "KaSA or GOAT")):
         with pytest.raises(ValueError, match=match):
             run_from_config(composed(["++model.load_in_4bit=true", *local(assets, tmp_path / "bad"), *bad]))
+
+
+def _cpu_repacks() -> bool:
+    """bitsandbytes ≥ 0.49 on an AVX512-BF16 CPU repacks a 4-bit layer at an eval forward without gradients."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+@pytest.mark.skipif(not _cpu_repacks(), reason="this CPU or bitsandbytes has no repacked 4-bit CPU kernel")
+def test_statistics_and_training_after_an_evaluation_of_the_4bit_model(fp_folder, batches):
+    """An evaluation first moves each Linear4bit to bitsandbytes' repacked CPU kernel, which has no backward: the
+    statistics pass crashed on the missing output gradient, and training lost the gradient below each 4-bit layer.
+    lorafa puts the layers back on the differentiable kernel: the same statistics as without the evaluation, and the
+    same adapter gradients in training after another evaluation. The repacking rounds the block scales to bf16 for
+    good (a relative 2⁻⁹ each), so the comparisons allow 1e-2; a lost gradient is off by 100%."""
+    fresh, evaluated = nf4(fp_folder), nf4(fp_folder)
+    before = batch_logits(evaluated, batches)  # eval, no grad: repacks
+    layer = evaluated.model.layers[0].self_attn.q_proj
+    assert layer.weight.quant_state.packing_format_for_cpu  # the case at hand really happened
+    want = collect_stats(fresh, batches, ["q_proj", "down_proj"], kinds=("kfac",), progress=False)
+    got = collect_stats(evaluated, batches, ["q_proj", "down_proj"], kinds=("kfac",), progress=False)
+    assert not layer.weight.quant_state.packing_format_for_cpu
+    for name in want:
+        for key in ("grad", "in_cov", "out_cov"):
+            assert rel(getattr(got[name], key), getattr(want[name], key)) < 1e-2, (name, key)
+    assert rel(batch_logits(evaluated, batches), before) < 1e-2  # the same function (the packed kernel is bf16)
+
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=ALL, lora_dropout=0.0)
+    grads = []
+    for model in (nf4(fp_folder), nf4(fp_folder)):
+        pm = lorafa.initialize(model, lora, lorafa.InitConfig(method="lora_fa", iters=2), batches=batches,
+                               progress=False)
+        if len(grads):
+            batch_logits(pm, batches)  # an evaluation between the init and training
+        pm.train()
+        pm(**batches[0]).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 2 * len(ALL)
+    for n in grads[0]:
+        assert rel(grads[1][n], grads[0][n]) < 1e-2, n

@@ -39,6 +39,24 @@ def test_test_prompts_are_not_held_to_the_training_max_length():
     train._check_lengths(_task([5] * 10, test_chars=200), CausalLMCollator(char_tokenizer(), max_length=32))
 
 
+def test_an_over_long_validation_prompt_is_an_error_before_training():
+    """The validation split is evaluated by the same collator (the first evaluate() would raise mid-run)."""
+    collate = CausalLMCollator(char_tokenizer(), max_length=32)
+    validation = [{"prompt": "v" * n, "answer": "1", "final": "1"} for n in (5, 6, 40)]
+    with pytest.raises(ValueError, match=r"1 of 3 validation prompts .* has 40 tokens.*model.max_length"):
+        train._check_lengths(_task([5] * 10), collate, validation)
+
+
+def test_the_statistics_pass_max_length_is_checked_on_the_training_prompts():
+    """init.max_length (the statistics and line-search collator's) can be below model.max_length."""
+    collate = CausalLMCollator(char_tokenizer(), max_length=64)
+    task = _task([5] * 10 + [40])
+    train._check_lengths(task, collate)  # fits the training collator
+    with pytest.raises(ValueError, match=r"1 of 11 training \(statistics pass\) prompts have max_length=32 .*"
+                                         r"init.max_length"):
+        train._check_lengths(task, collate, stats_max_length=32)
+
+
 @pytest.mark.parametrize("chars", [29, 30, 31, 32])
 def test_the_length_check_agrees_with_the_collator(chars):
     """An error exactly when the collator refuses an example (its prompt fills max_length)."""

@@ -31,7 +31,7 @@ from .methods.registry import METHODS, init_factors, make_options
 from .stats.collect import collect_stats, fsdp_sharded
 from .fsio import check_destination, remove_owned, swap_in
 from .stats.distributed import agree_step, all_gather_objects, all_reduce_sum_, world
-from .quant import requantize_
+from .quant import keep_4bit_differentiable_, requantize_
 from .targets import (is_quantized, is_transposed, out_in_features, resolve_targets, set_weight_matrix, unwrap_model,
                       weight_matrix)
 
@@ -627,6 +627,7 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     """
     init_config = init_config or InitConfig()
     _check_lora_config(lora_config, init_config)
+    keep_4bit_differentiable_(model)  # and so it stays for training after an evaluation (bitsandbytes' CPU kernel)
     if initial_adapter_dir is not None:  # before the statistics pass: a folder that cannot take it fails at once
         error = None
         try:

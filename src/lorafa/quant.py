@@ -36,6 +36,29 @@ _UNSUPPORTED = (
 _FLOAT8 = {getattr(torch, n) for n in dir(torch) if n.startswith("float8_")}
 
 
+def keep_4bit_differentiable_(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of `model` on its differentiable kernel; returns how many were unpacked.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49 and later) repacks a `Linear4bit` in place for a faster CPU kernel at
+    its first eval-mode forward without gradients (an evaluation, a generation). That kernel has no backward: a later
+    statistics pass gets no output gradient at the layer (a crash), and training silently loses the gradient through
+    every such layer to the adapters below it. Here the repacking is turned off on each layer and undone where it
+    already happened (`_unpacked_for_cpu`: bitsandbytes' own inverse, with the block scales put back as the fp32
+    vector its other kernels read). The model computes the same function; CPU evaluation of a 4-bit model is slower. Nothing happens on a model without such layers.
+    """
+    unpacked = 0
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _unpacked_for_cpu(weight.data, state)
+            unpacked += 1
+    return unpacked
+
+
 def require_bitsandbytes() -> None:
     """Raise a clear error when bitsandbytes, which quantized bases need, is not installed."""
     import importlib.util

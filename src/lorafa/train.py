@@ -292,7 +292,10 @@ def run(cfg: RunConfig) -> dict:
                 len(task.train), len(validation), len(task.test))
     model, tokenizer = _load_model(cfg, task, dtype, state.device)
     collate = _collator(cfg, task, tokenizer, cfg.model.max_length)
-    _check_lengths(task, collate)
+    stats_length = None
+    if init_config.needs is not None or init_config.line_search:  # the statistics and search batches' collator
+        stats_length = init_config.max_length
+    _check_lengths(task, collate, validation, stats_length)
     results = {"run_dir": run_dir, "dataset": task.name, "n_train": len(task.train), "n_validation": len(validation),
                "n_test": len(task.test), "model": cfg.model.name, "method": init_config.method,
                "world_size": state.num_processes, "is_main_process": state.is_main_process,
@@ -494,28 +497,40 @@ def _summary(result: dict, seconds: float) -> dict:
     return {"accuracy": result["accuracy"], "correct": result["correct"], "n": result["n"], "seconds": round(seconds, 2)}
 
 
-def _check_lengths(task, collate, chunk: int = 1024) -> None:
-    """Every training prompt must leave room for an answer token within the collator's max_length: the collator
-    would raise it mid-run (statistics pass, training), so it is an error before any long work.
+def _check_lengths(task, collate, validation=(), stats_max_length: int | None = None, chunk: int = 1024) -> None:
+    """Every training and validation prompt must leave room for an answer token within the max_length of the
+    collator that will see it (the runner's `model.max_length`; for the training prompts also the statistics pass's
+    `init.max_length`, when given): a collator would raise it mid-run (statistics pass, training, the first
+    evaluation), so it is an error before any long work.
 
-    All training prompts are tokenised as the collator tokenises them (with the special tokens), `chunk` at a time in
-    one tokenizer call each (a fast tokenizer encodes a batch in parallel). The test prompts are not checked: the
+    The prompts are tokenised as the collator tokenises them (with the special tokens), `chunk` at a time in one
+    tokenizer call each (a fast tokenizer encodes a batch in parallel). The test prompts are not checked: the
     evaluation generates from them without the collator and its max_length.
     """
     if task.kind != "causal_lm":
         return
-    prompts = [ex["prompt"] for ex in task.train]
-    lengths = []
-    for start in range(0, len(prompts), chunk):
-        lengths += [len(ids) for ids in collate.tokenizer(prompts[start:start + chunk],
-                                                         add_special_tokens=True)["input_ids"]]
-    too_long = [i for i, n in enumerate(lengths) if n >= collate.max_length]
-    if too_long:
-        worst = max(too_long, key=lengths.__getitem__)
-        raise ValueError(f"{len(too_long)} of {len(prompts)} training prompts have max_length={collate.max_length} "
-                         f"tokens or more, leaving no room for an answer token; the longest has {lengths[worst]} "
-                         f"tokens ({prompts[worst][:60]!r}...). Raise ++model.max_length, or drop those examples "
-                         "from the data.")
+
+    def lengths_of(examples):
+        prompts = [ex["prompt"] for ex in examples]
+        out = []
+        for start in range(0, len(prompts), chunk):
+            out += [len(ids) for ids in collate.tokenizer(prompts[start:start + chunk],
+                                                          add_special_tokens=True)["input_ids"]]
+        return prompts, out
+
+    train = lengths_of(task.train)
+    checks = [("training", train, collate.max_length, "++model.max_length"),
+              ("validation", lengths_of(validation), collate.max_length, "++model.max_length")]
+    if stats_max_length is not None:
+        checks.append(("training (statistics pass)", train, stats_max_length, "++init.max_length"))
+    for what, (prompts, lengths), max_length, option in checks:
+        too_long = [i for i, n in enumerate(lengths) if n >= max_length]
+        if too_long:
+            worst = max(too_long, key=lengths.__getitem__)
+            raise ValueError(f"{len(too_long)} of {len(prompts)} {what} prompts have max_length={max_length} "
+                             f"tokens or more, leaving no room for an answer token; the longest has {lengths[worst]} "
+                             f"tokens ({prompts[worst][:60]!r}...). Raise {option}, or drop those examples "
+                             "from the data.")
 
 
 def _has_checkpoint(folder: str) -> bool:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..quant import keep_4bit_differentiable_
 from ..targets import is_quantized, is_transposed, out_in_features, resolve_targets, unwrap_model
 from .distributed import agree_step, all_gather_objects, all_reduce_counts, all_reduce_sum_, world
 from .sketch import DEFAULT_SKETCH_SEED, GradSketch, gaussian_matrix, sketch_sizes
@@ -427,6 +428,7 @@ def collect_stats(
     model = unwrap_model(model)
     kinds = normalize_kinds(kinds)
     targets = resolve_targets(model, target_modules)
+    keep_4bit_differentiable_(model)  # an earlier evaluation may have moved 4-bit layers to a kernel with no backward
     if "kfac" in kinds and train_mode and _checkpointing(model):  # transformers checkpoints in train mode only
         raise ValueError("kfac statistics need each layer's forward to run once per batch, but gradient checkpointing "
                          "re-runs it during backward: call model.gradient_checkpointing_disable() or use train_mode=False.")
