@@ -209,7 +209,7 @@ def test_runner_load_in_4bit(tmp_path):
 
     from lorafa.cli import run_from_config
 
-    model = save_tiny_causal_lm(str(tmp_path / "tiny-lm"))
+    model = save_tiny_causal_lm(str(tmp_path / "tiny-lm"), hidden=64)  # whole 64-value blocks per row (test_quant.py)
     write_jsonl(str(tmp_path / "gsm8k" / "train.jsonl"), arithmetic_rows(48, seed=0))
     write_jsonl(str(tmp_path / "gsm8k" / "test.jsonl"), arithmetic_rows(8, seed=1))
     rows = [{"query": r["question"], "response": r["answer"].replace("####", "The answer is:"), "type": "GSM_Rephrased"}

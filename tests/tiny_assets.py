@@ -25,10 +25,11 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def save_tiny_causal_lm(folder: str, seed: int = 0) -> str:
+def save_tiny_causal_lm(folder: str, seed: int = 0, hidden: int = 32) -> str:
     tok = char_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=48 if hidden == 32 else 2 * hidden,
+                      num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     LlamaForCausalLM(cfg).save_pretrained(folder)
