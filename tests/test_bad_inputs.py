@@ -299,10 +299,8 @@ case(E, "unknown-scale", lambda: InitConfig(method="lora_fa", scale="bogus"), Va
 case(E, "unknown-direction", lambda: InitConfig(method="lora_ga", direction="ArB3r"), ValueError,
      r"Unknown lora_ga direction 'ArB3r'; choose from")
 case(E, "goat-num_experts-bool", lambda: InitConfig(method="goat", num_experts=True, top_k=1), ValueError,
-     r"num_experts.*True",
-     xfail="accepted: num_experts=True is taken as E = 1 (bool passes isinstance(E, int) in GoatOptions)")
-case(E, "goat-rho-string", lambda: InitConfig(method="goat", rho="10"), ValueError, r"rho.*(number|float)",
-     xfail="TypeError \"'>' not supported between instances of 'str' and 'int'\" from GoatOptions.__post_init__")
+     r"num_experts.*True")
+case(E, "goat-rho-string", lambda: InitConfig(method="goat", rho="10"), ValueError, r"rho.*(number|float)")
 case(E, "goat-top_k-above-experts", lambda: InitConfig(method="goat", num_experts=2, top_k=3), ValueError,
      r"top_k must be in \[1, num_experts=2\]")
 case(E, "kasa-beta-negative", lambda: InitConfig(method="kasa", beta=-1.0), ValueError,
@@ -574,9 +572,7 @@ case(E, "unknown-kind", lambda: _stats(kinds=("bogus",)), ValueError,
 case(E, "no-kind", lambda: _stats(kinds=()), ValueError, r"Unknown statistics kinds .*; choose from")
 case(E, "empty-batches", lambda: _stats(bs=[]), ValueError, r"saw no batches: `batches` is empty")
 case(E, "empty-batch", lambda: _stats(bs=[{k: v[:0] for k, v in batches()[0].items()}]), ValueError,
-     r"(empty|no tokens|0 examples)",
-     xfail="RuntimeError from PyTorch deep in the model: 'cannot reshape tensor of 0 elements into shape "
-           "[0, 8, -1, 8]' (no word of the empty batch)")
+     r"Statistics batch 0 is empty: its 'input_ids' has 0 rows .* Drop empty batches")
 case(E, "unknown-target", lambda: _stats(targets=["q_prj"]), ValueError, r"'q_prj' \(close: \['q_proj'")
 case(E, "no-labels", lambda: _stats(bs=[{"input_ids": torch.ones(2, 8, dtype=torch.long)}]), ValueError,
      r"returned no loss: give batches with 'labels', or pass loss_fn")
@@ -596,21 +592,15 @@ case(E, "sketch-without-gradient", lambda: _stats(kinds=("act",), sketch=4), Val
      r"sketch= sketches the gradient, but kinds=\['act'\] has none")
 case(E, "sketch-zero", lambda: _stats(sketch=0), ValueError, r"Sketch sizes need integers 1 <= k <= l, got k=0")
 case(E, "loss_fn-not-a-scalar", lambda: _stats(loss_fn=lambda m, b: m(**b).logits.mean((1, 2))), ValueError,
-     r"loss_fn.*scalar",
-     xfail="RuntimeError 'grad can be implicitly created only for scalar outputs' from torch's backward (a loss_fn "
-           "with reduction='none')")
-case(E, "loss_fn-returns-a-float", lambda: _stats(loss_fn=lambda m, b: m(**b).loss.item()), (TypeError, ValueError),
-     r"loss_fn.*tensor",
-     xfail="AttributeError: 'float' object has no attribute 'requires_grad'")
+     r"loss_fn\(model, batch\) must return a scalar tensor, got shape \(2,\): reduce")
+case(E, "loss_fn-returns-a-float", lambda: _stats(loss_fn=lambda m, b: m(**b).loss.item()), TypeError,
+     r"loss_fn\(model, batch\) must return a scalar tensor .* got float: return the tensor itself")
 case(E, "grad_from-unknown", lambda: _stats(grad_from="weights"), ValueError,
      r"grad_from='weights': choose from \('auto', 'weight', 'hooks'\)")
 case(E, "accumulate_on-not-a-device", lambda: _stats(accumulate_on="tpu9"), ValueError,
-     r"accumulate_on.*torch device",
-     xfail="RuntimeError \"Invalid device string: 'tpu9'\" from torch inside a gradient hook, after the forward and "
-           "backward of the first batch; InitConfig checks accumulate_on, collect_stats does not")
-case(E, "max_batches-negative", lambda: _stats(max_batches=-1), ValueError, r"max_batches",
-     xfail="ValueError 'The statistics pass saw no batches: `batches` is empty.' although the batches are not "
-           "empty: the negative max_batches is not named")
+     r"accumulate_on is the device .* got 'tpu9', which is not a torch device")
+case(E, "max_batches-negative", lambda: _stats(max_batches=-1), ValueError,
+     r"max_batches must be an integer >= 1, got -1 \(or None: every batch\)")
 case(E, "attention_mask-of-another-shape", lambda: _stats(
     model=_TwoLayers(), bs=[{"x": torch.ones(2, 8, 4), "attention_mask": torch.ones(2, 5, dtype=torch.long)}],
     targets=["used"], kinds=("act",), loss_fn=lambda m, b: m(b["x"]).sum()),
@@ -637,13 +627,10 @@ def _plain_safetensors() -> Path:
 case(E, "load-missing-file", lambda: lorafa.load_stats("missing.safetensors"), FileNotFoundError,
      r"No statistics cache at missing.safetensors: run the statistics pass \(collect_stats\) first")
 case(E, "load-corrupt-file", lambda: lorafa.load_stats(write("stats.safetensors", "not a safetensors file")),
-     ValueError, r"stats.safetensors.*(not a lorafa statistics file|corrupt|cannot be read)",
-     xfail="safetensors' SafetensorError 'Error while deserializing header: ...' (no path, no hint to delete and "
-           "recompute the cache)")
+     ValueError, r"stats.safetensors cannot be read .* corrupt or truncated .* Delete it and recompute")
 case(E, "load-truncated-file", lambda: lorafa.load_stats(write(
     "stats.safetensors", _saved_stats("full.safetensors").read_bytes()[:200].decode("latin-1"))),
-     ValueError, r"stats.safetensors.*(not a lorafa statistics file|corrupt|cannot be read|truncated)",
-     xfail="safetensors' SafetensorError from safe_open (no path, no hint to delete and recompute the cache)")
+     ValueError, r"stats.safetensors cannot be read .* corrupt or truncated .* Delete it and recompute")
 case(E, "load-not-lorafa-statistics", lambda: lorafa.load_stats(_plain_safetensors()), ValueError,
      r"other.safetensors is not a lorafa statistics file")
 case(E, "load-other-config", lambda: lorafa.load_stats(_saved_stats(config={"iters": 4}), {"iters": 8}),
@@ -656,22 +643,18 @@ def _save_stats_onto_a_folder():
 
 
 case(E, "save-to-a-folder", _save_stats_onto_a_folder,
-     (IsADirectoryError, ValueError), r"'folder' is a (folder|directory)",
-     xfail="IsADirectoryError \"[Errno 21] Is a directory: '<cwd>/.stats-XXXX.tmp' -> 'folder'\" from os.replace, "
-           "after serialising (names lorafa's temporary file, no hint)")
+     IsADirectoryError, r"'folder' is a folder: save_stats writes one file; give a file path")
 case(E, "save-not-LayerStats", lambda: lorafa.save_stats({Q_NAME: torch.zeros(2)}, "stats.safetensors"),
-     TypeError, r"LayerStats",
-     xfail="AttributeError: 'Tensor' object has no attribute 'n_tokens'")
+     TypeError, r"stats\['model.layers.0.self_attn.q_proj'\] is a Tensor, not a LayerStats")
 case(E, "save-config-not-json", lambda: lorafa.save_stats(kfac_stats(), "stats.safetensors",
                                                           config={"w": torch.zeros(1)}),
-     TypeError, r"not JSON serializable")
+     TypeError, r"config\['w'\] is not JSON serializable")
 case(E, "stat_batches-bsz-zero", lambda: lorafa.stat_batches(list(range(8)), list, 0, 2), ValueError,
-     r"bsz and iters must be >= 1")
+     r"bsz must be an integer >= 1, got 0")
 case(E, "stat_batches-too-few-examples", lambda: lorafa.stat_batches(list(range(3)), list, 2, 2), ValueError,
      r"needs 4 examples \(bsz=2 × 2 batches\), the dataset has 3: lower init.iters")
 case(E, "stat_batches-bsz-bool", lambda: lorafa.stat_batches(list(range(8)), list, True, 2), ValueError,
-     r"bsz.*True",
-     xfail="accepted: bsz=True is taken as 1")
+     r"bsz must be an integer >= 1, got True \(bool\)")
 case(E, "stat_batches-unknown-sample", lambda: lorafa.stat_batches(list(range(8)), list, 2, 2, sample="last"),
      ValueError, r"sample must be 'random' or 'first', got 'last'")
 
@@ -743,8 +726,7 @@ case(E, "rank-above-min-m-n", lambda: lorafa.init_factors("pissa", W, rank=7, sc
 case(E, "rank-float", lambda: lorafa.init_factors("pissa", W, rank=2.0, scaling=1.0), ValueError,
      r"rank 2.0 is invalid")
 case(E, "rank-bool", lambda: lorafa.init_factors("pissa", W, rank=True, scaling=1.0), ValueError,
-     r"rank True is invalid",
-     xfail="accepted: rank=True is taken as r = 1 (bool passes isinstance(rank, int) in check_rank)")
+     r"rank True is invalid .* must be an integer")
 case(E, "integer-weight", lambda: lorafa.init_factors("pissa", W.long(), rank=2, scaling=1.0), TypeError,
      r"must be a 2-D floating tensor, got torch.int64")
 case(E, "scaling-zero", lambda: lorafa.init_factors("pissa", W, rank=2, scaling=0.0), ValueError,
@@ -800,9 +782,7 @@ case(E, "save-a-copy-of-the-model", lambda: lorafa.save_adapter(copy.deepcopy(in
 case(E, "save-a-plain-peft-model", lambda: lorafa.save_adapter(plain_peft(), "out"), ValueError,
      r"initial adapter of this model is unknown.*model.save_pretrained\(path\)")
 case(E, "save-to-an-existing-file", lambda: lorafa.save_adapter(init("pissa"), write("out")),
-     FileExistsError, r"'?out'? is a file, not a folder",
-     xfail="FileExistsError '[Errno 17] File exists: 'out'' from os.makedirs, no hint (initial_adapter_dir says "
-           "\"is a file, not a folder: give a new or empty folder\")")
+     FileExistsError, r"'?out'? is a file, not a folder")
 case(E, "save-initial-into-a-user-folder", _save_into_a_user_folder, FileExistsError,
      r"initial_adapter' is not empty and is not a initial adapter that lorafa wrote")
 case(E, "save-with-a-missing-initial-adapter", lambda: lorafa.save_adapter(init("pissa"), "out",
@@ -820,17 +800,12 @@ case(E, "save_initial-into-the-working-directory", _save_initial_into_cwd, FileE
 case(E, "read-missing-folder", lambda: lorafa.read_initial_adapter("missing"), FileNotFoundError,
      r"missing is not an initial adapter written by lorafa \(it needs lorafa_init.json")
 case(E, "read-corrupt-json", lambda: lorafa.read_initial_adapter(_initial_adapter(raw="{not json")), ValueError,
-     r"lorafa_init.json",
-     xfail="json.JSONDecodeError 'Expecting property name enclosed in double quotes: line 1 column 2' (no file "
-           "named, no hint)")
+     r"lorafa_init.json is not valid JSON .* write the initial adapter again")
 case(E, "read-json-missing-a-key", lambda: lorafa.read_initial_adapter(_initial_adapter(adapter_name=None)),
-     ValueError, r"lorafa_init.json.*adapter_name",
-     xfail="KeyError: 'adapter_name'")
+     ValueError, r"lorafa_init.json lacks \['adapter_name'\]")
 case(E, "read-json-unknown-init-config-key", lambda: lorafa.read_initial_adapter(
-    _initial_adapter(init_config={"method": "lora", "bogus": 1})), (TypeError, ValueError),
-     r"lorafa_init.json.*bogus",
-     xfail="TypeError \"InitConfig.__init__() got an unexpected keyword argument 'bogus'\" without naming the file "
-           "(e.g. an adapter written by another lorafa version)")
+    _initial_adapter(init_config={"method": "lora", "bogus": 1})), ValueError,
+     r"lorafa_init.json holds an init_config .*'bogus'.* written by another lorafa version")
 
 
 # -- align: AlignmentTerm, teachers, divergences, schedule, mappings ------------------------------------------------
@@ -892,9 +867,8 @@ case(E, "teacher-path-missing", lambda: A.ModelTeacher("./no_such_model"), Value
      r"Cannot load model './no_such_model': not a local checkpoint, and the hub is unreachable or has no such id")
 case(E, "teacher-unknown-kind", lambda: A.ModelTeacher(lm_dir(), kind="regression"), ValueError,
      r"teacher kind must be causal_lm or classification, got 'regression'")
-case(E, "teacher-device-not-a-device", lambda: A.ModelTeacher(llama(), device="tpu9"), ValueError, r"device",
-     xfail="RuntimeError \"Invalid device string: 'tpu9'\" from torch.device; InitConfig(accumulate_on=) turns the "
-           "same input into a ValueError naming the option")
+case(E, "teacher-device-not-a-device", lambda: A.ModelTeacher(llama(), device="tpu9"), ValueError,
+     r"ModelTeacher's device .* got 'tpu9', which is not a torch device")
 case(E, "teacher-ema-mu-one", lambda: teacher().refresh_ema(init("lora"), 1.0), ValueError,
      r"the EMA refresh needs mu, a number in \[0, 1\), got 1.0")
 case(E, "teacher-ema-of-another-architecture", lambda: A.ModelTeacher(tiny_gpt2()).refresh_ema(init("lora"), 0.9),
@@ -946,8 +920,7 @@ case(E, "schedule-lambda-nan", lambda: A.CyclicSchedule(1, 1, task_lambda=math.n
 case(E, "schedule-lambda-string", lambda: A.CyclicSchedule(1, 1, align_lambda="1"), ValueError,
      r"align_lambda must be a finite number >= 0, got '1'")
 case(E, "schedule-lambda-bool", lambda: A.CyclicSchedule(1, 1, align_lambda=True), ValueError,
-     r"align_lambda must be a finite number >= 0, got True",
-     xfail="accepted: align_lambda=True is taken as λ = 1 (bool passes isinstance(value, (int, float)))")
+     r"align_lambda must be a finite number >= 0, got True")
 case(E, "schedule-negative-step", lambda: A.CyclicSchedule(1, 1).phase(-1), ValueError, r"step must be >= 0, got -1")
 case(E, "schedule-longer-than-the-run", lambda: A.CyclicSchedule(10, 1).check_fits(5), ValueError,
      r"first realignment step is step 10 .* but the run has 5 steps: shorten the phases or train longer")
@@ -955,10 +928,10 @@ case(E, "linear-map-weight-of-another-shape", lambda: A.LinearMap(4, 3, weight=t
      r"LinearMap weight has shape \(4, 3\), expected \(3, 4\)")
 case(E, "linear-map-input-of-another-width", lambda: A.LinearMap(4, 3)(torch.ones(2, 5)), ValueError,
      r"LinearMap expects 4 features, got 5")
-case(E, "truncate-vocab-zero", lambda: A.TruncateVocab(0), ValueError, r"TruncateVocab size must be >= 1, got 0")
-case(E, "truncate-vocab-float", lambda: A.TruncateVocab(2.5), ValueError, r"TruncateVocab size .* 2.5",
-     xfail="accepted: TruncateVocab(2.5) is built; its first forward raises TypeError 'slice indices must be "
-           "integers'")
+case(E, "truncate-vocab-zero", lambda: A.TruncateVocab(0), ValueError,
+     r"TruncateVocab size must be an integer >= 1, got 0")
+case(E, "truncate-vocab-float", lambda: A.TruncateVocab(2.5), ValueError,
+     r"TruncateVocab size must be an integer >= 1, got 2.5")
 case(E, "truncate-vocab-too-few-logits", lambda: A.TruncateVocab(10)(torch.ones(2, 8)), ValueError,
      r"TruncateVocab\(10\) got only 8 logits")
 case(E, "load-mapping-missing", lambda: A.load_mapping("missing"), FileNotFoundError,
@@ -1045,22 +1018,21 @@ case(E, "options-zero-experts", lambda: G.GoatOptions(num_experts=0), ValueError
      r"GoatOptions: num_experts must be an integer >= 1")
 case(E, "options-top_k-above-experts", lambda: G.GoatOptions(num_experts=2, top_k=3), ValueError,
      r"top_k must be in \[1, num_experts=2\] \(lower top_k or raise num_experts\)")
-case(E, "options-rho-negative", lambda: G.GoatOptions(rho=-1.0), ValueError, r"rho and eta must be > 0")
+case(E, "options-rho-negative", lambda: G.GoatOptions(rho=-1.0), ValueError, r"GoatOptions: rho must be > 0, got -1.0")
 case(E, "options-unknown-residual", lambda: G.GoatOptions(residual="dynamic"), ValueError,
      r"residual must be 'routed' or 'static'")
 case(E, "options-unknown-expert_scale", lambda: G.GoatOptions(expert_scale="pissa"), ValueError,
      r"expert_scale must be 'goat' or 'lora'")
 case(E, "options-aux-weight-negative", lambda: G.GoatOptions(aux_loss_weight=-1.0), ValueError,
      r"aux_loss_weight must be >= 0")
-case(E, "options-eta-inf", lambda: G.GoatOptions(eta=math.inf), ValueError, r"eta.*finite",
-     xfail="accepted (only eta > 0 is checked): the expert scale √(3·η·n/(r/E)) becomes infinite")
+case(E, "options-eta-inf", lambda: G.GoatOptions(eta=math.inf), ValueError,
+     r"GoatOptions: eta must be a finite number > 0, got inf")
 case(E, "options-aux-weight-inf", lambda: G.GoatOptions(aux_loss_weight=math.inf), ValueError,
-     r"aux_loss_weight.*finite",
-     xfail="accepted (only aux_loss_weight >= 0 is checked): an infinite load-balancing loss weight")
+     r"GoatOptions: aux_loss_weight must be a finite number >= 0, got inf")
 case(E, "options-experts-float", lambda: G.GoatOptions(num_experts=2.0), ValueError,
      r"num_experts must be an integer >= 1")
-case(E, "options-eta-string", lambda: G.GoatOptions(eta="1"), ValueError, r"eta",
-     xfail="TypeError \"'>' not supported between instances of 'str' and 'int'\" from GoatOptions.__post_init__")
+case(E, "options-eta-string", lambda: G.GoatOptions(eta="1"), ValueError,
+     r"GoatOptions: eta must be a finite number > 0, got '1' \(str\): write it without quotes")
 case(E, "rank-not-divisible", lambda: G.GoatOptions(num_experts=4).check(6, 32, 32), ValueError,
      r"choose r divisible by num_experts \(r=6, num_experts=4\)")
 case(E, "experts-overlap", lambda: G.GoatOptions(num_experts=2).check(20, 16, 32), ValueError,
@@ -1081,8 +1053,7 @@ case(E, "load-a-plain-lora-adapter", lambda: G.load_goat(llama(), _plain_adapter
 case(E, "load-another-format-version", lambda: G.load_goat(llama(), _goat_adapter({"format_version": 99})),
      ValueError, r"goat.json has format version 99; lorafa reads 1")
 case(E, "load-corrupt-goat-json", lambda: G.load_goat(llama(), _goat_adapter(raw="{")), ValueError,
-     r"goat.json",
-     xfail="json.JSONDecodeError 'Expecting property name enclosed in double quotes' (no file named)")
+     r"goat.json is not valid JSON .* save it again")
 case(E, "aux-loss-without-goat", lambda: G.goat_aux_loss(init("lora")), ValueError,
      r"No GOAT layer has run a forward yet \(or the model has none\)")
 case(E, "merge-a-goat-model", lambda: list(A.merged_weights(init("goat", lcfg=cfg(r=4), num_experts=2))), ValueError,
@@ -1130,10 +1101,9 @@ case(E, "nan-gradient", lambda: LP.lora_pro_gradients(PA, PB, torch.full_like(GA
 case(E, "scaling-zero", lambda: LP.lora_pro_gradients(PA, PB, GA, GB, 0.0), ValueError,
      r"The LoRA scaling s must be finite and nonzero, got 0.0")
 case(E, "damping-negative", lambda: LP.lora_pro_gradients(PA, PB, GA, GB, 1.0, damping=-1.0), ValueError,
-     r"damping must be a finite number ≥ 0, got -1.0")
+     r"damping must be >= 0, got -1.0")
 case(E, "damping-string", lambda: LP.lora_pro_gradients(PA, PB, GA, GB, 1.0, damping="1e-6"), ValueError,
-     r"damping must be a finite number",
-     xfail="TypeError 'must be real number, not str' from math.isfinite")
+     r"damping must be a finite number >= 0, got '1e-6' \(str\): write it without quotes")
 case(E, "rank-deficient-A", lambda: LP.lora_pro_gradients(torch.zeros(2, 6), PB, GA, GB, 1.0), ValueError,
      r"A \(\(2, 6\)\) has linearly dependent rows .* raise damping")
 case(E, "zero-B-with-A-gradient", lambda: LP.lora_pro_gradients(PA, torch.zeros(5, 2), GA, GB, 1.0), ValueError,
@@ -1195,9 +1165,7 @@ case(E, "tuned-equals-base", lambda: extract_cli(*extract_args(**{"--tuned": lm_
 case(E, "unknown-target", lambda: extract_cli(*extract_args(), "--targets", "q_prj"), ValueError,
      r"'q_prj' \(close: \['q_proj'")
 case(E, "out-an-existing-file", lambda: extract_cli(*extract_args(**{"--out": write("out")})), FileExistsError,
-     r"'?out'? is a file, not a folder",
-     xfail="FileExistsError '[Errno 17] File exists: 'out'' from os.makedirs in save_adapter, after the extraction "
-           "(no hint, and not checked before the work)")
+     r"'?out'? is a file, not a folder")
 
 
 def eval_cli(*argv):

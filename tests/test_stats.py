@@ -596,7 +596,7 @@ def test_sample_indices_errors():
         sample_indices(19, 4, 2, skip=3)
     with pytest.raises(ValueError, match="sample must be"):
         sample_indices(100, 4, 3, sample="last")
-    with pytest.raises(ValueError, match="bsz and iters"):
+    with pytest.raises(ValueError, match="bsz must be an integer >= 1, got 0"):
         sample_indices(100, 0, 3)
 
 

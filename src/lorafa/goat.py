@@ -29,6 +29,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
+from .align.divergence import check_number, check_positive_int
 from .run_io import atomic_write_json
 
 GOAT_FILE = "goat.json"
@@ -52,12 +53,14 @@ class GoatOptions:
     aux_loss_weight: float = 1e-3
 
     def __post_init__(self):
+        # numbers: a bool, a string or a non-finite value is refused, never read as 1 or left to fail later
+        check_positive_int("GoatOptions: num_experts", self.num_experts)
+        check_positive_int("GoatOptions: top_k", self.top_k)
+        check_number("GoatOptions: rho", self.rho, low=0, low_open=True)
+        check_number("GoatOptions: eta", self.eta, low=0, low_open=True)
+        check_number("GoatOptions: aux_loss_weight", self.aux_loss_weight, low=0)  # 0: no balancing loss
         E, k = self.num_experts, self.top_k
-        for ok, what in [(isinstance(E, int) and E >= 1, "num_experts must be an integer >= 1"),
-                         (isinstance(k, int) and 1 <= k <= E, f"top_k must be in [1, num_experts={E}] (lower top_k "
-                                                              "or raise num_experts)"),
-                         (self.rho > 0 and self.eta > 0, "rho and eta must be > 0"),
-                         (self.aux_loss_weight >= 0, "aux_loss_weight must be >= 0 (0: no load-balancing loss)"),
+        for ok, what in [(k <= E, f"top_k must be in [1, num_experts={E}] (lower top_k or raise num_experts)"),
                          (self.expert_scale in ("goat", "lora"), "expert_scale must be 'goat' or 'lora'"),
                          (self.residual in ("routed", "static"), "residual must be 'routed' or 'static'")]:
             if not ok:
@@ -321,22 +324,35 @@ def load_goat(base_model: nn.Module, path: str | os.PathLike, adapter_name: str 
     if not os.path.isfile(os.path.join(path, GOAT_FILE)):
         raise ValueError(f"{path} is not a GOAT adapter (no {GOAT_FILE}): save with save_pretrained + "
                          "lorafa.goat.save_goat, or load a plain LoRA adapter with PeftModel.from_pretrained")
-    with open(os.path.join(path, GOAT_FILE)) as f:
-        meta = json.load(f)
+    meta_path = os.path.join(path, GOAT_FILE)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{meta_path} is not valid JSON ({err}): the GOAT adapter is damaged (an interrupted copy?); "
+                         "save it again with save_adapter (or save_pretrained + lorafa.goat.save_goat)") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} holds {type(meta).__name__}, not the GOAT record save_goat writes: save the "
+                         "adapter again with save_adapter")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{GOAT_FILE} has format version {meta.get('format_version')!r}; lorafa reads "
                          f"{FORMAT_VERSION}: load it with the lorafa version that wrote it")
-    options = GoatOptions(**meta["options"])
+    try:
+        options = GoatOptions(**meta["options"])
+        scales = {name: float(entry["scale"]) for name, entry in meta["layers"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{meta_path} is not a GOAT record this lorafa can read ({type(err).__name__}: {err}): it "
+                         "was edited or damaged; save the adapter again with save_adapter") from None
     config = LoraConfig.from_pretrained(path)
     config.inference_mode = not is_trainable  # a config read back from disk may say True whatever is asked now
     config.init_lora_weights = False  # every adapter tensor comes from the checkpoint
     model = get_peft_model(base_model, config, adapter_name=adapter_name)
     layers = _target_layers(model, adapter_name)
-    if set(layers) != set(meta["layers"]):
-        raise ValueError(f"{GOAT_FILE} lists layers {sorted(meta['layers'])} but the config targets {sorted(layers)}")
+    if set(layers) != set(scales):
+        raise ValueError(f"{GOAT_FILE} lists layers {sorted(scales)} but the config targets {sorted(layers)}")
     for name, module in layers.items():
         A, B = (torch.zeros_like(getattr(module, k)[adapter_name].weight) for k in ("lora_A", "lora_B"))
-        _install(module, adapter_name, options, A, B, meta["layers"][name]["scale"])  # placeholders until loaded
+        _install(module, adapter_name, options, A, B, scales[name])  # placeholders until loaded
     loaded = set_peft_model_state_dict(model, load_peft_weights(path), adapter_name=adapter_name)
     wanted = {f"base_model.model.{n}.{k}.{adapter_name}" + (".weight" if k in _KEYS[:3] else "")
               for n in layers for k in _KEYS}

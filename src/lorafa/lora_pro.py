@@ -24,6 +24,8 @@ import math
 import torch
 from peft.tuners.lora import LoraLayer
 
+from .align.divergence import check_number
+
 DEFAULT_DAMPING = 1e-6
 _RCOND = 1e-10  # damped Gram eigenvalue ratio below which a factor counts as rank-deficient
 
@@ -36,8 +38,7 @@ def _check_inputs(A, B, grad_A, grad_B, scaling, damping) -> None:
                          f"{tuple(A.shape)}, B {tuple(B.shape)}.")
     if not (math.isfinite(scaling) and scaling != 0):
         raise ValueError(f"The LoRA scaling s must be finite and nonzero, got {scaling}.")
-    if not (math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping must be a finite number ≥ 0, got {damping}.")
+    check_number("damping", damping, low=0)  # relative damping; a string or a bool is refused
     for label, t in (("A", A), ("B", B), ("grad_A", grad_A), ("grad_B", grad_B)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{label} has NaN or inf entries: LoRA-Pro cannot project a non-finite step. Lower the "

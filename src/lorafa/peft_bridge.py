@@ -100,15 +100,31 @@ def read_initial_adapter(path: str | os.PathLike) -> InitRecord:
 
     Raises:
         FileNotFoundError: the folder lacks the files `save_initial_adapter` writes.
+        ValueError: its lorafa_init.json is not valid JSON, lacks a key, or holds an init_config this version of
+            InitConfig refuses (the message names the file).
     """
     path = os.fspath(path)
     meta_path = os.path.join(path, INIT_FILE)
     if not (os.path.isfile(meta_path) and os.path.isfile(os.path.join(path, INITIAL_WEIGHTS))):
         raise FileNotFoundError(f"{path} is not an initial adapter written by lorafa (it needs {INIT_FILE} and "
                                 f"{INITIAL_WEIGHTS}): pass the folder given to initialize(initial_adapter_dir=...).")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    return InitRecord(meta["adapter_name"], InitConfig(**meta["init_config"]), bool(meta["subtracted"]),
+    redo = ("write the initial adapter again (initialize(..., initial_adapter_dir=) or save_initial_adapter) with "
+            "this lorafa version")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{meta_path} is not valid JSON ({err}): the file is damaged; {redo}.") from None
+    missing = [k for k in ("adapter_name", "init_config", "subtracted") if not isinstance(meta, dict) or k not in meta]
+    if missing or not isinstance(meta["init_config"], dict):
+        what = f"lacks {missing}" if missing else "has an init_config that is not a JSON object"
+        raise ValueError(f"{meta_path} {what}: it is not a record lorafa wrote (or it was edited); {redo}.")
+    try:
+        init_config = InitConfig(**meta["init_config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{meta_path} holds an init_config this lorafa version cannot use ({err}): it was written "
+                         f"by another lorafa version, or edited; {redo}.") from None
+    return InitRecord(meta["adapter_name"], init_config, bool(meta["subtracted"]),
                       infos=meta.get("infos", {}), initial_dir=path, summary=meta.get("summary", {}))
 
 
@@ -768,7 +784,8 @@ def save_adapter(peft_model: PeftModel, path: str | os.PathLike, *, save_initial
 
     Raises:
         ValueError: neither an initial adapter folder nor this process's record of the model's init is available.
-        FileExistsError: `save_initial` and `path/initial_adapter` holds something lorafa did not write.
+        FileExistsError: `path` is a file; or `save_initial` and `path/initial_adapter` holds something lorafa did
+            not write.
         RankFailedError: on the other processes, when one process failed.
     """
     error, record = None, None
@@ -780,6 +797,7 @@ def save_adapter(peft_model: PeftModel, path: str | os.PathLike, *, save_initial
                              "given to initialize(initial_adapter_dir=...)>, or save a plain PEFT model with "
                              "model.save_pretrained(path).")
         _check_adapter_matches(peft_model, record)
+        _check_adapter_folder(path)  # on every process, before the collectives and the work
         if save_initial and world()[0] == 0:
             check_initial_adapter_dir(os.path.join(os.fspath(path), "initial_adapter"))
     except (ValueError, OSError) as e:
@@ -795,6 +813,15 @@ def save_adapter(peft_model: PeftModel, path: str | os.PathLike, *, save_initial
                 error = e
     agree_step(error, True, "saving the adapter")
     return path
+
+
+def _check_adapter_folder(path: str | os.PathLike) -> None:
+    """Raise if `path` cannot be the adapter's folder: it exists and is not a folder (a file, a broken link)."""
+    path = os.fspath(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        kind = "a link to no folder" if os.path.islink(path) else "a file"
+        raise FileExistsError(f"{path!r} is {kind}, not a folder: save_adapter writes a folder of files; give a new "
+                              "folder (or an existing one) for the adapter.")
 
 
 def _write_adapter(peft_model: PeftModel, record: InitRecord, path: str, save_initial: bool) -> None:

@@ -52,10 +52,13 @@ def check_number(name: str, value, low: float | None = None, high: float | None 
         raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
-def check_positive_int(name: str, value) -> None:
-    """Raise ValueError unless `value` is an integer >= 1 (not a bool or a float)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+def check_positive_int(name: str, value, low: int = 1) -> None:
+    """Raise ValueError unless `value` is an integer >= `low` (default 1; not a bool, a float or a string)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r} ({type(value).__name__})"
+                         f"{': write it without quotes' if isinstance(value, str) else ''}")
+    if value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def check_divergence_args(kind: str, temperature: float = 1.0, beta: float = 0.5, kinds=LOGIT_KINDS) -> None:

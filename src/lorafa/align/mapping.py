@@ -13,6 +13,8 @@ import tempfile
 import torch
 from torch import nn
 
+from .divergence import check_positive_int
+
 MAPPING_FILE = "align_mapping.safetensors"
 MAPPING_CONFIG = "align_mapping.json"
 
@@ -51,8 +53,7 @@ class TruncateVocab(nn.Module):
 
     def __init__(self, size: int):
         super().__init__()
-        if size < 1:
-            raise ValueError(f"TruncateVocab size must be >= 1, got {size}")
+        check_positive_int("TruncateVocab size", size)  # the number of logits kept
         self.size = size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

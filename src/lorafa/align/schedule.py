@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from .divergence import check_number, check_positive_int
+
 PHASES = ("warmup", "task", "align")
-
-
-def _check_weight(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -33,14 +29,12 @@ class CyclicSchedule:
 
     def __post_init__(self):
         for name in ("task_steps", "align_steps", "warmup_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+            check_positive_int(name, getattr(self, name), low=0)
         if self.align_steps < 1:
             raise ValueError("align_steps must be >= 1: with no realignment steps the teacher is never used (drop the "
                              "alignment instead)")
         for name in ("task_lambda", "align_lambda", "align_task_weight"):
-            _check_weight(name, getattr(self, name))
+            check_number(name, getattr(self, name), low=0)  # a bool or a string is refused, not read as 1
 
     @property
     def cycle(self) -> int:

@@ -35,6 +35,23 @@ def _outputs(out, device, hidden: bool) -> dict:
     return res
 
 
+def _teacher_device(device) -> torch.device | None:
+    """ModelTeacher's `device` as a torch.device (None stays None); a string that names no device is refused."""
+    if device is None or isinstance(device, torch.device):
+        parsed = device
+    else:
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(f"ModelTeacher's device is where the teacher runs: None (a model stays where it is, one "
+                             f"loaded by id or path follows the student), 'cpu', 'cuda', 'cuda:1', ... (a torch "
+                             f"device); got {device!r}, which is not a torch device ({err})") from None
+    if parsed is not None and parsed.type == "meta":
+        raise ValueError("ModelTeacher's device 'meta' holds no data: the teacher cannot run there; pass 'cpu', "
+                         "'cuda', ... or None")
+    return parsed
+
+
 class _Teacher:
     """What both teachers share: the wrapped model's depth and output size (for the term's checks)."""
 
@@ -57,6 +74,7 @@ class ModelTeacher(_Teacher):
     student, moved at its first use to the device of the student's outputs (`self.device` is None until then)."""
 
     def __init__(self, model, device=None, dtype=None, kind: str = "causal_lm", num_labels: int | None = None):
+        device = _teacher_device(device)  # before loading anything
         self.source = model if isinstance(model, str) else None
         self.kind, self.num_labels, self.dtype = kind, num_labels, dtype
         self.tokenizer = None  # loaded with a teacher given by id or path

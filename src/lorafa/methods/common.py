@@ -67,7 +67,10 @@ def normalize_scale(scale: str, allowed: tuple[str, ...] = SCALES) -> str:
 
 def check_rank(rank: int, m: int, n: int, pairs_per_rank: int = 1, what: str = "") -> None:
     limit = min(m, n) // pairs_per_rank
-    if not isinstance(rank, int) or rank < 1 or rank > limit:
+    if not isinstance(rank, int) or isinstance(rank, bool):  # True is no rank 1, 2.0 no rank 2
+        raise ValueError(f"rank {rank!r} is invalid for a {m}×{n} weight{what}: it must be an integer 1 ≤ r ≤ "
+                         f"{limit}, not a {type(rank).__name__}.")
+    if rank < 1 or rank > limit:
         need = f"{pairs_per_rank}·r singular pairs" if pairs_per_rank > 1 else "r ≤ min(m, n)"
         raise ValueError(
             f"rank {rank} is invalid for a {m}×{n} weight{what}: needs {need}, so r ≤ {limit}. Lower lora_r or set a "

@@ -6,8 +6,9 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .distributed import all_agree, world
@@ -28,7 +29,23 @@ def save_stats(stats: dict[str, LayerStats], path: str | os.PathLike, config: di
         stats: module name -> LayerStats, as returned by `collect_stats`.
         path: destination file.
         config: JSON-serialisable description of what produced the statistics (stored in the header).
+
+    Raises:
+        IsADirectoryError: `path` is a folder. TypeError: a value of `stats` is not a LayerStats, or `config` holds
+            a value JSON cannot store (named by its key). All are raised before anything is written.
     """
+    path = os.fspath(path)
+    if os.path.isdir(path):  # checked before anything is written: a rename onto a folder fails only at the end
+        raise IsADirectoryError(f"{path!r} is a folder: save_stats writes one file; give a file path, e.g. "
+                                f"{os.path.join(path, 'stats.safetensors')!r}")
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"stats must be a dict of module name -> LayerStats (what collect_stats returns), got "
+                        f"{type(stats).__name__}")
+    for name, st in stats.items():
+        if not isinstance(st, LayerStats):
+            raise TypeError(f"stats[{name!r}] is a {type(st).__name__}, not a LayerStats: pass the dict that "
+                            "collect_stats (or load_stats) returns, module name -> LayerStats")
+    config_text = _config_json(config)
     tensors, layout, owners = {}, {}, {}
     for name, st in stats.items():
         entry = {"n_tokens": st.n_tokens, "n_batches": st.n_batches, "fisher_weight": st.fisher_weight}
@@ -42,8 +59,7 @@ def save_stats(stats: dict[str, LayerStats], path: str | os.PathLike, config: di
                 owners[id(t)] = name
             tensors[f"{name}::{kind}"] = t.detach().float().contiguous().cpu()
         layout[name] = entry
-    header = {"format": _FORMAT, "layout": json.dumps(layout), "config": json.dumps(config or {}, sort_keys=True)}
-    path = os.fspath(path)
+    header = {"format": _FORMAT, "layout": json.dumps(layout), "config": config_text}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".tmp", dir=directory)
@@ -56,12 +72,67 @@ def save_stats(stats: dict[str, LayerStats], path: str | os.PathLike, config: di
             os.remove(tmp)
 
 
+def _config_json(config) -> str:
+    """`config` as the JSON text stored in the header; a value JSON cannot hold is named by its key."""
+    try:
+        return json.dumps(config or {}, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        where = _not_json(config, "config")
+        raise TypeError(f"{where or 'config'} is not JSON serializable ({err}): the config is stored as JSON in the "
+                        "statistics file; pass plain numbers, strings, lists and dicts (e.g. str() or .tolist() "
+                        "it).") from None
+
+
+def _not_json(value, where: str) -> str | None:
+    """The path (config['a'][0]) of the first value inside `value` that json cannot write, or None."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            return where
+        return None
+    for key, item in items:
+        if isinstance(value, dict) and not isinstance(key, (str, int, float, bool)) and key is not None:
+            return f"the key {key!r} of {where}"
+        found = _not_json(item, f"{where}[{key!r}]")
+        if found:
+            return found
+    return None
+
+
+def _unreadable(path, err: Exception) -> ValueError:
+    return ValueError(f"{os.fspath(path)} cannot be read as a lorafa statistics file: it is corrupt or truncated (an "
+                      f"interrupted copy?) ({type(err).__name__}: {err}). Delete it and recompute the statistics "
+                      "(collect_stats, or the run, which writes the cache again).")
+
+
+def _open(path, device="cpu"):
+    """safe_open, with a damaged file refused by its path."""
+    try:
+        return safe_open(os.fspath(path), framework="pt", device=str(device))
+    except SafetensorError as err:
+        raise _unreadable(path, err) from None
+
+
+def _header(path, f) -> tuple[dict, dict]:
+    """(stored config, layout) from an open statistics file's header."""
+    meta = f.metadata() or {}
+    _check_format(path, meta)
+    try:
+        config, layout = json.loads(meta["config"]), json.loads(meta["layout"])
+    except (KeyError, ValueError) as err:
+        raise _unreadable(path, err) from None
+    return config, layout
+
+
 def read_stats_config(path: str | os.PathLike) -> dict:
     """The config stored with a statistics file by `save_stats`."""
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    _check_format(path, meta)
-    return json.loads(meta["config"])
+    with _open(path) as f:
+        return _header(path, f)[0]
 
 
 def load_stats(path: str | os.PathLike, expected_config: dict | None = None, device="cpu") -> dict[str, LayerStats]:
@@ -77,29 +148,34 @@ def load_stats(path: str | os.PathLike, expected_config: dict | None = None, dev
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"No statistics cache at {path!s}: run the statistics pass (collect_stats) first.")
-    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        _check_format(path, meta)
-        stored = json.loads(meta["config"])
+    with _open(path, device) as f:
+        stored, layout = _header(path, f)
         if expected_config is not None and json.loads(json.dumps(expected_config, sort_keys=True)) != stored:
             raise ValueError(
                 f"Statistics cache {path!s} was produced by a different config.\n stored:   {stored}\n expected: "
                 f"{expected_config}\nDelete the file or point to another cache path to recompute."
             )
-        layout = json.loads(meta["layout"])
-        out = {}
-        for name, entry in layout.items():
-            get = lambda kind, n=name: f.get_tensor(f"{n}::{kind}") if f"{n}::{kind}" in f.keys() else None  # noqa: E731
-            out[name] = LayerStats(
-                grad=get("grad"), in_cov=get("in_cov"), out_cov=get("out_cov"),
-                n_tokens=int(entry["n_tokens"]), n_batches=int(entry["n_batches"]),
-                fisher_weight=int(entry.get("fisher_weight", 0)),
-            )
-            if "sketch_seed" in entry:
-                out[name].grad_sketch = GradSketch(get("grad_sketch.y"), get("grad_sketch.z"), int(entry["sketch_seed"]))
-        for name, entry in layout.items():
-            if "in_cov_shared_with" in entry:
-                out[name].in_cov = out[entry["in_cov_shared_with"]].in_cov
+        try:
+            out = _read_layers(f, layout)
+        except (SafetensorError, KeyError, TypeError, AttributeError, ValueError) as err:
+            raise _unreadable(path, err) from None
+    return out
+
+
+def _read_layers(f, layout: dict) -> dict[str, LayerStats]:
+    out = {}
+    for name, entry in layout.items():
+        get = lambda kind, n=name: f.get_tensor(f"{n}::{kind}") if f"{n}::{kind}" in f.keys() else None  # noqa: E731
+        out[name] = LayerStats(
+            grad=get("grad"), in_cov=get("in_cov"), out_cov=get("out_cov"),
+            n_tokens=int(entry["n_tokens"]), n_batches=int(entry["n_batches"]),
+            fisher_weight=int(entry.get("fisher_weight", 0)),
+        )
+        if "sketch_seed" in entry:
+            out[name].grad_sketch = GradSketch(get("grad_sketch.y"), get("grad_sketch.z"), int(entry["sketch_seed"]))
+    for name, entry in layout.items():
+        if "in_cov_shared_with" in entry:
+            out[name].in_cov = out[entry["in_cov_shared_with"]].in_cov
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..align.divergence import check_positive_int
 from ..quant import keep_4bit_differentiable_
 from ..targets import is_quantized, is_transposed, out_in_features, resolve_targets, unwrap_model
 from .distributed import agree_step, all_gather_objects, all_reduce_counts, all_reduce_sum_, world
@@ -341,6 +342,26 @@ def _to_device(batch: Mapping, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _check_not_empty(batch: dict, i: int) -> None:
+    """Raise if the batch has no examples (a model fails on it deep inside, with a shape error)."""
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == 0:
+            raise ValueError(f"Statistics batch {i} is empty: its {key!r} has 0 rows (shape {tuple(value.shape)}). "
+                             "Drop empty batches (e.g. a last partial batch of 0 examples) from `batches`.")
+
+
+def _checked_loss(loss, loss_fn) -> torch.Tensor:
+    """The loss of one batch, refused unless it is a one-element tensor (what backward() can start from)."""
+    source = "loss_fn(model, batch)" if loss_fn is not None else "model(**batch).loss"
+    if not torch.is_tensor(loss):
+        raise TypeError(f"{source} must return a scalar tensor (the loss, with its graph), got "
+                        f"{type(loss).__name__}: return the tensor itself, not loss.item() or a number.")
+    if loss.numel() != 1:
+        raise ValueError(f"{source} must return a scalar tensor, got shape {tuple(loss.shape)}: reduce the per-example "
+                         "losses (e.g. .mean()), as a loss with reduction='mean' does.")
+    return loss
+
+
 def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     out = model(**batch)
     loss = getattr(out, "loss", None)
@@ -357,11 +378,12 @@ def _one_batch(model, recorder: StatsRecorder, batch, i: int, device, needs_back
     """One forward (and backward) pass on `batch`; with record=False nothing is recorded (an FSDP rank with no batch
     left runs such a pass so that its collectives match the other ranks')."""
     batch = _to_device(batch, device)
+    _check_not_empty(batch, i)
     recorder.paused = not record
     if record:
         recorder.begin_batch(batch.get("attention_mask"), batch.get("labels"), batch.get("input_ids"))
     if needs_backward:
-        loss = (loss_fn or _default_loss)(model, batch)
+        loss = _checked_loss((loss_fn or _default_loss)(model, batch), loss_fn)
         if not loss.requires_grad:
             raise ValueError("The loss does not depend on any target module's weights: check target_modules "
                              "and loss_fn.")
@@ -425,6 +447,14 @@ def collect_stats(
             its own error): each batch step agrees on a failure flag (one int64 all-reduce), so no process is left
             waiting in a collective.
     """
+    from ..config import _accumulate_device  # InitConfig's check of the same option (config imports this module)
+
+    if max_batches is not None:
+        try:
+            check_positive_int("max_batches", max_batches)
+        except ValueError as err:
+            raise ValueError(f"{err} (or None: every batch)") from None
+    accumulate_on = _accumulate_device(accumulate_on)  # before any pass: a bad device fails in a gradient hook
     model = unwrap_model(model)
     kinds = normalize_kinds(kinds)
     targets = resolve_targets(model, target_modules)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..align.divergence import check_positive_int
 from .distributed import world
 
 
@@ -26,8 +27,9 @@ def sample_indices(n_examples: int, bsz: int, iters: int, sample: str = "random"
     Raises:
         ValueError: bad sizes, an unknown `sample`, or fewer examples than bsz × iters.
     """
-    if bsz < 1 or iters < 1 or skip < 0:
-        raise ValueError(f"bsz and iters must be >= 1 and skip >= 0, got bsz={bsz}, iters={iters}, skip={skip}")
+    check_positive_int("bsz", bsz)  # a bool is refused, not read as 1
+    check_positive_int("iters", iters)
+    check_positive_int("skip", skip, low=0)
     need = bsz * (skip + iters)
     if n_examples < need:
         what = "The statistics pass" if not skip else "The statistics pass and the line search's split"
