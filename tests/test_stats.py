@@ -533,6 +533,31 @@ def test_cache_rejects_foreign_safetensors(tmp_path):
         lorafa.read_stats_config(path)
 
 
+def test_cache_damaged_file_is_named(kfac_stats, tmp_path):
+    """A truncated cache (an interrupted copy) is refused with its path and what to do, by both readers."""
+    full = tmp_path / "full.safetensors"
+    lorafa.save_stats(kfac_stats, full, config=CONFIG)
+    for size in (5, 200, len(full.read_bytes()) // 2):
+        path = tmp_path / f"cut{size}.safetensors"
+        path.write_bytes(full.read_bytes()[:size])
+        for read in (lorafa.load_stats, lorafa.read_stats_config):
+            with pytest.raises(ValueError, match=f"cut{size}.safetensors cannot be read .* Delete it and recompute"):
+                read(path)
+
+
+def test_cache_save_refuses_before_writing(kfac_stats, tmp_path):
+    """Bad arguments are refused before a byte (or a temporary file) is written; the key of a value JSON cannot
+    store is named, however deep."""
+    path = tmp_path / "stats.safetensors"
+    with pytest.raises(TypeError, match=r"config\['a'\]\['b'\]\[1\] is not JSON serializable"):
+        lorafa.save_stats(kfac_stats, path, config={"a": {"b": [1, torch.zeros(1)]}})
+    with pytest.raises(TypeError, match="is a str, not a LayerStats"):
+        lorafa.save_stats({"layer": "x"}, path)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        lorafa.save_stats(kfac_stats, tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
 def test_cache_failed_save_leaves_nothing(kfac_stats, tmp_path, monkeypatch):
     import lorafa.stats.cache as cache
 
