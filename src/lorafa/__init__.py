@@ -2,8 +2,9 @@
 
 from .config import InitConfig
 from .goat import goat_aux_loss, load_goat
-from .integrations import initialize_trainer, trainer_stat_batches
+from .integrations import initialize_trainer, lr_suggestion, trainer_stat_batches
 from .kasa import kasa_loss
+from .lr import LrSuggestion, suggest_lr
 from .methods import InitResult, init_factors, resolve_method
 from .peft_bridge import (compute_init, initialize, read_initial_adapter, save_adapter, save_initial_adapter,
                           shard_adapters)
@@ -13,7 +14,7 @@ from .stats import LayerStats, collect_stats, load_stats, read_stats_config, sav
 __version__ = "0.1.0"
 
 __all__ = [
-    "InitConfig", "InitResult", "LayerStats", "allocate_ranks", "collect_stats", "compute_init", "goat_aux_loss",
-    "init_factors", "initialize", "initialize_trainer", "kasa_loss", "load_goat", "load_stats", "read_initial_adapter", "read_stats_config", "resolve_method", "save_adapter",
-    "save_initial_adapter", "save_stats", "shard_adapters", "stat_batches", "trainer_stat_batches",
+    "InitConfig", "InitResult", "LayerStats", "LrSuggestion", "allocate_ranks", "collect_stats", "compute_init", "goat_aux_loss",
+    "init_factors", "initialize", "initialize_trainer", "kasa_loss", "load_goat", "load_stats", "lr_suggestion", "read_initial_adapter", "read_stats_config", "resolve_method", "save_adapter",
+    "save_initial_adapter", "save_stats", "shard_adapters", "stat_batches", "suggest_lr", "trainer_stat_batches",
 ]

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
+import weakref
 from collections.abc import Callable, Mapping
 
 import torch
@@ -27,12 +29,14 @@ from peft import LoraConfig, PeftModel
 
 from .config import InitConfig
 from .peft_bridge import initialize
+from .stats.distributed import all_gather_objects, world
 from .stats.sampling import sample_indices, shard_batches
 
 logger = logging.getLogger(__name__)
 
 
-def trainer_stat_batches(trainer, init_config: InitConfig | None = None, *, require_labels: bool = True) -> list[dict]:
+def trainer_stat_batches(trainer, init_config: InitConfig | None = None, *, require_labels: bool = True,
+                         skip: int = 0, shard: bool = True) -> list[dict]:
     """This process's statistics batches, drawn from the data the trainer's own train dataloader reads.
 
     The examples are chosen as `lorafa.stat_batches` chooses them: `init_config.iters` batches of `init_config.bsz`
@@ -50,6 +54,8 @@ def trainer_stat_batches(trainer, init_config: InitConfig | None = None, *, requ
             default InitConfig().
         require_labels: check, on the first batch of all (the same one on every process, so all of them raise
             together), that the batches carry the model's labels (`trainer.label_names`, default "labels").
+        skip: leave out the first `skip` batches of the sample (`skip=iters` of the statistics pass: other examples).
+        shard: False gives every process all `iters` batches (the learning-rate suggestion's, the same everywhere).
 
     Returns:
         This process's collated batches (plain dicts, as the collator makes them); `initialize` moves each to the
@@ -67,16 +73,17 @@ def trainer_stat_batches(trainer, init_config: InitConfig | None = None, *, requ
     if streamed and init_config.sample != "first":
         raise ValueError("The trainer's train_dataset is streamed (an IterableDataset): a seeded random sample of it "
                          "needs its length. Use InitConfig(sample='first') (its first bsz·iters examples).")
-    if not streamed and len(trainer.train_dataset) < bsz * iters:  # before a DataLoader refuses an empty set
-        raise ValueError(f"The statistics pass needs {bsz * iters} examples (bsz={bsz} × iters={iters}); the "
-                         f"trainer's train_dataset has {len(trainer.train_dataset)} after its preprocessing "
+    if not streamed and len(trainer.train_dataset) < bsz * (iters + skip):  # before a DataLoader refuses an empty set
+        after = f" after the statistics pass's {skip}" if skip else ""
+        raise ValueError(f"The statistics pass needs {bsz * (iters + skip)} examples (bsz={bsz} × iters={iters}{after}"
+                         f"); the trainer's train_dataset has {len(trainer.train_dataset)} after its preprocessing "
                          "(SFTTrainer drops examples whose completion max_length cut off). Lower InitConfig's bsz or "
                          "iters.")
     loader = trainer.get_train_dataloader()
     collate, dataset = loader.collate_fn, loader.dataset  # after the trainer's column removal
     if streamed:  # the raw stream, the same on every process (accelerate's shard of it differs by rank)
-        dataset = list(itertools.islice(iter(trainer.train_dataset), bsz * iters))
-    chosen = sample_indices(len(dataset), bsz, iters, init_config.sample, init_config.seed)
+        dataset = list(itertools.islice(iter(trainer.train_dataset), bsz * (iters + skip)))
+    chosen = sample_indices(len(dataset), bsz, iters, init_config.sample, init_config.seed, skip=skip)
 
     def batch(b: int) -> dict:
         out = collate([dataset[i] for i in chosen[b]])
@@ -88,7 +95,7 @@ def trainer_stat_batches(trainer, init_config: InitConfig | None = None, *, requ
     first = batch(0)
     if require_labels:
         _check_labels(first, list(getattr(trainer, "label_names", None) or ["labels"]), trainer.data_collator)
-    return [first if b == 0 else batch(b) for b in shard_batches(range(iters))]
+    return [first if b == 0 else batch(b) for b in (shard_batches(range(iters)) if shard else range(iters))]
 
 
 def as_init_config(init_config) -> InitConfig:
@@ -171,7 +178,8 @@ def _install(trainer, peft_model: PeftModel) -> None:
 
 def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig | None = None, *, stats=None,
                        loss_fn: Callable | None = None, adapter_name: str = "default", progress: bool = True,
-                       initial_adapter_dir=None, **initialize_options) -> PeftModel:
+                       initial_adapter_dir=None, learning_rate: float | str | None = None,
+                       lr_options: dict | None = None, **initialize_options) -> PeftModel:
     """Initialise LoRA adapters on an already-built trainer's base model from its own training data, and make the
     trainer train them.
 
@@ -192,6 +200,13 @@ def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig
     adapter with `lorafa.save_adapter(peft_model, path)` (it loads on the original base); `trainer.save_model`
     writes it relative to the offset base.
 
+    `learning_rate="auto"` sets `trainer.args.learning_rate` (before the optimizer exists, so the optimizer and its
+    schedule use it) to `lorafa.suggest_lr` on the initialised model, for the trainer's optimizer (`args.optim`:
+    AdamW, with `args.adam_epsilon`, or SGD), on 2 batches of InitConfig's bsz from the trainer's data that the
+    statistics pass did not see (`trainer_stat_batches(..., skip=init_config.iters)`, the same on every process).
+    The suggestion is logged (INFO, logger `lorafa.integrations`) and kept with the init: `lorafa.lr_suggestion(
+    peft_model)` returns it (an LrSuggestion: `.lr` and `.evidence`).
+
     Args:
         trainer: a `transformers.Trainer` or subclass (e.g. `trl.SFTTrainer`) built with the plain base model (no
             adapters, no `peft_config=`), not yet trained, without an optimizer.
@@ -201,6 +216,8 @@ def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig
         stats: precomputed statistics (e.g. `lorafa.load_stats`): then no batches are drawn.
         loss_fn: `loss_fn(model, batch)` for the statistics pass; without it the batches must carry labels.
         adapter_name, progress, initial_adapter_dir: as in `lorafa.initialize`.
+        learning_rate: None (the trainer's own), a positive number (set as `args.learning_rate`), or "auto".
+        lr_options: keyword arguments of `lorafa.suggest_lr` for "auto" (rule, seed, and the rule's options).
         **initialize_options: further keyword arguments of `lorafa.initialize` (search_batches, align, tuned,
             autocast_adapter_dtype).
 
@@ -212,10 +229,12 @@ def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig
             fields.
         ValueError: the trainer's model already has adapters, an optimizer exists, train() has run, the trainer
             uses model_init=, the batches carry no labels (checked before the statistics pass), too few examples;
-            and whatever `lorafa.initialize` raises.
+            learning_rate neither a positive number nor "auto", "auto" with an optimizer other than AdamW or SGD
+            or with optimizer_cls_and_kwargs=; and whatever `lorafa.initialize` and `lorafa.suggest_lr` raise.
     """
     init_config = as_init_config(init_config)
     _check_trainer(trainer)
+    lr_optimizer = _check_learning_rate(trainer, learning_rate)  # before the init's long work
     needs_batches = (stats is None and init_config.needs is not None) or (
         init_config.line_search and initialize_options.get("search_batches") is None)
     batches = trainer_stat_batches(trainer, init_config, require_labels=loss_fn is None) if needs_batches else None
@@ -224,4 +243,58 @@ def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig
                             initial_adapter_dir=initial_adapter_dir, **initialize_options)
     _install(trainer, peft_model)
     logger.info("lorafa: %s adapters installed in %s", init_config.method, type(trainer).__name__)
+    if learning_rate == "auto":
+        _auto_learning_rate(trainer, peft_model, init_config, lr_optimizer, loss_fn, dict(lr_options or {}))
+    elif learning_rate is not None:
+        trainer.args.learning_rate = float(learning_rate)
     return peft_model
+
+
+def _check_learning_rate(trainer, learning_rate) -> str | None:
+    """The optimizer whose first step "auto" models ("adamw" or "sgd"; None for a number or None)."""
+    if learning_rate is None:
+        return None
+    if learning_rate != "auto":
+        if not (isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool)
+                and math.isfinite(learning_rate) and learning_rate > 0):
+            raise ValueError(f"learning_rate must be None (the trainer's), a positive number or 'auto', got "
+                             f"{learning_rate!r}")
+        return None
+    if getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
+        raise ValueError("learning_rate='auto' sets trainer.args.learning_rate, which a trainer built with "
+                         "optimizer_cls_and_kwargs= does not read (its kwargs hold the rate): put "
+                         "lorafa.suggest_lr(...).lr into those kwargs, or build the trainer without them.")
+    optim = str(getattr(trainer.args.optim, "value", trainer.args.optim))
+    if optim.startswith(("adamw", "paged_adamw")):
+        return "adamw"
+    if optim == "sgd":
+        return "sgd"
+    raise ValueError(f"learning_rate='auto' models the first step of AdamW or SGD; the trainer's optim is {optim!r}. "
+                     "Use TrainingArguments(optim='adamw_torch') or 'sgd', or pass a number.")
+
+
+def _auto_learning_rate(trainer, peft_model, init_config: InitConfig, optimizer: str, loss_fn, options: dict) -> None:
+    from .lr import MAX_BATCHES, RULES, suggest_lr
+
+    rule = options.pop("rule", "adam_step")
+    if rule in RULES and "eps" in RULES[rule].options and optimizer == "adamw":
+        options.setdefault("eps", trainer.args.adam_epsilon)
+    options.setdefault("seed", init_config.seed)
+    n = options.get("max_batches", MAX_BATCHES)
+    batches = trainer_stat_batches(trainer, dataclasses.replace(init_config, iters=n),
+                                   require_labels=loss_fn is None, skip=init_config.iters, shard=False)
+    suggestion = suggest_lr(peft_model, batches, optimizer, rule=rule, loss_fn=loss_fn, **options)
+    if world()[1] > 1:  # the same batches everywhere; rank 0's suggestion, so no round-off can split the rates
+        suggestion = all_gather_objects(suggestion)[0]
+    trainer.args.learning_rate = suggestion.lr
+    _LR_SUGGESTIONS[peft_model] = suggestion
+    logger.info("lorafa: learning rate %.4g from suggest_lr (%s): %s", suggestion.lr, rule, suggestion.evidence)
+
+
+_LR_SUGGESTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def lr_suggestion(peft_model):
+    """The LrSuggestion (`.lr`, `.evidence`) that `initialize_trainer(..., learning_rate="auto")` set the trainer's
+    rate from, for this model (None if it set none)."""
+    return _LR_SUGGESTIONS.get(peft_model)

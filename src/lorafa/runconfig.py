@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ class ModelSection:
     bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
     bnb_4bit_use_double_quant: bool = False
     max_length: int = 256
-    learning_rate: float = 1e-3
+    learning_rate: float | str = 1e-3  # or "auto": lorafa.suggest_lr after each arm's init (SPEC §11)
+    lr_rule: str = "adam_step"  # learning_rate=auto: suggest_lr's rule (adam_step | lambda_max | range_test)
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     eval_epochs: float = 1.0  # held-out loss every this many epochs
@@ -282,9 +284,26 @@ def _coerce(value, hint, key: str):
         raise ValueError(f"Config key {key} must be true/false, got {value!r}")
     if (int in base) and float not in base and isinstance(value, float) and value.is_integer():
         return int(value)
-    if str in base and not isinstance(value, str):
+    if str in base and not isinstance(value, str) and not (float in base and isinstance(value, float)):
         return str(value)
     return value
+
+
+def _check_learning_rate(cfg: RunConfig) -> None:
+    """`model.learning_rate`: a positive number, or "auto" (plain AdamW or SGD, a rule suggest_lr has)."""
+    from .lr import RULES
+
+    m = cfg.model
+    lr = m.learning_rate
+    number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+    if not (lr == "auto" or number and 0 < lr < math.inf):
+        raise ValueError(f"model.learning_rate must be a positive number or 'auto', got {lr!r}")
+    if m.lr_rule not in RULES:
+        raise ValueError(f"model.lr_rule must be one of {list(RULES)}, got {m.lr_rule!r}")
+    if lr == "auto" and (m.optimizer not in ("adamw", "sgd") or m.prec_reg is not None or cfg.peft.use_loraplus):
+        raise ValueError("model.learning_rate=auto models the first step of plain AdamW or SGD, which model.optimizer="
+                         f"{m.optimizer}, model.prec_reg={m.prec_reg} and peft.use_loraplus={cfg.peft.use_loraplus} "
+                         "change: set a number, or use ++model.optimizer=adamw without prec_reg and LoRA+.")
 
 
 def parse_run_config(data: dict) -> RunConfig:
@@ -310,6 +329,7 @@ def parse_run_config(data: dict) -> RunConfig:
         if any(c is not None and METHODS[c.method].variant for c in (cfg.init_config(), cfg.baseline_init_config())):
             raise ValueError("model.load_in_4bit=true does not run KaSA or GOAT (they need float base layers): "
                              "choose another init, or load the model in full precision.")
+    _check_learning_rate(cfg)
     if cfg.dataset.validation_size < 0:
         raise ValueError(f"dataset.validation_size must be >= 0 (0: no validation set), got {cfg.dataset.validation_size}")
     cfg.init_config()  # method and options are validated up front, before any long work

@@ -293,8 +293,8 @@ def run(cfg: RunConfig) -> dict:
     model, tokenizer = _load_model(cfg, task, dtype, state.device)
     collate = _collator(cfg, task, tokenizer, cfg.model.max_length)
     stats_length = None
-    if init_config.needs is not None or init_config.line_search:  # the statistics and search batches' collator
-        stats_length = init_config.max_length
+    if init_config.needs is not None or init_config.line_search or cfg.model.learning_rate == "auto":
+        stats_length = init_config.max_length  # the collator of the statistics, search and rate batches
     _check_lengths(task, collate, validation, stats_length)
     results = {"run_dir": run_dir, "dataset": task.name, "n_train": len(task.train), "n_validation": len(validation),
                "n_test": len(task.test), "model": cfg.model.name, "method": init_config.method,
@@ -319,6 +319,10 @@ def run(cfg: RunConfig) -> dict:
         results["baseline"] = _train_arm(cfg, model, tokenizer, task, validation, collate, baseline_config,
                                          os.path.join(run_dir, "baseline"), state, merge=False, teacher=teacher)
     results["wall_s"] = round(time.perf_counter() - t_start, 2)
+    for arm in [results] + ([results["baseline"]] if baseline_config is not None else []):
+        if "lr_suggestion" in arm:
+            logger.info("learning rate (auto), %s: %.4g from %s", arm["method"], arm["learning_rate"],
+                        _brief(arm["lr_suggestion"]))
     if state.is_main_process:
         others = {f"baseline ({baseline_config.method})": os.path.join(run_dir, "baseline")} if baseline_config else {}
         results["plot"] = plot_curves(run_dir, label=init_config.method, others=others)
@@ -406,6 +410,8 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     del tuned
     out["init_s"] = round(time.perf_counter() - t, 2)
     out.update(_init_report(peft_model, run_dir, state))
+    if cfg.model.learning_rate == "auto":  # this arm's own rate, from its init (SPEC §11)
+        cfg = _auto_learning_rate(cfg, peft_model, task, tokenizer, init_config, out)
     optimizer = _optimizer(cfg, peft_model)
     del stats
     state.wait_for_everyone()  # rank 0 has written the initial adapter
@@ -443,6 +449,31 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     del trainer, peft_model
     gc.collect()
     return out
+
+
+def _auto_learning_rate(cfg: RunConfig, peft_model, task, tokenizer, init_config, out: dict) -> RunConfig:
+    """`model.learning_rate=auto`: `lorafa.suggest_lr` (`model.lr_rule`) on 2 batches of init.bsz examples outside
+    the statistics and line-search samples (the same batches on every process; every process takes rank 0's
+    rate). The rate and the evidence go into `out`; returns `cfg` with that rate."""
+    from .lr import MAX_BATCHES, suggest_lr
+    from .stats.distributed import all_gather_objects
+    from .stats.sampling import sample_indices
+
+    skip = init_config.iters + (cfg.init.search_iters if init_config.line_search else 0)
+    collate = _collator(cfg, task, tokenizer, init_config.max_length)
+    chosen = sample_indices(len(task.train), init_config.bsz, MAX_BATCHES, init_config.sample, init_config.seed,
+                            skip=skip)
+    batches = [collate([task.train[i] for i in idx]) for idx in chosen]
+    s = suggest_lr(peft_model, batches, cfg.model.optimizer, rule=cfg.model.lr_rule, seed=init_config.seed)
+    lr, evidence = all_gather_objects((s.lr, s.evidence))[0] if world()[1] > 1 else (s.lr, s.evidence)
+    out["learning_rate"], out["lr_suggestion"] = lr, evidence
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, learning_rate=lr))
+
+
+def _brief(evidence: dict) -> str:
+    keys = ("eta_star", "curvature", "lambda_max", "best_lr", "n_batches", "seconds")
+    return f"{evidence['rule']} (" + ", ".join(f"{k}={evidence[k]:.4g}" if isinstance(evidence[k], float) else
+                                              f"{k}={evidence[k]}" for k in keys if k in evidence) + ")"
 
 
 def _tuned_model(cfg: RunConfig, model, lora_config, init_config, task, dtype):
