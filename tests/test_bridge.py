@@ -495,6 +495,46 @@ def test_error_dora_with_data_aware_init(mbatches):
                   batches=mbatches)
 
 
+@pytest.mark.parametrize("change, phrase", [
+    (dict(r=0), r"lora_config.r=0: the LoRA rank r must be an integer >= 1"),
+    (dict(r=-2), r"lora_config.r=-2: the LoRA rank r must be an integer >= 1"),
+    (dict(rank_pattern={"q_proj": 0}), r"lora_config.rank_pattern\['q_proj'\]=0: each rank .* integer >= 1"),
+    (dict(rank_pattern={"v_proj": 2.0}), r"lora_config.rank_pattern\['v_proj'\]=2.0"),
+    (dict(alpha=-1), r"lora_config.lora_alpha=-1: .* must be a finite number > 0"),
+    (dict(alpha_pattern={"q_proj": float("nan")}), r"lora_config.alpha_pattern\['q_proj'\]=nan"),
+])
+def test_error_bad_rank_or_alpha_before_any_work(change, phrase):
+    """r and the alphas are checked before the statistics pass (no batches are given: the check comes first), by
+    compute_init too; they used to fail as a ZeroDivisionError or a 'scaling must be > 0' naming neither."""
+    for fn in (lorafa.initialize, lorafa.compute_init):
+        model = tiny_llama()
+        with pytest.raises(ValueError, match=phrase):
+            fn(model, lora_config(**change), InitConfig(method="lora_fa"), progress=False)
+        assert not hasattr(model, "peft_config")
+
+
+def test_init_config_may_be_a_dict_of_its_fields(mbatches):
+    """As initialize_trainer does: a dict is InitConfig(**dict); a string or another type is a TypeError."""
+    pm = lorafa.initialize(tiny_llama(), lora_config(), {"method": "lora_ga", "iters": 2}, batches=mbatches,
+                           progress=False)
+    assert lorafa.peft_bridge.init_record(pm).init_config == InitConfig(method="lora_ga", iters=2)
+    with pytest.raises(TypeError, match=r"got str \('pissa'\): write InitConfig\(method='pissa'\)"):
+        lorafa.initialize(tiny_llama(), lora_config(), "pissa", progress=False)
+    with pytest.raises(TypeError, match=r"init_config must be a lorafa.InitConfig .* got list"):
+        lorafa.compute_init(tiny_llama(), lora_config(), ["pissa"], progress=False)
+
+
+def test_error_stats_that_are_not_layer_stats(mbatches):
+    stats = lorafa.collect_stats(tiny_llama(), mbatches, TARGETS, kinds=("kfac",), progress=False)
+    with pytest.raises(TypeError, match=r"stats\['model.layers.0.self_attn.q_proj'\] is a Tensor, not a lorafa "
+                                        r"LayerStats"):
+        lorafa.initialize(tiny_llama(), lora_config(), InitConfig(method="lora_fa"), progress=False,
+                          stats={**stats, "model.layers.0.self_attn.q_proj": torch.zeros(2)})
+    with pytest.raises(TypeError, match=r"stats must be a dict of module name -> LayerStats .* got list"):
+        lorafa.initialize(tiny_llama(), lora_config(), InitConfig(method="lora_fa"), progress=False,
+                          stats=list(stats.values()))
+
+
 @pytest.mark.parametrize("method", ["pissa", "lora_fa"])
 def test_error_integer_weight(method, mbatches):
     model = tiny_llama()

@@ -62,3 +62,53 @@ def test_init_config_accepts_and_normalises_good_values():
         assert InitConfig(accumulate_on=device).accumulate_on == device
     assert InitConfig(r_min=0).r_max is None
     assert InitConfig(seed=0, align_lambda=0).seed == 0
+
+
+@pytest.mark.parametrize("kw, phrase", [
+    # every method option is checked against its declared type in make_options (one place for all methods)
+    (dict(method="lora_ga", stable_gamma="16"), r"lora_ga's stable_gamma must be a finite number, got '16' \(str\): "
+                                                "write it without quotes"),
+    (dict(method="lora_fa", stable_gamma=True), r"lora_fa's stable_gamma must be a finite number, got True \(bool\)"),
+    (dict(method="lora_one", scale="kfac", step_factor="2"), r"lora_one's step_factor .* got '2' \(str\)"),
+    (dict(method="lora_fa", reg="1e-3"), r"lora_fa's reg .* got '1e-3' \(str\): write it without quotes"),
+    (dict(method="corda", reg=[0.1]), r"corda's reg must be a finite number, got \[0.1\] \(list\)"),
+    (dict(method="eva", rho="2"), r"eva's rho .* got '2' \(str\)"),
+    (dict(method="goat", num_experts=True, top_k=1), r"goat's num_experts must be an integer >= 1, got True"),
+    (dict(method="goat", num_experts=2.0), r"goat's num_experts must be an integer >= 1, got 2.0 \(float\)"),
+    (dict(method="kasa", beta=True), r"kasa's beta must be a finite number, got True \(bool\)"),
+    # non-finite values the methods' own ranges let through: γ = inf scales the factors to A = B = 0, an infinite
+    # damping makes the whitened SVD fail deep in torch
+    (dict(method="lora_ga", stable_gamma=float("inf")), r"lora_ga's stable_gamma must be a finite number, got inf"),
+    (dict(method="lora_one", stable_gamma=float("inf")), r"lora_one's stable_gamma must be a finite number, got inf"),
+    (dict(method="lora_fa", stable_gamma=float("inf")), r"lora_fa's stable_gamma must be a finite number, got inf"),
+    (dict(method="lora_fa", offset="partial", factor_gamma=float("inf")), r"lora_fa's factor_gamma .* got inf"),
+    (dict(method="lora_fa", reg=float("inf")), r"lora_fa's reg must be a finite number, got inf"),
+    (dict(method="extract", reg=float("inf")), r"extract's reg must be a finite number, got inf"),
+    (dict(method="eva", rho=float("inf")), r"eva's rho must be a finite number, got inf"),
+])
+def test_method_options_refuse_wrong_types_and_non_finite_values(kw, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        InitConfig(**kw)
+
+
+def test_method_options_keep_their_own_range_messages_and_accept_numbers():
+    with pytest.raises(ValueError, match=r"KaSA's gamma must be a finite number >= 0"):
+        InitConfig(method="kasa", gamma=float("nan"))
+    with pytest.raises(ValueError, match=r"stable_gamma must be > 0, got -1"):
+        InitConfig(method="lora_ga", stable_gamma=-1)
+    # an int for a float option, numpy scalars: numbers, accepted
+    assert InitConfig(method="lora_ga", stable_gamma=16).method_options()["stable_gamma"] == 16
+    assert InitConfig(method="lora_fa", reg=np.float64(1e-4)).needs == "kfac"
+    assert InitConfig(method="goat", num_experts=np.int64(4), top_k=2).num_experts == 4
+
+
+def test_an_unknown_field_is_a_type_error_listing_the_fields():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'metod' \(did you mean method\?\): it is not "
+                                        r"one of InitConfig's fields, which are method, direction, "):
+        InitConfig(metod="pissa")
+    with pytest.raises(TypeError, match=r"'bogus': it is not one of InitConfig's fields"):
+        InitConfig(method="pissa", bogus=1)
+    import dataclasses
+
+    cfg = dataclasses.replace(InitConfig(method="pissa"), seed=3)  # the dataclass's own machinery still works
+    assert (cfg.method, cfg.seed) == ("pissa", 3) and InitConfig("pissa").method == "pissa"

@@ -109,6 +109,31 @@ def test_extract_bad_input():
         InitConfig(method="extract", metric="euclid")
 
 
+def test_initialize_refuses_a_tuned_model_equal_to_the_base_and_names_unchanged_layers(caplog):
+    """The library path (not only lorafa-extract): a fine-tune equal to the base on every target gives an all-zero
+    adapter (B = A = 0) that cannot train, so initialize refuses it before the model is changed; one equal on some
+    targets only is accepted, with those layers named in a warning."""
+    targets = ["q_proj", "v_proj"]
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"The fine-tune equals the base on every target layer \(4 of them\).*"
+                                         r"Check that tuned= names the fine-tuned model, not the base"):
+        initialize(model, lora_cfg(targets), InitConfig(method="extract", metric="identity"), tuned=tiny_llama(),
+                   progress=False)
+    assert not hasattr(model, "peft_config")  # refused before get_peft_model wrapped it
+    with pytest.raises(ValueError, match="equals the base on every target layer"):  # a state dict too
+        initialize(tiny_llama(), lora_cfg(targets), InitConfig(method="extract", metric="identity"),
+                   tuned=tiny_llama().state_dict(), progress=False)
+    tuned = _tuned_copy(tiny_llama(), ["q_proj"])  # v_proj left as it was
+    with caplog.at_level("WARNING"):
+        peft_model = initialize(tiny_llama(), lora_cfg(targets), InitConfig(method="extract", metric="identity"),
+                                tuned=tuned, progress=False)
+    assert ("equals the base on 2 of 4 target layers (model.layers.0.self_attn.v_proj, "
+            "model.layers.1.self_attn.v_proj): their adapters are zero") in caplog.text
+    assert "leave them out of target_modules" in caplog.text
+    b = {n: m.lora_B["default"].weight for n, m in peft_model.named_modules() if hasattr(m, "lora_B")}
+    assert all((w == 0).all() == n.endswith("v_proj") for n, w in b.items())
+
+
 def test_lorafa_extract_command_writes_an_adapter_and_reports_kl(tmp_path):
     """lorafa-extract on a tiny base and a fine-tune of it: the adapter loads on the base with stock PEFT, and the
     data-aware extraction is closer to the fine-tune (held-out KL) than plain SVD at the same rank on this set-up."""

@@ -312,3 +312,18 @@ def test_unsupported_layers():
     dora = get_peft_model(tiny_llama(), lora_cfg(TARGETS, r=4, use_dora=True))
     with pytest.raises(ValueError, match="DoraLinearVariant"):
         apply_goat(dora, "default", None, GoatOptions(num_experts=2))
+
+
+@pytest.mark.parametrize("model, lcfg, phrase", [
+    (tiny_gpt2, lambda: lora_cfg(["c_attn"], r=8), r"GOAT supports nn.Linear layers .* is a Conv1D .* leave it out"),
+    (tiny_llama, lambda: lora_cfg(TARGETS, r=8, lora_bias=True), r"GOAT needs LoRA without a bias"),
+])
+def test_initialize_refuses_what_goat_cannot_run_before_wrapping_the_model(model, lcfg, phrase):
+    """apply_goat's own refusals (Conv1D, a LoRA bias) come after get_peft_model has wrapped the model in place;
+    initialize checks them first, so the caller's model is left as it was."""
+    from lorafa import InitConfig, initialize
+
+    base = model()
+    with pytest.raises(ValueError, match=phrase):
+        initialize(base, lcfg(), InitConfig(method="goat", num_experts=2), progress=False)
+    assert not hasattr(base, "peft_config") and not any("lora" in n for n, _ in base.named_modules())

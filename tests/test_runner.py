@@ -92,6 +92,26 @@ def test_seed_command_overrides_map_to_the_library():
     ("++datset_name=gsm8k", "datset_name"),
     ("++init.direction=LoRA-XX", "Unknown init method"),
     ("++model.bf16=maybe", "true/false"),
+    # a suggestion only when there is one; a key of another section points there
+    ("++init.bogus=1", r"init.bogus\. Valid keys"),
+    ("++init.lora_r=4", r"init.lora_r \(did you mean peft.lora_r\?\)"),
+    ("++peft.learning_rate=1e-4", r"peft.learning_rate \(did you mean model.learning_rate\?\)"),
+    ("++init.seeed=1", r"init.seeed \(did you mean init.seed\?\)"),
+    ("++model.dataset_name=gsm8k", r"model.dataset_name \(did you mean dataset_name\?\)"),
+    # scalar types, with the key named
+    ("++init.bsz=true", r"Config key init.bsz must be an integer, got True"),
+    ("++model.max_steps=1.5", r"Config key model.max_steps must be an integer, got 1.5"),
+    ("++model.warmup=abc", r"Config key model.warmup must be a number, got 'abc'"),
+    # what run() met only after the data, the model and the statistics pass
+    ("++model.learning_rate=fast", r"model.learning_rate .* got 'fast'"),
+    ("++peft.lora_r=0", r"peft.lora_r must be an integer >= 1 \(the LoRA rank\), got 0"),
+    ("++peft.lora_dropout=1.5", r"peft.lora_dropout must be a number in \[0, 1\)"),
+    ("++peft.lora_dropout=-0.1", r"peft.lora_dropout must be a number in \[0, 1\)"),
+    ("++peft.lora_alpha=-1", r"peft.lora_alpha must be a finite number > 0"),
+    ("++peft.rank_pattern={q_proj:0}", r"peft.rank_pattern.q_proj must be an integer >= 1, got 0"),
+    ("++model.per_device_batch_size=0", r"model.per_device_batch_size must be an integer >= 1, got 0"),
+    ("++model.real_batch_size=0", r"model.real_batch_size must be an integer >= 1, got 0"),
+    ("++model.optimizer=adam", r"model.optimizer must be adamw, sgd or lora_pro, got 'adam'"),
 ])
 def test_bad_keys_and_values_are_named(override, match):
     with pytest.raises(ValueError, match=match):

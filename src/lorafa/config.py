@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+import difflib
+import functools
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from .align.divergence import is_real as _is_real
 from .methods.registry import METHODS, make_options, method_needs, method_options, resolve_method
 from .stats.sketch import sketch_sizes
 
@@ -19,6 +22,28 @@ METHOD_OPTION_FIELDS = ("direction", "scale", "stable_gamma", "reg", "reg_mode",
 RANK_RULES = ("energy", "effective", "budget", "importance")
 
 
+def _known_fields_only(cls):
+    """Wrap a dataclass's generated __init__ so that a keyword that is not a field is a TypeError naming the fields
+    (with close matches), not Python's bare "unexpected keyword argument"; everything else is the dataclass's."""
+    generated = cls.__init__
+
+    @functools.wraps(generated)
+    def __init__(self, *args, **kwargs):
+        fields = [f.name for f in dataclasses.fields(cls) if f.init]
+        unknown = [k for k in kwargs if k not in fields]
+        if unknown:
+            close = {k: difflib.get_close_matches(k, fields, 2) for k in unknown}
+            hints = "; ".join(f"{k!r}" + (f" (did you mean {' or '.join(close[k])}?)" if close[k] else "")
+                              for k in unknown)
+            raise TypeError(f"{cls.__name__} got an unexpected keyword argument {hints}: it is not one of "
+                            f"{cls.__name__}'s fields, which are {', '.join(fields)}.")
+        generated(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_known_fields_only
 @dataclass
 class InitConfig:
     """How to initialise the adapters.
@@ -221,6 +246,31 @@ class InitConfig:
         return dataclasses.asdict(self)
 
 
+def as_init_config(init_config) -> InitConfig:
+    """`init_config` as an InitConfig: None gives InitConfig(), a dict (e.g. {"method": "lora_ga", "bsz": 4}) is
+    InitConfig(**init_config), an InitConfig is returned as it is.
+
+    Raises:
+        TypeError: a dict with keys that are not InitConfig fields (named, with the fields), or another type.
+        ValueError: whatever InitConfig raises on the values.
+    """
+    if init_config is None:
+        return InitConfig()
+    if isinstance(init_config, InitConfig):
+        return init_config
+    if isinstance(init_config, Mapping):
+        fields = [f.name for f in dataclasses.fields(InitConfig) if f.init]
+        unknown = sorted(str(k) for k in init_config if k not in fields)
+        if unknown:
+            raise TypeError(f"init_config has keys that are not InitConfig fields: {unknown}. The fields are: "
+                            f"{', '.join(fields)}.")
+        return InitConfig(**init_config)
+    hint = (f" ({init_config!r}): write InitConfig(method={init_config!r})" if isinstance(init_config, str) else
+            ": build it with lorafa.InitConfig(method=...)")
+    raise TypeError(f"init_config must be a lorafa.InitConfig (or a dict of its fields, or None), got "
+                    f"{type(init_config).__name__}{hint}.")
+
+
 def _check_choice(key, value, choices):
     if value not in choices:
         raise ValueError(f"{key} must be one of {choices}, got {value!r}")
@@ -235,11 +285,6 @@ def _integer(key: str, value, low: int, high: int | None = None) -> int:
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{key} must be an integer {bounds}, got {value}")
     return value
-
-
-def _is_real(value) -> bool:
-    """A finite real number; not a bool, not a string."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _accumulate_device(value):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import time
@@ -123,8 +124,23 @@ def run(args) -> dict:
     return results
 
 
+def _checked(p: argparse.ArgumentParser, args) -> argparse.Namespace:
+    """The arguments, refused now (an argparse error) rather than after loading the model."""
+    for name in ("rank", "bsz", "iters", "held_out", "max_length"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        p.error(f"--alpha is lora_alpha (the adapter's scale alpha/√rank): it must be a finite number > 0, got "
+                f"{args.alpha}")
+    try:
+        InitConfig(method=args.method, bsz=args.bsz, iters=args.iters, max_length=args.max_length, seed=args.seed)
+    except ValueError as err:
+        p.error(str(err))  # an unknown --method, a negative --seed
+    return args
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="lorafa-demo", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=EMBEDDED_CAUSAL_LM, help="HF id, local path, or the embedded default")
     p.add_argument("--method", default="lora_fa")
     p.add_argument("--bsz", type=int, default=4)
@@ -135,7 +151,7 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/demo")
-    args = p.parse_args(argv)
+    args = _checked(p, p.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     r = run(args)
     print(f"\nlorafa demo: {r['method']} on {r['model']} ({r['layers']} layers, r={r['rank']}, rsLoRA)")

@@ -131,26 +131,18 @@ class _Checkpoint:
         return self._tensors[key].to(self.dtype)
 
 
-@torch.no_grad()
-def check_difference(base, lora_config, tuned) -> list[str]:
-    """The target layers on which the fine-tune equals the base (their extracted adapter is zero, B = A = 0, and
-    cannot train). Raises when every target is unchanged: then there is nothing to extract."""
+def check_tuned_differs(base, lora_config, tuned) -> list[str]:
+    """`methods.extract.check_difference` in the command line's words, before any pass and before anything is
+    written: raises when the fine-tune equals the base on every target layer. The layers it left unchanged are named
+    by `initialize`'s own check, once per extraction."""
+    from .methods.extract import check_difference
     from .peft_bridge import tuned_weights
     from .targets import resolve_targets, weight_matrix
 
     targets = resolve_targets(base, lora_config)
-    readers = tuned_weights(tuned, targets, "extract")
-    same = [n for n, m in targets.items() if torch.equal(readers[n](), weight_matrix(m).to(m.weight.device))]
-    if len(same) == len(targets):
-        raise ValueError(f"The fine-tune equals the base on every target layer ({len(targets)} of them): W_tuned − W "
-                         "is zero, so there is nothing to extract (the adapter would be all zeros, B = A = 0, and "
-                         "could not train). Check that --tuned names the fine-tuned checkpoint, not the base, and "
-                         "that --targets names layers the fine-tune changed.")
-    if same:
-        logger.warning("lorafa-extract: the fine-tune equals the base on %d of %d target layers (%s%s): their "
-                       "adapters are zero (B = A = 0) and cannot train; pass --targets without them to leave them "
-                       "out.", len(same), len(targets), ", ".join(same[:4]), " ..." if len(same) > 4 else "")
-    return same
+    return check_difference({n: (lambda m=m: weight_matrix(m)) for n, m in targets.items()},
+                            tuned_weights(tuned, targets, "extract"), tuned_arg="--tuned", tuned_kind="checkpoint",
+                            targets_arg="--targets", warn=False)
 
 
 @torch.no_grad()
@@ -182,7 +174,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, tokenizer = _load(args.base, args)
     tuned_source = _tuned_source(args)
-    check_difference(model, _lora_config(model, args), tuned_source)  # before any pass, and before anything is written
+    check_tuned_differs(model, _lora_config(model, args), tuned_source)  # before any pass or write
     train = heldout = None
     if args.dataset:
         task = load_task(args.dataset, path=args.data, seed=args.seed)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 import torch
 from peft import LoraConfig, PeftModel
 
-from .config import InitConfig
+from .config import InitConfig, as_init_config
 from .peft_bridge import initialize
 from .stats.distributed import all_gather_objects, world
 from .stats.sampling import sample_indices, shard_batches
@@ -96,29 +96,6 @@ def trainer_stat_batches(trainer, init_config: InitConfig | None = None, *, requ
     if require_labels:
         _check_labels(first, list(getattr(trainer, "label_names", None) or ["labels"]), trainer.data_collator)
     return [first if b == 0 else batch(b) for b in (shard_batches(range(iters)) if shard else range(iters))]
-
-
-def as_init_config(init_config) -> InitConfig:
-    """`init_config` as an InitConfig: None gives InitConfig(), a dict (e.g. {"method": "lora_ga", "bsz": 4}) is
-    InitConfig(**init_config), an InitConfig is returned as it is.
-
-    Raises:
-        TypeError: a dict with keys that are not InitConfig fields (named, with the fields), or another type.
-        ValueError: whatever InitConfig raises on the values.
-    """
-    if init_config is None:
-        return InitConfig()
-    if isinstance(init_config, InitConfig):
-        return init_config
-    if isinstance(init_config, Mapping):
-        fields = [f.name for f in dataclasses.fields(InitConfig) if f.init]
-        unknown = sorted(str(k) for k in init_config if k not in fields)
-        if unknown:
-            raise TypeError(f"init_config has keys that are not InitConfig fields: {unknown}. The fields are: "
-                            f"{', '.join(fields)}.")
-        return InitConfig(**init_config)
-    raise TypeError(f"init_config must be a lorafa.InitConfig (or a dict of its fields, or None), got "
-                    f"{type(init_config).__name__}: build it with lorafa.InitConfig(method=...).")
 
 
 def _check_labels(batch: dict, label_names: list[str], collator) -> None:

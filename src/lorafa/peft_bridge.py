@@ -6,12 +6,14 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import tempfile
 import uuid
 import warnings
 import weakref
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -23,14 +25,17 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import InitConfig
+from .align.divergence import is_real
+from .config import InitConfig, as_init_config
 from .kasa import TRUNCATION_NOTE, kasa_lora_config
 from .methods.common import InitResult
+from .methods.extract import check_difference
 from .methods.lora_fa import whitener_scope
 from .methods.registry import METHODS, init_factors, make_options
 from .stats.collect import collect_stats, fsdp_sharded
 from .fsio import check_destination, remove_owned, swap_in
 from .stats.distributed import agree_step, all_gather_objects, all_reduce_sum_, world
+from .stats.types import LayerStats
 from .quant import keep_4bit_differentiable_, requantize_
 from .targets import (is_quantized, is_transposed, out_in_features, resolve_targets, set_weight_matrix, unwrap_model,
                       weight_matrix)
@@ -138,6 +143,7 @@ def layer_rank_and_scaling(lora_config: LoraConfig, name: str) -> tuple[int, flo
 def _check_lora_config(lora_config, init_config: InitConfig) -> None:
     if not isinstance(lora_config, LoraConfig):
         raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
+    _check_ranks(lora_config)
     if lora_config.init_lora_weights is not True:
         raise ValueError(
             f"lora_config.init_lora_weights={lora_config.init_lora_weights!r}: choose the method with "
@@ -154,6 +160,56 @@ def _check_lora_config(lora_config, init_config: InitConfig) -> None:
     if lora_config.use_dora and init_config.method != "lora":
         raise ValueError("use_dora is not supported with data-aware inits (DoRA's magnitude would be taken from the "
                          "wrong weight). Use InitConfig(method='lora') with DoRA, or turn DoRA off.")
+    if METHODS[init_config.method].variant == "goat" and lora_config.lora_bias:
+        raise ValueError("GOAT needs LoRA without a bias (its experts replace the LoRA forward): set "
+                         "LoraConfig(lora_bias=False).")
+
+
+def _is_rank(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_ranks(lora_config: LoraConfig) -> None:
+    """r, rank_pattern and the alphas, as `layer_rank_and_scaling` and PEFT read them: refused before any work (the
+    scale alpha/r would divide by zero, or PEFT would refuse them after the statistics pass)."""
+    if not _is_rank(lora_config.r):
+        raise ValueError(f"lora_config.r={lora_config.r!r}: the LoRA rank r must be an integer >= 1 (e.g. "
+                         "LoraConfig(r=8)).")
+    for key, r in (lora_config.rank_pattern or {}).items():
+        if not _is_rank(r):
+            raise ValueError(f"lora_config.rank_pattern[{key!r}]={r!r}: each rank of rank_pattern must be an integer "
+                             ">= 1. To give these layers no adapter, leave them out of target_modules (or put them "
+                             "in exclude_modules).")
+    alphas = [("lora_alpha", lora_config.lora_alpha),
+              *((f"alpha_pattern[{k!r}]", a) for k, a in (lora_config.alpha_pattern or {}).items())]
+    for what, alpha in alphas:
+        if not (is_real(alpha) and alpha > 0):
+            raise ValueError(f"lora_config.{what}={alpha!r}: alpha sets the adapter's scale (alpha/r, or alpha/√r "
+                             "with rsLoRA) and must be a finite number > 0.")
+
+
+def _check_variant_targets(targets: dict, lora_config: LoraConfig, init_config: InitConfig) -> None:
+    """GOAT installs its experts on nn.Linear layers (weight out × in) only: refused here, before get_peft_model
+    wraps the caller's model."""
+    if METHODS[init_config.method].variant != "goat":
+        return
+    for name, module in targets.items():
+        if not isinstance(module, torch.nn.Linear) or lora_config.fan_in_fan_out:
+            raise ValueError(f"GOAT supports nn.Linear layers (weight out×in) only; {name} is a "
+                             f"{type(module).__name__} (fan_in_fan_out={lora_config.fan_in_fan_out}): leave it out of "
+                             "target_modules")
+
+
+def _check_stats_values(stats) -> None:
+    """`stats` as collect_stats / load_stats return it: a mapping of module name -> LayerStats."""
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"stats must be a dict of module name -> LayerStats (as collect_stats and load_stats return "
+                        f"it), got {type(stats).__name__}")
+    for name, value in stats.items():
+        if not isinstance(value, LayerStats):
+            raise TypeError(f"stats[{name!r}] is a {type(value).__name__}, not a lorafa LayerStats: pass the dict "
+                            "collect_stats or load_stats returns (module name -> LayerStats), or batches= to compute "
+                            "it.")
 
 
 def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=None, batches=None, loss_fn=None,
@@ -167,6 +223,8 @@ def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=
     Raises:
         ValueError: see `initialize`.
     """
+    init_config = as_init_config(init_config)
+    _check_lora_config(lora_config, init_config)
     return _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches, align,
                          tuned, base_weights)[0]
 
@@ -202,11 +260,16 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
         loss_fn = aligned_loss(align, init_config.align_lambda, loss_fn)
     elif align is not None:
         raise ValueError("align= is used by InitConfig(align_init=True) only: set it, or drop align=")
+    if stats is not None:
+        _check_stats_values(stats)
     base = unwrap_model(model)
     targets = resolve_targets(base, lora_config)
+    _check_variant_targets(targets, lora_config, init_config)
     _check_quantized(base, targets, init_config)
     weights = base_weight_readers(base_weights, targets, init_config)
     tuned = tuned_weights(tuned, targets, init_config.method)  # a wrong architecture fails before the pass
+    if tuned is not None:  # a fine-tune equal to the base gives zero adapters (B = A = 0), which cannot train
+        check_difference(weights, tuned)
     needs = init_config.needs
     _check_sketch_size(init_config, lora_config, targets)
     _check_budget(init_config, targets)
@@ -641,7 +704,7 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
         ValueError/TypeError: unknown targets, unsupported layers, invalid rank, missing or bad statistics, an option
         the method lacks, quantized weights, a conflicting init_lora_weights.
     """
-    init_config = init_config or InitConfig()
+    init_config = as_init_config(init_config)
     _check_lora_config(lora_config, init_config)
     keep_4bit_differentiable_(model)  # and so it stays for training after an evaluation (bitsandbytes' CPU kernel)
     if initial_adapter_dir is not None:  # before the statistics pass: a folder that cannot take it fails at once

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .align.divergence import is_real
 from .config import InitConfig
 from .methods.registry import METHODS, resolve_method
 
@@ -241,13 +242,35 @@ class RunConfig:
                           sample=main.sample, seed=main.seed, svd=main.svd, accumulate_on=main.accumulate_on)
 
 
+# common names of keys that live under another name: where they belong
+_KEY_ALIASES = {"r": "peft.lora_r", "rank": "peft.lora_r", "alpha": "peft.lora_alpha", "dropout": "peft.lora_dropout",
+                "lr": "model.learning_rate", "batch_size": "model.per_device_batch_size", "method": "init.direction"}
+
+
+def _key_suggestions(key: str, names: list[str], where: str) -> list[str]:
+    """Where an unknown key `where + key` may belong: the same key in another section (init.lora_r -> peft.lora_r),
+    a common alias, then the close matches in its own section."""
+    sections = {f.name: hint for f in dataclasses.fields(RunConfig)
+                if dataclasses.is_dataclass(hint := typing.get_type_hints(RunConfig)[f.name])}
+    elsewhere = [f"{name}.{key}" for name, section in sections.items() if f"{name}." != where
+                 and key in {f.name for f in dataclasses.fields(section)}]
+    if where and key in {f.name for f in dataclasses.fields(RunConfig)} and key not in sections:
+        elsewhere.append(key)  # a top-level key given inside a section
+    alias = _KEY_ALIASES.get(key)
+    close = [f"{where}{c}" for c in difflib.get_close_matches(key, names, 2)]
+    return list(dict.fromkeys([*elsewhere, *([alias] if alias and alias != where + key else []), *close]))
+
+
 def _check_keys(cls, data: dict, where: str) -> None:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        hints = "; ".join(f"{where}{k} (did you mean {', '.join(difflib.get_close_matches(k, names, 2)) or '?'})"
-                          for k in unknown)
-        raise ValueError(f"Unknown config key(s): {hints}. Valid keys under '{where or 'top level'}': {names}")
+        hints = []
+        for k in unknown:
+            guesses = _key_suggestions(str(k), names, where)
+            hints.append(f"{where}{k}" + (f" (did you mean {' or '.join(guesses)}?)" if guesses else ""))
+        raise ValueError(f"Unknown config key(s): {'; '.join(hints)}. Valid keys under '{where or 'top level'}': "
+                         f"{names}")
 
 
 def _build(cls, data: dict | None, where: str = ""):
@@ -284,6 +307,11 @@ def _coerce(value, hint, key: str):
         raise ValueError(f"Config key {key} must be true/false, got {value!r}")
     if (int in base) and float not in base and isinstance(value, float) and value.is_integer():
         return int(value)
+    words = str in base and isinstance(value, str)  # a field that also takes a word (learning_rate: "auto")
+    if int in base and float not in base and not words and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"Config key {key} must be an integer, got {value!r}")
+    if float in base and not words and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"Config key {key} must be a number, got {value!r}")
     if str in base and not isinstance(value, str) and not (float in base and isinstance(value, float)):
         return str(value)
     return value
@@ -304,6 +332,38 @@ def _check_learning_rate(cfg: RunConfig) -> None:
         raise ValueError("model.learning_rate=auto models the first step of plain AdamW or SGD, which model.optimizer="
                          f"{m.optimizer}, model.prec_reg={m.prec_reg} and peft.use_loraplus={cfg.peft.use_loraplus} "
                          "change: set a number, or use ++model.optimizer=adamw without prec_reg and LoRA+.")
+
+
+OPTIMIZERS = ("adamw", "sgd", "lora_pro")
+
+
+def _check_training(cfg: RunConfig) -> None:
+    """The LoraConfig's and the Trainer's numbers, refused at parse time (run() would meet them only after loading
+    the data and the model, the 'before' evaluation and the statistics pass)."""
+    m, p = cfg.model, cfg.peft
+    if m.optimizer not in OPTIMIZERS:
+        raise ValueError(f"model.optimizer must be adamw, sgd or lora_pro, got {m.optimizer!r}")
+    for key in ("per_device_batch_size", "real_batch_size"):
+        if getattr(m, key) < 1:
+            raise ValueError(f"model.{key} must be an integer >= 1, got {getattr(m, key)}")
+    if m.real_batch_size % m.per_device_batch_size:
+        raise ValueError(f"model.real_batch_size={m.real_batch_size} must be a multiple of model.per_device_batch_size="
+                         f"{m.per_device_batch_size} (times the number of processes): the rest is gradient "
+                         "accumulation.")
+    if p.lora_r < 1:
+        raise ValueError(f"peft.lora_r must be an integer >= 1 (the LoRA rank), got {p.lora_r}")
+    for key, r in p.rank_pattern.items():
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"peft.rank_pattern.{key} must be an integer >= 1, got {r!r}: leave the layer out of "
+                             "peft.target_modules to give it no adapter")
+    for key, alpha in [("peft.lora_alpha", p.lora_alpha), *((f"peft.alpha_pattern.{k}", a)
+                                                             for k, a in p.alpha_pattern.items())]:
+        if not (is_real(alpha) and alpha > 0):
+            raise ValueError(f"{key} must be a finite number > 0 (the adapter's scale is alpha/r, or alpha/√r with "
+                             f"rsLoRA), got {alpha!r}")
+    if not (is_real(p.lora_dropout) and 0 <= p.lora_dropout < 1):
+        raise ValueError(f"peft.lora_dropout must be a number in [0, 1) (the probability of dropping an adapter "
+                         f"input), got {p.lora_dropout!r}")
 
 
 def parse_run_config(data: dict) -> RunConfig:
@@ -332,6 +392,7 @@ def parse_run_config(data: dict) -> RunConfig:
     _check_learning_rate(cfg)
     if cfg.dataset.validation_size < 0:
         raise ValueError(f"dataset.validation_size must be >= 0 (0: no validation set), got {cfg.dataset.validation_size}")
+    _check_training(cfg)
     cfg.init_config()  # method and options are validated up front, before any long work
     cfg.baseline_init_config()
     from .align.build import check_align_section

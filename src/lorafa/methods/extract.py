@@ -15,12 +15,15 @@ labels drawn from the model instead (the true Fisher), the usual K-FAC choice fo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from .common import InitResult, SvdMode, check_rank, top_svd
 from .lora_fa import check_damping, factor_low_rank, whitener
+
+logger = logging.getLogger(__name__)
 
 METRICS = ("kfac", "input", "identity")
 NEEDS = {"kfac": "kfac", "input": "act", "identity": None}
@@ -76,3 +79,29 @@ def extract_init(weight: torch.Tensor, stats, *, rank: int, scaling: float, opts
 def extract_spectrum(weight: torch.Tensor, stats, opts: ExtractOptions, tuned: torch.Tensor) -> torch.Tensor:
     """The singular values of the (whitened) target: extraction's spectrum for data-aware ranks (SPEC §6)."""
     return torch.linalg.svdvals(_whitened(weight, tuned, stats, opts)[0])
+
+
+@torch.no_grad()
+def check_difference(weights: dict, tuned: dict, *, tuned_arg: str = "tuned=", tuned_kind: str = "model",
+                     targets_arg: str = "target_modules", warn: bool = True) -> list[str]:
+    """The target layers on which the fine-tune equals the base: their extracted adapter is zero (B = A = 0) and
+    cannot train. Raises when every target is unchanged (there is nothing to extract); otherwise names the unchanged
+    ones in a warning (`warn`).
+
+    Args:
+        weights, tuned: {target name: a function giving the base's / the fine-tune's weight}, compared one layer at
+            a time.
+        tuned_arg, tuned_kind, targets_arg: how the caller names the fine-tune and the targets (for the messages;
+            lorafa-extract: "--tuned", "checkpoint", "--targets").
+    """
+    same = [n for n in weights if torch.equal(tuned[n]().float(), weights[n]().float())]
+    if weights and len(same) == len(weights):
+        raise ValueError(f"The fine-tune equals the base on every target layer ({len(same)} of them): W_tuned − W "
+                         "is zero, so there is nothing to extract (the adapter would be all zeros, B = A = 0, and "
+                         f"could not train). Check that {tuned_arg} names the fine-tuned {tuned_kind}, not the base, "
+                         f"and that {targets_arg} names layers the fine-tune changed.")
+    if same and warn:
+        logger.warning("lorafa extract: the fine-tune equals the base on %d of %d target layers (%s%s): their "
+                       "adapters are zero (B = A = 0) and cannot train; leave them out of %s.", len(same),
+                       len(weights), ", ".join(same[:4]), " ..." if len(same) > 4 else "", targets_arg)
+    return same

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 import torch
 
+from ..align.divergence import check_number, check_positive_int
 from ..stats.types import LayerStats
 from .activation_methods import CordaOptions, EvaOptions, corda_init, eva_init, input_spectrum
 from .common import InitResult
@@ -105,7 +107,28 @@ def make_options(method: str, **options):
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"{spec.name} has no option(s) {unknown}; its options are {valid or 'none'} (plus svd, seed).")
-    return spec.options(**options)
+    types = {f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+             for f in dataclasses.fields(spec.options)}
+    for key, value in options.items():
+        check_option_type(f"{spec.name}'s {key}", value, types[key])
+    opts = spec.options(**options)  # each option's range, in the method's own words
+    for key, value in options.items():
+        if types[key] == "float":
+            check_number(f"{spec.name}'s {key}", value)  # what the ranges let through: inf (γ = inf gives A = B = 0)
+    return opts
+
+
+def check_option_type(name: str, value, declared: str) -> None:
+    """Raise ValueError unless `value` is of the option's declared type (`declared`: its dataclass annotation): an
+    int option (a count) takes an integer >= 1, not a bool, a float or a string; a float option a real number, not a
+    bool or a string (a numeric string is told to drop its quotes); a bool option True or False. The ranges are the
+    option dataclass's own checks; `make_options` then refuses a non-finite float they let through."""
+    if declared == "int":
+        check_positive_int(name, value)
+    elif declared == "float" and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        check_number(name, value)  # raises, saying what was given
+    elif declared == "bool" and not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def method_needs(method: str, options) -> str | None:
