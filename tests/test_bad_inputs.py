@@ -1273,7 +1273,8 @@ case(E, "key-in-the-wrong-section", lambda: run_config("++init.lora_r=4"), Value
      r"init.lora_r \(did you mean peft.lora_r\?\)")
 case(E, "bool-as-a-word", lambda: run_config("++model.bf16=yes"), ValueError,
      r"Config key model.bf16 must be true/false, got 'yes'")
-case(E, "bool-for-an-int", lambda: run_config("++init.bsz=true"), ValueError, r"Config key init.bsz must be an integer, got True")
+case(E, "bool-for-an-int", lambda: run_config("++init.bsz=true"), ValueError,
+     r"Config key init.bsz must be an integer, got True")
 case(E, "string-for-an-int", lambda: run_config("++init.iters=many"), ValueError,
      r"iters must be an integer, got 'many'")
 case(E, "string-for-a-float", lambda: run_config("++model.learning_rate=fast"), ValueError,
