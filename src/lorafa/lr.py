@@ -479,8 +479,10 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
 
     Works on any PEFT LoRA model after any init (lorafa's `initialize`, PEFT's `get_peft_model`, PEFT's LoRA-GA): the
     trainable parameters are those with requires_grad. The result depends only on the model, the batches, the
-    options and `seed` (the same inputs give the same rate and evidence, except `seconds`). The model is left as it
-    was (see the module docstring).
+    options and `seed`: the same inputs give the same rate and evidence, except `seconds` (on a GPU, up to the
+    round-off of CUDA's nondeterministic backward kernels unless `torch.use_deterministic_algorithms(True)`). The
+    model is left as it was (see the module docstring). Use batches the statistics pass did not see (the runner and
+    `initialize_trainer(..., learning_rate="auto")` take the 2 batches after them).
 
     The rules (`rule=`) and their constants (module-level, NOT fitted yet: each is to be fitted on ONE preset with
     default LoRA only, then held fixed):
