@@ -308,10 +308,17 @@ def _coerce(value, hint, key: str):
     if (int in base) and float not in base and isinstance(value, float) and value.is_integer():
         return int(value)
     words = str in base and isinstance(value, str)  # a field that also takes a word (learning_rate: "auto")
+    quoted = ""
+    if isinstance(value, str):
+        try:
+            float(value)
+            quoted = ": write it without quotes"  # ++x='0.5' reaches here as the string '0.5'
+        except ValueError:
+            pass
     if int in base and float not in base and not words and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"Config key {key} must be an integer, got {value!r}")
+        raise ValueError(f"Config key {key} must be an integer, got {value!r}{quoted}")
     if float in base and not words and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError(f"Config key {key} must be a number, got {value!r}")
+        raise ValueError(f"Config key {key} must be a number, got {value!r}{quoted}")
     if str in base and not isinstance(value, str) and not (float in base and isinstance(value, float)):
         return str(value)
     return value
