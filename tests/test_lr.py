@@ -261,6 +261,10 @@ def test_runner_learning_rate_auto_records_and_uses_each_arms_rate(tmp_path):
         used = [r["learning_rate"] for r in rows if "learning_rate" in r]
         assert used and all(x == pytest.approx(lr, rel=1e-6) for x in used)  # the Trainer trained at that rate
     assert saved["learning_rate"] != saved["baseline"]["learning_rate"]  # each arm its own (lora_fa vs lora)
+    from lorafa.cli import report_lines
+
+    shown = [line for line in report_lines(saved) if line.strip().startswith("learning rate")]
+    assert len(shown) == 2 and f"{saved['learning_rate']:.3g} (auto: adam_step" in shown[0]
 
 
 def test_runner_learning_rate_values_are_checked():

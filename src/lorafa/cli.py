@@ -49,6 +49,11 @@ def report_lines(r: dict) -> list[str]:
         if "validation_loss" in arm:
             v = arm["validation_loss"]
             lines.append(f"  validation loss, {arm['method']:<7}: {v['first']:.4f} -> {v['last']:.4f}")
+    for arm in arms:
+        if "lr_suggestion" in arm:
+            ev = arm["lr_suggestion"]
+            lines.append(f"  learning rate, {arm['method']:<9}: {arm['learning_rate']:.3g} (auto: {ev['rule']}, "
+                         f"{ev['seconds']:.1f} s)")
     if r.get("wall_s") is not None:
         parts = ", ".join(f"{a['method']}: init {_minutes(a['init_s'])}, {a['steps']} steps {_minutes(a['train_s'])}"
                           for a in arms if "train_s" in a)
