@@ -3,7 +3,6 @@ non-finite logits, the EMA refresh in bf16 and of variants (KaSA, GOAT), the mas
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -11,8 +10,8 @@ import torch
 from conftest import VOCAB, lora_cfg, make_batches, tiny_llama
 
 from lorafa import InitConfig, initialize
-from lorafa.align import (AlignmentTerm, ModelTeacher, SelfTeacher, TruncateVocab, causal_lm_mask,
-                          hidden_divergence, logit_divergence, merged_weights)
+from lorafa.align import (AlignmentTerm, ModelTeacher, SelfTeacher, TruncateVocab, hidden_divergence,
+                          logit_divergence, merged_weights)
 from lorafa.align.build import check_align_section
 from lorafa.runconfig import AlignSection
 

@@ -383,7 +383,7 @@ case(E, "batch-not-a-mapping", lambda: initialize(llama(), cfg(), InitConfig(met
      TypeError, r"Each batch must be a mapping of tensors")
 case(E, "stats-values-not-LayerStats", lambda: initialize(llama(), cfg(), InitConfig(method="lora_fa"),
                                                           stats={n: "x" for n in kfac_stats()}, progress=False),
-     TypeError, r"stats\['model\.layers\.0\.self_attn\.q_proj'\] is a str, not a lorafa LayerStats")
+     TypeError, r"stats\['model\.layers\.0\.self_attn\.q_proj'\] is a str, not a LayerStats")
 case(E, "init_lora_weights-pissa", lambda: initialize(llama(), cfg(init_lora_weights="pissa"),
                                                        InitConfig(method="lora_fa"), progress=False),
      ValueError, r"init_lora_weights='pissa': choose the method with InitConfig\(method=")

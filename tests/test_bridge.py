@@ -526,8 +526,7 @@ def test_init_config_may_be_a_dict_of_its_fields(mbatches):
 
 def test_error_stats_that_are_not_layer_stats(mbatches):
     stats = lorafa.collect_stats(tiny_llama(), mbatches, TARGETS, kinds=("kfac",), progress=False)
-    with pytest.raises(TypeError, match=r"stats\['model.layers.0.self_attn.q_proj'\] is a Tensor, not a lorafa "
-                                        r"LayerStats"):
+    with pytest.raises(TypeError, match=r"stats\['model.layers.0.self_attn.q_proj'\] is a Tensor, not a LayerStats"):
         lorafa.initialize(tiny_llama(), lora_config(), InitConfig(method="lora_fa"), progress=False,
                           stats={**stats, "model.layers.0.self_attn.q_proj": torch.zeros(2)})
     with pytest.raises(TypeError, match=r"stats must be a dict of module name -> LayerStats .* got list"):

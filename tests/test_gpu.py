@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -30,6 +29,8 @@ from safetensors.torch import load_file, save_file
 
 import lorafa
 from lorafa.stats import shard_batches
+
+from test_distributed import _free_port
 
 DEVICE = os.environ.get("LORAFA_TEST_DEVICE", "cuda")
 ON_CUDA = torch.device(DEVICE).type == "cuda"
@@ -320,12 +321,6 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     if ON_CUDA and torch.cuda.device_count() < WORLD:
@@ -404,14 +399,9 @@ NF4_REL_ERR = 0.12  # nf4's relative weight error on Gaussian-like weights (meas
 @pytest.fixture(scope="module")
 def fp_folder(tmp_path_factory):
     """A small Llama (hidden 128: several 64-value nf4 blocks per row) saved in fp32, as tests/test_quant_init.py."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_assets import save_llama128
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    folder = str(tmp_path_factory.mktemp("llama128"))
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
+    return save_llama128(str(tmp_path_factory.mktemp("llama128")))
 
 
 def _fp(folder):

@@ -11,8 +11,6 @@ How the tiny quantized models are made (checked with transformers 5.24 and bitsa
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn

@@ -25,12 +25,9 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 @pytest.fixture(scope="module")
 def fp_folder(tmp_path_factory):
     """A small Llama (hidden 128, so every layer holds several 64-value nf4 blocks per row) saved in fp32."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    folder = str(tmp_path_factory.mktemp("llama128"))
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
+    from tiny_assets import save_llama128
+
+    return save_llama128(str(tmp_path_factory.mktemp("llama128")))
 
 
 def load(folder, **bnb):

@@ -37,6 +37,15 @@ def save_tiny_causal_lm(folder: str, seed: int = 0, hidden: int = 32) -> str:
     return folder
 
 
+def save_llama128(folder: str, seed: int = 0) -> str:
+    """A small Llama (hidden 128, so every row holds whole 64-value nf4 blocks) saved in fp32, for the 4-bit tests."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
 def save_tiny_classifier(folder: str, seed: int = 0) -> str:
     tok = char_tokenizer()
     torch.manual_seed(seed)

@@ -13,7 +13,6 @@ import tempfile
 import uuid
 import warnings
 import weakref
-from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -35,7 +34,7 @@ from .methods.registry import METHODS, init_factors, make_options
 from .stats.collect import collect_stats, fsdp_sharded
 from .fsio import check_destination, remove_owned, swap_in
 from .stats.distributed import agree_step, all_gather_objects, all_reduce_sum_, world
-from .stats.types import LayerStats
+from .stats.types import check_stats_dict
 from .quant import keep_4bit_differentiable_, requantize_
 from .targets import (is_quantized, is_transposed, out_in_features, resolve_targets, set_weight_matrix, unwrap_model,
                       weight_matrix)
@@ -200,18 +199,6 @@ def _check_variant_targets(targets: dict, lora_config: LoraConfig, init_config: 
                              "target_modules")
 
 
-def _check_stats_values(stats) -> None:
-    """`stats` as collect_stats / load_stats return it: a mapping of module name -> LayerStats."""
-    if not isinstance(stats, Mapping):
-        raise TypeError(f"stats must be a dict of module name -> LayerStats (as collect_stats and load_stats return "
-                        f"it), got {type(stats).__name__}")
-    for name, value in stats.items():
-        if not isinstance(value, LayerStats):
-            raise TypeError(f"stats[{name!r}] is a {type(value).__name__}, not a lorafa LayerStats: pass the dict "
-                            "collect_stats or load_stats returns (module name -> LayerStats), or batches= to compute "
-                            "it.")
-
-
 def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=None, batches=None, loss_fn=None,
                  progress: bool = True, search_batches=None, align=None, tuned=None,
                  base_weights=None) -> dict[str, InitResult]:
@@ -261,7 +248,7 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
     elif align is not None:
         raise ValueError("align= is used by InitConfig(align_init=True) only: set it, or drop align=")
     if stats is not None:
-        _check_stats_values(stats)
+        check_stats_dict(stats)  # a precomputed statistics dict: a wrong one fails here, named
     base = unwrap_model(model)
     targets = resolve_targets(base, lora_config)
     _check_variant_targets(targets, lora_config, init_config)

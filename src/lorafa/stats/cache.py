@@ -6,14 +6,13 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .distributed import all_agree, world
 from .sketch import GradSketch
-from .types import LayerStats
+from .types import LayerStats, check_stats_dict
 
 logger = logging.getLogger(__name__)
 _FORMAT = "lorafa.stats.v1"
@@ -38,13 +37,7 @@ def save_stats(stats: dict[str, LayerStats], path: str | os.PathLike, config: di
     if os.path.isdir(path):  # checked before anything is written: a rename onto a folder fails only at the end
         raise IsADirectoryError(f"{path!r} is a folder: save_stats writes one file; give a file path, e.g. "
                                 f"{os.path.join(path, 'stats.safetensors')!r}")
-    if not isinstance(stats, Mapping):
-        raise TypeError(f"stats must be a dict of module name -> LayerStats (what collect_stats returns), got "
-                        f"{type(stats).__name__}")
-    for name, st in stats.items():
-        if not isinstance(st, LayerStats):
-            raise TypeError(f"stats[{name!r}] is a {type(st).__name__}, not a LayerStats: pass the dict that "
-                            "collect_stats (or load_stats) returns, module name -> LayerStats")
+    check_stats_dict(stats)
     config_text = _config_json(config)
     tensors, layout, owners = {}, {}, {}
     for name, st in stats.items():

@@ -67,3 +67,20 @@ class LayerStats:
         pairs = (("grad", self.grad), ("in_cov", self.in_cov), ("out_cov", self.out_cov),
                  ("grad_sketch.y", sk.y if sk else None), ("grad_sketch.z", sk.z if sk else None))
         return {k: v for k, v in pairs if v is not None}
+
+
+def check_stats_dict(stats) -> None:
+    """Raise unless `stats` is what collect_stats and load_stats return: a mapping of module name -> LayerStats.
+
+    Raises:
+        TypeError: not a mapping, or a value that is not a LayerStats (named by its key).
+    """
+    from collections.abc import Mapping
+
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"stats must be a dict of module name -> LayerStats (as collect_stats and load_stats return "
+                        f"it), got {type(stats).__name__}")
+    for name, value in stats.items():
+        if not isinstance(value, LayerStats):
+            raise TypeError(f"stats[{name!r}] is a {type(value).__name__}, not a LayerStats: pass the dict "
+                            "collect_stats or load_stats returns (module name -> LayerStats)")
