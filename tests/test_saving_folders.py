@@ -162,3 +162,20 @@ def test_swap_in_puts_the_old_folder_back_when_the_new_one_cannot_move(tmp_path,
         fsio.swap_in(str(tmp), dest, lambda p: True, ["a"], "thing")
     assert (dest / "a").read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["dest", "new"]
+
+
+def test_write_atomic_keeps_the_old_file_and_no_temporary_one_when_the_write_fails(tmp_path):
+    """The one file writer (results.json, ranks.json, statistics, the learned map, GOAT's record...)."""
+    target = tmp_path / "results.json"
+    fsio.write_json(target, {"a": 1})
+
+    def half(tmp):
+        with open(tmp, "w") as f:
+            f.write('{"a": ')
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        fsio.write_atomic(target, half)
+    assert target.read_text() == '{\n  "a": 1\n}' and os.listdir(tmp_path) == ["results.json"]
+    assert fsio.write_json(tmp_path / "new" / "x.json", {"p": tmp_path}) == str(tmp_path / "new" / "x.json")
+    assert (tmp_path / "new" / "x.json").read_text() == '{\n  "p": "%s"\n}' % tmp_path  # str() for what JSON lacks

@@ -16,12 +16,13 @@ extract); target layers it left unchanged are named in a warning (their adapters
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 
 import torch
+
+from .fsio import write_json
 
 logger = logging.getLogger("lorafa.extract")
 
@@ -206,10 +207,7 @@ def main(argv=None) -> dict:
         del peft_model
         model = None
     del tuned
-    tmp = os.path.join(args.out, ".extract_report.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, os.path.join(args.out, "extract_report.json"))
+    write_json(os.path.join(args.out, "extract_report.json"), report)
     _print(report)
     return report
 

@@ -1,4 +1,9 @@
-"""Putting a folder that lorafa wrote into place without ever deleting what lorafa did not write.
+"""Writing files and folders so that a crash never leaves a half-written one, and a user's folder is never deleted.
+
+Files: `write_atomic` (and `write_json`) writes under a temporary name beside the destination and renames it into
+place; the temporary file is removed if the write fails.
+
+Folders: putting a folder that lorafa wrote into place without ever deleting what lorafa did not write.
 
 A folder is written under a temporary name beside its destination and renamed into place. The destination may be
 absent, an empty folder, or a previous folder of the same kind (recognised by `owned`); anything else is refused
@@ -9,9 +14,40 @@ leaves either the old folder or the new one at the destination, never a mixture 
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> str:
+    """Call `write(tmp)` for a temporary file in `path`'s folder (created if needed), then rename it to `path`.
+
+    A reader sees the old file or the new one, never part of one; the temporary file is removed if `write` raises.
+    Returns the path.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_json(path: str | os.PathLike, data, indent: int | None = 2) -> str:
+    """`data` as JSON at `path`, atomically (`write_atomic`); values JSON cannot hold are written as str()."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=indent, default=str)
+
+    return write_atomic(path, write)
 
 
 def _entries(path: str) -> list[str]:

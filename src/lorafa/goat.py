@@ -30,7 +30,7 @@ from peft.utils import load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
 from .align.divergence import check_number, check_positive_int
-from .run_io import atomic_write_json
+from .fsio import write_json
 
 GOAT_FILE = "goat.json"
 FORMAT_VERSION = 1
@@ -300,9 +300,8 @@ def save_goat(peft_model: PeftModel, path: str | os.PathLike, adapter_name: str 
         raise ValueError(f"Adapter {adapter_name!r} has no GOAT layer: install it with lorafa.goat.apply_goat")
     options = next(iter(layers.values())).lora_goat_config[adapter_name]["options"]  # apply_goat: one per adapter
     out = os.path.join(os.fspath(path), GOAT_FILE)
-    atomic_write_json(out, {"format": "lorafa-goat", "format_version": FORMAT_VERSION, "options": asdict(options),
-                            "layers": {n: {"scale": m.lora_goat_config[adapter_name]["scale"]}
-                                       for n, m in layers.items()}})
+    write_json(out, {"format": "lorafa-goat", "format_version": FORMAT_VERSION, "options": asdict(options),
+                     "layers": {n: {"scale": m.lora_goat_config[adapter_name]["scale"]} for n, m in layers.items()}})
     return out
 
 

@@ -60,9 +60,9 @@ def _special_tokens_from_config(tokenizer, config) -> dict:
 
 
 def _write_stamp(folder: str, ids: dict) -> None:
-    from lorafa.run_io import atomic_write_json
+    from lorafa.fsio import write_json
 
-    atomic_write_json(os.path.join(folder, TOKENS_STAMP), ids)
+    write_json(os.path.join(folder, TOKENS_STAMP), ids)
 
 
 def _repair_special_tokens(target: str) -> None:

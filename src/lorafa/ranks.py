@@ -20,11 +20,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
+
+from .fsio import write_atomic
 
 RULES = ("energy", "effective", "budget", "importance")
 BUDGET_BY = ("rank", "params")
@@ -611,16 +612,7 @@ def rank_table(ranks: Mapping[str, int], spectra: Mapping[str, torch.Tensor] | N
 
 def _atomic(directory: str, name: str, write) -> str:
     """Call write(tmp_path) for a temporary file in `directory`, then rename it to `name`; return the final path."""
-    path = os.path.join(directory, name)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_atomic(os.path.join(directory, name), write)
 
 
 def write_ranks(ranks: Mapping[str, int], directory: str, spectra: Mapping[str, torch.Tensor] | None = None,

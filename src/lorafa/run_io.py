@@ -10,28 +10,15 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 import time
 
 from torch import nn
 from transformers import TrainerCallback
 
+from .fsio import write_atomic, write_json
+
 logger = logging.getLogger("lorafa.run")
 PACKAGES = ("lorafa", "torch", "transformers", "peft", "accelerate", "hydra-core", "safetensors")
-
-
-def atomic_write_json(path: str, data) -> None:
-    """Write JSON under a temporary name in the same folder, then rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def package_versions() -> dict[str, str]:
@@ -63,7 +50,7 @@ def prepare_run_dir(cfg, state) -> str:
         data = dataclasses.asdict(cfg)
         data["eval"]["data_path"] = cfg.dataset.test_path or (cfg.dataset.path if cfg.dataset_name == "gsm8k" else None)
         data.update(run_dir=run_dir, argv=sys.argv, versions=package_versions(), world_size=state.num_processes)
-        atomic_write_json(os.path.join(run_dir, "run_config.json"), data)
+        write_json(os.path.join(run_dir, "run_config.json"), data)
     state.wait_for_everyone()
     return run_dir
 
@@ -122,12 +109,13 @@ class MetricsLogger(TrainerCallback):
     def _rewrite_csv(self) -> None:
         rows = read_metrics(os.path.dirname(self.jsonl))
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.csv), prefix=".tmp-", suffix=".csv")
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.csv)
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        write_atomic(self.csv, write)
 
 
 def read_metrics(run_dir: str) -> list[dict]:

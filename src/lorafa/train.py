@@ -20,7 +20,8 @@ import torch
 
 from .peft_bridge import initialize, save_adapter
 from .runconfig import RunConfig
-from .run_io import MetricsLogger, atomic_write_json, plot_curves, prepare_run_dir, report_to, resolve_targets_keyword
+from .fsio import write_json
+from .run_io import MetricsLogger, plot_curves, prepare_run_dir, report_to, resolve_targets_keyword
 from .stats import collect_stats, load_cached_stats, save_stats, stat_batches, weights_fingerprint
 from .stats.distributed import check_same_on_all_ranks, world
 
@@ -326,7 +327,7 @@ def run(cfg: RunConfig) -> dict:
     if state.is_main_process:
         others = {f"baseline ({baseline_config.method})": os.path.join(run_dir, "baseline")} if baseline_config else {}
         results["plot"] = plot_curves(run_dir, label=init_config.method, others=others)
-        atomic_write_json(os.path.join(run_dir, "results.json"), results)
+        write_json(os.path.join(run_dir, "results.json"), results)
     state.wait_for_everyone()
     return results
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from torch import nn
 
+from ..fsio import write_atomic, write_json
 from .divergence import check_positive_int
 
 MAPPING_FILE = "align_mapping.safetensors"
@@ -72,18 +72,11 @@ def save_mapping(mapping: LinearMap, folder: str) -> str:
 
     if not isinstance(mapping, LinearMap):
         raise TypeError(f"only a LinearMap has weights to save, got {type(mapping).__name__}")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, MAPPING_FILE)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    save_file({"weight": mapping.weight.detach().cpu().contiguous()}, tmp)
-    os.replace(tmp, path)
-    config = {"in_features": mapping.weight.shape[1], "out_features": mapping.weight.shape[0],
-              "learned": mapping.learned}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(config, f)
-    os.replace(tmp, os.path.join(folder, MAPPING_CONFIG))
+    weight = {"weight": mapping.weight.detach().cpu().contiguous()}
+    path = write_atomic(os.path.join(folder, MAPPING_FILE), lambda tmp: save_file(weight, tmp))
+    write_json(os.path.join(folder, MAPPING_CONFIG), {"in_features": mapping.weight.shape[1],
+                                                      "out_features": mapping.weight.shape[0],
+                                                      "learned": mapping.learned}, indent=None)
     return path
 
 

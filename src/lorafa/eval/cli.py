@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from ..models import load_causal_lm, resolve_model_path
-from ..run_io import atomic_write_json, network_reachable
+from ..fsio import write_json
+from ..run_io import network_reachable
 from ..stats.distributed import world
 from ..targets import out_in_features
 from .gsm8k import evaluate_gsm8k, load_gsm8k_examples
@@ -262,7 +263,7 @@ def evaluate_run(argv: list[str] | None = None) -> dict:
                    "split": args.split, "n_processes": size, "batch_size": args.batch_size,
                    "max_new_tokens": args.max_new_tokens, "bf16": args.bf16, "wall_time_s": round(time.time() - t0, 3)}
         if rank == 0:
-            atomic_write_json(run["out"], {**summary, "records": result["records"]})
+            write_json(run["out"], {**summary, "records": result["records"]})
             line = f"GSM8K accuracy: {result['accuracy']:.4f} ({result['correct']}/{result['n']})"
             logger.info("%s -> %s", line, run["out"])
             print(line, flush=True)

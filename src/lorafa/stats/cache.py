@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..fsio import write_atomic
 from .distributed import all_agree, world
 from .sketch import GradSketch
 from .types import LayerStats, check_stats_dict
@@ -53,16 +53,7 @@ def save_stats(stats: dict[str, LayerStats], path: str | os.PathLike, config: di
             tensors[f"{name}::{kind}"] = t.detach().float().contiguous().cpu()
         layout[name] = entry
     header = {"format": _FORMAT, "layout": json.dumps(layout), "config": config_text}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def _config_json(config) -> str:
