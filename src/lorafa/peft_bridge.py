@@ -666,7 +666,10 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
         loss_fn: `loss_fn(model, batch)`, default `model(**batch).loss`.
         initial_adapter_dir: if given, the initial adapter (A₀, B₀, the LoraConfig and the InitConfig, SPEC §3) is
             written there at once (`save_initial_adapter`) and A₀, B₀ are not kept in memory; `save_adapter` reads
-            them back, also from another process or for a copy of the model (`initial_adapter=`).
+            them back, also from another process or for a copy of the model (`initial_adapter=`). It must be new,
+            empty, or an initial adapter written before (replaced); a folder holding anything else is refused before
+            the statistics pass, never emptied. Under torch.distributed every process calls `initialize` (the
+            statistics pass and this check are collective); the main process writes.
         autocast_adapter_dtype: as in `peft.get_peft_model`: True upcasts fp16/bf16 adapters to fp32, False keeps
             them in the model's dtype (the offset is computed from the factors in that dtype either way).
         search_batches: for scale="line_search", batches to choose the step on instead of the statistics batches.
