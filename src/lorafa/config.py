@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from .align.divergence import is_real as _is_real
+from .checks import is_real as _is_real
 from .methods.registry import METHODS, make_options, method_needs, method_options, resolve_method
 from .stats.sketch import sketch_sizes
 

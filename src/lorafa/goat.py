@@ -29,7 +29,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
-from .align.divergence import check_number, check_positive_int
+from .checks import check_number, check_positive_int
 from .fsio import write_json
 
 GOAT_FILE = "goat.json"

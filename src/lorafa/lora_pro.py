@@ -24,7 +24,7 @@ import math
 import torch
 from peft.tuners.lora import LoraLayer
 
-from .align.divergence import check_number
+from .checks import check_number
 
 DEFAULT_DAMPING = 1e-6
 _RCOND = 1e-10  # damped Gram eigenvalue ratio below which a factor counts as rank-deficient

@@ -24,7 +24,7 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .align.divergence import is_real
+from .checks import is_real
 from .config import InitConfig, as_init_config
 from .kasa import TRUNCATION_NOTE, kasa_lora_config
 from .methods.common import InitResult

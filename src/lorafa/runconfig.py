@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .align.divergence import is_real
+from .checks import is_real
 from .config import InitConfig
 from .methods.registry import METHODS, resolve_method
 

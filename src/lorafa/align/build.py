@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .divergence import HIDDEN_KINDS, LOGIT_KINDS, check_divergence_args, check_number
+from ..checks import check_number
+from .divergence import HIDDEN_KINDS, LOGIT_KINDS, check_divergence_args
 from .mapping import LinearMap, TruncateVocab
 from .schedule import CyclicSchedule
 from ..methods.registry import METHODS, base_change, changes_base, resolve_method

@@ -12,8 +12,8 @@ import os
 import torch
 from torch import nn
 
+from ..checks import check_positive_int
 from ..fsio import write_atomic, write_json
-from .divergence import check_positive_int
 
 MAPPING_FILE = "align_mapping.safetensors"
 MAPPING_CONFIG = "align_mapping.json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .divergence import check_number, check_positive_int
+from ..checks import check_number, check_positive_int
 
 PHASES = ("warmup", "task", "align")
 

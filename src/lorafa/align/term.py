@@ -7,7 +7,8 @@ import os
 
 from torch import nn
 
-from .divergence import (HIDDEN_KINDS, LOGIT_KINDS, causal_lm_mask, check_divergence_args, hidden_divergence, is_real,
+from ..checks import is_real
+from .divergence import (HIDDEN_KINDS, LOGIT_KINDS, causal_lm_mask, check_divergence_args, hidden_divergence,
                          logit_divergence, mean_pool)
 from .mapping import TruncateVocab, check_layer_map, default_layer_map
 from .schedule import CyclicSchedule

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..align.divergence import check_number, check_positive_int
+from ..checks import check_number, check_positive_int
 from ..stats.types import LayerStats
 from .activation_methods import CordaOptions, EvaOptions, corda_init, eva_init, input_spectrum
 from .common import InitResult

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..align.divergence import check_positive_int
+from ..checks import check_positive_int
 from ..quant import keep_4bit_differentiable_
 from ..targets import is_quantized, is_transposed, out_in_features, resolve_targets, unwrap_model
 from .distributed import agree_step, all_gather_objects, all_reduce_counts, all_reduce_sum_, world

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..align.divergence import check_positive_int
+from ..checks import check_positive_int
 from .distributed import world
 
 
