@@ -14,7 +14,8 @@ from .stats import LayerStats, collect_stats, load_stats, read_stats_config, sav
 __version__ = "0.1.0"
 
 __all__ = [
-    "InitConfig", "InitResult", "LayerStats", "LrSuggestion", "allocate_ranks", "collect_stats", "compute_init", "goat_aux_loss",
-    "init_factors", "initialize", "initialize_trainer", "kasa_loss", "load_goat", "load_stats", "lr_suggestion", "read_initial_adapter", "read_stats_config", "resolve_method", "save_adapter",
+    "InitConfig", "InitResult", "LayerStats", "LrSuggestion", "allocate_ranks", "collect_stats", "compute_init",
+    "goat_aux_loss", "init_factors", "initialize", "initialize_trainer", "kasa_loss", "load_goat", "load_stats",
+    "lr_suggestion", "read_initial_adapter", "read_stats_config", "resolve_method", "save_adapter",
     "save_initial_adapter", "save_stats", "shard_adapters", "stat_batches", "suggest_lr", "trainer_stat_batches",
 ]

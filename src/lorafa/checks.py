@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
+
 
 def is_real(value) -> bool:
     """A finite real number given as a number (not a string, not a bool)."""
@@ -34,3 +36,27 @@ def check_positive_int(name: str, value, low: int = 1) -> None:
                          f"{': write it without quotes' if isinstance(value, str) else ''}")
     if value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raise ValueError unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def parse_device(value, hint: str) -> torch.device | None:
+    """`value` (None, a torch.device or its string) as a torch.device; None stays None. A string that names no
+    device, another type, or 'meta' (which holds no data) is refused with `hint` (what the option is, what it takes)
+    at the start of the message."""
+    if value is None or isinstance(value, torch.device):
+        device = value
+    elif isinstance(value, str):
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"{hint}; got {value!r}, which is not a torch device ({err})") from None
+    else:
+        raise ValueError(f"{hint}; got {value!r} ({type(value).__name__})")
+    if device is not None and device.type == "meta":
+        raise ValueError(f"{hint}; 'meta' holds no data.")
+    return device

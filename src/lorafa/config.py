@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from .checks import is_real as _is_real
+from .checks import check_choice, is_real as _is_real, parse_device
 from .methods.registry import METHODS, make_options, method_needs, method_options, resolve_method
 from .stats.sketch import sketch_sizes
 
@@ -149,8 +149,8 @@ class InitConfig:
             if self.scale is not None and self.scale != self.weight:
                 raise ValueError(f"scale={self.scale!r} and its alias weight={self.weight!r} disagree: set one.")
             self.scale, self.weight = self.weight, None
-        _check_choice("sample", self.sample, ("random", "first"))
-        _check_choice("offset", self.offset, ("auto", "subtract", "none", "partial"))
+        check_choice("sample", self.sample, ("random", "first"))
+        check_choice("offset", self.offset, ("auto", "subtract", "none", "partial"))
         if self.offset == "partial" and self.method not in ("lora_one", "lora_fa"):
             raise ValueError(f"offset='partial' separates the init step from the factors' scale, which only the "
                              f"one-step methods lora_one and lora_fa have (not {self.method}).")
@@ -159,7 +159,7 @@ class InitConfig:
                              f"GOAT: the residual in the forward); offset={self.offset!r} would also offset it. Use "
                              "offset='auto'.")
         self._check_rank()
-        _check_choice("svd", self.svd, ("auto", "exact", "randomized"))
+        check_choice("svd", self.svd, ("auto", "exact", "randomized"))
         for key in ("bsz", "iters", "max_length"):
             setattr(self, key, _integer(key, getattr(self, key), 1))
         self.seed = _integer("seed", self.seed, 0, 2 ** 64 - 1)
@@ -185,8 +185,8 @@ class InitConfig:
     def _check_rank(self) -> None:
         # the allocation's settings are checked whether or not rank="auto" uses them: a bad value is an error now,
         # not when someone later turns rank="auto" on
-        _check_choice("rank_rule", self.rank_rule, RANK_RULES)
-        _check_choice("budget_by", self.budget_by, ("rank", "params"))
+        check_choice("rank_rule", self.rank_rule, RANK_RULES)
+        check_choice("budget_by", self.budget_by, ("rank", "params"))
         self.r_min = _integer("r_min", self.r_min, 0)
         if self.r_max is not None:
             self.r_max = _integer("r_max", self.r_max, 1)
@@ -271,11 +271,6 @@ def as_init_config(init_config) -> InitConfig:
                     f"{type(init_config).__name__}{hint}.")
 
 
-def _check_choice(key, value, choices):
-    if value not in choices:
-        raise ValueError(f"{key} must be one of {choices}, got {value!r}")
-
-
 def _integer(key: str, value, low: int, high: int | None = None) -> int:
     """`value` as an int in [low, high]; a bool (which Python counts as an int), a float or a string is refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -288,20 +283,8 @@ def _integer(key: str, value, low: int, high: int | None = None) -> int:
 
 
 def _accumulate_device(value):
-    """accumulate_on: None (the weights' device) or a torch device, given as a torch.device or its string."""
-    if value is None:
-        return None
-    hint = ('accumulate_on is the device of the statistics accumulators: None (the weights\' device), "cpu", "cuda", '
-            '"cuda:1", ... (a torch device)')
-    if isinstance(value, torch.device):
-        device, value = value, str(value)  # kept as its string: InitConfig is saved as JSON
-    elif isinstance(value, str):
-        try:
-            device = torch.device(value)
-        except RuntimeError as err:
-            raise ValueError(f"{hint}; got {value!r}, which is not a torch device ({err})") from None
-    else:
-        raise ValueError(f"{hint}; got {value!r} ({type(value).__name__})")
-    if device.type == "meta":
-        raise ValueError(f"{hint}; 'meta' holds no data, so the statistics would be lost.")
-    return value
+    """accumulate_on: None (the weights' device) or a torch device, given as a torch.device or its string (kept as
+    the string: InitConfig is saved as JSON)."""
+    device = parse_device(value, 'accumulate_on is the device of the statistics accumulators: None (the weights\' '
+                                 'device), "cpu", "cuda", "cuda:1", ... (a torch device)')
+    return str(device) if isinstance(value, torch.device) else value

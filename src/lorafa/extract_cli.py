@@ -194,7 +194,8 @@ def main(argv=None) -> dict:
         config = InitConfig(method="extract", metric=metric, bsz=args.bsz, iters=args.iters, seed=args.seed,
                             **({"reg": args.reg} if metric != "identity" else {}))
         loss_fn = sampled_label_loss(args.seed) if metric == "kfac" and args.fisher == "sampled" else None
-        peft_model = initialize(model, _lora_config(model, args), config, batches=train, tuned=tuned_source, loss_fn=loss_fn)
+        peft_model = initialize(model, _lora_config(model, args), config, batches=train, tuned=tuned_source,
+                                loss_fn=loss_fn)
         if i == 0:
             save_adapter(peft_model, args.out)
         if heldout:

@@ -29,7 +29,6 @@ from peft import LoraConfig, PeftModel
 
 from .config import InitConfig, as_init_config
 from .peft_bridge import initialize
-from .stats.distributed import all_gather_objects, world
 from .stats.sampling import sample_indices, shard_batches
 
 logger = logging.getLogger(__name__)
@@ -260,9 +259,7 @@ def _auto_learning_rate(trainer, peft_model, init_config: InitConfig, optimizer:
     n = options.get("max_batches", MAX_BATCHES)
     batches = trainer_stat_batches(trainer, dataclasses.replace(init_config, iters=n),
                                    require_labels=loss_fn is None, skip=init_config.iters, shard=False)
-    suggestion = suggest_lr(peft_model, batches, optimizer, rule=rule, loss_fn=loss_fn, **options)
-    if world()[1] > 1:  # the same batches everywhere; rank 0's suggestion, so no round-off can split the rates
-        suggestion = all_gather_objects(suggestion)[0]
+    suggestion = suggest_lr(peft_model, batches, optimizer, rule=rule, loss_fn=loss_fn, **options)  # rank 0's
     trainer.args.learning_rate = suggestion.lr
     _LR_SUGGESTIONS[peft_model] = suggestion
     logger.info("lorafa: learning rate %.4g from suggest_lr (%s): %s", suggestion.lr, rule, suggestion.evidence)

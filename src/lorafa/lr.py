@@ -33,11 +33,15 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+
+from .checks import check_choice, check_positive_int
+from .stats.collect import batch_to_device, checked_loss, default_loss
+from .stats.distributed import all_gather_objects, world
 
 logger = logging.getLogger(__name__)
 
@@ -70,22 +74,6 @@ class LrSuggestion:
 
 
 # -- the model's loss and its curvature products ----------------------------------------------------------------
-def _default_loss(model, batch):
-    out = model(**batch)
-    loss = getattr(out, "loss", None)
-    if loss is None:
-        raise ValueError("The model returned no loss for a batch: the batches need labels (HF-style dicts with "
-                         "input_ids, attention_mask and labels), or pass loss_fn=lambda model, batch: ...")
-    return loss
-
-
-def _to_device(batch, device):
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"Each batch must be a dict of tensors (input_ids, attention_mask, labels), got "
-                        f"{type(batch).__name__}.")
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
 
@@ -95,24 +83,21 @@ class _Probe:
     products (the products are means over the batches, as the loss is)."""
 
     def __init__(self, model, batches: list[dict], loss_fn: Callable | None):
-        self.model, self.loss_fn = model, loss_fn or _default_loss
+        self.model, self.given_loss_fn, self.loss_fn = model, loss_fn, loss_fn or default_loss
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("The model has no trainable parameters (none with requires_grad): suggest_lr measures "
                              "the loss's response to the trainable (adapter) parameters. Call it on the PeftModel "
                              "that lorafa.initialize or peft.get_peft_model returns.")
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
-        self.batches = [_to_device(b, self.params[0].device) for b in batches]
+        self.batches = [batch_to_device(b, self.params[0].device) for b in batches]
 
     @property
     def size(self) -> int:
         return sum(p.numel() for p in self.params)
 
     def _loss(self, i: int, batch: dict, strict: bool = True) -> torch.Tensor:
-        loss = self.loss_fn(self.model, batch)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
-                            f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else ''}.")
+        loss = checked_loss(self.loss_fn(self.model, batch), self.given_loss_fn)  # a one-element tensor
         if strict and not torch.isfinite(loss):
             raise ValueError(f"The loss on batch {i} is {loss.item()}, not a finite number: check the batch (labels "
                              "that are all -100 give nan) and the model's weights before choosing a rate.")
@@ -305,7 +290,7 @@ def _adam_direction(g: list[torch.Tensor], optimizer: str, eps: float) -> list[t
 
 def _adam_step(probe: _Probe, optimizer: str, seed: int, *, eps: float = 1e-8, curvature: str = "auto",
                c: float = ADAM_STEP_C) -> tuple[float, dict]:
-    _check_choice("curvature", curvature, ("auto",) + CURVATURES)
+    check_choice("curvature", curvature, ("auto",) + CURVATURES)
     loss, g = probe.gradient()
     d = _adam_direction(g, optimizer, eps)
     gd = _dot(g, d)
@@ -343,8 +328,8 @@ def _lambda_max(probe: _Probe, optimizer: str, seed: int, *, curvature: str = "h
         raise ImportError("rule='lambda_max' needs the hessian-eigenthings package: pip install 'lorafa[curvature]' "
                           "(or pip install 'hessian-eigenthings>=1.0.0a5').") from e
 
-    _check_choice("curvature", curvature, CURVATURES)
-    _check_count("steps", steps)
+    check_choice("curvature", curvature, CURVATURES)
+    check_positive_int("steps", steps)
     product = probe.hvp if curvature == "hessian" else probe.gnvp
     shapes = [p.shape for p in probe.params]
     sizes = [p.numel() for p in probe.params]
@@ -369,7 +354,7 @@ def _lambda_max(probe: _Probe, optimizer: str, seed: int, *, curvature: str = "h
 def _range_test(probe: _Probe, optimizer: str, seed: int, *, lr_min: float = RANGE_GRID[0],
                 lr_max: float = RANGE_GRID[1], factor: float = RANGE_GRID[2], steps: int = RANGE_STEPS,
                 divisor: float = RANGE_DIVISOR, eps: float = 1e-8, weight_decay: float = 0.0) -> tuple[float, dict]:
-    _check_count("steps", steps)
+    check_positive_int("steps", steps)
     if not (0 < lr_min < lr_max and factor > 1):
         raise ValueError(f"range_test needs 0 < lr_min < lr_max and factor > 1, got lr_min={lr_min}, "
                          f"lr_max={lr_max}, factor={factor}.")
@@ -418,16 +403,6 @@ def _steps(probe: _Probe, opt, steps: int) -> float:
 
 
 # -- the public entry points -------------------------------------------------------------------------------------
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _check_count(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def _rule(impl: Callable, needs_double_backward: bool) -> Callable:
     name = impl.__name__.lstrip("_")
     allowed = [p for p in inspect.signature(impl).parameters if p not in ("probe", "optimizer", "seed")]
@@ -438,8 +413,8 @@ def _rule(impl: Callable, needs_double_backward: bool) -> Callable:
         if unknown:
             raise TypeError(f"{name} has no option(s) {unknown}; its options are {allowed}.")
         optimizer = {"adam": "adamw"}.get(optimizer, optimizer)
-        _check_choice("optimizer", optimizer, OPTIMIZERS)
-        _check_count("max_batches", max_batches)
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        check_positive_int("max_batches", max_batches)
         for key, value in options.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{name}'s option {key} must be finite, got {value}")
@@ -456,6 +431,8 @@ def _rule(impl: Callable, needs_double_backward: bool) -> Callable:
         evidence = {"rule": name, "optimizer": optimizer, "lr": lr, **evidence, "n_batches": len(batches),
                     "n_params": probe.size, "dtype": str(probe.params[0].dtype).removeprefix("torch."),
                     "seed": seed, "seconds": round(time.perf_counter() - t, 3)}
+        if world()[1] > 1:  # every process trains at one rate: the main process's (round-off cannot split them)
+            lr, evidence = all_gather_objects((lr, evidence))[0]
         logger.info("suggest_lr: %s gives %.3g (%.1f s)", name, lr, evidence["seconds"])
         return LrSuggestion(lr=lr, evidence=evidence)
 
@@ -505,6 +482,9 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
         loss_fn: `loss_fn(model, batch) -> scalar tensor`; default `model(**batch).loss`.
         **options: max_batches, and the rule's options above.
 
+    Under torch.distributed every process calls it (on the same batches) and every process gets the main
+    process's suggestion.
+
     Returns:
         An LrSuggestion: `.lr` and `.evidence` (a dict: the rule, the optimiser, the mean loss at the init, the
         rule's numbers, the constant, the batches and trainable parameters counted, the dtype, the seed, seconds).
@@ -514,5 +494,5 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
             curvature, an unbracketed range test, an unknown rule, optimiser or option value.
         TypeError: an option the rule does not have, a batch that is not a dict, a loss_fn that returns no scalar.
     """
-    _check_choice("rule", rule, tuple(RULES))
+    check_choice("rule", rule, tuple(RULES))
     return RULES[rule](model, batches, optimizer, seed=seed, loss_fn=loss_fn, **options)

@@ -33,7 +33,7 @@ from .methods.lora_fa import whitener_scope
 from .methods.registry import METHODS, init_factors, make_options
 from .stats.collect import collect_stats, fsdp_sharded
 from .fsio import check_destination, remove_owned, swap_in
-from .stats.distributed import agree_step, all_gather_objects, all_reduce_sum_, world
+from .stats.distributed import agree_step, all_gather_objects, all_reduce_sum_, on_main_process, world
 from .stats.types import check_stats_dict
 from .quant import keep_4bit_differentiable_, requantize_
 from .targets import (is_quantized, is_transposed, out_in_features, resolve_targets, set_weight_matrix, unwrap_model,
@@ -698,12 +698,8 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     _check_lora_config(lora_config, init_config)
     keep_4bit_differentiable_(model)  # and so it stays for training after an evaluation (bitsandbytes' CPU kernel)
     if initial_adapter_dir is not None:  # before the statistics pass: a folder that cannot take it fails at once
-        error = None
-        try:
-            check_initial_adapter_dir(initial_adapter_dir)
-        except FileExistsError as e:
-            error = e
-        agree_step(error if world()[0] == 0 else None, True, "checking initial_adapter_dir")
+        on_main_process(lambda: check_initial_adapter_dir(initial_adapter_dir), "checking initial_adapter_dir",
+                        errors=(FileExistsError,))
     results, lora_config, summary, weights = _compute_init(model, lora_config, init_config, stats, batches, loss_fn,
                                                            progress, search_batches, align, tuned, base_weights)
     subtract = init_config.subtracts()
@@ -857,14 +853,8 @@ def save_adapter(peft_model: PeftModel, path: str | os.PathLike, *, save_initial
         error = e
     agree_step(error, True, "checking the adapter to save")  # every process raises together, or none does
     path = os.fspath(path)
-    error = None
     with _unsharded_adapters(peft_model, keep=world()[0] == 0):  # a collective under FSDP2: every process gathers
-        if world()[0] == 0:
-            try:
-                _write_adapter(peft_model, record, path, save_initial)
-            except Exception as e:  # raised below, on every process together
-                error = e
-    agree_step(error, True, "saving the adapter")
+        on_main_process(lambda: _write_adapter(peft_model, record, path, save_initial), "saving the adapter")
     return path
 
 
@@ -1032,13 +1022,7 @@ def save_initial_adapter(peft_model: PeftModel, path: str | os.PathLike) -> str:
     if record is None:
         raise ValueError("save_initial_adapter needs the model returned by lorafa.initialize in this process.")
     path = os.fspath(path)
-    error = None
-    if world()[0] == 0:
-        try:
-            write_initial_folder(peft_model, record, path)
-        except Exception as e:  # raised below, on every process together
-            error = e
-    agree_step(error, True, "writing the initial adapter")
+    on_main_process(lambda: write_initial_folder(peft_model, record, path), "writing the initial adapter")
     return path
 
 

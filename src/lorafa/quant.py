@@ -44,7 +44,8 @@ def keep_4bit_differentiable_(model: nn.Module) -> int:
     statistics pass gets no output gradient at the layer (a crash), and training silently loses the gradient through
     every such layer to the adapters below it. Here the repacking is turned off on each layer and undone where it
     already happened (`_unpacked_for_cpu`: bitsandbytes' own inverse, with the block scales put back as the fp32
-    vector its other kernels read). The model computes the same function; CPU evaluation of a 4-bit model is slower. Nothing happens on a model without such layers.
+    vector its other kernels read). The model computes the same function; CPU evaluation of a 4-bit model is slower.
+    Nothing happens on a model without such layers.
     """
     unpacked = 0
     for module in model.modules():

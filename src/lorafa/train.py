@@ -457,7 +457,6 @@ def _auto_learning_rate(cfg: RunConfig, peft_model, task, tokenizer, init_config
     the statistics and line-search samples (the same batches on every process; every process takes rank 0's
     rate). The rate and the evidence go into `out`; returns `cfg` with that rate."""
     from .lr import MAX_BATCHES, suggest_lr
-    from .stats.distributed import all_gather_objects
     from .stats.sampling import sample_indices
 
     skip = init_config.iters + (cfg.init.search_iters if init_config.line_search else 0)
@@ -466,7 +465,7 @@ def _auto_learning_rate(cfg: RunConfig, peft_model, task, tokenizer, init_config
                             skip=skip)
     batches = [collate([task.train[i] for i in idx]) for idx in chosen]
     s = suggest_lr(peft_model, batches, cfg.model.optimizer, rule=cfg.model.lr_rule, seed=init_config.seed)
-    lr, evidence = all_gather_objects((s.lr, s.evidence))[0] if world()[1] > 1 else (s.lr, s.evidence)
+    lr, evidence = s.lr, s.evidence  # the main process's, on every process
     out["learning_rate"], out["lr_suggestion"] = lr, evidence
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, learning_rate=lr))
 

@@ -97,8 +97,8 @@ def _explain_nonfinite(s: torch.Tensor, t: torch.Tensor, kind: str, what: str, t
                          f"positions used{_dtype_hint(teacher_dtype)}; or check the teacher checkpoint itself.")
     if bad_s.any():
         raise ValueError(f"{what}: the student's outputs contain NaN or +inf at {int(bad_s.sum())} of the {n} "
-                         "positions used: the training diverged (lower the learning rate) or the student overflows in float16 "
-                         "(train in bf16 or fp32).")
+                         "positions used: the training diverged (lower the learning rate) or the student overflows in "
+                         "float16 (train in bf16 or fp32).")
     if s.dim() == 2 and kind in LOGIT_KINDS:
         empty_t, empty_s = (t == -math.inf).all(-1), (s == -math.inf).all(-1)
         if empty_t.any() or empty_s.any():

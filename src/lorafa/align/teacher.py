@@ -18,6 +18,8 @@ import re
 import torch
 from torch import nn
 
+from ..checks import is_real, parse_device
+
 logger = logging.getLogger("lorafa.align")
 TEACHER_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # PEFT inits that rewrite the base weights (their disabled-adapter model is not the original)
@@ -37,19 +39,9 @@ def _outputs(out, device, hidden: bool) -> dict:
 
 def _teacher_device(device) -> torch.device | None:
     """ModelTeacher's `device` as a torch.device (None stays None); a string that names no device is refused."""
-    if device is None or isinstance(device, torch.device):
-        parsed = device
-    else:
-        try:
-            parsed = torch.device(device)
-        except (RuntimeError, TypeError, ValueError) as err:
-            raise ValueError(f"ModelTeacher's device is where the teacher runs: None (a model stays where it is, one "
-                             f"loaded by id or path follows the student), 'cpu', 'cuda', 'cuda:1', ... (a torch "
-                             f"device); got {device!r}, which is not a torch device ({err})") from None
-    if parsed is not None and parsed.type == "meta":
-        raise ValueError("ModelTeacher's device 'meta' holds no data: the teacher cannot run there; pass 'cpu', "
-                         "'cuda', ... or None")
-    return parsed
+    return parse_device(device, "ModelTeacher's device is where the teacher runs: None (a model stays where it is, "
+                                "one loaded by id or path follows the student), 'cpu', 'cuda', 'cuda:1', ... (a torch "
+                                "device)")
 
 
 class _Teacher:
@@ -81,9 +73,9 @@ class ModelTeacher(_Teacher):
         self._master = None  # fp32 copies of a half-precision teacher's parameters, for the EMA refresh
         if isinstance(model, str):
             model, self.tokenizer = self._load(model)
-            self.device = torch.device(device) if device is not None else None
+            self.device = device
         else:
-            self.device = torch.device(device) if device is not None else next(model.parameters()).device
+            self.device = device if device is not None else next(model.parameters()).device
         self.model = self._freeze(model.to(self.device) if self.device is not None else model)
 
     def _place(self, device) -> None:
@@ -127,10 +119,9 @@ class ModelTeacher(_Teacher):
                 differ); a student layer whose adapter PEFT cannot merge (GOAT: the router makes the update
                 input-dependent, so no merged weight exists).
         """
-        if not (isinstance(mu, (int, float)) and not isinstance(mu, bool) and 0 <= mu < 1):
+        if not (is_real(mu) and 0 <= mu < 1):
             raise ValueError(f"the EMA refresh needs mu, a number in [0, 1), got {mu!r}")
-        check_mergeable(student, "an EMA teacher refresh")
-        merged = dict(merged_weights(student, dtype=torch.float32))
+        merged = dict(merged_weights(student, dtype=torch.float32, what="an EMA teacher refresh"))
         own = dict(self.model.named_parameters())
         if set(own) != set(merged) or any(own[k].shape != merged[k].shape for k in own):
             extra, missing = sorted(set(own) - set(merged))[:3], sorted(set(merged) - set(own))[:3]
@@ -241,20 +232,21 @@ def check_mergeable(peft_model, what: str) -> None:
                          "the student. Use refresh=('checkpoint', path) or no refresh with GOAT.")
 
 
-def merged_weights(peft_model, dtype: torch.dtype | None = None):
+def merged_weights(peft_model, dtype: torch.dtype | None = None, what: str = "merging"):
     """(name, tensor) of the student's merged model W + ΔW, named as in the base model (no PEFT prefixes), one
     tensor at a time; the adapters' own parameters are not included. A layer with a LoRA variant (KaSA's
     B·diag(σ)·A, DoRA) is merged by the variant's own rule, as PEFT's merge does.
 
     Args:
         dtype: the tensors' dtype (default: each parameter's own; fp32 keeps small updates to a bf16 weight).
+        what: what the merged weights are for, in the error's words.
 
     Raises:
         ValueError: a layer no merged weight equals (GOAT).
     """
     from peft.tuners.lora import LoraLayer
 
-    check_mergeable(peft_model, "merging")
+    check_mergeable(peft_model, what)  # raised when the first tensor is asked for, before any is yielded
     merges = {}
     for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer):

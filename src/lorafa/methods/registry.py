@@ -61,7 +61,7 @@ def changes_base(init_config) -> bool:
     """Whether an init leaves base weights that differ from the original model's: an offset (−s·B·A, as
     `InitConfig.subtracts()`) or a method that rewrites them (KaSA's truncation). With such an init the student with
     its adapters disabled is not the original model, so it cannot serve as its own base teacher (SPEC §5)."""
-    return init_config.subtracts() or METHODS[resolve_method(init_config.method)[0]].truncates_base
+    return bool(base_change(init_config))
 
 
 def base_change(init_config) -> str:

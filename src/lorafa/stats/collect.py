@@ -336,9 +336,11 @@ def _checkpointing(model: nn.Module) -> bool:
     return False
 
 
-def _to_device(batch: Mapping, device: torch.device) -> dict:
-    if not isinstance(batch, Mapping):  # a dict, or transformers' BatchEncoding (what its collators return)
-        raise TypeError(f"Each batch must be a mapping of tensors (input_ids, attention_mask, labels), got {type(batch)}")
+def batch_to_device(batch: Mapping, device: torch.device) -> dict:
+    """A batch (a dict, or transformers' BatchEncoding, which its collators return) with its tensors on `device`."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"Each batch must be a mapping of tensors (input_ids, attention_mask, labels): it must be a "
+                        f"dict or a BatchEncoding, got {type(batch).__name__}")
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -350,7 +352,7 @@ def _check_not_empty(batch: dict, i: int) -> None:
                              "Drop empty batches (e.g. a last partial batch of 0 examples) from `batches`.")
 
 
-def _checked_loss(loss, loss_fn) -> torch.Tensor:
+def checked_loss(loss, loss_fn) -> torch.Tensor:
     """The loss of one batch, refused unless it is a one-element tensor (what backward() can start from)."""
     source = "loss_fn(model, batch)" if loss_fn is not None else "model(**batch).loss"
     if not torch.is_tensor(loss):
@@ -362,7 +364,8 @@ def _checked_loss(loss, loss_fn) -> torch.Tensor:
     return loss
 
 
-def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """`model(**batch).loss`, refused when the model returns none (no labels)."""
     out = model(**batch)
     loss = getattr(out, "loss", None)
     if loss is None:
@@ -377,13 +380,13 @@ def _one_batch(model, recorder: StatsRecorder, batch, i: int, device, needs_back
                record: bool = True) -> None:
     """One forward (and backward) pass on `batch`; with record=False nothing is recorded (an FSDP rank with no batch
     left runs such a pass so that its collectives match the other ranks')."""
-    batch = _to_device(batch, device)
+    batch = batch_to_device(batch, device)
     _check_not_empty(batch, i)
     recorder.paused = not record
     if record:
         recorder.begin_batch(batch.get("attention_mask"), batch.get("labels"), batch.get("input_ids"))
     if needs_backward:
-        loss = _checked_loss((loss_fn or _default_loss)(model, batch), loss_fn)
+        loss = checked_loss((loss_fn or default_loss)(model, batch), loss_fn)
         if not loss.requires_grad:
             raise ValueError("The loss does not depend on any target module's weights: check target_modules "
                              "and loss_fn.")

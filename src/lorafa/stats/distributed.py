@@ -82,6 +82,19 @@ def agree_step(error: Exception | None, active: bool, what: str) -> bool:
     return n_active > 0
 
 
+def on_main_process(work, what: str, errors=(Exception,)) -> None:
+    """Run `work()` on the main process only (a write), then agree: every process returns, or every process raises
+    (the main process its own error, the others RankFailedError), so none waits in a later collective. Every
+    process calls it; single-process it is `work()`."""
+    error = None
+    if world()[0] == 0:
+        try:
+            work()
+        except errors as e:  # raised by agree_step, here and (named) on the others
+            error = e
+    agree_step(error, True, what)
+
+
 def all_agree(flag: bool) -> bool:
     """True on every process if `flag` is true on every process (single-process: `flag`)."""
     if world()[1] == 1:
