@@ -491,6 +491,19 @@ def _job_table(rows: list[dict]) -> str:
                                   "init (statistics + init)", "training", "whole run"])
 
 
+def render_main_job_report(root: str, path: str = MAIN_JOB) -> str:
+    """README: the last lines the main job printed, as the runner prints them (`lorafa.cli.report_lines`) from its
+    committed `results.json`, with the paths relative to the folder the command ran in."""
+    from lorafa.cli import report_lines
+
+    with open(_path(root, path)) as f:
+        r = json.load(f)
+    run_dir = r.get("run_dir", "")
+    prefix = run_dir[:run_dir.rfind("/outputs/") + 1] if "/outputs/" in run_dir else ""
+    lines = [line.replace(prefix, "") if prefix else line for line in report_lines(r)]
+    return "```text\n" + "\n".join(lines) + "\n```\n"
+
+
 def render_first_command(root: str, path: str = FIRST_COMMAND) -> str:
     """The README's first command timed phase by phase in a fresh clone with an empty pip cache
     (benchmarks/first_command.py writes the file)."""
@@ -529,6 +542,65 @@ def render_quant(root: str, path: str = QUANT) -> str:
              ("Quantization error of the initialised nf4 model against the fp32 model:", "quant_error",
               quant.ERROR_COLUMNS)]
     return "\n".join(f"{caption}\n\n{markdown_table(rows[stem], columns)}" for caption, stem, columns in parts)
+
+
+# -- the README's "which init should I use" (the validated, rate-bracketed results) --------------------------------
+# The main inits of the H200 ablation as they are named there: (the README's label, the name of the same init in
+# the CPU validation-protocol run, if it ran there). lorafa's default LoRA-FA options (gradient target, `stable` step,
+# no offset) are spelled out in the ablation's spec.
+WHICH_INIT = {"lora_fa:target=gradient,scale=stable,offset=none": ("`lora_fa` (its defaults)", "lora_fa"),
+              "lora_one": ("`lora_one`", None), "lora": ("`lora` (PEFT's default)", "lora"), "eva": ("`eva`", None),
+              "peft_lora_ga": ("PEFT's LoRA-GA", None), "lora_ga": ("`lora_ga` (lorafa's)", None),
+              "pissa": ("`pissa`", None)}
+
+
+def _rate(x: float) -> str:
+    """A learning rate as the docs write it: 0.0032 -> 3.2e-3, 0.0002 -> 2e-4, 0.0128 -> 1.28e-2."""
+    mant, exp = f"{x:.2e}".split("e")
+    return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
+
+
+def render_which_init(root: str) -> str:
+    """README: each main init at its own rate, chosen on the validation split and bracketed: the final test loss on
+    the H200 (mean ± std over seeds) and, where it ran, on the CPU set-up; sorted by the H200 loss."""
+    _, gpu = _summary_csv(root, CAUSAL_GPU)
+    _, cpu = _summary_csv(root, CAUSAL_VAL)
+    gpu, cpu = {r["method"]: r for r in gpu}, {r["method"]: r for r in cpu}
+    rows = []
+    for spec, (label, cpu_name) in WHICH_INIT.items():
+        g = gpu[spec]
+        if g["bracketed"] != "yes":
+            raise BlockError(f"{CAUSAL_GPU}: {spec}'s rate is not bracketed; the verdict needs bracketed rates")
+        c = cpu.get(cpu_name, {})
+        rows.append({"init": label, "gpu": g["final test loss"], "seeds": g["seeds"],
+                     "gpu_lr": _rate(float(g["chosen lr"])),
+                     "cpu": c.get("final test loss") or "not run",
+                     "cpu_lr": _rate(float(c["chosen lr"])) if c else None})
+    rows.sort(key=lambda r: _mean_of(r["gpu"]))
+    return markdown_table(rows, ["init", "gpu", "seeds", "gpu_lr", "cpu", "cpu_lr"],
+                          header=["init", "H200: final test loss", "seeds", "its rate", "CPU: final test loss",
+                                  "its rate"])
+
+
+def render_rate_effect(root: str) -> str:
+    """README: what the rate does, the H200 ablation's validation loss of each main init at every rate it ran (seed
+    0, from `lr_grid.csv`); the chosen rate in bold. Ends with the range of the chosen rates."""
+    _, grid = read_table(_path(root, f"{CAUSAL_GPU}/lr_grid.csv"))
+    rates = sorted({float(r["lr"]) for r in grid if r["method"] in WHICH_INIT})
+    rows, chosen = [], []
+    for spec, (label, _) in WHICH_INIT.items():
+        row = {"init": label}
+        for r in (r for r in grid if r["method"] == spec):
+            cell = f"{float(r['final val loss']):.3f}"
+            if r["chosen"]:
+                cell = f"**{cell}**"
+                chosen.append(float(r["lr"]))
+            row[_rate(float(r["lr"]))] = cell
+        rows.append(row)
+    columns = [_rate(x) for x in rates]
+    table = markdown_table(rows, ["init"] + columns, header=["validation loss at lr"] + columns)
+    return (f"{table}\nThe best rates run from {_rate(min(chosen))} to {_rate(max(chosen))}, "
+            f"{max(chosen) / min(chosen):.0f}× apart.\n")
 
 
 # -- the registry ------------------------------------------------------------------------------------------------
@@ -649,6 +721,11 @@ BLOCKS: dict[str, Block] = {
         f"python benchmarks/stats_cost.py --fsdp --targets all --threads 2 --out {STATS_FSDP}",
         "docs/benchmarks.md: the statistics pass under FSDP2, 2 processes"),
     "quant_cpu": Block(render_quant, (QUANT,), "docs/benchmarks.md: data-aware inits on a 4-bit (nf4) SmolLM2, CPU"),
+    "main_job_report": Block(render_main_job_report, (MAIN_JOB,), "README: the main job's last lines, as it printed them"),
+    "which_init": Block(render_which_init, (f"{CAUSAL_GPU}/summary.csv", f"{CAUSAL_VAL}/summary.csv"),
+                        "README and docs/performance.md: each main init at its own bracketed rate, H200 and CPU"),
+    "rate_effect": Block(render_rate_effect, (f"{CAUSAL_GPU}/lr_grid.csv",),
+                         "README and docs/performance.md: the validation loss of each main init at every rate"),
     "init_memory": Block(render_init_memory, (f"{INIT_MEMORY}/before.json", f"{INIT_MEMORY}/after.json"),
                          "docs/main_job.md: memory of the init before and after issue 8"),
 }
