@@ -75,7 +75,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     from lorafa import InitConfig, collect_stats, initialize, load_stats, save_stats
-    from lorafa.peft_bridge import init_record
+    from lorafa.saving import init_record
 
     p = PRESETS[args.preset]
     device, dtype = pick_device(args.device)

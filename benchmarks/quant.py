@@ -278,7 +278,7 @@ def offset_errors(pm, fp_weights: dict) -> dict:
     """Per layer of an initialised nf4 PeftModel: the effective weight's error ‖Q(R) + c·s·B·A − W‖ / ‖W‖ with
     R = W − c·s·B·A the stored residual (c: the offset's share, 1 unless offset="partial"), the residual's own error
     ‖Q(R) − R‖ / ‖R‖, and ‖c·s·B·A‖ / ‖W‖."""
-    from lorafa.peft_bridge import init_record
+    from lorafa.saving import init_record
     from lorafa.quant import dequantized_weight
 
     infos = init_record(pm).infos

@@ -187,12 +187,12 @@ def test_align_init_with_a_learned_projection_trains_the_map_it_initialised_with
                                                                                  monkeypatch):
     """Widths 32 → 48: the map is a random orthonormal draw. The init's dual objective and the training must use
     the same one (and save it), so the runner builds the alignment term once."""
-    import lorafa.peft_bridge as bridge
+    import lorafa.align.term as align_term
     from lorafa.align import load_mapping
 
     built = _spy_build_term(monkeypatch)
-    used, real = [], bridge.aligned_loss
-    monkeypatch.setattr(bridge, "aligned_loss", lambda align, *a, **k: used.append(align) or real(align, *a, **k))
+    used, real = [], align_term.aligned_loss
+    monkeypatch.setattr(align_term, "aligned_loss", lambda align, *a, **k: used.append(align) or real(align, *a, **k))
     wide = _wide_teacher(tmp_path / "wide", assets)
     res = _in_process(["+init=gradient", "++init.direction=LoRA-One", *local(assets, tmp_path / "runs", steps=2),
                        "++wandb.name=ai", "++eval.enabled=false", "+align=distill", f"++align.teacher={wide}",

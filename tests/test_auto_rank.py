@@ -15,7 +15,7 @@ from peft.tuners.lora import LoraLayer
 
 import lorafa
 from lorafa import InitConfig, collect_stats
-from lorafa.peft_bridge import init_record
+from lorafa.saving import init_record
 from lorafa.ranks import eva_ranks
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # 8 layers in the tiny Llama

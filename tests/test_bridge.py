@@ -406,14 +406,14 @@ def test_offset_none_for_pissa_keeps_base(mbatches, base_logits):
         assert torch.equal(layer.get_base_layer().weight, snap[short(name) + ".weight"])
         assert layer.lora_B["default"].weight.abs().max() > 0
     assert (logits(pm, mbatches) - base_logits).abs().max() > 1e-3  # W + s·B·A with B·A = [W]_r
-    tmp_record = lorafa.peft_bridge.init_record(pm)
+    tmp_record = lorafa.saving.init_record(pm)
     assert tmp_record.subtracted is False
 
 
 def test_offset_subtract_for_lora_one_preserves(mbatches, base_logits, tmp_path):
     pm = init(tiny_llama(), "lora_one", mbatches, offset="subtract")
     assert (logits(pm, mbatches) - base_logits).abs().max() < 1e-5
-    assert lorafa.peft_bridge.init_record(pm).subtracted is True
+    assert lorafa.saving.init_record(pm).subtracted is True
     train(pm, mbatches)
     trained = logits(pm, mbatches)
     lorafa.save_adapter(pm, tmp_path)
@@ -517,7 +517,7 @@ def test_init_config_may_be_a_dict_of_its_fields(mbatches):
     """As initialize_trainer does: a dict is InitConfig(**dict); a string or another type is a TypeError."""
     pm = lorafa.initialize(tiny_llama(), lora_config(), {"method": "lora_ga", "iters": 2}, batches=mbatches,
                            progress=False)
-    assert lorafa.peft_bridge.init_record(pm).init_config == InitConfig(method="lora_ga", iters=2)
+    assert lorafa.saving.init_record(pm).init_config == InitConfig(method="lora_ga", iters=2)
     with pytest.raises(TypeError, match=r"got str \('pissa'\): write InitConfig\(method='pissa'\)"):
         lorafa.initialize(tiny_llama(), lora_config(), "pissa", progress=False)
     with pytest.raises(TypeError, match=r"init_config must be a lorafa.InitConfig .* got list"):
@@ -566,7 +566,7 @@ def test_initial_adapter_dir_lets_a_copy_or_another_process_save(method, mbatche
     init_dir = tmp_path / "initial_adapter"
     pm = lorafa.initialize(tiny_llama(), lora_config(), InitConfig(method=method), batches=mbatches, progress=False,
                            initial_adapter_dir=init_dir)
-    assert lorafa.peft_bridge.init_record(pm).initial_state is None
+    assert lorafa.saving.init_record(pm).initial_state is None
     assert {"adapter_model.safetensors", "adapter_config.json", "lorafa_init.json"} <= saved_files(init_dir)
     assert not [n for n in saved_files(tmp_path) if n.startswith(".lorafa-initial-")]
     record = lorafa.read_initial_adapter(init_dir)

@@ -154,7 +154,7 @@ def test_peft_flow_errors():
 def test_plain_configs_pass_through_to_peft():
     pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
     assert isinstance(pm, PeftModel)
-    assert lorafa.peft_bridge.init_record(pm) is None
+    assert lorafa.saving.init_record(pm) is None
 
 
 

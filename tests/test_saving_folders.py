@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import lorafa
 from lorafa import fsio
-from lorafa.peft_bridge import INITIAL_FILES, is_initial_adapter
+from lorafa.saving import INITIAL_FILES, is_initial_adapter
 
 TARGETS = ["q_proj", "v_proj"]
 

@@ -17,7 +17,7 @@ from torch import nn
 import lorafa
 from lorafa import InitConfig, collect_stats, init_factors
 from lorafa.methods.lora_one import kfac_curvature, kfac_step
-from lorafa.peft_bridge import init_record
+from lorafa.saving import init_record
 
 TARGETS = ["q_proj", "v_proj", "o_proj"]
 

@@ -6,9 +6,10 @@ from .integrations import initialize_trainer, lr_suggestion, trainer_stat_batche
 from .kasa import kasa_loss
 from .lr import LrSuggestion, suggest_lr
 from .methods import InitResult, init_factors, resolve_method
-from .peft_bridge import (compute_init, initialize, read_initial_adapter, save_adapter, save_initial_adapter,
-                          shard_adapters)
+from .fsdp import shard_adapters
+from .peft_bridge import compute_init, initialize
 from .ranks import allocate_ranks
+from .saving import read_initial_adapter, save_adapter, save_initial_adapter
 from .stats import LayerStats, collect_stats, load_stats, read_stats_config, save_stats, stat_batches
 
 __version__ = "0.1.0"

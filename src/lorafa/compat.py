@@ -26,8 +26,8 @@ from torch import nn
 from .config import InitConfig
 from .methods.lora_ga import LoraGAOptions
 from .fsio import remove_owned
-from .peft_bridge import (INITIAL_FILES, init_record, initialize, is_initial_adapter, save_adapter,
-                          write_initial_folder)
+from .peft_bridge import initialize
+from .saving import INITIAL_FILES, init_record, is_initial_adapter, save_adapter, write_initial_folder
 from .stats import LayerStats, StatsRecorder, collect_stats, load_stats, save_stats
 from .targets import SUPPORTED_LAYERS, resolve_targets, unwrap_model
 

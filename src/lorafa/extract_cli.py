@@ -121,9 +121,9 @@ class _Checkpoint:
     `dtype`."""
 
     def __init__(self, folder: str, dtype: torch.dtype):
-        from .peft_bridge import _checkpoint_tensors
+        from .weights import CheckpointTensors
 
-        self._tensors, self.dtype = _checkpoint_tensors(folder), dtype
+        self._tensors, self.dtype = CheckpointTensors(folder), dtype
 
     def __contains__(self, key) -> bool:
         return key in self._tensors
@@ -137,7 +137,7 @@ def check_tuned_differs(base, lora_config, tuned) -> list[str]:
     written: raises when the fine-tune equals the base on every target layer. The layers it left unchanged are named
     by `initialize`'s own check, once per extraction."""
     from .methods.extract import check_difference
-    from .peft_bridge import tuned_weights
+    from .weights import tuned_weights
     from .targets import resolve_targets, weight_matrix
 
     targets = resolve_targets(base, lora_config)

@@ -1,4 +1,4 @@
-"""Which modules are adapted, and how their weights read as the SPEC's `m × n` matrix.
+"""Which modules are adapted, each one's rank and scale, and how their weights read as the SPEC's `m × n` matrix.
 
 PEFT decides what a `target_modules` entry matches; we reuse its matcher so that the statistics pass and
 `get_peft_model` always agree on the set of layers. What we add is the checking PEFT does not do: every entry must
@@ -8,11 +8,13 @@ match something, every match must be a layer whose weight we can read and change
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable
 
 import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -163,7 +165,14 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     w = module.weight.detach()
     if hasattr(w, "full_tensor"):  # a DTensor (FSDP2 shard): one layer's full weight, gathered on every rank
         w = w.full_tensor()
-    return (w.t() if is_transposed(module) else w).float().clone()
+    return as_matrix(w, module).clone()
+
+
+def as_matrix(w: torch.Tensor, like: nn.Module) -> torch.Tensor:
+    """A weight tensor stored as `like` stores its weight (Conv1D: in × out), as the fp32 `out × in` matrix (no copy
+    when it already is one)."""
+    w = w.detach()
+    return (w.t() if is_transposed(like) else w).float()
 
 
 @torch.no_grad()
@@ -187,3 +196,10 @@ def out_in_features(module: nn.Module) -> tuple[int, int]:
         return module.out_features, module.in_features
     w = module.weight
     return (w.shape[1], w.shape[0]) if is_transposed(module) else (w.shape[0], w.shape[1])
+
+
+def layer_rank_and_scaling(lora_config: LoraConfig, name: str) -> tuple[int, float]:
+    """r and s for one module, resolving rank_pattern/alpha_pattern exactly as PEFT does."""
+    r = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), name), lora_config.r)
+    alpha = lora_config.alpha_pattern.get(get_pattern_key(lora_config.alpha_pattern.keys(), name), lora_config.lora_alpha)
+    return r, alpha / math.sqrt(r) if lora_config.use_rslora else alpha / r

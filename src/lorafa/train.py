@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from .peft_bridge import initialize, save_adapter
+from .peft_bridge import initialize
 from .runconfig import RunConfig
+from .saving import save_adapter
 from .fsio import write_json
 from .run_io import MetricsLogger, plot_curves, prepare_run_dir, report_to, resolve_targets_keyword
 from .stats import collect_stats, load_cached_stats, save_stats, stat_batches, weights_fingerprint
@@ -134,7 +135,7 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
     batches = stat_batches(task.train, collate, init_config.bsz, init_config.iters, init_config.sample, init_config.seed)
     loss_fn = None
     if init_config.align_init:
-        from .peft_bridge import aligned_loss
+        from .align.term import aligned_loss
 
         loss_fn = aligned_loss(align_term, init_config.align_lambda)
     stats = collect_stats(model, batches, targets, kinds=(init_config.needs,), sketch=init_config.sketch_sizes,
@@ -481,7 +482,7 @@ def _tuned_model(cfg: RunConfig, model, lora_config, init_config, task, dtype):
     before the statistics pass (None for the other methods)."""
     if init_config.method != "extract":
         return None
-    from .peft_bridge import tuned_weights
+    from .weights import tuned_weights
     from .targets import resolve_targets
 
     from .align import ModelTeacher
@@ -508,7 +509,7 @@ def _align_report(cfg: RunConfig, term, adapter_dir: str, state) -> dict:
 def _init_report(peft_model, run_dir: str, state) -> dict:
     """What the init chose, for the run's results: each layer's rank and initial step, the line search's tries, and
     a rank allocation (ranks.json and ranks.png in the run folder)."""
-    from .peft_bridge import init_record
+    from .saving import init_record
     from .ranks import write_ranks
 
     record = init_record(peft_model)

@@ -195,7 +195,7 @@ def base_change(peft_model) -> str:
     from peft.tuners.lora.variants import KasaLinearVariant
 
     from ..methods.registry import base_change as init_change
-    from ..peft_bridge import init_record
+    from ..saving import init_record
 
     record = init_record(peft_model)
     if record is not None:

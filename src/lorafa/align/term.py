@@ -1,5 +1,6 @@
 """The alignment loss term (SPEC §5): λ(step) · D(φ(student(x)), ψ(teacher(x))), for `lorafa.terms.TermsTrainer`
-or a user's own loop."""
+or a user's own loop; and `aligned_loss`, the dual objective L_task + λ·D that a teacher-aware init computes its
+statistics and line search on."""
 
 from __future__ import annotations
 
@@ -163,3 +164,24 @@ def _check_refresh(refresh, teacher, student=None):
 
         check_mergeable(student, "refresh=('ema', mu)")
     return how, arg
+
+
+def aligned_loss(align, lambda_: float, loss_fn=None):
+    """`loss_fn(model, batch)` = L_task + λ · D(model, teacher), the dual objective of SPEC §5 at the init.
+
+    Args:
+        align: a `lorafa.align.AlignmentTerm` (its teacher must be a separate model: against the model itself D and
+            its gradient are 0 at the start).
+        lambda_: λ.
+        loss_fn: the task loss (default `model(**batch).loss`).
+    """
+    if not hasattr(align, "teacher") or not hasattr(align.teacher, "refresh_ema"):
+        raise ValueError("align_init needs an AlignmentTerm with a separate teacher model (ModelTeacher): against "
+                         "the base model itself the alignment gradient is 0 at the start")
+
+    def loss(model, batch):
+        out = model(**batch, **({"output_hidden_states": True} if align.needs_hidden else {}))
+        task = loss_fn(model, batch) if loss_fn is not None else out.loss
+        return task + lambda_ * align(model, batch, out, 0)
+
+    return loss
