@@ -133,6 +133,7 @@ def _check_trainer(trainer) -> None:
                          "initialize_trainer on a freshly built trainer, before train().")
 
 
+# Not merged with train._checkpointing_arg (sets the field) or peft_bridge.quiet_checkpointing_rename (a warning).
 def _checkpointing(args) -> bool:
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name is an alias)
     return bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))

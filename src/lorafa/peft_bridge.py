@@ -311,6 +311,8 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     return peft_model
 
 
+# One of the shims for transformers 5's gradient -> activation checkpointing rename, each a different job: this hides
+# PEFT's warning; train._checkpointing_arg sets the TrainingArguments field, integrations._checkpointing reads it.
 @contextmanager
 def quiet_checkpointing_rename():
     """PEFT reads transformers' old `is_gradient_checkpointing` property, which warns since transformers 5; the

@@ -238,6 +238,7 @@ def _evaluate_at_end():
     return EvaluateAtEnd()
 
 
+# Not merged with integrations._checkpointing (reads the field) or peft_bridge.quiet_checkpointing_rename (a warning).
 def _checkpointing_arg(enabled: bool) -> dict:
     """transformers 5 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns)."""
     import inspect
