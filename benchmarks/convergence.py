@@ -118,7 +118,11 @@ VARIANTS = ["lora", "lora_fa", "kasa", "goat", "lora_fa+lora_pro"]
 ABLATIONS = {"design": ABLATION, "damping": DAMPING, "optimizers": OPTIMIZERS, "variants": VARIANTS}
 # +flag -> the optimiser: "" AdamW, prec PEFT's create_riemannian_optimizer, kfac/kfac_sgd lorafa's K-FAC one,
 # lora_pro AdamW on LoRA-Pro's adjusted gradients (SPEC §9)
-OPTIMIZER_FLAGS = ("", "prec", "kfac", "kfac_sgd", "lora_pro")
+OPTIMIZER_FLAGS = ("", "prec", "kfac", "kfac_sgd", "lora_pro", "prodigy", "sf")
+# The learning-rate-free rows (issue 23): +prodigy is Prodigy (prodigyopt) at its documented lr 1.0 under the same
+# warm-up + cosine schedule as AdamW; +sf is schedule-free AdamW (schedulefree) at its default lr 0.0025 with the
+# same warm-up steps and no schedule. Neither has a rate to choose: each runs only at FREE_LRS[flag].
+FREE_LRS = {"prodigy": 1.0, "sf": 0.0025}
 
 
 @dataclasses.dataclass
@@ -166,7 +170,7 @@ def parse_spec(spec: str) -> tuple[str, str, dict]:
     if flag not in OPTIMIZER_FLAGS:
         raise ValueError(f"Unknown flag +{flag} in {spec!r}: the flags are +prec (PEFT's Riemannian preconditioner), "
                          "+kfac (AdamW on K-FAC-preconditioned gradients), +kfac_sgd (SGD on them) and +lora_pro "
-                         "(AdamW on LoRA-Pro's adjusted gradients).")
+                         "(AdamW on LoRA-Pro's adjusted gradients), +prodigy (Prodigy) and +sf (schedule-free AdamW).")
     if not name:
         raise ValueError(f"No method name in spec {spec!r}.")
     options = {}
@@ -373,7 +377,7 @@ def method_terms(spec: str) -> list:
     return terms_of(InitConfig(method=name, **options))
 
 
-def optimizer(model, lr: float, flag: str, args, stats=None):
+def optimizer(model, lr: float, flag: str, args, stats=None, warmup: int = 1):
     params = [q for q in model.parameters() if q.requires_grad]
     if flag == "prec":
         from peft.optimizers import create_riemannian_optimizer
@@ -388,11 +392,24 @@ def optimizer(model, lr: float, flag: str, args, stats=None):
         from lorafa.optim import create_lora_pro_optimizer
 
         return create_lora_pro_optimizer(model, torch.optim.AdamW, lr=lr, moments="factor", weight_decay=0.0)
+    if flag == "prodigy":
+        from prodigyopt import Prodigy
+
+        # safeguard_warmup: Prodigy's advice when the schedule has a warm-up (ours does)
+        return Prodigy(params, lr=lr, weight_decay=0.0, safeguard_warmup=True)
+    if flag == "sf":
+        from schedulefree import AdamWScheduleFree
+
+        return AdamWScheduleFree(params, lr=lr, weight_decay=0.0, warmup_steps=warmup)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
+def warmup_steps(p: Preset) -> int:
+    return max(1, round(p.warmup * p.steps))
+
+
 def schedule(step: int, p: Preset) -> float:
-    warm = max(1, round(p.warmup * p.steps))
+    warm = warmup_steps(p)
     if step < warm:
         return (step + 1) / warm
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, p.steps - warm)))
@@ -403,8 +420,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_one(job: dict) -> dict:
-    """Init + train + evaluate one (method, lr, seed); returns the result dict (and writes it to job["path"])."""
+def prepare(job: dict):
+    """A job's set-up: (args, preset, device, task, model, collate, seed, data split), the model loaded (with the
+    probed head where the job has one) and torch seeded with the job's seed."""
     args, p = argparse.Namespace(**job["args"]), Preset(**job["preset"])
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -414,7 +432,14 @@ def run_one(job: dict) -> dict:
         model.classifier.load_state_dict(torch.load(job["probe"]))
     seed = job["seed"]
     torch.manual_seed(seed)
-    split = data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters, seed)
+    return args, p, device, task, model, collate, seed, data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters,
+                                                                   seed)
+
+
+def run_one(job: dict) -> dict:
+    """Init + train + evaluate one (method, lr, seed); returns the result dict (and writes it to job["path"]). A job
+    whose lr is "auto" trains at `suggest_rate`'s rate (from the first `lr_batches` training batches, default 2)."""
+    args, p, device, task, model, collate, seed, split = prepare(job)
     test_set, val_set = task.test[: p.n_heldout], [task.train[i] for i in split["val"]]
     res = {"format": FORMAT, "method": job["method"], "lr": job["lr"], "seed": seed, "device": device_info(),
            "n_val": len(val_set), "n_test": len(test_set)}
@@ -434,13 +459,20 @@ def run_one(job: dict) -> dict:
 
     evaluate(0, res["init_s"])  # after the init
     _, flag, _ = parse_spec(job["method"])
-    opt = optimizer(model, job["lr"], flag, args, stats)
+    order = train_order(split["train"], p, seed)
+    if job["lr"] == "auto":  # the rate from lorafa.suggest_lr on the first training batches (outside the init's)
+        res.update(suggest_rate(model, [to_device(collate([task.train[i] for i in idx]), device)
+                                        for idx in order[:job.get("lr_batches", 2)]], job, seed))
+    opt = optimizer(model, res["lr"], flag, args, stats, warmup=warmup_steps(p))
     del stats
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, p))
+    # schedule-free AdamW has its own warm-up and no schedule; its evaluation point is set by opt.eval()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: 1.0) if flag == "sf" else (lambda s: schedule(s, p)))
     terms = method_terms(job["method"])
     model.train()
+    if flag == "sf":
+        opt.train()
     train_losses, train_s = [], 0.0
-    for step, idx in enumerate(train_order(split["train"], p, seed), start=1):
+    for step, idx in enumerate(order, start=1):
         _sync(device)
         t0 = time.perf_counter()
         batch = to_device(collate([task.train[i] for i in idx]), device)
@@ -458,8 +490,15 @@ def run_one(job: dict) -> dict:
         _sync(device)
         train_s += time.perf_counter() - t0
         if step % p.eval_every == 0 or step == p.steps:
+            if flag == "sf":
+                opt.eval()
             evaluate(step, res["init_s"] + train_s)
+            if flag == "sf":
+                opt.train()
+                model.train()
     res["train_s"], res["eval_s"], res["train_losses"] = train_s, eval_s, train_losses
+    if flag == "sf":
+        opt.eval()
     if task.kind == "classification":
         res["test_acc"] = heldout(model, task.test, collate, device, batch_size=64)["acc"]
     diverged = "diverged_at" in res
@@ -467,6 +506,19 @@ def run_one(job: dict) -> dict:
     res["final_val_loss"] = float("inf") if diverged else res["val_curve"][-1][1]
     write_json(job["path"], res)
     return res
+
+
+def suggest_rate(model, batches: list[dict], job: dict, seed: int) -> dict:
+    """`lorafa.suggest_lr` on `batches` with the job's rule and options (`lr_rule`, `lr_options`): the run-file keys
+    lr (the suggestion), auto (the rule), lr_suggestion (its evidence) and suggest_s (its wall seconds)."""
+    from lorafa import suggest_lr
+
+    t0 = time.perf_counter()
+    sug = suggest_lr(model, batches, "adamw", rule=job.get("lr_rule", "adam_step"), seed=seed,
+                     **job.get("lr_options", {}))
+    model.zero_grad(set_to_none=True)
+    return {"lr": sug.lr, "auto": job.get("lr_rule", "adam_step"), "lr_suggestion": sug.evidence,
+            "suggest_s": time.perf_counter() - t0}
 
 
 # -- choosing the learning rate ---------------------------------------------------------------------------------
@@ -573,11 +625,11 @@ def run_jobs(jobs: list[dict], n_parallel: int, run: bool = True, failed: dict |
                 runs = pool.imap_unordered(_run_caught, todo)
             for r in runs:
                 if "error" in r:
-                    logging.error("%s lr=%g seed=%d FAILED:\n%s", r["method"], r["lr"], r["seed"], r["error"])
+                    logging.error("%s lr=%s seed=%d FAILED:\n%s", r["method"], r["lr"], r["seed"], r["error"])
                     if failed is not None:
                         failed.setdefault(r["method"], r["error"])
                     continue
-                logging.info("%-32s lr=%g seed=%d val=%.4f test=%.4f init %.1fs", r["method"], r["lr"], r["seed"],
+                logging.info("%-32s lr=%.4g seed=%d val=%.4f test=%.4f init %.1fs", r["method"], r["lr"], r["seed"],
                              r["final_val_loss"], r["final_loss"], r["init_s"])
     return [json.load(open(j["path"])) for j in jobs if os.path.exists(j["path"])]
 
@@ -863,7 +915,8 @@ def plot_bars(s: dict, out: str, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (also what benchmarks/rate.py passes through to build its jobs)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="causal")
     ap.add_argument("--methods", nargs="+", default=None, help=f"method specs (default: {' '.join(METHODS)})")
@@ -901,14 +954,24 @@ def main(argv=None) -> None:
     ap.add_argument("--summary-only", action="store_true", help="summarise the runs present, run nothing")
     ap.add_argument("--full-grid", action="store_true",
                     help="run every rate of the grid, not only the ones that can win")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return ap
+
+
+def resolve_preset(args) -> Preset:
+    """The preset with the command line's replacements (and the GPU recipe's larger batch on CUDA)."""
     preset = PRESETS[args.preset]
     if pick_device(args.device)[0].type == "cuda" and args.batch is None:  # the GPU recipe: a larger batch
         preset = dataclasses.replace(preset, batch=preset.batch * 4)
-    p = dataclasses.replace(preset, **{k: v for k, v in dict(
+    return dataclasses.replace(preset, **{k: v for k, v in dict(
         steps=args.steps, eval_every=args.eval_every, n_heldout=args.n_heldout, batch=args.batch,
         lrs=args.lrs, n_val=args.n_val, model=args.model).items() if v is not None})
+
+
+def main(argv=None) -> None:
+    ap = parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    p = resolve_preset(args)
     if args.probe and args.preset != "classification":
         ap.error("--probe is for the classification preset")
     if args.max_extend < 0:
@@ -964,8 +1027,10 @@ def main(argv=None) -> None:
         return {"method": m, "lr": lr, "seed": s, "args": vars(args), "preset": dataclasses.asdict(p),
                 "probe": probe_files.get(s), "path": os.path.join(runs_dir, run_id(m, lr, s) + ".json")}
 
-    lrs_of = {m: (p.full_lrs if m == "full" else p.sgd_lrs if parse_spec(m)[1] == "kfac_sgd" else p.lrs)
+    lrs_of = {m: (p.full_lrs if m == "full" else p.sgd_lrs if parse_spec(m)[1] == "kfac_sgd"
+                  else [FREE_LRS[parse_spec(m)[1]]] if parse_spec(m)[1] in FREE_LRS else p.lrs)
               for m in grid_methods}
+    extend_of = {m: 0 if parse_spec(m)[1] in FREE_LRS else args.max_extend for m in grid_methods}  # no rate to choose
     ratio_of = {m: grid_ratio(lrs_of[m], default=grid_ratio(p.lrs)) for m in grid_methods}
     s0, first, failed = args.seeds[0], [], {}
     while True:  # the grid at the first seed, extended until every best validation rate is bracketed or capped
@@ -974,7 +1039,7 @@ def main(argv=None) -> None:
             if m in failed:  # a run of it raised: it leaves the benchmark (the error is in the log and meta.json)
                 continue
             losses = {r["lr"]: r["final_val_loss"] for r in first if r["method"] == m}
-            todo[m] = next_rates(losses, lrs_of[m], ratio_of[m], args.max_extend, args.full_grid)["next"]
+            todo[m] = next_rates(losses, lrs_of[m], ratio_of[m], extend_of[m], args.full_grid)["next"]
         # interleaved (every method's first rate, then every second one...) so an interrupted run leaves each some
         jobs = [job(m, todo[m][i], s0) for i in range(max(map(len, todo.values()), default=0))
                 for m in grid_methods if i < len(todo[m])]

@@ -1,0 +1,329 @@
+"""The learning-rate benchmark (issue 23): does the rate `lorafa.suggest_lr` picks at the init land where a bracketed
+grid's best rate does, for every init, at a small fraction of one run's cost? And do the rate-free optimisers
+(Prodigy, schedule-free AdamW) get there with no rate at all?
+
+The stages share one results folder `OUT` and resume where they stopped (one JSON per run or probe):
+
+1. **The grid** is convergence.py's protocol with 2×-spaced rates (bracketed, chosen on the validation split at the
+   first seed, then run at every seed), into `OUT/grid`; the rate-free rows are its `lora+prodigy` and `lora+sf`
+   specs (each at its one documented rate, `convergence.FREE_LRS`). E.g. on the classification preset:
+
+       python benchmarks/convergence.py --preset classification --lrs 0.0015 0.003 0.006 --max-extend 4 \\
+           --eval-every 20 --seeds 0 1 2 --threads 1 --out benchmarks/results/rate_cls/grid \\
+           --methods lora lora_fa lora_one lora_ga pissa eva peft_lora_ga lora+prodigy lora+sf
+
+2. `probe`: for every init and seed, the init and then each rule's raw number (its constant set to 1: c·η* with
+   c = 1, c/λ_max with c = 1, the range test's best rate undivided) on the first 2 training batches, the batches
+   an auto run would use. -> `OUT/probes/<init>_s<seed>.json`
+3. `fit`: each rule's constant from **default LoRA alone** on this preset: k = (grid-best rate) / (raw number), the
+   raw numbers' geometric mean over the seeds. Every other init and preset then uses the same k (`--fit PATH` reads
+   another preset's fit.json). -> `OUT/fit.json`
+4. `auto`: every init and seed trained at `suggest_lr`'s rate with `--rule` and its fitted constant (convergence's
+   run with lr "auto"). -> `OUT/auto/<init>_s<seed>.json`
+5. `summary`: the tables (`OUT/summary.md|csv`: grid-best against auto per init, with the targets;
+   `OUT/rules.md|csv`: every rule's fitted rate per init, and the grid's validation loss at that rate, interpolated
+   in log rate; `OUT/step0.md|csv`: the held-out losses right after each init against the base model's) and the
+   figure `OUT/rate.png` (final validation loss against rate, one line per init, each auto run marked).
+
+    python benchmarks/rate.py probe   --preset classification --out benchmarks/results/rate_cls --seeds 0 1 2
+    python benchmarks/rate.py fit     --preset classification --out benchmarks/results/rate_cls
+    python benchmarks/rate.py auto    --preset classification --out benchmarks/results/rate_cls --seeds 0 1 2 \\
+        --rule adam_step
+    python benchmarks/rate.py summary --preset classification --out benchmarks/results/rate_cls
+
+Options after the stage's own (`--preset`, `--out`, `--inits`, `--seeds`, `--rule`, `--fit`) go to convergence.py's
+command line (e.g. `--eval-every 20 --threads 1`), so the probes and auto runs are built exactly as the grid's runs
+are; they must be the same options the grid was run with.
+
+The targets (issue 23): (a) auto's mean final test loss within one seed-std (the grid-best's) of the grid-best's, for
+every init; (b) the suggestion costs <= 25% of one run (the grid-best runs' init + training seconds); (c) one lorafa
+run (the best lorafa init at its auto rate) ends at or below default LoRA's grid-best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import convergence as cv  # noqa: E402
+from common import save_figure, write_json, write_table  # noqa: E402
+
+INITS = ["lora", "lora_fa", "lora_one", "lora_ga", "pissa", "eva", "peft_lora_ga"]
+FREE = ["lora+prodigy", "lora+sf"]
+RULES = ("adam_step", "lambda_max", "range_test")
+RAW = {"adam_step": {"c": 1.0}, "lambda_max": {"c": 1.0}, "range_test": {"divisor": 1.0}}  # constant set to 1
+LORAFA_INITS = ("lora_fa", "lora_one", "lora_ga", "eva")  # the inits lorafa computes (target (c))
+
+
+def constant_option(rule: str, k: float) -> dict:
+    """The suggest_lr option that makes the rule's rate k × its raw number."""
+    return {"divisor": 1.0 / k} if rule == "range_test" else {"c": k}
+
+
+# -- running ------------------------------------------------------------------------------------------------------
+def _jobs(args, cargs, p, kind: str) -> list[dict]:
+    import dataclasses
+
+    folder = os.path.join(args.out, kind)
+    os.makedirs(folder, exist_ok=True)
+    jobs = []
+    for m in args.inits:
+        for s in args.seeds:
+            job = {"method": m, "lr": "auto", "seed": s, "args": vars(cargs), "preset": dataclasses.asdict(p),
+                   "probe": None, "path": os.path.join(folder, f"{cv.spec_slug(m)}_s{s}.json")}
+            if kind == "auto":
+                job.update(lr_rule=args.rule, lr_options=constant_option(args.rule, args.k))
+            jobs.append(job)
+    return jobs
+
+
+def probe_one(job: dict) -> dict:
+    """The init, then every rule's raw suggestion on the first 2 training batches; written to job["path"]."""
+    from lorafa import suggest_lr
+
+    cargs, p, device, task, model, collate, seed, split = cv.prepare(job)
+    t0 = time.perf_counter()
+    model, _ = cv.build(job["method"], model, task, collate, p, cargs, seed, device, split["init"])
+    res = {"method": job["method"], "seed": seed, "init_s": time.perf_counter() - t0, "device": cv.device_info(),
+           "rules": {}}
+    batches = [cv.to_device(collate([task.train[i] for i in idx]), device)
+               for idx in cv.train_order(split["train"], p, seed)[:2]]
+    for rule in RULES:
+        t0 = time.perf_counter()
+        try:
+            sug = suggest_lr(model, batches, "adamw", rule=rule, seed=seed, **RAW[rule])
+            res["rules"][rule] = {"raw": sug.lr, "evidence": sug.evidence, "seconds": time.perf_counter() - t0}
+        except ValueError as e:  # e.g. no positive curvature: recorded, the rule has no number for this init
+            res["rules"][rule] = {"raw": None, "error": str(e), "seconds": time.perf_counter() - t0}
+        model.zero_grad(set_to_none=True)
+    write_json(job["path"], res)
+    return res
+
+
+def _run(jobs: list[dict], fn) -> None:
+    import multiprocessing as mp
+
+    todo = [j for j in jobs if not os.path.exists(j["path"])]
+    logging.info("%d jobs (%d cached)", len(jobs), len(jobs) - len(todo))
+    os.environ.update(cv.MALLOC_ENV)
+    with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for r in pool.imap_unordered(fn, todo):
+            if "error" in r:
+                logging.error("%s seed %d FAILED:\n%s", r["method"], r["seed"], r["error"])
+                continue
+            logging.info("%s seed %d: %s", r["method"], r["seed"],
+                         {k: v.get("raw") for k, v in r["rules"].items()} if "rules" in r
+                         else f"lr {r['lr']:.4g} val {r['final_val_loss']:.4f} test {r['final_loss']:.4f}")
+
+
+# -- reading the results ------------------------------------------------------------------------------------------
+def _load(folder: str) -> list[dict]:
+    if not os.path.isdir(folder):
+        return []
+    return [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
+
+
+def _gmean(xs) -> float:
+    xs = [x for x in xs if x is not None and x > 0]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else math.nan
+
+
+def grid_of(out: str) -> dict:
+    """{init: {"val": {lr: seed-0 final val loss}, "best": lr, "edge": ..., "runs": [the best rate's runs]}} from
+    `OUT/grid` (convergence.py's folder; the first seed is meta.json's)."""
+    runs, _ = cv.saved_runs(os.path.join(out, "grid"))
+    s0 = cv.first_seed(os.path.join(out, "grid"))
+    grid = {}
+    for m in {r["method"] for r in runs}:
+        val = {r["lr"]: r["final_val_loss"] for r in runs if r["method"] == m and r["seed"] == s0}
+        best, edge = cv.choose_rate(val)
+        grid[m] = {"val": val, "best": best, "edge": edge,
+                   "runs": [r for r in runs if r["method"] == m and r["lr"] == best]}
+    return grid
+
+
+def interpolate(val: dict, lr: float) -> tuple[float, str | None]:
+    """The grid's validation loss at `lr`, linear in log rate between the two grid points around it; outside the
+    grid, the nearest end's loss and "below"/"above"."""
+    pts = sorted((k, cv._finite(v)) for k, v in val.items())
+    if lr <= pts[0][0]:
+        return pts[0][1], ("below" if lr < pts[0][0] * (1 - 1e-9) else None)
+    if lr >= pts[-1][0]:
+        return pts[-1][1], ("above" if lr > pts[-1][0] * (1 + 1e-9) else None)
+    for (a, la), (b, lb) in zip(pts, pts[1:]):
+        if a <= lr <= b:
+            if not (math.isfinite(la) and math.isfinite(lb)):
+                return max(la, lb), None
+            t = math.log(lr / a) / math.log(b / a)
+            return la + t * (lb - la), None
+    raise AssertionError("unreachable")
+
+
+def fit(out: str) -> dict:
+    """Each rule's constant from default LoRA alone: k = grid-best rate / geometric mean of the raw numbers."""
+    grid = grid_of(out)
+    if "lora" not in grid:
+        raise SystemExit(f"no default-LoRA grid in {out}/grid: run the grid first (see the module docstring)")
+    probes = [r for r in _load(os.path.join(out, "probes")) if r["method"] == "lora"]
+    if not probes:
+        raise SystemExit(f"no default-LoRA probes in {out}/probes: run `rate.py probe` first")
+    best = grid["lora"]["best"]
+    fitted = {}
+    for rule in RULES:
+        raw = _gmean(r["rules"][rule]["raw"] for r in probes)
+        fitted[rule] = {"k": best / raw if raw == raw else None, "raw_lora": raw, "seeds": [r["seed"] for r in probes]}
+    res = {"preset_dir": out, "fitted_on": "lora", "grid_best_lora": best, "edge": grid["lora"]["edge"],
+           "rules": fitted}
+    write_json(os.path.join(out, "fit.json"), res)
+    return res
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None]
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan) if xs else (math.nan, math.nan)
+
+
+def _f(x, d=3) -> str | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
+
+
+def _g(x) -> str | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+
+def summarise(out: str, fit_path: str, title: str) -> dict:
+    grid = grid_of(out)
+    with open(fit_path) as f:
+        fitted = json.load(f)
+    probes, autos = _load(os.path.join(out, "probes")), _load(os.path.join(out, "auto"))
+    inits = [m for m in INITS if m in grid]
+    rows, rule_rows, step0 = [], [], []
+    verdict = {"a": [], "b": [], "c": None}
+    for m in inits:
+        g = grid[m]
+        best_mean, best_std = _mean_std([r["final_loss"] for r in g["runs"]])
+        run_s = statistics.mean(r["init_s"] + r["train_s"] for r in g["runs"])
+        mine = [r for r in autos if r["method"] == m]
+        a_mean, _ = _mean_std([r["final_loss"] for r in mine])
+        a_lr = _gmean(r["lr"] for r in mine)
+        cost = statistics.mean(r["suggest_s"] for r in mine) if mine else math.nan
+        delta = (a_mean - best_mean) / best_std if mine and best_std > 0 else math.nan
+        if mine:
+            verdict["a"].append((m, delta <= 1.0))
+            verdict["b"].append((m, cost / run_s <= 0.25))
+        rows.append({"init": m, "grid-best rate": _g(g["best"]), "bracketed": "yes" if g["edge"] is None else g["edge"],
+                     "grid-best test loss": f"{best_mean:.3f} ± {best_std:.3f}", "seeds": len(g["runs"]),
+                     "auto rate": _g(a_lr), "auto / best": _f(a_lr / g["best"], 2) if mine else None,
+                     "auto test loss": _f(a_mean) + f" ({len(mine)} seeds)" if mine else None,
+                     "Δ in seed-stds": _f(delta, 2), "(a) ≤ 1": (None if not mine else "met" if delta <= 1 else "missed"),
+                     "suggest s": _f(cost, 1), "one run s": _f(run_s, 1),
+                     "cost / run": _f(cost / run_s, 3) if mine else None})
+        for rule in RULES:
+            k = fitted["rules"][rule]["k"]
+            raws = [r["rules"][rule]["raw"] for r in probes if r["method"] == m]
+            lr = k * _gmean(raws) if k and raws else math.nan
+            loss, where = interpolate(g["val"], lr) if lr == lr else (math.nan, None)
+            rule_rows.append({"init": m, "rule": rule, "fitted rate": _g(lr), "grid-best rate": _g(g["best"]),
+                              "ratio": _f(lr / g["best"], 2), "val loss there": _f(loss),
+                              "grid-best val loss": _f(g["val"][g["best"]]), "outside grid": where,
+                              "probe s": _f(statistics.mean(r["rules"][rule]["seconds"] for r in probes
+                                                            if r["method"] == m), 1) if raws else None})
+        s0 = [r for r in grid[m]["runs"]]
+        step0.append({"init": m, "test loss at step 0": _f(_mean_std([r["curve"][0][1] for r in s0])[0]),
+                      "val loss at step 0": _f(_mean_std([r["val_curve"][0][1] for r in s0])[0])})
+    base = grid.get("lora")  # default LoRA's B = 0: its step-0 loss is the base model's
+    if base:
+        b_test = _mean_std([r["curve"][0][1] for r in base["runs"]])[0]
+        b_val = _mean_std([r["val_curve"][0][1] for r in base["runs"]])[0]
+        for row in step0:
+            row["base test loss"], row["base val loss"] = _f(b_test), _f(b_val)
+            row["raises held-out loss"] = "yes" if float(row["val loss at step 0"]) > b_val + 1e-3 else "no"
+        lora_best = _mean_std([r["final_loss"] for r in base["runs"]])[0]
+        ours = [(statistics.mean(r["final_loss"] for r in autos if r["method"] == m), m)
+                for m in LORAFA_INITS if any(r["method"] == m for r in autos)]
+        if ours:
+            chosen_val = {m: statistics.mean(r["final_val_loss"] for r in autos if r["method"] == m)
+                          for _, m in ours}
+            pick = min(chosen_val, key=chosen_val.get)  # the best lorafa init, chosen on validation
+            pick_test = dict((m, t) for t, m in ours)[pick]
+            verdict["c"] = {"init": pick, "auto test loss": pick_test, "lora grid-best test loss": lora_best,
+                            "met": pick_test <= lora_best}
+    free_rows = []
+    for m in FREE:
+        if m in grid:
+            mean, std = _mean_std([r["final_loss"] for r in grid[m]["runs"]])
+            free_rows.append({"optimiser": m, "rate": _g(grid[m]["best"]), "seeds": len(grid[m]["runs"]),
+                              "final test loss": f"{mean:.3f} ± {std:.3f}"})
+    md = write_table(rows, list(rows[0]), os.path.join(out, "summary"), f"{title}: grid-best rate against auto")
+    md += "\n" + write_table(rule_rows, list(rule_rows[0]), os.path.join(out, "rules"),
+                             f"{title}: every rule at its constant fitted on default LoRA")
+    md += "\n" + write_table(step0, list(step0[0]), os.path.join(out, "step0"),
+                             f"{title}: held-out loss right after the init (mean over the grid-best runs' seeds)")
+    if free_rows:
+        md += "\n" + write_table(free_rows, list(free_rows[0]), os.path.join(out, "free"),
+                                 f"{title}: learning-rate-free optimisers (no rate chosen)")
+    write_json(os.path.join(out, "verdict.json"), verdict)
+    plot(grid, autos, inits, out, title)
+    return {"markdown": md, "verdict": verdict}
+
+
+def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, m in enumerate(inits):
+        color = f"C{i}"
+        pts = sorted((lr, cv._finite(v)) for lr, v in grid[m]["val"].items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=color, label=m, ms=4)
+        mine = [r for r in autos if r["method"] == m]
+        if mine:
+            ax.scatter([r["lr"] for r in mine], [r["final_val_loss"] for r in mine], marker="*", s=120, color=color,
+                       edgecolors="black", linewidths=0.5, zorder=5)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (AdamW)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(f"{title}: the grid (seed 0) and lorafa's auto rate (★, each seed)")
+    ax.legend(fontsize=8, ncol=2)
+    save_figure(fig, os.path.join(out, "rate.png"))
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["probe", "fit", "auto", "summary"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--inits", nargs="+", default=INITS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--rule", choices=RULES, default="adam_step")
+    ap.add_argument("--fit", default=None, help="the fit.json whose constants to use (default: OUT/fit.json)")
+    args, rest = ap.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cargs = cv.parser().parse_args(rest + ["--out", os.path.join(args.out, "grid")])
+    p = cv.resolve_preset(cargs)
+    fit_path = args.fit or os.path.join(args.out, "fit.json")
+    if args.stage == "probe":
+        _run(_jobs(args, cargs, p, "probes"), probe_one)
+    elif args.stage == "fit":
+        print(json.dumps(fit(args.out), indent=1))
+    elif args.stage == "auto":
+        with open(fit_path) as f:
+            args.k = json.load(f)["rules"][args.rule]["k"]
+        _run(_jobs(args, cargs, p, "auto"), cv._run_caught)
+    else:
+        res = summarise(args.out, fit_path, cargs.preset)
+        print(res["markdown"])
+        print(json.dumps(res["verdict"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
