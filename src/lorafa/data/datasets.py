@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+from .answers import extract_answer
 from .collate import format_prompt
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,6 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv")
 # Column names tried when `columns` does not name the source column of a field.
 DEFAULT_COLUMNS = {"prompt": ("prompt", "question"), "answer": ("answer",), "final": ("final",),
                    "text": ("text", "sentence"), "label": ("label",)}
-
-_FINAL_MARKERS = ("####", "The answer is")
-_NUMBER = re.compile(r"(-)?\s*\$?\s*(\d[\d,]*(?:\.\d+)?)")
 
 
 @dataclass
@@ -81,25 +79,18 @@ class LoadOptions:
 
 
 def final_number(text: str) -> str | None:
-    """The number after the last "####", else after "The answer is", with sign kept and thousands commas dropped.
+    """The gold answer of a worked solution: the number after the last "####", else after the last "The answer is",
+    with its sign kept and thousands commas dropped, as written ("2.50" stays "2.50").
 
-    A small parser for reading gold answers from training data; `lorafa.eval` has the fuller one for model output.
+    `extract_answer` with no fall-back to the last number in the text: a solution without a marked answer has none.
 
     Args:
         text: a solution text such as GSM8K's answer or MetaMathQA's response.
 
     Returns:
-        The number as a string ("-1000", "2.5"), or None when no marker is followed by a number on its line.
+        The number as a string ("-1000", "2.5"), or None when no marker is followed by a number.
     """
-    for marker in _FINAL_MARKERS:
-        at = text.rfind(marker)
-        if at < 0:
-            continue
-        rest = text[at + len(marker):].lstrip(":").split("\n", 1)[0]
-        match = _NUMBER.search(rest)
-        if match:
-            return (match.group(1) or "") + match.group(2).replace(",", "")
-    return None
+    return extract_answer(text, last_number=False, normalise=False)
 
 
 # ----------------------------------------------------------------------------------------------- file reading

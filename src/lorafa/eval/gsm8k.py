@@ -1,72 +1,24 @@
-"""GSM8K evaluation (SPEC §7): answer parsing, batched greedy generation, sharding over processes, data loading."""
+"""GSM8K evaluation (SPEC §7): answer matching, batched greedy generation, sharding over processes, data loading.
+
+The answers are parsed by `lorafa.data.answers.extract_answer` (importable from here and from `lorafa.eval`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 from decimal import Decimal, InvalidOperation
 
 import torch
 from tqdm.auto import tqdm
 
+from ..data.answers import extract_answer
 from ..data.collate import format_prompt
 from ..stats.distributed import all_gather_objects, world
 
 logger = logging.getLogger(__name__)
 
-# A number: optional sign (also on the far side of a "$"), thousands groups or plain digits, optional decimals.
-# The look-behind keeps "5-3" from reading as "-3" and "x2" from reading as "2"; "\u2212" is the Unicode minus.
-_NUMBER = re.compile(
-    r"(?<![\w.])(?P<sign>[-+\u2212]?)\$?(?P<sign2>[-+\u2212]?)"
-    r"(?P<digits>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?!\d)"
-)
-_ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
 TOLERANCE = Decimal("1e-6")
-
-
-def _normalise(match: re.Match) -> str:
-    value = Decimal(match.group("digits").replace(",", ""))
-    if any(c in "-\u2212" for c in match.group("sign") + match.group("sign2")):
-        value = -value
-    if value == value.to_integral_value():
-        return str(int(value))  # "18.00" -> "18", "-0" -> "0"
-    return format(value.normalize(), "f")  # "3.50" -> "3.5", never "35E-1"
-
-
-def _first_number(text: str) -> str | None:
-    match = _NUMBER.search(text)
-    return None if match is None else _normalise(match)
-
-
-def extract_answer(text: str | None) -> str | None:
-    """The final numeric answer in a GSM8K solution or a model's generation.
-
-    The number after the last `####` if there is one; else the number after the last "The answer is"
-    (case-insensitive); else the last number in the text. A marker followed by no number falls through to the next
-    rule. The sign is kept (also "$-5" / "-$5"), a leading "+" dropped, thousands separators removed, and "$", "%" and
-    a trailing period ignored.
-
-    Args:
-        text: the solution or generation (None gives None).
-
-    Returns:
-        A normalised numeric string ("1,000" -> "1000", "3.50" -> "3.5", "+7" -> "7"), or None when there is no number.
-    """
-    if not text:
-        return None
-    if "####" in text:
-        found = _first_number(text.rsplit("####", 1)[1])
-        if found is not None:
-            return found
-    markers = list(_ANSWER_IS.finditer(text))
-    if markers:
-        found = _first_number(text[markers[-1].end():])
-        if found is not None:
-            return found
-    matches = list(_NUMBER.finditer(text))
-    return _normalise(matches[-1]) if matches else None
 
 
 def _to_decimal(value: str | None) -> Decimal | None:
