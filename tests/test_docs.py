@@ -71,7 +71,8 @@ def test_the_api_reference_covers_the_public_api():
     assert "lorafa" in documented and lorafa.__all__
     public = {"lorafa.lr", "lorafa.compat", "lorafa.integrations", "lorafa.optim", "lorafa.ranks", "lorafa.align",
               "lorafa.stats", "lorafa.methods", "lorafa.config", "lorafa.terms", "lorafa.kasa", "lorafa.goat",
-              "lorafa.lora_pro", "lorafa.quant", "lorafa.data", "lorafa.eval", "lorafa.models", "lorafa.runconfig"}
+              "lorafa.lora_pro", "lorafa.quant", "lorafa.data", "lorafa.eval", "lorafa.models", "lorafa.runconfig",
+              "lorafa.peft_bridge", "lorafa.saving", "lorafa.fsdp"}
     assert public <= documented, f"modules without an API page: {sorted(public - documented)}"
 
 
