@@ -1,7 +1,8 @@
 """Writing files and folders so that a crash never leaves a half-written one, and a user's folder is never deleted.
 
 Files: `write_atomic` (and `write_json`) writes under a temporary name beside the destination and renames it into
-place; the temporary file is removed if the write fails.
+place; the temporary file is removed if the write fails. `replace_files` moves the files of a finished temporary
+folder into their destination folder one by one, each by a rename.
 
 Folders: putting a folder that lorafa wrote into place without ever deleting what lorafa did not write.
 
@@ -21,10 +22,11 @@ import uuid
 from collections.abc import Callable, Iterable
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> str:
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None], fsync: bool = False) -> str:
     """Call `write(tmp)` for a temporary file in `path`'s folder (created if needed), then rename it to `path`.
 
     A reader sees the old file or the new one, never part of one; the temporary file is removed if `write` raises.
+    With `fsync`, the file's data reach the disk before the rename (so a power loss cannot leave it empty).
     Returns the path.
     """
     path = os.fspath(path)
@@ -34,6 +36,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> str:
     os.close(fd)
     try:
         write(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -41,13 +49,22 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> str:
     return path
 
 
-def write_json(path: str | os.PathLike, data, indent: int | None = 2) -> str:
+def write_json(path: str | os.PathLike, data, indent: int | None = 2, fsync: bool = False) -> str:
     """`data` as JSON at `path`, atomically (`write_atomic`); values JSON cannot hold are written as str()."""
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=indent, default=str)
 
-    return write_atomic(path, write)
+    return write_atomic(path, write, fsync=fsync)
+
+
+def replace_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename each file of the folder `src` (written in full beforehand) into the folder `dst` (same file system),
+    replacing the file of that name there; a reader of `dst` sees each file old or new, never part of one."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    for name in os.listdir(src):
+        if os.path.isfile(os.path.join(src, name)):
+            os.replace(os.path.join(src, name), os.path.join(dst, name))
 
 
 def _entries(path: str) -> list[str]:

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 
+from .fsio import replace_files, write_json
+
 logger = logging.getLogger(__name__)
 EMBEDDED_CAUSAL_LM = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = {"smollm2-135m-instruct", "embedded", "default", "HuggingFaceTB/SmolLM2-135M-Instruct".lower()}
@@ -60,8 +62,6 @@ def _special_tokens_from_config(tokenizer, config) -> dict:
 
 
 def _write_stamp(folder: str, ids: dict) -> None:
-    from lorafa.fsio import write_json
-
     write_json(os.path.join(folder, TOKENS_STAMP), ids)
 
 
@@ -75,8 +75,7 @@ def _repair_special_tokens(target: str) -> None:
     tmp = target + f".tokenizer-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save_pretrained(tmp)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(target, name))
+    replace_files(tmp, target)
     shutil.rmtree(tmp, ignore_errors=True)
     _write_stamp(target, ids)
 

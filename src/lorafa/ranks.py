@@ -16,7 +16,6 @@ assigns exactly the ranks PEFT would. `rank_patterns` turns ranks into PEFT's `r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -25,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from .fsio import write_atomic
+from .fsio import write_atomic, write_json
 
 RULES = ("energy", "effective", "budget", "importance")
 BUDGET_BY = ("rank", "params")
@@ -610,17 +609,12 @@ def rank_table(ranks: Mapping[str, int], spectra: Mapping[str, torch.Tensor] | N
     return "\n".join([line(head), sep] + [line(x) for x in rows])
 
 
-def _atomic(directory: str, name: str, write) -> str:
-    """Call write(tmp_path) for a temporary file in `directory`, then rename it to `name`; return the final path."""
-    return write_atomic(os.path.join(directory, name), write)
-
-
 def write_ranks(ranks: Mapping[str, int], directory: str, spectra: Mapping[str, torch.Tensor] | None = None,
                 extra: Mapping | None = None) -> list[str]:
     """Save the allocation beside the adapter: `ranks.json` and a per-layer bar plot `ranks.png`.
 
-    Each file is written under a temporary name in `directory` and renamed into place (`os.replace`), so a reader
-    never sees half a file and a crash leaves no temporary behind beyond the one being written.
+    Each file is written under a temporary name in `directory` and renamed into place (`fsio.write_atomic`), so a
+    reader never sees half a file and a failed write leaves no temporary behind.
 
     ranks.json holds {"ranks": name -> rank, "total_rank": Σ r_l, "energy_captured": name -> Σ_{i<r_l}σ_i²/Σσ_i²
     (only with `spectra`; null for an all-zero spectrum), "extra": `extra` (e.g. rule, budget, r; non-JSON values are
@@ -646,12 +640,6 @@ def write_ranks(ranks: Mapping[str, int], directory: str, spectra: Mapping[str, 
         data["energy_captured"] = _energies(ranks, spectra)
     data["extra"] = dict(extra or {})
 
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -671,4 +659,5 @@ def write_ranks(ranks: Mapping[str, int], directory: str, spectra: Mapping[str, 
     def write_png(tmp: str) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
-    return [_atomic(directory, "ranks.json", write_json), _atomic(directory, "ranks.png", write_png)]
+    return [write_json(os.path.join(directory, "ranks.json"), data, indent=2, fsync=True),
+            write_atomic(os.path.join(directory, "ranks.png"), write_png)]

@@ -165,9 +165,8 @@ def plot_curves(run_dir: str, label: str | None = None, others: dict[str, str] |
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(run_dir, "loss_curve.png")
-    fig.savefig(path + ".tmp.png", dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return path
 
 

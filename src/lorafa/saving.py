@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import InitConfig
 from .fsdp import unsharded_adapters
-from .fsio import check_destination, remove_owned, swap_in
+from .fsio import check_destination, remove_owned, replace_files, swap_in
 from .kasa import TRUNCATION_NOTE
 from .methods.registry import METHODS
 from .stats.distributed import agree_step, on_main_process, world
@@ -244,9 +244,7 @@ def _write_adapter(peft_model: PeftModel, record: InitRecord, path: str, save_in
         if save_initial:  # checked again right before the swap; a previous initial adapter is replaced
             swap_in(os.path.join(tmp, "initial_adapter"), os.path.join(path, "initial_adapter"), is_initial_adapter,
                     INITIAL_FILES, _INITIAL, _INITIAL_HINT)
-        for fname in os.listdir(src):
-            if os.path.isfile(os.path.join(src, fname)):
-                os.replace(os.path.join(src, fname), os.path.join(path, fname))
+        replace_files(src, path)
 
 
 def _check_adapter_matches(peft_model: PeftModel, record: InitRecord) -> None:
