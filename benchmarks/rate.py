@@ -78,6 +78,9 @@ def _jobs(args, cargs, p, kind: str) -> list[dict]:
         for s in args.seeds:
             job = {"method": m, "lr": "auto", "seed": s, "args": vars(cargs), "preset": dataclasses.asdict(p),
                    "probe": None, "path": os.path.join(folder, f"{cv.spec_slug(m)}_s{s}.json")}
+            if kind == "probes":
+                job["rules"] = args.rules
+                job["path"] = os.path.join(folder, f"{cv.spec_slug(m)}_s{s}_{'-'.join(args.rules)}.json")
             if kind == "auto":
                 job.update(lr_rule=args.rule, lr_options=constant_option(args.rule, args.k))
             jobs.append(job)
@@ -95,7 +98,7 @@ def probe_one(job: dict) -> dict:
            "rules": {}}
     batches = [cv.to_device(collate([task.train[i] for i in idx]), device)
                for idx in cv.train_order(split["train"], p, seed)[:2]]
-    for rule in RULES:
+    for rule in job["rules"]:
         t0 = time.perf_counter()
         try:
             sug = suggest_lr(model, batches, "adamw", rule=rule, seed=seed, **RAW[rule])
@@ -128,6 +131,15 @@ def _load(folder: str) -> list[dict]:
     if not os.path.isdir(folder):
         return []
     return [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
+
+
+def _probes(out: str) -> list[dict]:
+    """The probes, one record per (init, seed) with every rule probed (they may come from several `probe` runs)."""
+    merged = {}
+    for r in _load(os.path.join(out, "probes")):
+        key = (r["method"], r["seed"])
+        merged.setdefault(key, dict(r, rules={}))["rules"].update(r["rules"])
+    return list(merged.values())
 
 
 def _gmean(xs) -> float:
@@ -171,14 +183,15 @@ def fit(out: str) -> dict:
     grid = grid_of(out)
     if "lora" not in grid:
         raise SystemExit(f"no default-LoRA grid in {out}/grid: run the grid first (see the module docstring)")
-    probes = [r for r in _load(os.path.join(out, "probes")) if r["method"] == "lora"]
+    probes = [r for r in _probes(out) if r["method"] == "lora"]
     if not probes:
         raise SystemExit(f"no default-LoRA probes in {out}/probes: run `rate.py probe` first")
     best = grid["lora"]["best"]
     fitted = {}
     for rule in RULES:
-        raw = _gmean(r["rules"][rule]["raw"] for r in probes)
-        fitted[rule] = {"k": best / raw if raw == raw else None, "raw_lora": raw, "seeds": [r["seed"] for r in probes]}
+        raw = _gmean(r["rules"].get(rule, {}).get("raw") for r in probes)
+        fitted[rule] = {"k": best / raw if raw == raw else None, "raw_lora": raw,
+                        "seeds": [r["seed"] for r in probes if rule in r["rules"]]}
     res = {"preset_dir": out, "fitted_on": "lora", "grid_best_lora": best, "edge": grid["lora"]["edge"],
            "rules": fitted}
     write_json(os.path.join(out, "fit.json"), res)
@@ -202,7 +215,7 @@ def summarise(out: str, fit_path: str, title: str) -> dict:
     grid = grid_of(out)
     with open(fit_path) as f:
         fitted = json.load(f)
-    probes, autos = _load(os.path.join(out, "probes")), _load(os.path.join(out, "auto"))
+    probes, autos = _probes(out), _load(os.path.join(out, "auto"))
     inits = [m for m in INITS if m in grid]
     rows, rule_rows, step0 = [], [], []
     verdict = {"a": [], "b": [], "c": None}
@@ -227,14 +240,16 @@ def summarise(out: str, fit_path: str, title: str) -> dict:
                      "cost / run": _f(cost / run_s, 3) if mine else None})
         for rule in RULES:
             k = fitted["rules"][rule]["k"]
-            raws = [r["rules"][rule]["raw"] for r in probes if r["method"] == m]
+            mine_p = [r["rules"][rule] for r in probes if r["method"] == m and rule in r["rules"]]
+            raws = [x["raw"] for x in mine_p]
+            if not k or not raws:
+                continue
             lr = k * _gmean(raws) if k and raws else math.nan
             loss, where = interpolate(g["val"], lr) if lr == lr else (math.nan, None)
             rule_rows.append({"init": m, "rule": rule, "fitted rate": _g(lr), "grid-best rate": _g(g["best"]),
                               "ratio": _f(lr / g["best"], 2), "val loss there": _f(loss),
                               "grid-best val loss": _f(g["val"][g["best"]]), "outside grid": where,
-                              "probe s": _f(statistics.mean(r["rules"][rule]["seconds"] for r in probes
-                                                            if r["method"] == m), 1) if raws else None})
+                              "probe s": _f(statistics.mean(x["seconds"] for x in mine_p), 1)})
         s0 = [r for r in grid[m]["runs"]]
         step0.append({"init": m, "test loss at step 0": _f(_mean_std([r["curve"][0][1] for r in s0])[0]),
                       "val loss at step 0": _f(_mean_std([r["val_curve"][0][1] for r in s0])[0])})
@@ -304,7 +319,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--inits", nargs="+", default=INITS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--rule", choices=RULES, default="adam_step")
+    ap.add_argument("--rule", choices=RULES, default="adam_step", help="auto: the rule to train with")
+    ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="probe: the rules to probe")
     ap.add_argument("--fit", default=None, help="the fit.json whose constants to use (default: OUT/fit.json)")
     args, rest = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

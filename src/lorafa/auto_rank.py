@@ -33,32 +33,56 @@ def check_budget(init_config, targets) -> None:
                          "budget, or set r_min=0 to let layers drop out.")
 
 
-def allocate(targets, lora_config, init_config, stats, opts, weights, tuned=None):
-    """Per-layer ranks from the method's spectra (SPEC §6), or EVA's redistribution; (LoraConfig, targets, info)."""
+def allocates(init_config) -> bool:
+    """Whether the init chooses per-layer ranks from every layer's spectrum (rank="auto", or EVA's redistribution)."""
+    if init_config.rank == "auto":
+        return True
+    return init_config.method == "eva" and make_options("eva", **init_config.method_options()).rho > 1
+
+
+def rank_evidence(targets, init_config, stats, opts, weights, tuned=None) -> dict:
+    """What `allocate` reads from the statistics, for `targets` (all of them, or one group of a grouped pass: the
+    evidence of the groups merges with `merge_evidence`): each layer's spectrum, GoRA's importance mean|W ⊙ G| for
+    rank_rule="importance", and for EVA the layers that read an earlier layer's input (one Σ tensor)."""
     method = METHODS[init_config.method]
-    eva = init_config.method == "eva" and init_config.rank is None and make_options("eva", **opts).rho > 1
-    if init_config.rank != "auto" and not eva:
-        return lora_config, targets, None
-    layer_r = {n: layer_rank_and_scaling(lora_config, n)[0] for n in targets}
-    sizes = {n: out_in_features(m) for n, m in targets.items()}
     method_opts = make_options(init_config.method, **opts)
-    spectra = {}
-    for name, module in targets.items():
+    ev = {"spectra": {}, "importance": {}, "equal": {}}
+    owners = {}  # layers reading one input (one Σ tensor): PEFT's EVA keys the group by its first layer
+    for name in targets:
         st = stats[name].densified() if stats is not None else None
         extra = {"tuned": tuned[name]()} if method.tuned else {}
-        spectra[name] = method.spectrum(weights[name](), st, method_opts, **extra).detach().float().cpu()
-    if eva:
-        rho = method_opts.rho
-        explained = {n: s / s.sum().clamp_min(1e-30) for n, s in spectra.items()}
-        owners = {}  # layers reading one input (one Σ tensor): PEFT's EVA keys the group by its first layer
-        equal = {}
-        for n in targets:
-            key = id(stats[n].in_cov)
+        ev["spectra"][name] = method.spectrum(weights[name](), st, method_opts, **extra).detach().float().cpu()
+        if init_config.rank == "auto" and init_config.rank_rule == "importance":
+            w = weights[name]()
+            ev["importance"][name] = float((w * st.grad.to(w.device)).abs().mean())
+        if init_config.method == "eva":
+            key = id(stats[name].in_cov)
             if key in owners:
-                equal[n] = owners[key]
+                ev["equal"][name] = owners[key]
             else:
-                owners[key] = n
-        allocation = R.eva_ranks(explained, r=lora_config.r, rho=rho, equal_inputs=equal)
+                owners[key] = name
+    return ev
+
+
+def merge_evidence(parts: list[dict]) -> dict:
+    return {k: {n: v for p in parts for n, v in p[k].items()} for k in ("spectra", "importance", "equal")}
+
+
+def allocate(targets, lora_config, init_config, stats, opts, weights, tuned=None, evidence=None):
+    """Per-layer ranks from the method's spectra (SPEC §6), or EVA's redistribution; (LoraConfig, targets, info).
+    `evidence`: `rank_evidence`'s result gathered beforehand (a grouped pass); None: read from `stats` now."""
+    if not allocates(init_config):
+        return lora_config, targets, None
+    eva = init_config.rank != "auto"
+    layer_r = {n: layer_rank_and_scaling(lora_config, n)[0] for n in targets}
+    sizes = {n: out_in_features(m) for n, m in targets.items()}
+    if evidence is None:
+        evidence = rank_evidence(targets, init_config, stats, opts, weights, tuned)
+    spectra = evidence["spectra"]
+    if eva:
+        rho = make_options("eva", **opts).rho
+        explained = {n: s / s.sum().clamp_min(1e-30) for n, s in spectra.items()}
+        allocation = R.eva_ranks(explained, r=lora_config.r, rho=rho, equal_inputs=evidence["equal"])
         rule, budget = f"eva (rho={rho:g})", lora_config.r * len(targets)
     else:
         pairs = 2 if init_config.method == "lora_ga" else 1
@@ -68,12 +92,7 @@ def allocate(targets, lora_config, init_config, stats, opts, weights, tuned=None
             budget = init_config.rank_budget or sum(layer_r[n] * sum(sizes[n]) for n in targets)
         else:
             budget = init_config.rank_budget or sum(layer_r.values())
-        importance = None
-        if init_config.rank_rule == "importance":
-            importance = {}
-            for n in targets:
-                w = weights[n]()
-                importance[n] = float((w * stats[n].densified().grad.to(w.device)).abs().mean())
+        importance = evidence["importance"] if init_config.rank_rule == "importance" else None
         allocation = R.allocate_ranks(spectra, budget, rule=init_config.rank_rule, r_min=init_config.r_min,
                                       r_max=r_max, tau=init_config.tau, sizes=sizes, budget_by=init_config.budget_by,
                                       importance=importance, caps=caps)

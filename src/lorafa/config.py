@@ -91,6 +91,12 @@ class InitConfig:
             gradient methods then use its rank-k reconstruction; k > 2r is advised (lora_ga uses 2r directions).
         accumulate_on: device of the fp32 statistics accumulators, e.g. "cpu" to keep them off the GPU (each
             layer's contribution is copied over as soon as it is computed); None: the weights' device.
+        stats_memory: a budget for the statistics held at once: bytes (an int), a size such as "8GiB", or "auto"
+            (half the free memory of the device the statistics accumulate on). When every target's statistics do
+            not fit, the targets are split in depth order into groups that do, and each group gets its own sweep
+            over the same batches: its statistics are collected, its layers' factors computed, and the statistics
+            freed before the next group (the same init as one pass; `lorafa.plan_init` shows the groups). None
+            (default): one pass holding every layer's statistics.
         align_init, align_lambda: teacher-aware init (SPEC §5): the statistics pass (and the line search) use the
             gradient of L_task + align_lambda · D(student, teacher) instead of L_task, so a gradient method starts
             toward the aligned update; `initialize` then needs `align=` (a `lorafa.align.AlignmentTerm`).
@@ -134,6 +140,7 @@ class InitConfig:
     sketch: int | None = None
     sketch_l: int | None = None
     accumulate_on: str | None = None
+    stats_memory: int | str | None = None
     weight: str | None = None  # alias of `scale`
     align_init: bool = False
     align_lambda: float = 1.0
@@ -164,6 +171,12 @@ class InitConfig:
             setattr(self, key, _integer(key, getattr(self, key), 1))
         self.seed = _integer("seed", self.seed, 0, 2 ** 64 - 1)
         self.accumulate_on = _accumulate_device(self.accumulate_on)
+        if self.stats_memory is not None:
+            from .plan import parse_memory
+
+            self.stats_memory = parse_memory(self.stats_memory)
+            if self.needs is None:
+                raise ValueError(f"stats_memory bounds the statistics pass, which {self.method} does not run: drop it.")
         if not isinstance(self.align_init, bool):
             raise ValueError(f"align_init must be True or False, got {self.align_init!r}")
         if self.sketch is not None or self.sketch_l is not None:

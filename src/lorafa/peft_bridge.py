@@ -147,14 +147,17 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
         raise ValueError("scale='line_search' chooses the step by the loss on the statistics batches: pass batches= "
                          "(or search_batches=) to initialize, also when stats= are given, or use scale='stable' or "
                          "'kfac'.")
+    groups = None
     if needs is not None and stats is None:
         if batches is None:
             raise ValueError(f"{init_config.method} needs '{needs}' statistics: pass batches= (or stats=).")
-        rank, world_size = world()
-        # init.iters counts batches over all processes: batch b belongs to rank b mod world_size
-        stats = collect_stats(base, batches, list(targets), kinds=(needs,), loss_fn=loss_fn,
-                              max_batches=len(range(rank, init_config.iters, world_size)), progress=progress,
-                              sketch=init_config.sketch_sizes, accumulate_on=init_config.accumulate_on)
+        groups = _stats_groups(base, targets, lora_config, init_config)
+        if len(groups) > 1:
+            return _grouped_init(base, targets, lora_config, init_config, groups, batches, loss_fn, progress,
+                                 search_batches, weights, tuned)
+        stats = _collect(base, batches, list(targets), init_config, loss_fn, progress)
+    elif stats is not None and init_config.stats_memory is not None:
+        _check_given_stats_fit(stats, targets, init_config.stats_memory)
     if stats is not None and needs is not None:
         missing = [n for n in targets if n not in stats]
         if missing:
@@ -166,6 +169,94 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
         lora_config, targets, summary["ranks"] = allocate(targets, lora_config, init_config, stats, opts, weights,
                                                           tuned)
         results = _init_layers(targets, lora_config, init_config, stats, opts, progress, weights, tuned)
+    return _finish(base, targets, results, lora_config, init_config, summary, batches, search_batches, loss_fn,
+                   weights)
+
+
+def _collect(base, batches, names, init_config, loss_fn, progress):
+    rank, world_size = world()
+    # init.iters counts batches over all processes: batch b belongs to rank b mod world_size
+    return collect_stats(base, batches, names, kinds=(init_config.needs,), loss_fn=loss_fn,
+                         max_batches=len(range(rank, init_config.iters, world_size)), progress=progress,
+                         sketch=init_config.sketch_sizes, accumulate_on=init_config.accumulate_on)
+
+
+def _stats_groups(base, targets, lora_config, init_config) -> list[list[str]]:
+    """The target names of each statistics sweep: one group without `stats_memory`, else `plan_init`'s grouping
+    (depth order, each group's statistics within the budget; "auto" reads the accumulators' device)."""
+    if init_config.stats_memory is None:
+        return [list(targets)]
+    from .plan import plan_init
+
+    from .stats.distributed import all_gather_objects
+
+    device = init_config.accumulate_on or next(iter(targets.values())).weight.device
+    groups = plan_init(base, lora_config, init_config, device=device, timings=False).groups
+    return all_gather_objects(groups)[0]  # every process sweeps the main process's groups ("auto" may differ)
+
+
+def _check_given_stats_fit(stats, targets, budget) -> None:
+    """stats_memory with precomputed statistics (stats=, a cached file): they are all held at once already, so a
+    budget they exceed is refused rather than silently ignored."""
+    from .plan import fmt_bytes, free_memory
+
+    seen, total = set(), 0
+    for name in targets:
+        st = stats.get(name)
+        for t in ([] if st is None else st.tensors().values()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    if budget == "auto":
+        budget = free_memory(next(iter(targets.values())).weight.device) // 2
+    if total > budget:
+        raise ValueError(f"stats_memory={fmt_bytes(budget)} ({budget} bytes), but the statistics given (stats=, e.g. "
+                         f"a cached statistics file) hold {fmt_bytes(total)} ({total} bytes) at once: grouped passes "
+                         "need the statistics to be collected group by group. Drop stats= (and the cache) to let "
+                         "initialize collect them in groups, or raise stats_memory.")
+
+
+def _grouped_init(base, targets, lora_config, init_config, groups, batches, loss_fn, progress, search_batches,
+                  weights, tuned):
+    """The init in grouped sweeps (InitConfig.stats_memory): each group's statistics are collected over the same
+    batches, its layers' factors computed, and the statistics freed before the next group. The sums are the same
+    numbers as one pass's, so the factors are the same. Ranks chosen from every layer's spectrum (rank="auto", EVA's
+    redistribution) need them all first: one sweep per group gathers the spectra, then a second computes the
+    factors at the allocated ranks."""
+    from .auto_rank import allocates, merge_evidence, rank_evidence
+
+    if iter(batches) is batches:
+        raise ValueError("stats_memory sweeps the statistics batches once per group of layers, but batches= is an "
+                         "iterator that can be read only once: pass a list (or another re-iterable collection).")
+    opts = init_config.method_options()
+    logger.info("lorafa: statistics in %d grouped sweeps (stats_memory=%d bytes)", len(groups),
+                init_config.stats_memory if isinstance(init_config.stats_memory, int) else -1)
+    summary, evidence = {}, None
+    if allocates(init_config):
+        parts = []
+        for names in groups:
+            stats = _collect(base, batches, names, init_config, loss_fn, progress)
+            parts.append(rank_evidence({n: targets[n] for n in names}, init_config, stats, opts, weights, tuned))
+            del stats
+        evidence = merge_evidence(parts)
+    lora_config, kept, summary["ranks"] = allocate(targets, lora_config, init_config, None, opts, weights, tuned,
+                                                   evidence=evidence)
+    index = {n: i for i, n in enumerate(kept)}  # each layer's seed offset, as in one pass
+    results = {}
+    for names in groups:
+        mine = {n: kept[n] for n in names if n in kept}
+        if not mine:
+            continue
+        stats = _collect(base, batches, list(mine), init_config, loss_fn, progress)
+        with whitener_scope():
+            results.update(_init_layers(mine, lora_config, init_config, stats, opts, progress, weights, tuned,
+                                        index=index))
+        del stats
+    summary["stats_groups"] = [len(g) for g in groups]
+    return _finish(base, kept, results, lora_config, init_config, summary, batches, search_batches, loss_fn, weights)
+
+
+def _finish(base, targets, results, lora_config, init_config, summary, batches, search_batches, loss_fn, weights):
     if init_config.line_search:
         own = search_batches is None  # the statistics batches: this process's share of init.iters
         summary["line_search"] = line_search(base, targets, results, lora_config, batches if own else search_batches,
@@ -211,10 +302,12 @@ def _check_sketch_size(init_config, lora_config, targets) -> None:
 
 
 def _init_layers(targets, lora_config, init_config, stats, opts, progress, weights,
-                 tuned=None) -> dict[str, InitResult]:
+                 tuned=None, index=None) -> dict[str, InitResult]:
+    """Each target's factors; layer i (in `index`, default the order of `targets`) is seeded with seed + i."""
     results = {}
     for i, (name, module) in enumerate(tqdm(targets.items(), desc=f"lorafa {init_config.method} init",
                                             disable=not progress or world()[0] != 0, leave=False)):
+        i = i if index is None else index[name]
         r, s = layer_rank_and_scaling(lora_config, name)
         results[name] = init_factors(init_config.method, weights[name](), None if stats is None else stats.get(name),
                                      rank=r, scaling=s, svd=init_config.svd, seed=init_config.seed + i, name=name,

@@ -7,6 +7,8 @@ match something, every match must be a layer whose weight we can read and change
 
 from __future__ import annotations
 
+import copy
+
 import difflib
 import math
 from collections.abc import Iterable
@@ -94,6 +96,11 @@ def resolve_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
     config = _as_config(target_modules)
     if config.target_modules is None:
         config = LoraConfig(**{**config.to_dict(), "target_modules": _default_targets(model)})
+    elif isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        # PEFT's keyword: every linear layer but the output head, expanded as get_peft_model expands it
+        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+        config = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
     named = dict(model.named_modules())
     found = {n: m for n, m in named.items() if n and _is_match(check_target_module_exists(config, n))}
     _check_every_entry_matched(config, named, found)

@@ -1,0 +1,411 @@
+"""The memory plan of the statistics pass (SPEC §12): what each target layer's statistics cost, the groups and passes
+a memory budget implies, the predicted peak, and the factorisations' time by size class, from shapes alone.
+
+`plan_init` works on a model built on the meta device, so a 70B set-up is checked on a laptop before any weight is
+loaded::
+
+    from transformers import AutoConfig
+    plan = lorafa.plan_init(AutoConfig.from_pretrained("meta-llama/Meta-Llama-3-8B"), lora_config,
+                            InitConfig(method="lora_fa", stats_memory="8GiB"))
+    print(plan)  # per size class, the groups, the predicted peak
+
+The same grouping is what `initialize` runs with `InitConfig(stats_memory=...)`: the target layers, in depth order,
+split into consecutive groups whose statistics fit the budget (layers that read one input, such as q, k and v, stay
+in one group: they share one input covariance Σ).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .checks import check_choice
+from .targets import out_in_features, resolve_targets, unwrap_model
+
+F32 = 4  # the statistics are fp32 (SPEC §1)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+AUTO_FRACTION = 0.5  # stats_memory="auto": this share of the free memory (the rest: activations, the factorisations)
+
+
+def parse_memory(value, what: str = "stats_memory") -> int | str | None:
+    """A memory size: None, "auto", an int of bytes, or a string such as "8GiB", "512 MB", "1.5e9" (decimal kB/MB/GB/
+    TB, binary KiB/MiB/GiB/TiB). Returns None, "auto" or the bytes (an int > 0).
+
+    Raises:
+        ValueError: an unknown unit, a number that is not positive, or another type.
+    """
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{what}={value!r}: give bytes (an int), a size such as '8GiB' or '512MB', 'auto' (a share "
+                         "of the free device memory) or None (one pass).")
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(f"{what}={value!r} is not a size: write a number and a unit from B, kB, MB, GB, TB, KiB, "
+                             "MiB, GiB, TiB (e.g. '8GiB'), or 'auto'.")
+        value = float(m.group(1)) * _UNITS[unit]
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"{what}={value!r}: a memory budget must be at least 1 byte.")
+    return int(value)
+
+
+def free_memory(device: torch.device) -> int:
+    """The free memory of `device` in bytes: CUDA's free memory, or the host's MemAvailable for the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    raise ValueError(f"stats_memory='auto' cannot read the free memory of {device}: give the budget in bytes or as "
+                     "a size such as '8GiB'.")
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    """One target layer: its shape, what it shares, and the bytes of each statistic it holds."""
+
+    name: str
+    out_features: int
+    in_features: int
+    bytes: dict[str, int]  # "grad" (G or its sketch), "in_cov" (Σ; 0 when it reuses another layer's), "out_cov" (C)
+    shares_input_with: str | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+
+@dataclasses.dataclass
+class InitPlan:
+    """What the statistics pass and the init will hold and do (`plan_init`).
+
+    Attributes:
+        method, needs: the init method and the statistic kind it needs (None: no statistics).
+        layers: a LayerPlan per target layer, in depth order.
+        stats_bytes: the statistics of every target layer together, in bytes (one pass holds them all).
+        groups: the target module names of each pass, in pass order (one group when everything fits).
+        group_bytes: the statistics bytes of each group.
+        budget: the budget in bytes (None: no budget, one pass).
+        transient_bytes: the most the pass holds beside the statistics at once: one layer's weight gradient in the
+            weights' dtype plus its fp32 copy (0 for activation-only statistics).
+        workspace_bytes: the most one layer's factorisation works in beside its group's statistics
+            (`init_workspace`, an estimate).
+        weights_bytes: the model's parameters in their dtypes.
+        predicted_peak: weights + the largest group's statistics + the larger of the transient and the workspace
+            (activations not included: they are the same as one training step's on the statistics batch).
+        factorisations: per size class, {"op", "count", "path", "seconds"}: the decompositions the init runs,
+            with the time predicted from a small one timed on `device` (scaled by the flop count).
+        sharing: how input sharing was found ("forward on the meta device", "forward", or "unknown: Σ counted per
+            layer, an upper bound").
+    """
+
+    method: str
+    needs: str | None
+    layers: list[LayerPlan]
+    stats_bytes: int
+    groups: list[list[str]]
+    group_bytes: list[int]
+    budget: int | None
+    transient_bytes: int
+    workspace_bytes: int
+    weights_bytes: int
+    predicted_peak: int
+    factorisations: list[dict]
+    sharing: str
+
+    @property
+    def passes(self) -> int:
+        return len(self.groups) if self.needs is not None else 0
+
+    def summary(self) -> str:
+        """The plan in a few lines: totals, groups, peak, factorisations by size class."""
+        lines = [f"lorafa init plan: {self.method} on {len(self.layers)} target layers, statistics "
+                 f"{self.needs or 'none'}"]
+        if self.needs is None:
+            lines.append("  no statistics pass")
+        else:
+            by_shape: dict[tuple, list[LayerPlan]] = {}
+            for lp in self.layers:
+                by_shape.setdefault((lp.out_features, lp.in_features), []).append(lp)
+            for (m, n), lps in by_shape.items():
+                per = {k: sum(lp.bytes[k] for lp in lps) for k in lps[0].bytes}
+                lines.append(f"  {len(lps):4d} × {m}×{n}: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in per.items()))
+            lines.append(f"  statistics {fmt_bytes(self.stats_bytes)} in all ({self.sharing})")
+            budget = "no budget" if self.budget is None else f"budget {fmt_bytes(self.budget)}"
+            lines.append(f"  {self.passes} pass{'es' if self.passes != 1 else ''} ({budget}); largest group "
+                         f"{fmt_bytes(max(self.group_bytes))} ({len(max(self.groups, key=len))} layers at most)")
+        lines.append(f"  predicted peak {fmt_bytes(self.predicted_peak)} = weights {fmt_bytes(self.weights_bytes)} "
+                     f"+ largest group + max(pass transient {fmt_bytes(self.transient_bytes)}, factorisation "
+                     f"workspace {fmt_bytes(self.workspace_bytes)}) (activations not counted)")
+        for f in self.factorisations:
+            lines.append(f"  {f['count']:4d} × {f['op']} [{f['path']}]: ~{f['seconds']:.1f} s")
+        if self.factorisations:
+            lines.append(f"  factorisations ~{sum(f['seconds'] for f in self.factorisations):.1f} s in all "
+                         "(predicted from smaller decompositions timed on the device)")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+def _meta_model(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification")
+                                                     for a in (getattr(config, "architectures", None) or [])) \
+        else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def shared_inputs(model: nn.Module, targets: Mapping[str, nn.Module]) -> tuple[dict[str, str], str]:
+    """{layer: the earlier layer whose input it reads} from one forward of 4 tokens (on the meta device for a meta
+    model: no compute), and how it was found. A model that cannot run that forward (no `input_ids`) gets {} and
+    "unknown": Σ is then counted per layer, an upper bound."""
+    first: dict[int, str] = {}
+    share: dict[str, str] = {}
+    alive = []  # every input seen stays referenced until the forward ends, so no id is reused by a later tensor
+
+    def hook(name):
+        def record(mod, args, kwargs=None):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor):
+                alive.append(x)
+                owner = first.setdefault(id(x), name)
+                if owner != name:
+                    share.setdefault(name, owner)
+        return record
+
+    handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in targets.items()]
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    how = "forward on the meta device" if device.type == "meta" else "forward"
+    try:
+        ids = torch.zeros((1, 4), dtype=torch.long, device=device)
+        with torch.no_grad():
+            model(input_ids=ids)
+    except Exception:  # noqa: BLE001 - any model that cannot take input_ids: the plan says so and counts per layer
+        return {}, "unknown: Σ counted per layer, an upper bound"
+    finally:
+        for h in handles:
+            h.remove()
+    return share, how
+
+
+def _layer_bytes(m: int, n: int, needs: str | None, sketch: tuple[int, int] | None, shared: bool) -> dict[str, int]:
+    if needs is None:
+        return {}
+    out = {}
+    if needs in ("grad", "kfac"):
+        out["grad"] = F32 * (m * n if sketch is None else m * sketch[0] + sketch[1] * n)
+    if needs in ("kfac", "act"):
+        out["in_cov"] = 0 if shared else F32 * n * n
+    if needs == "kfac":
+        out["out_cov"] = F32 * m * m
+    return out
+
+
+def _width(d: int) -> int:
+    return 8 if d <= 4096 else 4  # the whiteners and EVA's eigh run in fp64 up to 4096, fp32 above
+
+
+def init_workspace(method: str, m: int, n: int, exact_svd: bool) -> int:
+    """The memory one layer's factorisation works in beside the statistics (an estimate from the code's copies):
+    LoRA-FA's two whiteners (the fp64 covariance, its damped copy and its factor, for C and for Σ) and its fp64
+    whitened target; an SVD's copy of the m × n matrix and its factors; CorDA's fp64 W·Σ and the exact SVD; EVA's
+    fp64 eigh of Σ."""
+    if method in ("lora_fa", "extract"):
+        return 3 * (_width(m) * m * m + _width(n) * n * n) + 3 * 8 * m * n
+    if method == "corda":
+        return 3 * 8 * m * n + 3 * 8 * n * n
+    if method == "eva":
+        return 3 * 8 * n * n
+    if method == "lora":
+        return 0
+    return 2 * F32 * m * n + (F32 * min(m, n) * (m + n) if exact_svd else 0)
+
+
+def group_layers(layers: list[LayerPlan], budget: int | None) -> list[list[LayerPlan]]:
+    """Consecutive groups (depth order) whose statistics fit `budget`; layers sharing an input stay together.
+
+    Raises:
+        ValueError: one layer (or one input-sharing set) alone needs more than the budget.
+    """
+    units: list[list[LayerPlan]] = []
+    for lp in layers:
+        if lp.shares_input_with is not None and units and any(u.name == lp.shares_input_with for u in units[-1]):
+            units[-1].append(lp)
+        else:
+            units.append([lp])
+    if budget is None:
+        return [list(layers)] if layers else []
+    groups, current, size = [], [], 0
+    for unit in units:
+        need = sum(lp.total for lp in unit)
+        if need > budget:
+            names = ", ".join(lp.name for lp in unit)
+            raise ValueError(f"stats_memory={fmt_bytes(budget)} ({budget} bytes) is smaller than the statistics of "
+                             f"{names} alone ({fmt_bytes(need)}, {need} bytes): raise stats_memory to at least "
+                             f"{need} bytes, or shrink them (sketch=k for the gradient, fewer target modules).")
+        if current and size + need > budget:
+            groups.append(current)
+            current, size = [], 0
+        current += unit
+        size += need
+    if current:
+        groups.append(current)
+    return groups
+
+
+_OPS = {  # the decompositions each method runs per layer (SPEC §2): an SVD of the m × n target, and a Cholesky
+    # (LoRA-FA's whiteners; eigh only where it fails) or eigh of Σ (n × n) and C (m × m)
+    "lora_ga": ("svd",), "lora_one": ("svd",), "lora_fa": ("cholesky_in", "cholesky_out", "svd"), "pissa": ("svd",),
+    "milora": ("svd",), "corda": ("svd_exact",), "eva": ("eigh_in",), "extract": ("cholesky_in", "cholesky_out", "svd"),
+    "kasa": ("svd",), "goat": ("svd",), "lora": (),
+}
+# the sizes of the decompositions timed on the device to predict the others (as large as a second allows: small
+# ones run far below the device's peak rate and overstate the large ones' time)
+CALIBRATION = {"svd": 512, "eigh": 1024, "cholesky": 2048, "matmul": 2048}
+
+
+def _calibrate(op: str, dtype: torch.dtype, device: torch.device) -> float:
+    """Seconds per d³ of one `op` ("svd", "eigh", "cholesky", "matmul") on a d × d matrix, d = CALIBRATION[op]: the
+    best of two timings."""
+    if device.type == "meta":
+        device = torch.device("cpu")
+    d = CALIBRATION[op]
+    a = torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+    a = a @ a.T + d * torch.eye(d, dtype=dtype, device=device)
+    fn = {"svd": lambda x: torch.linalg.svd(x, full_matrices=False), "eigh": torch.linalg.eigh,
+          "cholesky": torch.linalg.cholesky, "matmul": lambda x: x @ x}[op]
+    best = math.inf
+    for _ in range(3):  # the first call loads the library: not counted
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn(a)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0) if _ else math.inf
+    return best / d ** 3
+
+
+def factorisations(layers: list[LayerPlan], method: str, rank_of: Mapping[str, int], svd: str,
+                   device: torch.device) -> list[dict]:
+    """Per size class: the op, its shape, how many, the path (the SVD's from methods.common.top_svd's rule; the
+    precision) and the seconds predicted from a smaller decomposition timed on `device` (CALIBRATION), scaled by the flops
+    (d³ for eigh and Cholesky, m·n·min(m, n) for the exact SVD, m·n·q·(2·niter + 1) matrix products for the range
+    finder). The range finder's iterations are those of svd="randomized"; "auto" may take more, or the exact SVD."""
+    from .methods.common import EXACT_SVD_MAX_DIM, RANDOMIZED_NITER
+
+    classes: dict[tuple, dict] = {}
+    for lp in layers:
+        m, n, r = lp.out_features, lp.in_features, rank_of[lp.name]
+        for op in _OPS.get(method, ("svd",)):
+            if op.startswith("svd"):
+                k = 2 * r if method == "lora_ga" else r
+                exact = op == "svd_exact" or svd == "exact" or (
+                    svd == "auto" and (min(m, n) <= EXACT_SVD_MAX_DIM or 2 * k + 10 >= min(m, n)))
+                q = min(2 * k + 10, m, n)
+                path = "exact, fp32" if exact else ("range finder, fp32" if svd == "randomized" else
+                                                    "auto: range finder, or exact if the spectrum decays slowly")
+                key = ("svd" if exact else "matmul", f"svd {m}×{n}", path, torch.float32)
+                flops = m * n * min(m, n) if exact else m * n * q * (2 * RANDOMIZED_NITER + 1)
+            else:
+                kind, side = op.split("_")
+                if side == "in" and lp.shares_input_with is not None:
+                    continue  # one Σ for the layers reading one input
+                d = n if side == "in" else m
+                dtype = torch.float64 if d <= 4096 else torch.float32  # as the whiteners and EVA compute them
+                key = (kind, f"{kind} {d}×{d}", "fp64" if dtype == torch.float64 else "fp32", dtype)
+                flops = d ** 3
+            c = classes.setdefault(key, {"op": key[1], "path": key[2], "count": 0, "units": 0.0})
+            c["count"] += 1
+            c["units"] += flops
+    unit = {(k[0], k[3]): _calibrate(k[0], k[3], device) for k in classes}
+    return [{"op": c["op"], "count": c["count"], "path": c["path"], "seconds": c["units"] * unit[(k[0], k[3])]}
+            for k, c in classes.items()]
+
+
+def plan_init(model_or_config, lora_config, init_config=None, memory=None, *, device=None,
+              timings: bool = True) -> InitPlan:
+    """The memory plan of `initialize(model, lora_config, init_config)`, before anything runs.
+
+    Args:
+        model_or_config: a model (any device, the meta device included), or a transformers config (the model is
+            then built on the meta device: no weights are allocated).
+        lora_config: the PEFT LoraConfig (targets, r, rank_pattern).
+        init_config: the InitConfig (method, sketch, svd, stats_memory); default InitConfig().
+        memory: the budget (bytes, a size such as "8GiB", or "auto"); None: `init_config.stats_memory`.
+        device: where the init would run, for "auto" and the factorisation timings; default the model's device
+            (the CPU for a meta model).
+        timings: predict the factorisations' seconds (a second or two of timing on `device`); False leaves
+            `factorisations` empty.
+
+    Returns:
+        An InitPlan: `stats_bytes`, `groups`, `group_bytes`, `predicted_peak`, `factorisations`, and `summary()`.
+
+    Raises:
+        ValueError: unknown targets, an unparsable budget, a budget smaller than one layer's statistics.
+    """
+    from .config import as_init_config
+    from .targets import layer_rank_and_scaling
+
+    init_config = as_init_config(init_config)
+    budget = parse_memory(init_config.stats_memory if memory is None else memory)
+    if isinstance(model_or_config, nn.Module):
+        model = unwrap_model(model_or_config)
+    else:
+        if not hasattr(model_or_config, "to_dict"):
+            raise TypeError(f"plan_init takes a model or a transformers config, got {type(model_or_config).__name__}")
+        model = _meta_model(model_or_config)
+    p = next(model.parameters(), None)
+    model_device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else (
+        torch.device("cpu") if model_device.type == "meta" else model_device)
+    if budget == "auto":
+        budget = max(1, int(AUTO_FRACTION * free_memory(device)))
+    targets = resolve_targets(model, lora_config)
+    needs = init_config.needs
+    share, sharing = shared_inputs(model, targets) if needs in ("kfac", "act") else ({}, "no input covariance")
+    sketch = init_config.sketch_sizes
+    layers = []
+    for name, mod in targets.items():
+        m, n = out_in_features(mod)
+        layers.append(LayerPlan(name, m, n, _layer_bytes(m, n, needs, sketch, name in share), share.get(name)))
+    groups = group_layers(layers, budget) if needs is not None else []
+    group_bytes = [sum(lp.total for lp in g) for g in groups] or [0]
+    transient = 0
+    if needs in ("grad", "kfac"):
+        itemsize = max((getattr(mod.weight, "element_size", lambda: 4)() for mod in targets.values()), default=4)
+        transient = max((lp.out_features * lp.in_features * (itemsize + F32) for lp in layers), default=0)
+    weights = sum(q.numel() * q.element_size() for q in model.parameters())
+    rank_of = {lp.name: layer_rank_and_scaling(lora_config, lp.name)[0] for lp in layers}
+    check_choice("svd", init_config.svd, ("auto", "exact", "randomized"))
+    workspace = max((init_workspace(init_config.method, lp.out_features, lp.in_features,
+                                    init_config.svd == "exact" or min(lp.out_features, lp.in_features) <= 128)
+                     for lp in layers), default=0) if needs is not None else 0
+    return InitPlan(method=init_config.method, needs=needs, layers=layers,
+                    stats_bytes=sum(lp.total for lp in layers), groups=[[lp.name for lp in g] for g in groups],
+                    group_bytes=group_bytes if groups else [], budget=budget, transient_bytes=transient,
+                    workspace_bytes=workspace, weights_bytes=weights,
+                    predicted_peak=weights + max(group_bytes) + max(transient, workspace),
+                    factorisations=factorisations(layers, init_config.method, rank_of, init_config.svd, device)
+                    if timings else [],
+                    sharing=sharing)
