@@ -422,3 +422,32 @@ def test_runner_auto_rank_and_line_search(assets, tmp_path):
 def test_search_iters_needs_the_line_search(assets, tmp_path):
     with pytest.raises(ValueError, match="search_iters.*scale=line_search"):
         _in_process(["+init=gradient", *local(assets, tmp_path / "runs"), "++wandb.name=x", "++init.search_iters=2"])
+
+
+def test_runner_plan_only_prints_the_plan_and_stops(assets, tmp_path, capsys):
+    results = _in_process(["+init=gradient", "++init.direction=LoRA-FA", *local(assets, tmp_path / "runs", steps=2),
+                           "++wandb.name=plan", "++init.plan_only=true", "++init.stats_memory=64KiB"])
+    run_dir = Path(results["run_dir"])
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["budget"] == 64 * 1024 and len(plan["groups"]) >= 2
+    assert max(plan["group_bytes"]) <= 64 * 1024 and sum(plan["group_bytes"]) == plan["stats_bytes"]
+    assert "predicted peak" in capsys.readouterr().out
+    assert not (run_dir / "adapter").exists() and not (run_dir / "initial_adapter").exists()
+
+
+def test_runner_grouped_sweeps_give_the_one_pass_adapter(assets, tmp_path):
+    """`++init.stats_memory=...`: the initial adapter equals the one-pass run's; a cached statistics file that holds
+    more than the budget is refused with the numbers."""
+    from safetensors.torch import load_file
+
+    common = ["+init=gradient", "++init.direction=LoRA-FA", *local(assets, tmp_path / "runs", steps=1),
+              "++eval.enabled=false"]
+    one = _in_process([*common, "++wandb.name=one"])
+    grouped = _in_process([*common, "++wandb.name=grouped", "++init.stats_memory=64KiB", "++init.cache=false"])
+    a = load_file(str(Path(one["run_dir"]) / "initial_adapter" / "adapter_model.safetensors"))
+    b = load_file(str(Path(grouped["run_dir"]) / "initial_adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"statistics given .* hold .* at once"):  # the first run cached them all
+        _in_process([*common, "++wandb.name=cached", "++init.stats_memory=64KiB"])

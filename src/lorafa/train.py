@@ -131,7 +131,10 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
         stats = load_cached_stats(path, key, device=model.device)  # a hit only if every process hits
         if stats is not None:
             logger.info("statistics from cache %s", path)
-            return stats
+            return stats  # with init.stats_memory, initialize refuses cached statistics that exceed it
+    if init_config.stats_memory is not None:  # initialize sweeps the batches group by group; nothing to cache
+        logger.info("init.stats_memory: the statistics are collected in grouped sweeps by initialize (not cached)")
+        return None
     batches = stat_batches(task.train, collate, init_config.bsz, init_config.iters, init_config.sample, init_config.seed)
     loss_fn = None
     if init_config.align_init:
@@ -305,6 +308,8 @@ def run(cfg: RunConfig) -> dict:
                "quantization": _quantization(cfg)}
     if cfg.dry_run:
         return results
+    if cfg.init.plan_only:
+        return _plan_only(cfg, model, task, init_config, run_dir, state, results)
 
     teacher = _teacher(cfg, task, dtype, state.device, tokenizer)  # loaded and checked before any long work
     if cfg.eval.enabled and cfg.eval.before and not cfg.resume:
@@ -330,6 +335,31 @@ def run(cfg: RunConfig) -> dict:
         others = {f"baseline ({baseline_config.method})": os.path.join(run_dir, "baseline")} if baseline_config else {}
         results["plot"] = plot_curves(run_dir, label=init_config.method, others=others)
         write_json(os.path.join(run_dir, "results.json"), results)
+    state.wait_for_everyone()
+    return results
+
+
+def _plan(cfg: RunConfig, model, lora_config, init_config, state):
+    """The memory plan of this init (`lorafa.plan_init`), logged by the main process before the statistics pass."""
+    from .plan import plan_init
+
+    plan = plan_init(model, lora_config, init_config, timings=state.is_main_process)
+    if state.is_main_process:
+        logger.info("%s", plan.summary())
+    return plan
+
+
+def _plan_only(cfg: RunConfig, model, task, init_config, run_dir, state, results) -> dict:
+    """`init.plan_only=true`: the plan printed and written to `<run_dir>/plan.json`; no statistics, no training."""
+    plan = _plan(cfg, model, _lora_config(cfg, model, task), init_config, state)
+    results["plan"] = {"stats_bytes": plan.stats_bytes, "groups": plan.groups, "group_bytes": plan.group_bytes,
+                       "budget": plan.budget, "predicted_peak": plan.predicted_peak,
+                       "weights_bytes": plan.weights_bytes, "transient_bytes": plan.transient_bytes,
+                       "workspace_bytes": plan.workspace_bytes, "factorisations": plan.factorisations,
+                       "sharing": plan.sharing, "summary": plan.summary()}
+    if state.is_main_process:
+        print(plan.summary())
+        write_json(os.path.join(run_dir, "plan.json"), results["plan"])
     state.wait_for_everyone()
     return results
 
@@ -398,18 +428,23 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
         from .align.build import build_term
 
         align_term = build_term(cfg.align, model, teacher, _total_steps(cfg, len(task.train)))
-    stats = _stats_for_init(cfg, model, lora_config, init_config, task,
-                            _collator(cfg, task, tokenizer, init_config.max_length), state, align_term)
+    stats_collate = _collator(cfg, task, tokenizer, init_config.max_length)
+    if init_config.needs is not None:
+        _plan(cfg, model, lora_config, init_config, state)
+    stats = _stats_for_init(cfg, model, lora_config, init_config, task, stats_collate, state, align_term)
     initial_dir = os.path.join(run_dir, "initial_adapter")
-    search_batches = None
+    batches = search_batches = None
     if init_config.line_search:  # on the statistics batches, or (init.search_iters > 0) on as many batches of others
         k = cfg.init.search_iters
-        search_batches = stat_batches(task.train, _collator(cfg, task, tokenizer, init_config.max_length),
-                                      init_config.bsz, k or init_config.iters, init_config.sample, init_config.seed,
-                                      skip=init_config.iters if k else 0)
-    peft_model = initialize(model, lora_config, init_config, stats=stats, batches=search_batches,
-                            initial_adapter_dir=initial_dir, align=align_term, tuned=tuned,
-                            base_weights=_base_weights(cfg, init_config))
+        batches = stat_batches(task.train, stats_collate, init_config.bsz, k or init_config.iters, init_config.sample,
+                               init_config.seed, skip=init_config.iters if k else 0)
+    if stats is None and init_config.needs is not None:  # grouped sweeps (init.stats_memory) over the same batches
+        search_batches = batches if init_config.line_search and cfg.init.search_iters else None
+        batches = stat_batches(task.train, stats_collate, init_config.bsz, init_config.iters, init_config.sample,
+                               init_config.seed)
+    peft_model = initialize(model, lora_config, init_config, stats=stats, batches=batches,
+                            search_batches=search_batches, initial_adapter_dir=initial_dir, align=align_term,
+                            tuned=tuned, base_weights=_base_weights(cfg, init_config))
     del tuned
     out["init_s"] = round(time.perf_counter() - t, 2)
     out.update(_init_report(peft_model, run_dir, state))
