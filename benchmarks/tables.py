@@ -603,6 +603,11 @@ def render_rate_effect(root: str) -> str:
             f"{max(chosen) / min(chosen):.0f}× apart.\n")
 
 
+RATE_CLS = "benchmarks/results/rate_cls"  # issue 23's rate benchmark, classification preset (benchmarks/rate.py)
+RATE_CMD = "python benchmarks/rate.py summary --preset classification --out benchmarks/results/rate_cls"
+STATS_MEMORY = "benchmarks/results/stats_memory"  # issue 24: grouped sweeps against one pass
+
+
 # -- the registry ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Block:
@@ -728,6 +733,12 @@ BLOCKS: dict[str, Block] = {
                          "README and docs/performance.md: the validation loss of each main init at every rate"),
     "init_memory": Block(render_init_memory, (f"{INIT_MEMORY}/before.json", f"{INIT_MEMORY}/after.json"),
                          "docs/main_job.md: memory of the init before and after issue 8"),
+    "rate_cls": csv_block(RATE_CLS, "summary", RATE_CMD, "docs/learning_rate.md: grid-best rate against auto"),
+    "rate_cls_rules": csv_block(RATE_CLS, "rules", RATE_CMD, "docs/learning_rate.md: every rule, fitted on LoRA"),
+    "rate_cls_step0": csv_block(RATE_CLS, "step0", RATE_CMD, "docs/learning_rate.md: held-out loss after the init"),
+    "rate_cls_free": csv_block(RATE_CLS, "free", RATE_CMD, "docs/learning_rate.md: Prodigy and schedule-free AdamW"),
+    "stats_memory": csv_block(STATS_MEMORY, "summary", "python benchmarks/stats_memory.py --out "
+                              "benchmarks/results/stats_memory", "docs/scale.md: one pass against grouped sweeps"),
 }
 
 

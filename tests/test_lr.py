@@ -50,13 +50,14 @@ def test_adam_step_equals_the_closed_form_on_a_quadratic():
     for optimizer, d in (("adamw", g / (g.abs() + 1e-8)), ("sgd", g)):
         s = suggest_lr(model, QUAD_BATCHES, optimizer, rule="adam_step")
         eta = float(g @ d / (d @ H @ d))
-        assert s.lr == pytest.approx(eta, rel=1e-10) and s.evidence["eta_star"] == s.lr
+        assert s.evidence["eta_star"] == pytest.approx(eta, rel=1e-10)
+        assert s.lr == pytest.approx(lrmod.ADAM_STEP_C * eta, rel=1e-12)
         assert s.evidence["curvature"] == "hessian" and "fallback" not in s.evidence
         assert s.evidence["dHd"] == pytest.approx(float(d @ H @ d), rel=1e-10)
         assert s.evidence["g_dot_d"] == pytest.approx(float(g @ d), rel=1e-10)
     eps = 0.3  # the optimiser's eps is the one in the direction
     d = g / (g.abs() + eps)
-    assert suggest_lr(model, QUAD_BATCHES, rule="adam_step", eps=eps).lr == pytest.approx(
+    assert suggest_lr(model, QUAD_BATCHES, rule="adam_step", eps=eps, c=1.0).lr == pytest.approx(
         float(g @ d / (d @ H @ d)), rel=1e-10)
 
 
@@ -95,7 +96,7 @@ def test_negative_curvature_falls_back_to_gauss_newton():
     s = suggest_lr(model, batches, rule="adam_step")
     assert s.evidence["dHd"] == pytest.approx(dhd, rel=1e-8) and s.evidence["dGd"] == pytest.approx(dgd, rel=1e-8)
     assert s.evidence["curvature"] == "gauss_newton" and "dᵀHd" in s.evidence["fallback"]
-    assert s.lr == pytest.approx(g * d / s.evidence["dGd"], rel=1e-8)
+    assert s.lr == pytest.approx(lrmod.ADAM_STEP_C * g * d / s.evidence["dGd"], rel=1e-8)
     with pytest.raises(ValueError, match="no minimum. Use curvature='gauss_newton'"):
         suggest_lr(model, batches, rule="adam_step", curvature="hessian")
     forced = suggest_lr(model, batches, rule="adam_step", curvature="gauss_newton")
@@ -307,3 +308,16 @@ def test_initialize_trainer_sets_the_rate_before_the_optimizer(tmp_path):
                                   learning_rate="auto")
     with pytest.raises(ValueError, match="positive number or 'auto'"):
         lorafa.initialize_trainer(other, lora_cfg(["q_proj"]), {"method": "lora"}, learning_rate="fast")
+
+
+def test_the_fitted_constant_is_the_benchmark_s():
+    """ADAM_STEP_C is the constant benchmarks/rate.py fitted on default LoRA (classification preset), rounded to 3
+    significant digits: a refit that is not carried over (or a hand edit) fails here."""
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "rate_cls", "fit.json")
+    with open(path) as f:
+        fit = json.load(f)
+    assert fit["fitted_on"] == "lora"
+    assert lrmod.ADAM_STEP_C == float(f"{fit['rules']['adam_step']['k']:.3g}")

@@ -22,8 +22,8 @@ HF attention implementation is switched to eager (`set_attn_implementation`), an
 flag, the attention implementation, requires_grad, the trainable values and every `.grad` (nothing is written to
 `.grad` but by the range test's own optimiser, and those are put back).
 
-The constants below are NOT fitted yet. Each is to be fitted on ONE preset with default LoRA only, then held fixed
-for every other init and preset (issue 23); until then each has the value its comment justifies.
+Each rule's constant is fitted on ONE preset with default LoRA only, then held fixed for every other init and
+preset (issue 23): adam_step's is (ADAM_STEP_C); the others keep the value their comment justifies.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ from .stats.distributed import all_gather_objects, world
 
 logger = logging.getLogger(__name__)
 
-# To be fitted on ONE preset with default LoRA only, then held fixed (not fitted yet):
-ADAM_STEP_C = 1.0  # rate = c·η*; 1: the quadratic model's own minimiser
+# adam_step's constant, fitted on ONE preset with default LoRA only and held fixed for every init and preset:
+# (LoRA's grid-best rate) / η* on the classification preset (benchmarks/results/rate_cls/fit.json, 3 seeds).
+# The other rules' constants are not fitted (their cost rules them out as defaults: docs/learning_rate.md).
+ADAM_STEP_C = 0.195  # rate = c·η*
 LAMBDA_MAX_C = 1.0  # rate = c/λ_max; 1: gradient descent's best step along the top eigenvector (2/λ_max diverges)
 RANGE_DIVISOR = 10.0  # rate = (rate of the lowest loss after RANGE_STEPS steps) / 10: the classic LR-finder rule
 RANGE_STEPS = 3  # optimiser steps per rate of the range test
@@ -461,11 +463,11 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
     model is left as it was (see the module docstring). Use batches the statistics pass did not see (the runner and
     `initialize_trainer(..., learning_rate="auto")` take the 2 batches after them).
 
-    The rules (`rule=`) and their constants (module-level, NOT fitted yet: each is to be fitted on ONE preset with
-    default LoRA only, then held fixed):
+    The rules (`rule=`) and their constants (module-level; adam_step's is fitted on one preset with default LoRA
+    only and held fixed, the others are not fitted):
         "adam_step" (default): c·η*, η* = gᵀd / dᵀHd along the optimiser's first update d (Adam: g/(|g| + eps);
             SGD: g); dᵀHd ≤ 0 falls back to the Gauss-Newton dᵀGd (recorded). Options: eps (the optimiser's,
-            1e-8), curvature ("auto" | "hessian" | "gauss_newton"), c (ADAM_STEP_C = 1).
+            1e-8), curvature ("auto" | "hessian" | "gauss_newton"), c (ADAM_STEP_C = 0.195).
         "lambda_max": c / λ_max of H (or G) by Lanczos. Options: curvature ("hessian" | "gauss_newton"), c
             (LAMBDA_MAX_C = 1), steps (LANCZOS_STEPS = 20 products on every batch).
         "range_test": the rate with the lowest mean loss after `steps` optimiser steps from the init (each rate from
