@@ -49,7 +49,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import statistics
 import sys
@@ -59,6 +58,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convergence as cv  # noqa: E402
 from common import device_info, pick_device, save_figure, write_json, write_table  # noqa: E402
+from harness import grid_step, mean_std  # noqa: E402
 
 STUDENTS = ("task", "distill", "cyclic", "align_init")
 EXTRACT = ("identity", "input", "kfac_sampled", "kfac_empirical")
@@ -109,23 +109,6 @@ def _train_teacher(args, lr: float, out: str) -> dict:
     write_json(os.path.join(tmp, "teacher.json"), rec)
     os.replace(tmp, out)
     return rec
-
-
-def grid_step(values: list[float], val_loss: dict, max_extend: int) -> tuple[float | None, float | None]:
-    """One step of a 1-D grid search on validation loss (a rate, λ, τ, a phase length): (the chosen value, or None
-    while the grid is open; the next value to try, or None). The chosen value has the lowest validation loss
-    (`val_loss`: value -> loss, over the values tried); while it sits at an end of the tried values and fewer than
-    `max_extend` values were added past that end, the next value is one grid ratio further out (the ratio of the
-    first two given values, ×3 for a single one). A non-finite loss counts as the worst."""
-    given = sorted(values)
-    tried = sorted(val_loss)
-    ratio = given[1] / given[0] if len(given) > 1 else 3.0
-    best = min(tried, key=lambda v: (not math.isfinite(val_loss[v]), val_loss[v]))
-    if len(tried) > 1 and best == tried[0] and sum(v < given[0] for v in tried) < max_extend:
-        return None, tried[0] / ratio
-    if len(tried) > 1 and best == tried[-1] and sum(v > given[-1] for v in tried) < max_extend:
-        return None, tried[-1] * ratio
-    return best, None
 
 
 def teacher_dir(args) -> str:
@@ -416,10 +399,7 @@ def run_extraction(rank: int, metric: str, args) -> dict:
 
 
 def _ms(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "—"
-    return f"{statistics.mean(xs):.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
+    return mean_std(xs, 4, empty="—")
 
 
 def summarise(args) -> str:

@@ -75,6 +75,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import MALLOC_ENV, PeakMemory, device_info, pick_device, save_figure, timed, write_json, write_table  # noqa: E402
+from harness import choose, finite, grid_ratio, mean_std, next_values, norm_value  # noqa: E402
 
 FORMAT = 2  # the run-file format: 2 = validation-split protocol; runs without "val_curve" are legacy (format 1)
 VAL_SEED = 7919  # the validation problems are one fixed draw, the same for every seed
@@ -521,61 +522,8 @@ def suggest_rate(model, batches: list[dict], job: dict, seed: int) -> dict:
             "suggest_s": time.perf_counter() - t0}
 
 
-# -- choosing the learning rate ---------------------------------------------------------------------------------
-def mid(lrs: list) -> float:
-    return sorted(lrs)[len(lrs) // 2]
-
-
-def grid_ratio(lrs: list, default: float = 4.0) -> float:
-    """The grid's own geometric ratio, (max/min)^(1/(n-1)); `default` for a one-rate grid."""
-    lrs = sorted(lrs)
-    return (lrs[-1] / lrs[0]) ** (1 / (len(lrs) - 1)) if len(lrs) > 1 and lrs[-1] > lrs[0] else default
-
-
-def _norm_lr(lr: float) -> float:
-    return float(f"{lr:.6g}")  # 8e-4 × 4 is 0.0032, not 0.0032000000000000002 (run-file names, dict keys)
-
-
-def _finite(x) -> float:
-    return x if x is not None and math.isfinite(x) else math.inf  # diverged (inf) and NaN rank last
-
-
-def choose_rate(losses: dict) -> tuple[float, str | None]:
-    """The best rate of {lr: final validation loss} (ties and all-diverged: the lower rate) and where it lies among the
-    rates run: None (interior: bracketed), "low", "high" (an edge), or "both" (the only rate run)."""
-    clean = {lr: _finite(v) for lr, v in losses.items()}
-    best = min(clean, key=lambda lr: (clean[lr], lr))
-    lo, hi = min(clean), max(clean)
-    return best, ("both" if lo == hi else "low" if best == lo else "high" if best == hi else None)
-
-
-def next_rates(losses: dict, grid: list, ratio: float, max_extend: int = 3, full_grid: bool = False) -> dict:
-    """What to run next for one method, from its {lr: final validation loss} at the first seed so far.
-
-    1. The grid's middle rate and those above it (all of the grid with `full_grid`).
-    2. The rates below the middle only if the best so far is the lowest rate run (otherwise, with a loss unimodal in
-       the rate, they cannot win).
-    3. While the best is the lowest (highest) rate run, one rate `ratio` below (above) it, at most `max_extend` rates
-       past each end of the grid.
-
-    Returns {"next": [rates], "best": rate or None, "edge": as `choose_rate`, "done": bool}; done with "edge" None
-    means the best rate is bracketed, done with an edge means the cap was reached.
-    """
-    grid = sorted(grid)
-    centre = mid(grid)
-    first = [lr for lr in grid if (full_grid or lr >= centre) and lr not in losses]
-    if first:
-        return {"next": first, "best": None, "edge": None, "done": False}
-    best, edge = choose_rate(losses)
-    lower = [lr for lr in grid if lr not in losses]
-    if lower and edge in ("low", "both"):
-        return {"next": lower, "best": best, "edge": edge, "done": False}
-    nxt = []
-    if edge in ("low", "both") and sum(lr < grid[0] * (1 - 1e-9) for lr in losses) < max_extend:
-        nxt.append(_norm_lr(min(losses) / ratio))
-    if edge in ("high", "both") and sum(lr > grid[-1] * (1 + 1e-9) for lr in losses) < max_extend:
-        nxt.append(_norm_lr(max(losses) * ratio))
-    return {"next": nxt, "best": best, "edge": edge, "done": not nxt}
+# -- choosing the learning rate: the shared grid machinery (benchmarks/harness.py) ------------------------------
+choose_rate, next_rates, _finite, _norm_lr = choose, next_values, finite, norm_value
 
 
 # -- orchestration ----------------------------------------------------------------------------------------------
@@ -652,13 +600,7 @@ def is_legacy(results: list[dict]) -> bool:
     return any("val_curve" not in r for r in results)
 
 
-def _ms(vals, digits=3):
-    import statistics as st
-
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return None
-    return f"{st.mean(vals):.{digits}f}" + (f" ± {st.stdev(vals):.{digits}f}" if len(vals) > 1 else "")
+_ms = mean_std
 
 
 def summary_tables(results: list[dict], methods: list[str], first_seed: int | None = None) -> dict:

@@ -54,6 +54,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convergence as cv  # noqa: E402
 from common import save_figure, write_json, write_table  # noqa: E402
+from harness import choose, finite  # noqa: E402
 
 INITS = ["lora", "lora_fa", "lora_one", "lora_ga", "pissa", "eva", "peft_lora_ga"]
 FREE = ["lora+prodigy", "lora+sf"]
@@ -155,7 +156,7 @@ def grid_of(out: str) -> dict:
     grid = {}
     for m in {r["method"] for r in runs}:
         val = {r["lr"]: r["final_val_loss"] for r in runs if r["method"] == m and r["seed"] == s0}
-        best, edge = cv.choose_rate(val)
+        best, edge = choose(val)
         grid[m] = {"val": val, "best": best, "edge": edge,
                    "runs": [r for r in runs if r["method"] == m and r["lr"] == best]}
     return grid
@@ -164,7 +165,7 @@ def grid_of(out: str) -> dict:
 def interpolate(val: dict, lr: float) -> tuple[float, str | None]:
     """The grid's validation loss at `lr`, linear in log rate between the two grid points around it; outside the
     grid, the nearest end's loss and "below"/"above"."""
-    pts = sorted((k, cv._finite(v)) for k, v in val.items())
+    pts = sorted((k, finite(v)) for k, v in val.items())
     if lr <= pts[0][0]:
         return pts[0][1], ("below" if lr < pts[0][0] * (1 - 1e-9) else None)
     if lr >= pts[-1][0]:
@@ -198,7 +199,7 @@ def fit(out: str) -> dict:
     return res
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+def _mean_std(xs: list[float]) -> tuple[float, float]:  # as numbers (harness.mean_std formats the cell)
     xs = [x for x in xs if x is not None]
     return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan) if xs else (math.nan, math.nan)
 
@@ -298,7 +299,7 @@ def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str) 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, m in enumerate(inits):
         color = f"C{i}"
-        pts = sorted((lr, cv._finite(v)) for lr, v in grid[m]["val"].items())
+        pts = sorted((lr, finite(v)) for lr, v in grid[m]["val"].items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=color, label=m, ms=4)
         mine = [r for r in autos if r["method"] == m]
         if mine:

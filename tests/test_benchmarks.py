@@ -738,3 +738,39 @@ def test_alignment_teacher_grid_with_weightless_records_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights are not"):
         alignment.teacher_dir(args)
     assert json.load(open(tmp_path / "teacher" / "teacher.json"))["lr"] == 3e-4
+
+
+def _sequential(values, loss, max_extend):
+    """Drive harness.grid_step as alignment.py does: every given value first, then one value at a time."""
+    import harness
+
+    tried = {v: loss(v) for v in values}
+    while True:
+        chosen, nxt = harness.grid_step(values, tried, max_extend)
+        if nxt is None:
+            return chosen, sorted(tried)
+        tried[nxt] = loss(nxt)
+
+
+def test_grid_step_extends_past_the_edge_one_value_at_a_time():
+    import math
+
+    # minimum at 0.02, below the grid [0.1, 0.3, 0.9]: extended by the first two values' ratio (3), unrounded
+    chosen, tried = _sequential([0.1, 0.3, 0.9], lambda v: (math.log(v / 0.02)) ** 2, max_extend=3)
+    assert tried == pytest.approx([0.1 / 9, 0.1 / 3, 0.1, 0.3, 0.9])
+    assert chosen == pytest.approx(0.1 / 3)  # 0.1/9 brackets it
+    # capped: the best stays at the edge after max_extend values
+    chosen, tried = _sequential([0.1, 0.3, 0.9], lambda v: -v, max_extend=2)
+    assert tried == pytest.approx([0.1, 0.3, 0.9, 2.7, 8.1]) and chosen == pytest.approx(8.1)
+    # interior: nothing added; a single value: not extended; a non-finite loss counts as the worst
+    assert _sequential([1, 2, 4], lambda v: abs(v - 2), 3) == (2, [1, 2, 4])
+    assert _sequential([5], lambda v: 1.0, 3) == (5, [5])
+    assert _sequential([1, 2, 4], lambda v: float("nan") if v == 1 else v, 0) == (2, [1, 2, 4])
+
+
+def test_convergence_and_alignment_share_the_harness():
+    import alignment
+    import harness
+
+    assert convergence.next_rates is harness.next_values and convergence.choose_rate is harness.choose
+    assert alignment.grid_step is harness.grid_step
