@@ -241,18 +241,59 @@ def init_workspace(method: str, m: int, n: int, exact_svd: bool) -> int:
     return 2 * F32 * m * n + (F32 * min(m, n) * (m + n) if exact_svd else 0)
 
 
-def group_layers(layers: list[LayerPlan], budget: int | None) -> list[list[LayerPlan]]:
-    """Consecutive groups (depth order) whose statistics fit `budget`; layers sharing an input stay together.
-
-    Raises:
-        ValueError: one layer (or one input-sharing set) alone needs more than the budget.
-    """
+def input_units(layers: list[LayerPlan]) -> list[list[LayerPlan]]:
+    """The layers (depth order) cut into units that are never split: a layer reading the input of the one before it
+    (q, k, v; gate, up) joins that layer's unit, whose Σ tensor they share."""
     units: list[list[LayerPlan]] = []
     for lp in layers:
         if lp.shares_input_with is not None and units and any(u.name == lp.shares_input_with for u in units[-1]):
             units[-1].append(lp)
         else:
             units.append([lp])
+    return units
+
+
+def assign_owners(layers: list[LayerPlan], world_size: int) -> dict[str, int]:
+    """{layer name: the rank that owns its statistics} (`InitConfig(stats_sharding=True)`): the input-sharing units
+    (`input_units`), largest statistics first, each to the rank holding the fewest bytes so far (the lowest rank on
+    a tie). A function of the shapes only, so every process computes the same owners."""
+    units = input_units(layers)
+    load = [0] * world_size
+    owners: dict[str, int] = {}
+    for i in sorted(range(len(units)), key=lambda i: (-sum(lp.total for lp in units[i]), i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        load[rank] += sum(lp.total for lp in units[i])
+        owners.update({lp.name: rank for lp in units[i]})
+    return owners
+
+
+def stats_owners(model: nn.Module, targets: Mapping[str, nn.Module], kinds, world_size: int,
+                 sketch: tuple[int, int] | None = None) -> dict[str, int]:
+    """{target name: owner rank} for a sharded statistics pass of `kinds` (collect_stats's, normalised) over
+    `world_size` processes: `assign_owners` on the statistics bytes of each layer, with the input sharing found by
+    one forward of 4 tokens (`shared_inputs`; a model that cannot run it gets one unit per layer)."""
+    share = shared_inputs(model, targets)[0] if "act" in kinds else {}
+    layers = []
+    for name, mod in targets.items():
+        m, n = out_in_features(mod)
+        b = {}
+        if "grad" in kinds:
+            b["grad"] = F32 * (m * n if sketch is None else m * sketch[0] + sketch[1] * n)
+        if "act" in kinds:
+            b["in_cov"] = 0 if name in share else F32 * n * n
+        if "kfac" in kinds:
+            b["out_cov"] = F32 * m * m
+        layers.append(LayerPlan(name, m, n, b, share.get(name)))
+    return assign_owners(layers, world_size)
+
+
+def group_layers(layers: list[LayerPlan], budget: int | None) -> list[list[LayerPlan]]:
+    """Consecutive groups (depth order) whose statistics fit `budget`; layers sharing an input stay together.
+
+    Raises:
+        ValueError: one layer (or one input-sharing set) alone needs more than the budget.
+    """
+    units = input_units(layers)
     if budget is None:
         return [list(layers)] if layers else []
     groups, current, size = [], [], 0

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..checks import check_positive_int
 from ..quant import keep_4bit_differentiable_
 from ..targets import is_quantized, is_transposed, out_in_features, resolve_targets, unwrap_model
-from .distributed import agree_step, all_gather_objects, all_reduce_counts, all_reduce_sum_, world
+from .distributed import agree_step, all_gather_objects, all_reduce_counts, all_reduce_sum_, sum_to_owner, world
 from .sketch import DEFAULT_SKETCH_SEED, GradSketch, gaussian_matrix, sketch_sizes
 from .types import LayerStats
 
@@ -70,18 +70,24 @@ class StatsRecorder:
     as the two sketches G·Ω and Ψᵀ·G from the layer's inputs and output gradients (see `stats.sketch`). The targets
     in `hook_grad` (quantized or FSDP2-sharded weights, see `grad_from_hooks`) get their dense gradient the same way,
     as Σ Δᵀ X in fp32, with no weight gradient.
+
+    With `owners` ({target: rank}, a sharded pass under torch.distributed) each batch's contribution of a layer is
+    sent to the layer's owner inside the hook that computed it (`sum_to_owner`), and only the owner keeps a sum:
+    every process must then run the same passes in lockstep (a blank pass, `paused`, contributes zeros), and
+    `finalize` returns the owned layers only.
     """
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Module], kinds, accumulate_on=None, train_mode=False,
                  sketch: tuple[int, int] | None = None, sketch_seed: int = DEFAULT_SKETCH_SEED,
-                 grad_from: str = "auto"):
+                 grad_from: str = "auto", owners: Mapping[str, int] | None = None):
         self.model, self.targets, self.kinds = model, targets, normalize_kinds(kinds)
+        self.owners, self.rank = (None if owners is None else dict(owners)), world()[0]
         self.hook_grad = {n for n, m in targets.items() if grad_from_hooks(m, grad_from)} if sketch is None else set()
         self.accumulate_on, self.train_mode = accumulate_on, train_mode
         self.sketch, self.sketch_seed = sketch, sketch_seed
         self.sk_y, self.sk_z, self._gauss, self._sketch_rows = {}, {}, {}, {}
         self.mask: torch.Tensor | None = None
-        self.paused = False  # a blank pass (FSDP lockstep): the hooks record nothing
+        self.paused = False  # a blank pass (lockstep): the hooks record nothing (sharded: they contribute zeros)
         self.n_batches = 0
         self.fisher_weight, self.loss_tokens_known = 0, True  # Σ_b T_b·N_b (see LayerStats.fisher_weight)
         self.calls = dict.fromkeys(targets, 0)
@@ -133,6 +139,12 @@ class StatsRecorder:
             mod.weight.requires_grad_(True)
 
             def on_grad(p, name=name):
+                if self.owners is not None:  # sharded: this batch's gradient, in fp32, to its owner
+                    g = p.grad.t() if transposed else p.grad
+                    p.grad = None
+                    self._add(self.grad, name, g.to(torch.float32).contiguous())
+                    self.calls[name] += not self.paused
+                    return
                 if self.paused:
                     p.grad = None
                     return
@@ -152,8 +164,22 @@ class StatsRecorder:
                 lambda m, args, kwargs, out, name=name: self._on_forward(name, args[0] if args else kwargs["input"], out),
                 with_kwargs=True))
 
-    def _on_forward(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    def _add(self, store: dict, name: str, c: torch.Tensor) -> None:
+        """Add one batch's fp32 contribution `c` to `name`'s sum in `store`; sharded, every process's contribution
+        (zeros from a blank pass) goes to the layer's owner, which adds them in rank order (`sum_to_owner`)."""
+        def add(t):
+            buf = self._buffer(store, name, c.shape, c)  # on this process's device (or accumulate_on)
+            buf.add_(t.to(buf.device))
+
+        if self.owners is None:
+            add(c)
+            return
         if self.paused:
+            c.zero_()
+        sum_to_owner(c, self.owners[name], add)
+
+    def _on_forward(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        if self.paused and self.owners is None:
             return
         if "act" in self.kinds:
             self._on_forward_act(name, x, out)
@@ -172,9 +198,8 @@ class StatsRecorder:
     def _on_hook_grad(self, name: str, g: torch.Tensor, x: torch.Tensor) -> None:
         with torch.no_grad():
             d, rows = g.reshape(-1, g.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
-            buf = self._buffer(self.grad, name, (d.shape[1], rows.shape[1]), d)
-            buf.add_((d.T @ rows).to(buf.device))  # G_b = Δᵀ X, the layer's weight gradient, in fp32
-            self.calls[name] += 1
+            self._add(self.grad, name, d.T @ rows)  # G_b = Δᵀ X, the layer's weight gradient, in fp32
+            self.calls[name] += not self.paused
 
     def _gaussian(self, rows: int, cols: int, device) -> torch.Tensor:
         key = (rows, cols, device)
@@ -186,15 +211,15 @@ class StatsRecorder:
         with torch.no_grad():
             d = _rows(g, mask, name)  # (N, m)
             (m, k), (n, l) = (d.shape[1], self.sketch[0]), (x.shape[1], self.sketch[1])
-            y = self._buffer(self.sk_y, name, (m, k), d)
-            z = self._buffer(self.sk_z, name, (l, n), d)
-            y.add_((d.T @ (x @ self._gaussian(n, k, x.device))).to(y.device))  # Δᵀ(XΩ) = G_b Ω
-            z.add_(((d @ self._gaussian(m, l, d.device)).T @ x).to(z.device))  # (ΔΨ)ᵀX = Ψᵀ G_b
-            self.calls[name] += 1
+            self._add(self.sk_y, name, d.T @ (x @ self._gaussian(n, k, x.device)))  # Δᵀ(XΩ) = G_b Ω
+            self._add(self.sk_z, name, (d @ self._gaussian(m, l, d.device)).T @ x)  # (ΔΨ)ᵀX = Ψᵀ G_b
+            self.calls[name] += not self.paused
 
     def _on_forward_act(self, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
         mask = self.mask
-        owner = self._seen.get(id(x))
+        # sharded: a layer shares the Σ of an earlier reader of its input only when one process owns both
+        key = id(x) if self.owners is None else (id(x), self.owners[name])
+        owner = self._seen.get(key)
         shared = owner is not None and owner[1]() is x and owner[0] != name
         if shared and self.n_batches == 0:
             self.share.setdefault(name, owner[0])
@@ -202,20 +227,18 @@ class StatsRecorder:
             raise RuntimeError(f"{name!r} shared its input with {self.share[name]!r} in one batch but not in another.")
         with torch.no_grad():
             rows = _rows(x.detach(), mask, name)
-            self.tokens[name] += rows.shape[0]
+            self.tokens[name] += 0 if self.paused else rows.shape[0]
             if name not in self.share:
-                self._seen[id(x)] = (name, weakref.ref(x))
-                buf = self._buffer(self.in_sum, name, (rows.shape[1], rows.shape[1]), rows)
-                buf.add_((rows.T @ rows).to(buf.device))
+                self._seen[key] = (name, weakref.ref(x))
+                self._add(self.in_sum, name, rows.T @ rows)
         if "kfac" in self.kinds and out.requires_grad:
             out.register_hook(lambda g, name=name, mask=mask: self._on_out_grad(name, g, mask))
 
     def _on_out_grad(self, name: str, g: torch.Tensor, mask) -> None:
         with torch.no_grad():
             j = _rows(g, mask, name)
-            buf = self._buffer(self.out_sum, name, (j.shape[1], j.shape[1]), j)
-            buf.add_((j.T @ j).to(buf.device))
-            self.out_calls[name] += 1
+            self._add(self.out_sum, name, j.T @ j)
+            self.out_calls[name] += not self.paused
 
     # -- batches ---------------------------------------------------------------------------------------------
     def begin_batch(self, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
@@ -233,6 +256,10 @@ class StatsRecorder:
 
     def end_batch(self) -> None:
         self.n_batches += 1
+        self.clear_batch()
+
+    def clear_batch(self) -> None:
+        """Forget the batch's inputs and mask (after a batch, and around a blank pass)."""
         self._seen.clear()
         self._sketch_rows.clear()
         self.mask = None
@@ -240,6 +267,9 @@ class StatsRecorder:
     # -- result ----------------------------------------------------------------------------------------------
     def finalize(self, normalize_grad_by: str = "batches") -> dict[str, LayerStats]:
         """All-reduce the sums over processes, normalise, check, and return module name -> LayerStats.
+
+        Sharded (`owners`), the sums are already on their owners: nothing but the counts is all-reduced, and the
+        result holds only the layers this process owns (each equal to the unsharded pass's).
 
         Args:
             normalize_grad_by: "batches" (SPEC: G = Σ_b ∇L_b / iters) or "calls" (per-module count of backward
@@ -263,32 +293,46 @@ class StatsRecorder:
             raise ValueError("The statistics pass saw no batches: `batches` is empty.")
         out = {}
         for name in names:
+            own = self.owners is None or self.owners[name] == self.rank
             st = LayerStats(n_tokens=tokens[name], n_batches=n_batches if normalize_grad_by == "batches" else calls[name])
             m, n = out_in_features(self.targets[name])
             if "grad" in self.kinds and self.sketch is not None:
                 k, l = self.sketch
                 reached = calls[name] > 0
-                y = self._reduced(self.sk_y, name, (m, k), "gradient", reached) / max(st.n_batches, 1)
-                z = self._reduced(self.sk_z, name, (l, n), "gradient", reached) / max(st.n_batches, 1)
-                st.grad_sketch = GradSketch(y, z, self.sketch_seed)
+                y = _div(self._reduced(self.sk_y, name, (m, k), "gradient", reached), max(st.n_batches, 1))
+                z = _div(self._reduced(self.sk_z, name, (l, n), "gradient", reached), max(st.n_batches, 1))
+                st.grad_sketch = GradSketch(y, z, self.sketch_seed) if own else None
             elif "grad" in self.kinds:
-                st.grad = self._reduced(self.grad, name, (m, n), "gradient", calls[name] > 0) / max(st.n_batches, 1)
+                st.grad = _div(self._reduced(self.grad, name, (m, n), "gradient", calls[name] > 0),
+                               max(st.n_batches, 1))
             if "act" in self.kinds and tokens[name] == 0:
                 raise ValueError(f"{name!r} saw no non-padding tokens: check attention_mask and the batches.")
             if "act" in self.kinds and name not in self.share:
-                st.in_cov = self._reduced(self.in_sum, name, (n, n), "input", True) / tokens[name]
+                st.in_cov = _div(self._reduced(self.in_sum, name, (n, n), "input", True), tokens[name])
             if "kfac" in self.kinds:
-                st.out_cov = self._reduced(self.out_sum, name, (m, m), "output gradient", out_calls[name] > 0) / tokens[name]
+                st.out_cov = _div(self._reduced(self.out_sum, name, (m, m), "output gradient", out_calls[name] > 0),
+                                  tokens[name])
                 st.fisher_weight = fisher_weight
-            out[name] = st
+            if own:
+                out[name] = st
         for name, owner in self.share.items():
-            out[name].in_cov = out[owner].in_cov
-        _check_finite(out)
+            if name in out:  # sharded: the two layers have one owner (see _on_forward_act)
+                out[name].in_cov = out[owner].in_cov
+        _check_finite(out, agree=self.owners is not None)
         return out
 
-    def _reduced(self, store: dict, name: str, shape, what: str, reached: bool) -> torch.Tensor:
+    def _reduced(self, store: dict, name: str, shape, what: str, reached: bool) -> torch.Tensor | None:
         # A process whose shard never reached this layer still joins the all-reduce, with zeros.
         weight = self.targets[name].weight
+        if self.owners is not None:  # sharded: the owner holds the sum already; None on the other processes
+            local = store.pop(name, None)
+            if not reached:
+                raise ValueError(f"{name!r} received no {what} during the statistics pass: is it used in the forward "
+                                 "pass, and does the loss depend on it? Remove it from target_modules otherwise.")
+            if self.owners[name] != self.rank:
+                return None
+            return local if local is not None else torch.zeros(shape, dtype=torch.float32,
+                                                               device=self.accumulate_on or weight.device)
         local = store.pop(name, None)
         if local is None:
             local = torch.zeros(shape, dtype=torch.float32, device=self.accumulate_on or weight.device)
@@ -320,8 +364,16 @@ def _input_requires_grad(module, args, kwargs):
         x.register_post_accumulate_grad_hook(lambda t: setattr(t, "grad", None))  # its gradient is never needed
 
 
-def _check_finite(stats: dict[str, LayerStats]) -> None:
+def _div(t: torch.Tensor | None, d) -> torch.Tensor | None:
+    return None if t is None else t / d
+
+
+def _check_finite(stats: dict[str, LayerStats], agree: bool = False) -> None:
+    """Raise if any statistic is NaN/inf; with `agree` (a sharded pass: each process holds its own layers) on every
+    process, naming the bad ones of all."""
     bad = [f"{n}.{k}" for n, st in stats.items() for k, t in st.tensors().items() if not torch.isfinite(t).all()]
+    if agree:
+        bad = [b for part in all_gather_objects(bad) for b in part]
     if bad:
         raise ValueError(
             f"Non-finite (NaN/inf) statistics in {bad[:8]}{' ...' if len(bad) > 8 else ''}: the loss or activations "
@@ -376,27 +428,84 @@ def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 _END = object()
 
 
+def check_shardable(model: nn.Module) -> None:
+    """Refuse sharded statistics on an FSDP2-sharded model (every process must hold the whole model).
+
+    Raises:
+        ValueError: the model has FSDP2 (`fully_shard`) parameters.
+    """
+    if fsdp_sharded(model):
+        raise ValueError("Sharded statistics (InitConfig(stats_sharding=True), collect_stats(shard=True)) reduce each "
+                         "layer's statistics to one owner process and need every process to hold the whole model "
+                         "(DDP, accelerate launch without FSDP); this model is FSDP2-sharded (fully_shard), whose "
+                         "statistics pass all-reduces them instead. Drop stats_sharding for FSDP2, or bound the "
+                         "memory with grouped sweeps (stats_memory=...).")
+
+
+def _shard_owners(model: nn.Module, targets, kinds, sketch) -> dict[str, int] | None:
+    """The owner rank of each target for a sharded pass (None single-process: nothing to shard), checked to be the
+    same on every process."""
+    check_shardable(model)
+    world_size = world()[1]
+    if world_size == 1:
+        return None
+    from ..plan import stats_owners
+
+    owners = stats_owners(model, targets, kinds, world_size, sketch)
+    if len({tuple(sorted(o.items())) for o in all_gather_objects(owners)}) > 1:
+        raise ValueError("Sharded statistics: the processes assign different owners to the target layers (their "
+                         "models or targets differ): every process must load the same model and targets.")
+    return owners
+
+
+def _borrow_first(first, device):
+    """Sharded lockstep, step 0: a process with no batch at all takes the lowest such rank's first batch for its
+    blank passes (what it holds does not matter: a blank pass contributes zeros). One object gather, two when
+    a process has none."""
+    have = all_gather_objects(first is not None)
+    if all(have):
+        return first
+    donor = have.index(True)
+    cpu = None if world()[0] != donor else {k: v.cpu() if torch.is_tensor(v) else v for k, v in first.items()}
+    given = all_gather_objects(cpu)[donor]
+    return first if first is not None else batch_to_device(given, device)
+
+
 def _one_batch(model, recorder: StatsRecorder, batch, i: int, device, needs_backward: bool, loss_fn,
-               record: bool = True) -> None:
-    """One forward (and backward) pass on `batch`; with record=False nothing is recorded (an FSDP rank with no batch
-    left runs such a pass so that its collectives match the other ranks')."""
+               record: bool = True, agree: bool = False) -> None:
+    """One forward (and backward) pass on `batch`; with record=False nothing is recorded (a lockstep rank with no
+    batch left runs such a pass so that its collectives match the other ranks'). With `agree` (a sharded pass,
+    whose backward hooks reduce to the owners) the processes agree on the loss before the backward: all of them run
+    it, or all raise."""
     batch = batch_to_device(batch, device)
     _check_not_empty(batch, i)
     recorder.paused = not record
     if record:
         recorder.begin_batch(batch.get("attention_mask"), batch.get("labels"), batch.get("input_ids"))
+    else:
+        recorder.clear_batch()
     if needs_backward:
-        loss = checked_loss((loss_fn or default_loss)(model, batch), loss_fn)
-        if not loss.requires_grad:
-            raise ValueError("The loss does not depend on any target module's weights: check target_modules "
-                             "and loss_fn.")
-        if not torch.isfinite(loss).all():
-            raise ValueError(f"Non-finite loss {loss.item()} on statistics batch {i}: check the data and dtype.")
+        error = None
+        try:
+            loss = checked_loss((loss_fn or default_loss)(model, batch), loss_fn)
+            if not loss.requires_grad:
+                raise ValueError("The loss does not depend on any target module's weights: check target_modules "
+                                 "and loss_fn.")
+            if not torch.isfinite(loss).all():
+                raise ValueError(f"Non-finite loss {loss.item()} on statistics batch {i}: check the data and dtype.")
+        except Exception as e:  # noqa: BLE001 - raised here, or by agree_step on every process
+            if not agree:
+                raise
+            error = e
+        if agree:
+            agree_step(error, True, f"statistics batch {i}")
         (loss if record else loss * 0).backward()
     else:
         (loss_fn(model, batch) if loss_fn else model(**batch))
     if record:
         recorder.end_batch()
+    else:
+        recorder.clear_batch()
     recorder.paused = False
 
 
@@ -419,6 +528,7 @@ def collect_stats(
     sketch: int | tuple[int, int] | None = None,
     sketch_seed: int = DEFAULT_SKETCH_SEED,
     grad_from: str = "auto",
+    shard: bool = False,
 ) -> dict[str, LayerStats]:
     """Run the statistics pass of SPEC §1 over `batches`.
 
@@ -439,13 +549,23 @@ def collect_stats(
         grad_from: where a dense gradient comes from: "weight" (autograd's `weight.grad`, freed layer by layer),
             "hooks" (Σ Δᵀ X from each layer's input and output gradient, in fp32; no weight gradient exists), or
             "auto" (default): hooks for bitsandbytes-quantized and FSDP2-sharded weights, `weight.grad` otherwise.
+        shard: under torch.distributed with every process holding the whole model (DDP-style), shard the statistics
+            over the processes (`InitConfig(stats_sharding=True)`): each target has an owner rank (`plan.stats_owners`:
+            input-sharing units balanced by bytes), each batch's contribution is sent to it in the hook that
+            computes it (added in rank order: the single-process sum), and only the owner keeps a sum, so each process holds about 1/world of the statistics. The
+            processes pass in lockstep (one with no batch left runs a blank pass contributing zeros; one with none
+            at all borrows another's first batch for it), and every target must be reached on every pass (no
+            data-dependent routing such as mixture-of-experts). Refused on FSDP2-sharded models (their pass is the
+            all-reduced one); single-process it changes nothing.
 
     Returns:
         dict module name -> LayerStats, identical on every process (sums are all-reduced when torch.distributed is
-        initialised).
+        initialised). With `shard` and more than one process: only the layers this process owns, each equal to the
+        unsharded result.
 
     Raises:
-        ValueError: unknown targets or kinds, empty batches, a non-finite loss or statistic, a layer without gradient.
+        ValueError: unknown targets or kinds, empty batches, a non-finite loss or statistic, a layer without gradient,
+            `shard` on an FSDP2-sharded model.
         RankFailedError: under torch.distributed, on every process but the one whose batch failed (that one raises
             its own error): each batch step agrees on a failure flag (one int64 all-reduce), so no process is left
             waiting in a collective.
@@ -471,11 +591,13 @@ def collect_stats(
         if "grad" not in kinds:
             raise ValueError(f"sketch= sketches the gradient, but kinds={sorted(kinds)} has none: add 'grad' or 'kfac'.")
         sketch = sketch_sizes(*((sketch,) if isinstance(sketch, int) else tuple(sketch)))
+    owners = _shard_owners(model, targets, kinds, sketch) if shard else None
     recorder = StatsRecorder(model, targets, kinds, accumulate_on=accumulate_on, train_mode=train_mode,
-                             sketch=sketch, sketch_seed=sketch_seed, grad_from=grad_from)
+                             sketch=sketch, sketch_seed=sketch_seed, grad_from=grad_from, owners=owners)
     total = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
     bar = tqdm(total=total, desc="lorafa statistics", disable=not progress or world()[0] != 0, leave=False)
-    lockstep = world()[1] > 1 and fsdp_sharded(model)  # FSDP gathers each unit's weights: all ranks pass together
+    # FSDP gathers each unit's weights, a sharded pass reduces in its hooks: all ranks pass together
+    lockstep = world()[1] > 1 and (owners is not None or fsdp_sharded(model))
     with recorder, (torch.enable_grad() if needs_backward else torch.no_grad()):
         batch_iter, done, step, first = None, False, 0, None
         while True:  # all processes step together: a failure, or one running out early, is agreed on by all
@@ -484,22 +606,27 @@ def collect_stats(
                 try:
                     batch_iter = iter(batches) if batch_iter is None else batch_iter
                     batch = next(batch_iter, _END)
+                    if lockstep and batch is not _END:  # a bad batch fails here, agreed on before the pass
+                        batch = batch_to_device(batch, device)
+                        _check_not_empty(batch, step)
                 except Exception as e:  # noqa: BLE001 - re-raised by agree_step, here and (named) on the others
                     error = e
             active = batch is not _END
             done = done or not active
             first = batch if first is None and active else first
             if lockstep:  # does any rank have a batch this step? Then every rank runs a pass (its own, or a blank)
-                if error is None and first is None:
+                if error is None and first is None and owners is None:
                     error = ValueError("Under FSDP every process must have at least one statistics batch (each "
                                        "pass gathers the sharded weights on all ranks): use at least as many "
                                        "statistics batches (init.iters) as processes.")
                 if not agree_step(error, active, f"statistics batch {step}"):
                     break
+                if owners is not None and step == 0:
+                    first = _borrow_first(first, device)
             if error is None and (active or lockstep):
                 try:
                     _one_batch(model, recorder, batch if active else first, step, device, needs_backward, loss_fn,
-                               record=active)
+                               record=active, agree=owners is not None)
                 except Exception as e:  # noqa: BLE001
                     error = e
             if not agree_step(error, active, f"statistics batch {step}"):

@@ -26,6 +26,41 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _comm_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` where the backend can send it: NCCL takes CUDA tensors only, gloo CPU ones here."""
+    backend = dist.get_backend()
+    if backend == "nccl" and tensor.device.type != "cuda":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    if backend == "gloo" and tensor.device.type != "cpu":
+        return tensor.cpu()
+    return tensor.contiguous()
+
+
+def sum_to_owner(tensor: torch.Tensor, owner: int, add) -> None:
+    """Every process's `tensor` (one shape) summed on rank `owner` only, by `add(t)` called there once per process,
+    in rank order: with batch b on rank b mod world (as `init.iters` deals them), the owner adds the batches in the
+    order one process would, so a sharded statistic is the single-process sum to the last bit. Point to point (each
+    process sends to the owner, which receives into one buffer), so the owner holds at most one received tensor
+    beside its sums. Every process must call it with the same `owner`, in the same order as the others; a single
+    process just calls `add(tensor)`."""
+    rank, world_size = world()
+    if world_size == 1:
+        add(tensor)
+        return
+    if rank != owner:
+        dist.send(_comm_tensor(tensor), dst=owner)
+        return
+    buffer = None
+    for src in range(world_size):
+        if src == rank:
+            add(tensor)
+            continue
+        if buffer is None:
+            buffer = torch.empty_like(_comm_tensor(tensor))
+        dist.recv(buffer, src=src)
+        add(buffer)
+
+
 def all_reduce_counts(counts: list[int], device: torch.device) -> list[int]:
     """Sum a list of integer counters over all processes (exact: int64)."""
     if world()[1] == 1:
