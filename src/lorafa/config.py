@@ -97,6 +97,12 @@ class InitConfig:
             over the same batches: its statistics are collected, its layers' factors computed, and the statistics
             freed before the next group (the same init as one pass; `lorafa.plan_init` shows the groups). None
             (default): one pass holding every layer's statistics.
+        stats_sharding: under torch.distributed with every process holding the whole model (DDP, `accelerate launch`),
+            shard the statistics over the processes: each target layer has an owner process (layers reading one
+            input together, balanced by bytes), each batch's statistics are reduced to it, and only it holds them
+            (about 1/world of the statistics per process) and computes its layers' factors, which are then sent to
+            every process: the same init as one process. Combines with `stats_memory`. Refused on FSDP2-sharded
+            models (their pass all-reduces); not used with statistics given as `stats=`. Default False.
         align_init, align_lambda: teacher-aware init (SPEC §5): the statistics pass (and the line search) use the
             gradient of L_task + align_lambda · D(student, teacher) instead of L_task, so a gradient method starts
             toward the aligned update; `initialize` then needs `align=` (a `lorafa.align.AlignmentTerm`).
@@ -141,6 +147,7 @@ class InitConfig:
     sketch_l: int | None = None
     accumulate_on: str | None = None
     stats_memory: int | str | None = None
+    stats_sharding: bool = False
     weight: str | None = None  # alias of `scale`
     align_init: bool = False
     align_lambda: float = 1.0
@@ -177,6 +184,10 @@ class InitConfig:
             self.stats_memory = parse_memory(self.stats_memory)
             if self.needs is None:
                 raise ValueError(f"stats_memory bounds the statistics pass, which {self.method} does not run: drop it.")
+        if not isinstance(self.stats_sharding, bool):
+            raise ValueError(f"stats_sharding must be True or False, got {self.stats_sharding!r}")
+        if self.stats_sharding and self.needs is None:
+            raise ValueError(f"stats_sharding shards the statistics pass, which {self.method} does not run: drop it.")
         if not isinstance(self.align_init, bool):
             raise ValueError(f"align_init must be True or False, got {self.align_init!r}")
         if self.sketch is not None or self.sketch_l is not None:

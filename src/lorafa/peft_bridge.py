@@ -8,6 +8,7 @@ line search (`lorafa.methods.line_search`), the record of the init and saving (`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -141,6 +142,7 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
     if tuned is not None:  # a fine-tune equal to the base gives zero adapters (B = A = 0), which cannot train
         check_difference(weights, tuned)
     needs = init_config.needs
+    sharded = _sharded(base, init_config, stats)
     _check_sketch_size(init_config, lora_config, targets)
     check_budget(init_config, targets)
     if init_config.line_search and batches is None and search_batches is None:
@@ -152,9 +154,9 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
         if batches is None:
             raise ValueError(f"{init_config.method} needs '{needs}' statistics: pass batches= (or stats=).")
         groups = _stats_groups(base, targets, lora_config, init_config)
-        if len(groups) > 1:
+        if len(groups) > 1 or sharded:
             return _grouped_init(base, targets, lora_config, init_config, groups, batches, loss_fn, progress,
-                                 search_batches, weights, tuned)
+                                 search_batches, weights, tuned, sharded)
         stats = _collect(base, batches, list(targets), init_config, loss_fn, progress)
     elif stats is not None and init_config.stats_memory is not None:
         _check_given_stats_fit(stats, targets, init_config.stats_memory)
@@ -173,12 +175,43 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
                    weights)
 
 
-def _collect(base, batches, names, init_config, loss_fn, progress):
+def _collect(base, batches, names, init_config, loss_fn, progress, shard: bool = False):
     rank, world_size = world()
     # init.iters counts batches over all processes: batch b belongs to rank b mod world_size
     return collect_stats(base, batches, names, kinds=(init_config.needs,), loss_fn=loss_fn,
                          max_batches=len(range(rank, init_config.iters, world_size)), progress=progress,
-                         sketch=init_config.sketch_sizes, accumulate_on=init_config.accumulate_on)
+                         sketch=init_config.sketch_sizes, accumulate_on=init_config.accumulate_on, shard=shard)
+
+
+def _sharded(base, init_config, stats) -> bool:
+    """Whether the statistics are sharded over the processes (InitConfig.stats_sharding): under torch.distributed
+    with more than one process, when initialize collects them (not with stats=). Refused on an FSDP2 model."""
+    if not init_config.stats_sharding:
+        return False
+    from .stats.collect import check_shardable
+
+    check_shardable(base)
+    return stats is None and init_config.needs is not None and world()[1] > 1
+
+
+def _exchange(local: dict, order) -> dict:
+    """Sharded init: every process's InitResults (each process computed its own layers') on every process, in the
+    order of `order`. The factors travel on the CPU (one object gather) and come back to the device they were
+    computed on: the CPU, or this process's device of the layer's weight."""
+    from .stats.distributed import all_gather_objects
+
+    def cpu(r):
+        info = {k: v.cpu() if torch.is_tensor(v) else v for k, v in r.info.items()}
+        return dataclasses.replace(r, A=r.A.cpu(), B=r.B.cpu(), info=info), r.A.device.type
+
+    parts = all_gather_objects({n: cpu(r) for n, r in local.items()})
+    merged = {n: v for part in parts for n, v in part.items()}
+    out = {}
+    for name, module in order.items():
+        r, device_type = merged[name]
+        device = torch.device("cpu") if device_type == "cpu" else module.weight.device
+        out[name] = local[name] if name in local else dataclasses.replace(r, A=r.A.to(device), B=r.B.to(device))
+    return out
 
 
 def _stats_groups(base, targets, lora_config, init_config) -> list[list[str]]:
@@ -217,27 +250,38 @@ def _check_given_stats_fit(stats, targets, budget) -> None:
 
 
 def _grouped_init(base, targets, lora_config, init_config, groups, batches, loss_fn, progress, search_batches,
-                  weights, tuned):
+                  weights, tuned, sharded=False):
     """The init in grouped sweeps (InitConfig.stats_memory): each group's statistics are collected over the same
     batches, its layers' factors computed, and the statistics freed before the next group. The sums are the same
     numbers as one pass's, so the factors are the same. Ranks chosen from every layer's spectrum (rank="auto", EVA's
     redistribution) need them all first: one sweep per group gathers the spectra, then a second computes the
-    factors at the allocated ranks."""
-    from .auto_rank import allocates, merge_evidence, rank_evidence
+    factors at the allocated ranks.
 
-    if iter(batches) is batches:
+    Sharded (InitConfig.stats_sharding, also with one group): each sweep leaves each process the statistics of the
+    layers it owns (owners balanced within the group); it computes their spectra and factors (seeded by the layer's
+    index in the whole init, as one pass), and the spectra, then the factors, are gathered on every process, so the
+    allocation and the results are the same everywhere."""
+    from .auto_rank import allocates, merge_evidence, rank_evidence
+    from .stats.distributed import all_gather_objects
+
+    if len(groups) > 1 and iter(batches) is batches:
         raise ValueError("stats_memory sweeps the statistics batches once per group of layers, but batches= is an "
                          "iterator that can be read only once: pass a list (or another re-iterable collection).")
     opts = init_config.method_options()
-    logger.info("lorafa: statistics in %d grouped sweeps (stats_memory=%d bytes)", len(groups),
-                init_config.stats_memory if isinstance(init_config.stats_memory, int) else -1)
-    summary, evidence = {}, None
+    logger.info("lorafa: statistics in %d sweep(s) (stats_memory=%d bytes, sharded over %d processes)", len(groups),
+                init_config.stats_memory if isinstance(init_config.stats_memory, int) else -1,
+                world()[1] if sharded else 1)
+    summary, evidence, kept_stats = {}, None, None
     if allocates(init_config):
         parts = []
         for names in groups:
-            stats = _collect(base, batches, names, init_config, loss_fn, progress)
-            parts.append(rank_evidence({n: targets[n] for n in names}, init_config, stats, opts, weights, tuned))
+            stats = _collect(base, batches, names, init_config, loss_fn, progress, sharded)
+            parts.append(rank_evidence({n: targets[n] for n in names if n in stats}, init_config, stats, opts,
+                                       weights, tuned))  # sharded: this process's layers
+            kept_stats = stats if len(groups) == 1 else None  # one group (sharded): one sweep serves both
             del stats
+        if sharded:
+            parts = [p for gathered in all_gather_objects(parts) for p in gathered]
         evidence = merge_evidence(parts)
     lora_config, kept, summary["ranks"] = allocate(targets, lora_config, init_config, None, opts, weights, tuned,
                                                    evidence=evidence)
@@ -247,12 +291,18 @@ def _grouped_init(base, targets, lora_config, init_config, groups, batches, loss
         mine = {n: kept[n] for n in names if n in kept}
         if not mine:
             continue
-        stats = _collect(base, batches, list(mine), init_config, loss_fn, progress)
+        stats = kept_stats if kept_stats is not None else _collect(base, batches, list(mine), init_config, loss_fn,
+                                                                   progress, sharded)
+        kept_stats = None
         with whitener_scope():
-            results.update(_init_layers(mine, lora_config, init_config, stats, opts, progress, weights, tuned,
-                                        index=index))
+            local = _init_layers({n: m for n, m in mine.items() if n in stats}, lora_config, init_config, stats,
+                                 opts, progress, weights, tuned, index=index)
         del stats
-    summary["stats_groups"] = [len(g) for g in groups]
+        results.update(_exchange(local, mine) if sharded else local)
+    if len(groups) > 1:
+        summary["stats_groups"] = [len(g) for g in groups]
+    if sharded:
+        summary["stats_sharding"] = world()[1]
     return _finish(base, kept, results, lora_config, init_config, summary, batches, search_batches, loss_fn, weights)
 
 

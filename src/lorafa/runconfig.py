@@ -103,6 +103,7 @@ class InitSection:
     sketch_l: int | None = None  # the sketch's second size l >= k; None: 2k + 1
     accumulate_on: str | None = None  # "cpu": statistics accumulators off the GPU; None: the model's device
     stats_memory: str | None = None  # budget of the statistics held at once ("8GiB", bytes, "auto"): grouped sweeps
+    stats_sharding: bool = False  # DDP: each process holds its own layers' statistics (~1/world)
     plan_only: bool = False  # print the memory plan (lorafa.plan_init), write plan.json, and stop before statistics
     dtype: str = "fp32"  # statistics are always accumulated in fp32; accepted for seed configs
     cache: bool = True  # cache statistics (safetensors) under the output root
@@ -231,7 +232,8 @@ class RunConfig:
             options["direction"] = direction
         return InitConfig(method=method, bsz=i.bsz, iters=i.iters, max_length=i.max_length, sample=i.sample,
                           seed=self.seed if i.seed is None else i.seed, offset=i.offset, svd=i.svd, sketch=i.sketch, sketch_l=i.sketch_l,
-                          accumulate_on=i.accumulate_on, stats_memory=i.stats_memory, align_init=i.align_init,
+                          accumulate_on=i.accumulate_on, stats_memory=i.stats_memory, stats_sharding=i.stats_sharding,
+                          align_init=i.align_init,
                           align_lambda=i.align_lambda, **options)
 
 
