@@ -11,7 +11,10 @@ The plan's prediction to compare is `predicted_peak - weights_bytes` (the larges
     python benchmarks/stats_memory.py --shapes llama3-8b --blocks 2 --modes one block --out ...
 
 Modes: `one` (no budget: every layer's statistics at once), `block` (a budget of one block's statistics: a group per
-block), `auto` (stats_memory="auto": half the free memory). `--summary-only` rebuilds the table and plot.
+block), `auto` (stats_memory="auto": half the free memory), `sharded` (2 processes, gloo, `stats_sharding=True`:
+each process holds its owned layers' statistics; each process's peak is measured, the row reports the larger, and
+the prediction is the larger process's owned bytes, from `plan.assign_owners`, plus the transient). `--summary-only`
+rebuilds the table and plot.
 """
 
 from __future__ import annotations
@@ -94,6 +97,66 @@ def run_row(job: dict) -> dict:
     return res
 
 
+SHARDED_WORLD = 2
+
+
+def _sharded_rank(rank: int, port: int, job: dict) -> None:
+    """One process of a `sharded` row: its share of the batches (batch b on rank b mod world), its peak."""
+    import torch.distributed as dist
+    from peft import LoraConfig
+
+    from lorafa import InitConfig
+    from lorafa.peft_bridge import _compute_init
+
+    torch.set_num_threads(job["threads"])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=SHARDED_WORLD)
+    try:
+        model = build(job["shape"], job["blocks"], job["vocab"])
+        data = batches(job["iters"], job["bsz"], job["seq"], job["vocab"])
+        lc = LoraConfig(r=job["r"], lora_alpha=2 * job["r"], target_modules=TARGETS, lora_dropout=0.0)
+        init = InitConfig(method=job["method"], iters=job["iters"], svd="randomized", stats_sharding=True)
+        warm_up(model, data[0])
+        dist.barrier()
+        t0 = time.perf_counter()
+        with PeakMemory(torch.device("cpu")) as mem:
+            _compute_init(model, lc, init, None, data[rank::SHARDED_WORLD], None, False)
+        write_json(f"{job['path']}.rank{rank}", {"peak": mem.peak_bytes, "seconds": time.perf_counter() - t0})
+    finally:
+        dist.destroy_process_group()
+
+
+def run_sharded(job: dict) -> dict:
+    """A `sharded` row: SHARDED_WORLD fresh processes (spawned from the main process: pool workers cannot start
+    processes); the plan's per-process statistics from the owners `initialize` assigns."""
+    import socket
+
+    import torch.multiprocessing as tmp
+    from peft import LoraConfig
+
+    from lorafa import InitConfig, plan_init
+    from lorafa.plan import assign_owners
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tmp.spawn(_sharded_rank, args=(port, job), nprocs=SHARDED_WORLD, join=True)
+    ranks = [json.load(open(f"{job['path']}.rank{r}")) for r in range(SHARDED_WORLD)]
+    for r in range(SHARDED_WORLD):
+        os.remove(f"{job['path']}.rank{r}")
+    model = build(job["shape"], job["blocks"], job["vocab"])
+    lc = LoraConfig(r=job["r"], lora_alpha=2 * job["r"], target_modules=TARGETS, lora_dropout=0.0)
+    plan = plan_init(model, lc, InitConfig(method=job["method"], iters=job["iters"], svd="randomized"), timings=False)
+    owners = assign_owners(plan.layers, SHARDED_WORLD)
+    held = [sum(lp.total for lp in plan.layers if owners[lp.name] == r) for r in range(SHARDED_WORLD)]
+    res = dict(job, seconds=max(r["seconds"] for r in ranks), measured_peak=max(r["peak"] for r in ranks),
+               rank_peaks=[r["peak"] for r in ranks], stats_bytes=plan.stats_bytes, passes=1,
+               largest_group=max(held), rank_stats_bytes=held, transient=plan.transient_bytes,
+               predicted=max(held) + max(plan.transient_bytes, plan.workspace_bytes), weights=plan.weights_bytes,
+               groups_run=[len(plan.layers)], device=device_info())
+    write_json(job["path"], res)
+    return res
+
+
 def _gb(x: float) -> str:
     return f"{x / 2**30:.2f}"
 
@@ -121,7 +184,7 @@ def plot(rows: list[dict], out: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (shape, method) in enumerate(sorted({(r["shape"], r["method"]) for r in rows})):
-        for mode, style in (("one", "-o"), ("block", "--s")):
+        for mode, style in (("one", "-o"), ("block", "--s"), ("sharded", ":^")):
             pts = sorted((r["blocks"], r["measured_peak"] / 2**30) for r in rows
                          if r["shape"] == shape and r["method"] == method and r["mode"] == mode)
             if pts:
@@ -138,7 +201,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["smollm2-135m"], choices=sorted(SHAPES))
     ap.add_argument("--blocks", nargs="+", type=int, default=[2, 4, 8])
-    ap.add_argument("--modes", nargs="+", default=["one", "block"], choices=["one", "block", "auto"])
+    ap.add_argument("--modes", nargs="+", default=["one", "block"], choices=["one", "block", "auto", "sharded"])
     ap.add_argument("--methods", nargs="+", default=["lora_fa"])
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=2)
@@ -157,11 +220,17 @@ def main(argv=None) -> None:
                      path=os.path.join(args.out, "runs", f"{s}_{me}_b{b}_{mo}.json"))
                 for s in args.shapes for me in args.methods for b in args.blocks for mo in args.modes]
         todo = [j for j in jobs if not os.path.exists(j["path"])]
+        def report(r):
+            print(f"{r['shape']} {r['method']} blocks={r['blocks']} {r['mode']}: measured "
+                  f"{_gb(r['measured_peak'])} GiB, predicted {_gb(r['predicted'])} GiB, {r['seconds']:.1f} s",
+                  flush=True)
+
+        for j in todo:
+            if j["mode"] == "sharded":
+                report(run_sharded(j))
         with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-            for r in pool.imap(run_row, todo):
-                print(f"{r['shape']} {r['method']} blocks={r['blocks']} {r['mode']}: measured "
-                      f"{_gb(r['measured_peak'])} GiB, predicted {_gb(r['predicted'])} GiB, {r['seconds']:.1f} s",
-                      flush=True)
+            for r in pool.imap(run_row, [j for j in todo if j["mode"] != "sharded"]):
+                report(r)
     print(summarise(args.out))
 
 
