@@ -85,6 +85,17 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     res = {}
     try:
         mine = shard_batches(make_batches(N_BATCHES), rank, WORLD)
+
+        def nan_on_rank1_second_batch(model, batch, calls=[]):  # noqa: B006 - counts this rank's calls
+            calls.append(1)
+            loss = model(**batch).loss
+            return loss * float("nan") if rank == 1 and len(calls) == 2 else loss
+
+        # failures on one process reach both, before any backward hook sends (a hang would time the test out)
+        res["nan"] = _outcome(lambda: lorafa.collect_stats(tiny_llama(), mine, ALL, kinds=("kfac",), shard=True,
+                                                           loss_fn=nan_on_rank1_second_batch, progress=False))
+        bad = mine + [torch.zeros(2, 3, dtype=torch.long)] if rank == 0 else mine
+        res["bad_batch"] = _outcome(lambda: lorafa.collect_stats(tiny_llama(), bad, ALL, shard=True, progress=False))
         stats = lorafa.collect_stats(tiny_llama(), mine, ALL, kinds=("kfac",), shard=True, progress=False)
         res["kfac"], res["kfac_bytes"] = _plain(stats), _held_bytes(stats)
         del stats
@@ -224,6 +235,15 @@ def test_fsdp2_model_is_refused(sharded_run):
         for key in ("fsdp_init", "fsdp_collect"):
             kind, msg = res[key]
             assert kind == "ValueError" and "FSDP2" in msg and "stats_sharding" in msg, (key, msg)
+
+
+def test_a_failure_on_one_process_raises_on_both(sharded_run):
+    assert sharded_run[1]["nan"][0] == "ValueError" and "Non-finite loss" in sharded_run[1]["nan"][1]
+    kind, msg = sharded_run[0]["nan"]
+    assert kind == "RankFailedError" and "rank 1: ValueError: Non-finite loss" in msg
+    assert sharded_run[0]["bad_batch"][0] == "TypeError"
+    kind, msg = sharded_run[1]["bad_batch"]
+    assert kind == "RankFailedError" and "rank 0: TypeError" in msg and "statistics batch 3" in msg
 
 
 def test_bad_stats_sharding_values():
