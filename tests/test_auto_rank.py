@@ -104,7 +104,7 @@ def test_eva_redistributes_ranks_like_peft(batches):
         equal.update({n: owners[id(st.in_cov)]} if id(st.in_cov) in owners else {})
         owners.setdefault(id(st.in_cov), n)
     assert ranks == eva_ranks(explained, r=2, rho=2.0, equal_inputs=equal)
-    plain = lorafa.initialize(tiny_llama(), cfg(), InitConfig(method="eva", rho=1.0), batches=batches, progress=False)
+    plain = lorafa.initialize(tiny_llama(), cfg(), InitConfig(method="eva", eva_rho=1.0), batches=batches, progress=False)
     assert all(m.r["default"] == 2 for m in layers(plain).values())  # rho = 1: PCA init at the config's rank
 
 

@@ -285,22 +285,28 @@ case(E, "reg-string", lambda: InitConfig(method="lora_fa", reg="1e-3"), ValueErr
 case(E, "reg-inf", lambda: InitConfig(method="lora_fa", reg=math.inf), ValueError, r"reg.*finite")
 case(E, "stable_gamma-inf", lambda: InitConfig(method="lora_ga", stable_gamma=math.inf), ValueError,
      r"stable_gamma.*finite")
-case(E, "eva-rho-string", lambda: InitConfig(method="eva", rho="2"), ValueError, r"rho.*(number|float)")
+case(E, "eva-rho-string", lambda: InitConfig(method="eva", eva_rho="2"), ValueError, r"eva_rho.*(number|float)")
 case(E, "unknown-scale", lambda: InitConfig(method="lora_fa", scale="bogus"), ValueError,
      r"Unknown scale 'bogus'; choose from")
 case(E, "unknown-direction", lambda: InitConfig(method="lora_ga", direction="ArB3r"), ValueError,
      r"Unknown lora_ga direction 'ArB3r'; choose from")
 case(E, "goat-num_experts-bool", lambda: InitConfig(method="goat", num_experts=True, top_k=1), ValueError,
      r"num_experts.*True")
-case(E, "goat-rho-string", lambda: InitConfig(method="goat", rho="10"), ValueError, r"rho.*(number|float)")
+case(E, "goat-rho-string", lambda: InitConfig(method="goat", goat_rho="10"), ValueError, r"goat_rho.*(number|float)")
 case(E, "goat-top_k-above-experts", lambda: InitConfig(method="goat", num_experts=2, top_k=3), ValueError,
      r"top_k must be in \[1, num_experts=2\]")
-case(E, "kasa-beta-negative", lambda: InitConfig(method="kasa", beta=-1.0), ValueError,
-     r"KaSA's beta must be a finite number >= 0")
-case(E, "kasa-beta-bool", lambda: InitConfig(method="kasa", beta=True), ValueError, r"beta.*True")
+case(E, "kasa-beta-negative", lambda: InitConfig(method="kasa", kasa_beta=-1.0), ValueError,
+     r"KaSA's beta \(InitConfig's kasa_beta\) must be a finite number >= 0")
+case(E, "kasa-beta-bool", lambda: InitConfig(method="kasa", kasa_beta=True), ValueError, r"kasa_beta.*True")
 case(E, "kasa-with-offset", lambda: InitConfig(method="kasa", offset="subtract"), ValueError,
      r"kasa is a LoRA variant .* Use offset='auto'")
-case(E, "eva-rho-below-1", lambda: InitConfig(method="eva", rho=0.5), ValueError, r"eva rho must be >= 1")
+case(E, "eva-rho-below-1", lambda: InitConfig(method="eva", eva_rho=0.5), ValueError,
+     r"eva's rho \(InitConfig's eva_rho\) must be >= 1")
+# the names that meant two things are refused, naming the options that replaced them
+case(E, "rho-renamed", lambda: InitConfig(method="eva", rho=2.0), TypeError, r"rho is now eva_rho .* or goat_rho")
+case(E, "gamma-renamed", lambda: InitConfig(method="kasa", gamma=0.1), TypeError, r"gamma is now kasa_gamma")
+case(E, "corda-reg", lambda: InitConfig(method="corda", reg=0.1), ValueError,
+     r"\['reg'\], which corda does not have \(corda's reg is corda_reg; reg is lora_fa's and extract's\)")
 case(E, "rank-auto-without-spectrum", lambda: InitConfig(method="pissa", rank="auto"), ValueError,
      r"pissa has none\. Use one of")
 case(E, "rank-int", lambda: InitConfig(rank=8), ValueError, r"rank must be None .* or 'auto'.*rank_pattern")
@@ -1007,7 +1013,8 @@ case(E, "options-zero-experts", lambda: G.GoatOptions(num_experts=0), ValueError
      r"GoatOptions: num_experts must be an integer >= 1")
 case(E, "options-top_k-above-experts", lambda: G.GoatOptions(num_experts=2, top_k=3), ValueError,
      r"top_k must be in \[1, num_experts=2\] \(lower top_k or raise num_experts\)")
-case(E, "options-rho-negative", lambda: G.GoatOptions(rho=-1.0), ValueError, r"GoatOptions: rho must be > 0, got -1.0")
+case(E, "options-rho-negative", lambda: G.GoatOptions(rho=-1.0), ValueError,
+     r"GoatOptions: rho \(InitConfig's goat_rho\) must be > 0, got -1.0")
 case(E, "options-unknown-residual", lambda: G.GoatOptions(residual="dynamic"), ValueError,
      r"residual must be 'routed' or 'static'")
 case(E, "options-unknown-expert_scale", lambda: G.GoatOptions(expert_scale="pissa"), ValueError,
@@ -1059,9 +1066,9 @@ case(E, "loss-without-kasa-layers", lambda: K.kasa_loss(init("lora")), ValueErro
 case(E, "config-with-other-weights", lambda: initialize(
     llama(), cfg(kasa_config=KasaConfig(beta=0.5)),
     InitConfig(method="kasa"), progress=False), ValueError,
-     r"kasa_config has beta=0.5, .* set them in one place \(InitConfig's beta/gamma\)")
-case(E, "gamma-nan", lambda: init("kasa", gamma=math.nan), ValueError,
-     r"KaSA's gamma must be a finite number >= 0")
+     r"kasa_config has beta=0.5, .* set them in one place \(InitConfig's kasa_beta/kasa_gamma\)")
+case(E, "gamma-nan", lambda: init("kasa", kasa_gamma=math.nan), ValueError,
+     r"KaSA's gamma \(InitConfig's kasa_gamma\) must be a finite number >= 0")
 case(E, "loss-of-an-unknown-adapter", lambda: K.kasa_loss(init("kasa"), adapter_names=["other"]), ValueError,
      r"(no KaSA layer|adapter 'other'|\['other'\])")
 

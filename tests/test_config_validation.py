@@ -71,11 +71,11 @@ def test_init_config_accepts_and_normalises_good_values():
     (dict(method="lora_fa", stable_gamma=True), r"lora_fa's stable_gamma must be a finite number, got True \(bool\)"),
     (dict(method="lora_one", scale="kfac", step_factor="2"), r"lora_one's step_factor .* got '2' \(str\)"),
     (dict(method="lora_fa", reg="1e-3"), r"lora_fa's reg .* got '1e-3' \(str\): write it without quotes"),
-    (dict(method="corda", reg=[0.1]), r"corda's reg must be a finite number, got \[0.1\] \(list\)"),
-    (dict(method="eva", rho="2"), r"eva's rho .* got '2' \(str\)"),
+    (dict(method="corda", corda_reg=[0.1]), r"corda's corda_reg must be a finite number, got \[0.1\] \(list\)"),
+    (dict(method="eva", eva_rho="2"), r"eva's eva_rho .* got '2' \(str\)"),
     (dict(method="goat", num_experts=True, top_k=1), r"goat's num_experts must be an integer >= 1, got True"),
     (dict(method="goat", num_experts=2.0), r"goat's num_experts must be an integer >= 1, got 2.0 \(float\)"),
-    (dict(method="kasa", beta=True), r"kasa's beta must be a finite number, got True \(bool\)"),
+    (dict(method="kasa", kasa_beta=True), r"kasa's kasa_beta must be a finite number, got True \(bool\)"),
     # non-finite values the methods' own ranges let through: γ = inf scales the factors to A = B = 0, an infinite
     # damping makes the whitened SVD fail deep in torch
     (dict(method="lora_ga", stable_gamma=float("inf")), r"lora_ga's stable_gamma must be a finite number, got inf"),
@@ -84,7 +84,7 @@ def test_init_config_accepts_and_normalises_good_values():
     (dict(method="lora_fa", offset="partial", factor_gamma=float("inf")), r"lora_fa's factor_gamma .* got inf"),
     (dict(method="lora_fa", reg=float("inf")), r"lora_fa's reg must be a finite number, got inf"),
     (dict(method="extract", reg=float("inf")), r"extract's reg must be a finite number, got inf"),
-    (dict(method="eva", rho=float("inf")), r"eva's rho must be a finite number, got inf"),
+    (dict(method="eva", eva_rho=float("inf")), r"eva's eva_rho must be a finite number, got inf"),
 ])
 def test_method_options_refuse_wrong_types_and_non_finite_values(kw, phrase):
     with pytest.raises(ValueError, match=phrase):
@@ -92,8 +92,8 @@ def test_method_options_refuse_wrong_types_and_non_finite_values(kw, phrase):
 
 
 def test_method_options_keep_their_own_range_messages_and_accept_numbers():
-    with pytest.raises(ValueError, match=r"KaSA's gamma must be a finite number >= 0"):
-        InitConfig(method="kasa", gamma=float("nan"))
+    with pytest.raises(ValueError, match=r"KaSA's gamma \(InitConfig's kasa_gamma\) must be a finite number >= 0"):
+        InitConfig(method="kasa", kasa_gamma=float("nan"))
     with pytest.raises(ValueError, match=r"stable_gamma must be > 0, got -1"):
         InitConfig(method="lora_ga", stable_gamma=-1)
     # an int for a float option, numpy scalars: numbers, accepted

@@ -686,7 +686,7 @@ def test_non_floating_weight(weight):
     ("lora_fa", {"reg_mode": "rel"}, r"reg_mode must be 'relative' or 'absolute'"),
     ("lora_fa", {"reg": -1.0}, r"reg must be >= 0"),
     ("corda", {"corda_method": "xpm"}, r"corda_method must be 'ipm' or 'kpm'"),
-    ("corda", {"reg": 0.0}, r"corda reg must be > 0"),
+    ("corda", {"reg": 0.0}, r"corda's reg \(InitConfig's corda_reg\) must be > 0"),
     ("lora_ga", {"stable_gamma": 0.0}, r"stable_gamma must be > 0"),
     ("lora_one", {"stable_gamma": 0.0}, r"stable_gamma must be > 0"),
     ("lora_fa", {"stable_gamma": -1.0}, r"stable_gamma must be > 0"),

@@ -279,7 +279,7 @@ def test_sketch_smaller_than_the_directions_used_is_an_error(method, k, match, s
     ({"method": "lora_fa", "step_factor": 0.0}, "step_factor must be a positive"),
     ({"method": "lora_fa", "line_search_from": "pissa"}, "line_search_from"),
     ({"method": "lora_fa", "factor_gamma": -1.0}, "factor_gamma"),
-    ({"method": "eva", "rho": 0.5}, "rho must be >= 1"),
+    ({"method": "eva", "eva_rho": 0.5}, r"eva's rho \(InitConfig's eva_rho\) must be >= 1"),
 ])
 def test_bad_step_options(kw, match):
     with pytest.raises(ValueError, match=match):

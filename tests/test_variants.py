@@ -55,7 +55,7 @@ def test_kasa_loss_is_the_regulariser_by_hand(tmp_path):
 
     from lorafa.terms import TermsTrainer, method_terms
 
-    pm, _ = _kasa(r=2, beta=0.3, gamma=0.7)
+    pm, _ = _kasa(r=2, kasa_beta=0.3, kasa_gamma=0.7)
     with torch.no_grad():  # B = 0 at init: a trained B, so ‖BᵀB − I‖ depends on it
         for layer in _layers(pm).values():
             layer.lora_B["default"].weight.normal_()
@@ -70,7 +70,7 @@ def test_kasa_loss_is_the_regulariser_by_hand(tmp_path):
     value = kasa_loss(pm)
     assert value.item() == pytest.approx(expected, rel=1e-6)
     # the term the runner adds for method="kasa": weight 1, value the regulariser
-    (term,) = method_terms(InitConfig(method="kasa", beta=0.3, gamma=0.7))
+    (term,) = method_terms(InitConfig(method="kasa", kasa_beta=0.3, kasa_gamma=0.7))
     assert isinstance(term, KasaTerm) and term.weight(0) == 1.0 and term.weight(1000) == 1.0
     assert term(pm, None, None, 0).item() == pytest.approx(expected, rel=1e-6)
     # and in training: the loss is the task loss plus the regulariser
@@ -111,8 +111,8 @@ def test_kasa_errors():
         InitConfig(method="kasa", offset="subtract")
     with pytest.raises(ValueError, match="r < min"):
         lorafa.initialize(tiny_llama(), lora_cfg(["k_proj"], r=16, alpha=16), InitConfig(method="kasa"))
-    with pytest.raises(ValueError, match="beta"):
-        InitConfig(method="kasa", beta=-1.0)
+    with pytest.raises(ValueError, match="kasa_beta"):
+        InitConfig(method="kasa", kasa_beta=-1.0)
     with pytest.raises(ValueError, match="no KaSA layer"):
         kasa_loss(lorafa.initialize(tiny_llama(), lora_cfg(TARGETS), InitConfig(method="lora")))
 

@@ -20,9 +20,11 @@ def _steps(run_dir):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["+init=svd", "++init.direction=kasa", "++init.beta=-1"], "beta"),
+    (["+init=svd", "++init.direction=kasa", "++init.kasa_beta=-1"], "kasa_beta"),
     (["+init=svd", "++init.direction=kasa", "++init.offset=subtract"], "offset"),
-    (["+init=svd", "++init.direction=pissa", "++init.beta=0.1"], "does not have"),
+    (["+init=svd", "++init.direction=pissa", "++init.kasa_beta=0.1"], "does not have"),
+    (["+init=svd", "++init.method=kasa", "++init.beta=0.1"], r"init.beta is now init.kasa_beta"),
+    (["+init=svd", "++init.method=goat", "++init.rho=5"], r"init.rho is now init.eva_rho .* or init.goat_rho"),
     (["+init=gradient", "++init.direction=kasa"], "not a gradient method"),
 ])
 def test_bad_variant_settings_fail_when_the_config_is_parsed(overrides, match):
@@ -67,7 +69,7 @@ def test_kasa_run_adds_its_regulariser_every_step(assets, tmp_path, monkeypatch)
         return term_call(self, model, batch, outputs, step)
 
     monkeypatch.setattr(kasa.KasaTerm, "__call__", recording)
-    res = _in_process(["+init=svd", "++init.direction=kasa", f"++init.beta={beta}", f"++init.gamma={gamma}",
+    res = _in_process(["+init=svd", "++init.direction=kasa", f"++init.kasa_beta={beta}", f"++init.kasa_gamma={gamma}",
                        *local(assets, tmp_path / "r", steps=3), *TWO_MICRO_BATCHES, "++wandb.name=kasa",
                        "++eval.enabled=false", "++peft.target_modules=[q_proj,v_proj]", "++peft.lora_r=2"])
 

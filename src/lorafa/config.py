@@ -13,12 +13,12 @@ from typing import Literal
 import torch
 
 from .checks import check_choice, is_real as _is_real, parse_device
-from .methods.registry import METHODS, make_options, method_needs, method_options, resolve_method
+from .methods.registry import METHODS, build_options, make_options, method_needs, resolve_method
+from .options import (BY_NAME, METHOD_OPTIONS, RENAMED, check_fields, check_methods, method_fields, misplaced_hint,
+                      options_of, renamed_message)
 from .stats.sketch import sketch_sizes
 
-METHOD_OPTION_FIELDS = ("direction", "scale", "stable_gamma", "reg", "reg_mode", "corda_method", "target",
-                        "step_factor", "line_search_from", "factor_gamma", "rho", "metric", "beta", "gamma",
-                        "num_experts", "top_k", "eta", "expert_scale", "residual", "aux_loss_weight")
+METHOD_OPTION_FIELDS = tuple(o.name for o in METHOD_OPTIONS)  # declared in lorafa.options
 RANK_RULES = ("energy", "effective", "budget", "importance")
 
 
@@ -31,6 +31,8 @@ def _known_fields_only(cls):
     def __init__(self, *args, **kwargs):
         fields = [f.name for f in dataclasses.fields(cls) if f.init]
         unknown = [k for k in kwargs if k not in fields]
+        if any(k in RENAMED for k in unknown):
+            raise TypeError(f"{cls.__name__}: {'; '.join(renamed_message(k) for k in unknown if k in RENAMED)}.")
         if unknown:
             close = {k: difflib.get_close_matches(k, fields, 2) for k in unknown}
             hints = "; ".join(f"{k!r}" + (f" (did you mean {' or '.join(close[k])}?)" if close[k] else "")
@@ -50,6 +52,8 @@ class InitConfig:
 
     Method options default to None, meaning "the method's default"; setting one the method does not have is an
     error (so a typo never silently changes nothing). `weight` is accepted as an alias of `scale` (seed configs).
+    Every option is declared once, in `lorafa.options` (its type, default, methods and help); each name means one
+    thing, so the old `rho`, `beta` and `gamma` are refused with the names that replaced them.
 
     Attributes:
         method: lora | pissa | milora | lora_ga | lora_one | lora_fa | corda | eva | extract (from a fine-tune:
@@ -64,18 +68,19 @@ class InitConfig:
         target: lora_fa's gradient (−Ḡ) | natural (−C⁻¹ḠΣ⁻¹, the K-FAC natural-gradient step).
         step_factor: global factor on the `kfac` steps (default 1); line_search_from: stable | kfac, the steps
             `line_search` scales; factor_gamma: with offset="partial", the factors' γ (norm m^{1/4}/√γ, default 16).
-        reg, reg_mode: damping of lora_fa (1e-6, relative|absolute); corda's damping (0.01).
-        corda_method: ipm | kpm.
-        rho: eva's rank redistribution (default 2: a layer takes at most round(2r); 1: none); goat's divisor of the
-            experts' singular values (default 10).
-        beta, gamma: kasa's regulariser weights (Σ‖σ‖², default 1e-4; ‖BᵀB − I‖ + ‖AAᵀ − I‖, default 1e-3), added to
-            the training loss by the runner or `lorafa.kasa_loss`.
-        num_experts, top_k, eta, expert_scale, residual, aux_loss_weight: goat's E experts of rank r/E (default 8),
-            its router's k (2), the scale √(3·eta·n/(r/E)) (expert_scale="goat", eta 1) or PEFT's α/r ("lora"), the
-            residual (routed: exact output at init; static: the authors' W − s·Σ B_i A_i) and the weight of the
-            load-balancing loss (1e-3). See `lorafa.goat`.
+        reg, reg_mode: damping of the K-FAC factors C and Σ for lora_fa and extract (1e-6, relative|absolute).
+        corda_method, corda_reg: corda's ipm | kpm, and its damping Σ + corda_reg·mean(diag Σ)·I (0.01).
+        eva_rho: eva's rank redistribution (default 2: a layer takes at most round(2r); 1: none).
+        kasa_beta, kasa_gamma: kasa's regulariser weights (Σ‖σ‖², default 1e-4; ‖BᵀB − I‖ + ‖AAᵀ − I‖, default
+            1e-3), added to the training loss by the runner or `lorafa.kasa_loss`.
+        num_experts, top_k, goat_rho, eta, expert_scale, residual, aux_loss_weight: goat's E experts of rank r/E
+            (default 8), its router's k (2), the divisor of the experts' singular values (÷ s·goat_rho, 10), the
+            scale √(3·eta·n/(r/E)) (expert_scale="goat", eta 1) or PEFT's α/r ("lora"), the residual (routed: exact
+            output at init; static: the authors' W − s·Σ B_i A_i) and the weight of the load-balancing loss (1e-3).
+            See `lorafa.goat`.
         metric: extract's input (Σ only, the default) | kfac (C and Σ) | identity (plain truncated SVD).
-        rank: None (LoraConfig's r and rank_pattern) or "auto": per-layer ranks from the method's spectra (SPEC §6),
+        rank: None (LoraConfig's r and rank_pattern) or "auto" (its only other value; the rank itself is the
+            LoraConfig's r): per-layer ranks from the method's spectra (SPEC §6),
             written into the LoraConfig's rank_pattern/alpha_pattern; rank_rule: energy | effective | budget |
             importance; rank_budget: Σ r_l (budget_by="rank", default r × layers) or Σ r_l(m_l + n_l)
             (budget_by="params", default r·Σ(m_l + n_l)); r_min, r_max: bounds per layer (r_max default 2r);
@@ -115,21 +120,23 @@ class InitConfig:
     reg: float | None = None
     reg_mode: str | None = None
     corda_method: str | None = None
+    corda_reg: float | None = None
     target: str | None = None
     step_factor: float | None = None
     line_search_from: str | None = None
     factor_gamma: float | None = None
-    rho: float | None = None
+    eva_rho: float | None = None
     metric: str | None = None
-    beta: float | None = None
-    gamma: float | None = None
+    kasa_beta: float | None = None
+    kasa_gamma: float | None = None
     num_experts: int | None = None
     top_k: int | None = None
+    goat_rho: float | None = None
     eta: float | None = None
     expert_scale: str | None = None
     residual: str | None = None
     aux_loss_weight: float | None = None
-    rank: str | None = None
+    rank: Literal["auto"] | None = None
     rank_rule: str = "energy"
     rank_budget: int | None = None
     budget_by: Literal["rank", "params"] = "rank"
@@ -234,18 +241,21 @@ class InitConfig:
                              "has none.")
 
     def method_options(self) -> dict:
-        """The options that were set, checked against the method (unknown ones raise, naming the valid ones)."""
+        """The method options that were set, checked against the method (one it does not take raises, naming those
+        it does), under the names of the method's option dataclass (InitConfig's `eva_rho` is EvaOptions' `rho`)."""
         given = {k: getattr(self, k) for k in METHOD_OPTION_FIELDS if getattr(self, k) is not None}
-        unknown = sorted(set(given) - set(method_options(self.method)) - {"partial"})
+        own = [o.name for o in options_of(self.method)]
+        unknown = sorted(set(given) - set(own))
         if unknown:
-            raise ValueError(
-                f"InitConfig sets {unknown}, which {self.method} does not have; its options are "
-                f"{[o for o in method_options(self.method) if o != 'partial'] or 'none'}. Remove them or choose another method."
-            )
+            hints = "".join(misplaced_hint(self.method, k) for k in unknown)
+            raise ValueError(f"InitConfig sets {unknown}, which {self.method} does not have{hints}; its options are "
+                             f"{own or 'none'}. Remove them or choose another method.")
+        fields = method_fields(self.method, given)
         if self.offset == "partial":
-            given["partial"] = True
-        make_options(self.method, **given)  # type/choice validation by the method itself
-        return given
+            fields["partial"] = True
+        # type/choice validation by the method itself, naming each option as InitConfig does
+        build_options(self.method, fields, {BY_NAME[k].method_field: k for k in given})
+        return fields
 
     @property
     def needs(self) -> str | None:
@@ -270,6 +280,10 @@ class InitConfig:
         return dataclasses.asdict(self)
 
 
+check_fields(InitConfig, runner=False, extra=("method", "weight"))  # the fields are the declared options
+check_methods()  # and so are the methods' own option dataclasses
+
+
 def as_init_config(init_config) -> InitConfig:
     """`init_config` as an InitConfig: None gives InitConfig(), a dict (e.g. {"method": "lora_ga", "bsz": 4}) is
     InitConfig(**init_config), an InitConfig is returned as it is.
@@ -286,8 +300,9 @@ def as_init_config(init_config) -> InitConfig:
         fields = [f.name for f in dataclasses.fields(InitConfig) if f.init]
         unknown = sorted(str(k) for k in init_config if k not in fields)
         if unknown:
-            raise TypeError(f"init_config has keys that are not InitConfig fields: {unknown}. The fields are: "
-                            f"{', '.join(fields)}.")
+            renamed = "".join(f" ({renamed_message(k)})" for k in unknown if k in RENAMED)
+            raise TypeError(f"init_config has keys that are not InitConfig fields: {unknown}{renamed}. The fields "
+                            f"are: {', '.join(fields)}.")
         return InitConfig(**init_config)
     hint = (f" ({init_config!r}): write InitConfig(method={init_config!r})" if isinstance(init_config, str) else
             ": build it with lorafa.InitConfig(method=...)")

@@ -56,7 +56,7 @@ class GoatOptions:
         # numbers: a bool, a string or a non-finite value is refused, never read as 1 or left to fail later
         check_positive_int("GoatOptions: num_experts", self.num_experts)
         check_positive_int("GoatOptions: top_k", self.top_k)
-        check_number("GoatOptions: rho", self.rho, low=0, low_open=True)
+        check_number("GoatOptions: rho (InitConfig's goat_rho)", self.rho, low=0, low_open=True)
         check_number("GoatOptions: eta", self.eta, low=0, low_open=True)
         check_number("GoatOptions: aux_loss_weight", self.aux_loss_weight, low=0)  # 0: no balancing loss
         E, k = self.num_experts, self.top_k

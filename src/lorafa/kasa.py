@@ -3,7 +3,7 @@
 PEFT truncates each adapted weight to its k − r largest singular pairs when the adapter is added and trains
 ΔW = s·B·diag(σ)·A, but leaves the paper's regulariser β·Σσ² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F) to the training loop
 (`LoraModel._get_kasa_loss`). `kasa_loss` is that value for any user loop; `KasaTerm` is the same as a loss term of
-`lorafa.terms.TermsTrainer`, which the runner adds for `init.direction=kasa`.
+`lorafa.terms.TermsTrainer`, which the runner adds for `init.method=kasa`.
 
 The truncation is destructive and happens again whenever PEFT adds the adapter: `PeftModel.from_pretrained` on the
 *original* base truncates it the same way, so a saved KaSA adapter loads on the original base; merging bakes the
@@ -32,7 +32,8 @@ def kasa_lora_config(lora_config: LoraConfig, beta: float, gamma: float) -> Lora
     current = lora_config.kasa_config
     if current is not None and (current.beta, current.gamma) != (beta, gamma):
         raise ValueError(f"lora_config.kasa_config has beta={current.beta}, gamma={current.gamma} but the InitConfig "
-                         f"asks for beta={beta}, gamma={gamma}: set them in one place (InitConfig's beta/gamma).")
+                         f"asks for beta={beta}, gamma={gamma}: set them in one place (InitConfig's "
+                         "kasa_beta/kasa_gamma).")
     return dataclasses.replace(lora_config, kasa_config=KasaConfig(beta=beta, gamma=gamma))
 
 

@@ -58,7 +58,7 @@ def _check_lora_config(lora_config, init_config: InitConfig) -> None:
                              "not be expressed on the original base). Use one of them.")
         raise ValueError(f"lora_config.kasa_config turns on KaSA, whose factors start at B = 0 with random singular "
                          f"values; {init_config.method}'s factors would be scaled by those. Use InitConfig("
-                         "method='kasa', beta=..., gamma=...) and leave kasa_config unset.")
+                         "method='kasa', kasa_beta=..., kasa_gamma=...) and leave kasa_config unset.")
     if lora_config.use_dora and init_config.method != "lora":
         raise ValueError("use_dora is not supported with data-aware inits (DoRA's magnitude would be taken from the "
                          "wrong weight). Use InitConfig(method='lora') with DoRA, or turn DoRA off.")

@@ -18,6 +18,7 @@ from typing import Any
 from .checks import is_real
 from .config import InitConfig
 from .methods.registry import METHODS, resolve_method
+from .options import OPTIONS, RENAMED, check_fields, renamed_message
 
 
 @dataclass
@@ -55,23 +56,32 @@ class ModelSection:
     gradient_checkpointing: bool | None = None  # the older name, accepted as an alias
 
 
+MODE_METHODS = {"gradient": ("lora_ga", "lora_one", "lora_fa", "corda", "eva", "extract"),
+                "svd": ("pissa", "milora", "kasa", "goat"), "default": ("lora",)}
+MODE_DEFAULT = {"gradient": "LoRA-FA", "svd": "pissa", "default": "lora"}  # init.method when none is given
+
+
 @dataclass
 class InitSection:
-    """`init.*`: the seed's keys; `direction` names the method (LoRA-FA, LoRA-One, LoRA-GA, pissa, ...)."""
+    """`init.*`: the InitConfig options declared in `lorafa.options` (checked when this module is imported), under
+    the same names, and the runner's own keys. `method` names the init (LoRA-FA, LoRA-One, LoRA-GA or a lora_ga
+    direction, pissa, ...); `direction` is the seed's name for it, accepted as written."""
 
     mode: str = "gradient"  # gradient (statistics-based) | svd (weight-based) | default (plain LoRA)
-    direction: str = "LoRA-FA"
+    method: str | None = None  # None: the mode's default (MODE_DEFAULT: LoRA-FA for gradient)
+    direction: str | None = None  # the seed's name for `method`; setting both is an error unless they agree
     scale: str | None = None
     weight: str | None = None  # alias of scale (seed configs)
     stable_gamma: float | None = None
-    reg: float | None = None
+    reg: float | None = None  # lora_fa, extract: damping of the K-FAC factors
     reg_mode: str | None = None
     corda_method: str | None = None
+    corda_reg: float | None = None  # corda's damping (null: 0.01)
     target: str | None = None  # lora_fa: gradient | natural (SPEC §2.5)
     step_factor: float | None = None
     line_search_from: str | None = None
     factor_gamma: float | None = None
-    rho: float | None = None  # eva's rank redistribution
+    eva_rho: float | None = None  # eva's rank redistribution (null: 2)
     rank: str | None = None  # "auto": per-layer ranks from the method's spectra (SPEC §6)
     rank_rule: str = "energy"
     rank_budget: int | None = None
@@ -80,12 +90,13 @@ class InitSection:
     r_max: int | None = None
     tau: float = 0.9
     search_iters: int = 0  # scale=line_search: 0 searches on the statistics batches, k > 0 on k batches of others
-    tuned: str | None = None  # direction=extract: the fine-tuned checkpoint (HF id or path) to extract from
+    tuned: str | None = None  # method=extract: the fine-tuned checkpoint (HF id or path) to extract from
     metric: str | None = None  # extract: input (null: the method's default) | kfac | identity
-    beta: float | None = None  # kasa: weight of Σσ² (null: 1e-4)
-    gamma: float | None = None  # kasa: weight of ‖BᵀB − I‖ + ‖AAᵀ − I‖ (null: 1e-3)
+    kasa_beta: float | None = None  # kasa: weight of Σσ² (null: 1e-4)
+    kasa_gamma: float | None = None  # kasa: weight of ‖BᵀB − I‖ + ‖AAᵀ − I‖ (null: 1e-3)
     num_experts: int | None = None  # goat: E experts of rank r/E (null: 8)
     top_k: int | None = None  # goat: experts per token (null: 2)
+    goat_rho: float | None = None  # goat: divisor of the experts' singular values, ÷ (s·goat_rho) (null: 10)
     eta: float | None = None  # goat: η of the expert scale √(3ηn/(r/E)) (null: 1)
     expert_scale: str | None = None  # goat: goat (√(3ηn/(r/E))) | lora (PEFT's α/r)
     residual: str | None = None  # goat: routed (output unchanged at init) | static (the authors' W − s·Σ B_i A_i)
@@ -105,8 +116,24 @@ class InitSection:
     stats_memory: str | None = None  # budget of the statistics held at once ("8GiB", bytes, "auto"): grouped sweeps
     stats_sharding: bool = False  # DDP: each process holds its own layers' statistics (~1/world)
     plan_only: bool = False  # print the memory plan (lorafa.plan_init), write plan.json, and stop before statistics
-    dtype: str = "fp32"  # statistics are always accumulated in fp32; accepted for seed configs
+    dtype: str = "fp32"  # the seed's key: the statistics are always accumulated in fp32, the only value accepted
     cache: bool = True  # cache statistics (safetensors) under the output root
+
+    def chosen_method(self) -> str:
+        """The init's name as given: `method`, or the seed's `direction`, or the mode's default.
+
+        Raises:
+            ValueError: both are set and name different inits.
+        """
+        if self.method is not None and self.direction is not None \
+                and resolve_method(self.method) != resolve_method(self.direction):
+            raise ValueError(f"init.method={self.method!r} and init.direction={self.direction!r} (the seed's name for "
+                             "init.method) name different inits: set one of them.")
+        return self.method or self.direction or MODE_DEFAULT.get(self.mode, MODE_DEFAULT["gradient"])
+
+
+RUNNER_INIT_KEYS = ("mode", "method", "direction", "weight", "search_iters", "tuned", "plan_only", "dtype", "cache")
+check_fields(InitSection, runner=True, extra=RUNNER_INIT_KEYS)  # every other key is a declared InitConfig option
 
 
 @dataclass
@@ -200,41 +227,34 @@ class RunConfig:
 
     def init_config(self) -> InitConfig:
         """The library's InitConfig for this run (validates the method and its options)."""
-        i = self.init
-        method, direction = resolve_method(i.direction)
-        allowed = {"gradient": ("lora_ga", "lora_one", "lora_fa", "corda", "eva", "extract"), "svd": ("pissa", "milora", "kasa", "goat"),
-                   "default": ("lora",)}
+        i, allowed = self.init, MODE_METHODS
         if i.mode not in allowed:
             raise ValueError(f"init.mode must be one of {sorted(allowed)}, got {i.mode!r}")
-        if i.mode == "default":
-            method, direction = "lora", None
-        elif method not in allowed[i.mode]:
-            raise ValueError(f"init.direction={i.direction!r} is not a {i.mode} method; {i.mode} allows {allowed[i.mode]}"
-                             f" (use +init={'svd' if method in allowed['svd'] else 'gradient'}).")
-        if i.dtype not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"init.dtype must be fp32, bf16 or fp16, got {i.dtype!r}")
+        name = i.chosen_method()
+        key = "init.direction" if i.method is None and i.direction is not None else "init.method"
+        method, direction = resolve_method(name)
+        if method not in allowed[i.mode]:
+            other = next(m for m, methods in allowed.items() if method in methods)
+            raise ValueError(f"{key}={name!r} is not a {i.mode} method; {i.mode} allows {allowed[i.mode]}"
+                             f" (use +init={other}).")
+        if i.dtype != "fp32":
+            raise ValueError(f"init.dtype={i.dtype!r}: the statistics are always accumulated in fp32, whatever the "
+                             "model's dtype, so init.dtype (the seed's key) takes only 'fp32': remove it.")
         if not isinstance(i.search_iters, int) or i.search_iters < 0:
             raise ValueError(f"init.search_iters must be an integer >= 0, got {i.search_iters!r}")
         if i.search_iters and (i.scale or i.weight) != "line_search":
             raise ValueError("init.search_iters chooses the batches of the line search: set ++init.scale=line_search "
                              "too, or leave search_iters at 0.")
         if (method == "extract") != (i.tuned is not None):
-            raise ValueError("init.direction=extract extracts the adapter from a fine-tune: set ++init.tuned=<its HF id "
+            raise ValueError(f"{key}=extract extracts the adapter from a fine-tune: set ++init.tuned=<its HF id "
                              "or path>" if method == "extract" else
-                             f"init.tuned is the fine-tune that init.direction=extract starts from; {method} does not "
+                             f"init.tuned is the fine-tune that init.method=extract starts from; {method} does not "
                              "use it")
-        options = {k: getattr(i, k) for k in ("scale", "weight", "stable_gamma", "reg", "reg_mode", "corda_method",
-                                              "target", "step_factor", "line_search_from", "factor_gamma", "rho", "metric",
-                                              "beta", "gamma", "num_experts", "top_k", "eta", "expert_scale",
-                                              "residual", "aux_loss_weight",
-                                              "rank", "rank_rule", "rank_budget", "budget_by", "r_min", "r_max", "tau")}
-        if direction is not None:
+        options = {o.name: getattr(i, o.name) for o in OPTIONS if o.runner}  # lorafa.options: the same names
+        options.update(weight=i.weight, seed=self.seed if i.seed is None else i.seed)
+        if direction is not None:  # a lora_ga direction given as the method's name
             options["direction"] = direction
-        return InitConfig(method=method, bsz=i.bsz, iters=i.iters, max_length=i.max_length, sample=i.sample,
-                          seed=self.seed if i.seed is None else i.seed, offset=i.offset, svd=i.svd, sketch=i.sketch, sketch_l=i.sketch_l,
-                          accumulate_on=i.accumulate_on, stats_memory=i.stats_memory, stats_sharding=i.stats_sharding,
-                          align_init=i.align_init,
-                          align_lambda=i.align_lambda, **options)
+        return InitConfig(method=method, **options)
 
 
     def baseline_init_config(self) -> InitConfig | None:
@@ -242,13 +262,12 @@ class RunConfig:
         if self.baseline is None:
             return None
         main = self.init_config()
-        return InitConfig(method=self.baseline, bsz=main.bsz, iters=main.iters, max_length=main.max_length,
-                          sample=main.sample, seed=main.seed, svd=main.svd, accumulate_on=main.accumulate_on)
+        return InitConfig(method=self.baseline, **{o.name: getattr(main, o.name) for o in OPTIONS if o.baseline})
 
 
 # common names of keys that live under another name: where they belong
 _KEY_ALIASES = {"r": "peft.lora_r", "rank": "peft.lora_r", "alpha": "peft.lora_alpha", "dropout": "peft.lora_dropout",
-                "lr": "model.learning_rate", "batch_size": "model.per_device_batch_size", "method": "init.direction"}
+                "lr": "model.learning_rate", "batch_size": "model.per_device_batch_size", "method": "init.method"}
 
 
 def _key_suggestions(key: str, names: list[str], where: str) -> list[str]:
@@ -261,7 +280,8 @@ def _key_suggestions(key: str, names: list[str], where: str) -> list[str]:
     if where and key in {f.name for f in dataclasses.fields(RunConfig)} and key not in sections:
         elsewhere.append(key)  # a top-level key given inside a section
     alias = _KEY_ALIASES.get(key)
-    close = [f"{where}{c}" for c in difflib.get_close_matches(key, names, 2)]
+    # close matches in its own section only when the key is not another section's as written
+    close = [] if elsewhere else [f"{where}{c}" for c in difflib.get_close_matches(key, names, 2)]
     return list(dict.fromkeys([*elsewhere, *([alias] if alias and alias != where + key else []), *close]))
 
 
@@ -271,6 +291,9 @@ def _check_keys(cls, data: dict, where: str) -> None:
     if unknown:
         hints = []
         for k in unknown:
+            if where == "init." and k in RENAMED:
+                hints.append(f"{renamed_message(k, where)}")
+                continue
             guesses = _key_suggestions(str(k), names, where)
             hints.append(f"{where}{k}" + (f" (did you mean {' or '.join(guesses)}?)" if guesses else ""))
         raise ValueError(f"Unknown config key(s): {'; '.join(hints)}. Valid keys under '{where or 'top level'}': "
@@ -385,6 +408,7 @@ def parse_run_config(data: dict) -> RunConfig:
     """
     data = {k: v for k, v in data.items() if k != "hydra"}
     cfg = _build(RunConfig, data)
+    cfg.init.method = cfg.init.chosen_method()  # recorded (run_config.json) as given, or the mode's default
     m = cfg.model
     if m.gradient_checkpointing is not None:
         if m.activation_checkpointing and not m.gradient_checkpointing:

@@ -29,6 +29,7 @@ from .config import InitConfig
 from .fsdp import unsharded_adapters
 from .fsio import check_destination, remove_owned, replace_files, swap_in
 from .kasa import TRUNCATION_NOTE
+from .options import renamed_options
 from .methods.registry import METHODS
 from .stats.distributed import agree_step, on_main_process, world
 
@@ -122,7 +123,7 @@ def read_initial_adapter(path: str | os.PathLike) -> InitRecord:
         what = f"lacks {missing}" if missing else "has an init_config that is not a JSON object"
         raise ValueError(f"{meta_path} {what}: it is not a record lorafa wrote (or it was edited); {redo}.")
     try:
-        init_config = InitConfig(**meta["init_config"])
+        init_config = InitConfig(**renamed_options(meta["init_config"]))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{meta_path} holds an init_config this lorafa version cannot use ({err}): it was written "
                          f"by another lorafa version, or edited; {redo}.") from None

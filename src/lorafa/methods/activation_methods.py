@@ -18,7 +18,7 @@ class CordaOptions:
         if self.corda_method not in ("ipm", "kpm"):
             raise ValueError(f"corda_method must be 'ipm' or 'kpm', got {self.corda_method!r}")
         if not self.reg > 0:
-            raise ValueError(f"corda reg must be > 0 (Σ must be invertible), got {self.reg}")
+            raise ValueError(f"corda's reg (InitConfig's corda_reg) must be > 0 (Σ must be invertible), got {self.reg}")
 
 
 def corda_init(weight: torch.Tensor, stats, *, rank: int, scaling: float, opts: CordaOptions, svd: SvdMode = "auto",
@@ -48,7 +48,7 @@ class EvaOptions:
 
     def __post_init__(self):
         if not self.rho >= 1:
-            raise ValueError(f"eva rho must be >= 1 (1: no redistribution), got {self.rho}")
+            raise ValueError(f"eva's rho (InitConfig's eva_rho) must be >= 1 (1: no redistribution), got {self.rho}")
 
 
 def eva_init(weight: torch.Tensor, stats, *, rank: int, scaling: float, opts: EvaOptions, svd: SvdMode = "auto",

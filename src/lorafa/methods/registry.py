@@ -102,6 +102,12 @@ def method_options(method: str) -> list[str]:
 
 def make_options(method: str, **options):
     """Build a method's typed options; an option the method does not have is an error naming the valid ones."""
+    return build_options(method, options)
+
+
+def build_options(method: str, options: dict, names: dict | None = None):
+    """`make_options(method, **options)`, with the type errors naming each option as the caller knows it: `names`
+    maps the method's field names to those (InitConfig's `eva_rho` is EvaOptions' `rho`)."""
     spec = METHODS[resolve_method(method)[0]]
     valid = method_options(spec.name)
     unknown = sorted(set(options) - set(valid))
@@ -109,12 +115,13 @@ def make_options(method: str, **options):
         raise ValueError(f"{spec.name} has no option(s) {unknown}; its options are {valid or 'none'} (plus svd, seed).")
     types = {f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
              for f in dataclasses.fields(spec.options)}
+    label = {key: f"{spec.name}'s {(names or {}).get(key, key)}" for key in options}
     for key, value in options.items():
-        check_option_type(f"{spec.name}'s {key}", value, types[key])
+        check_option_type(label[key], value, types[key])
     opts = spec.options(**options)  # each option's range, in the method's own words
     for key, value in options.items():
         if types[key] == "float":
-            check_number(f"{spec.name}'s {key}", value)  # what the ranges let through: inf (γ = inf gives A = B = 0)
+            check_number(label[key], value)  # what the ranges let through: inf (γ = inf gives A = B = 0)
     return opts
 
 

@@ -31,7 +31,8 @@ class KasaOptions:
         for key in ("beta", "gamma"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"KaSA's {key} must be a finite number >= 0 (0 drops that regulariser), got {value!r}")
+                raise ValueError(f"KaSA's {key} (InitConfig's kasa_{key}) must be a finite number >= 0 (0 drops that "
+                                 f"regulariser), got {value!r}")
 
 
 def kasa_init(weight: torch.Tensor, stats, *, rank: int, scaling: float, opts: KasaOptions, svd="auto",
