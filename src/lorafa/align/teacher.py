@@ -54,7 +54,8 @@ class _Teacher:
         return self.model.config.num_hidden_layers
 
     @property
-    def vocab_size(self) -> int:
+    def n_outputs(self) -> int:
+        """The size of the output the term compares: the vocabulary of a causal LM, `num_labels` of a classifier."""
         return _output_size(self.model)
 
 
