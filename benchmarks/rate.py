@@ -5,7 +5,8 @@ grid's best rate does, for every init, at a small fraction of one run's cost? An
 The stages share one results folder `OUT` and resume where they stopped (one JSON per run or probe):
 
 1. **The grid** is convergence.py's protocol with 2×-spaced rates (bracketed, chosen on the validation split at the
-   first seed, then run at every seed), into `OUT/grid`; the rate-free rows are its `lora+prodigy` and `lora+sf`
+   first seed, then run at every seed), into `OUT/grid` (inits whose best rate lies elsewhere get their own folder
+   `OUT/grid_<name>` with a grid around it); the rate-free rows are its `lora+prodigy` and `lora+sf`
    specs (each at its one documented rate, `convergence.FREE_LRS`). E.g. on the classification preset:
 
        python benchmarks/convergence.py --preset classification --lrs 0.0015 0.003 0.006 --max-extend 4 \\
@@ -150,15 +151,21 @@ def _gmean(xs) -> float:
 
 def grid_of(out: str) -> dict:
     """{init: {"val": {lr: seed-0 final val loss}, "best": lr, "edge": ..., "runs": [the best rate's runs]}} from
-    `OUT/grid` (convergence.py's folder; the first seed is meta.json's)."""
-    runs, _ = cv.saved_runs(os.path.join(out, "grid"))
-    s0 = cv.first_seed(os.path.join(out, "grid"))
+    `OUT/grid*` (convergence.py's folders, one per grid centre: an init's grid lives in one of them; the first seed
+    is each folder's meta.json's)."""
+    import glob
+
     grid = {}
-    for m in {r["method"] for r in runs}:
-        val = {r["lr"]: r["final_val_loss"] for r in runs if r["method"] == m and r["seed"] == s0}
-        best, edge = choose(val)
-        grid[m] = {"val": val, "best": best, "edge": edge,
-                   "runs": [r for r in runs if r["method"] == m and r["lr"] == best]}
+    for folder in sorted(glob.glob(os.path.join(out, "grid*"))):
+        runs, methods = cv.saved_runs(folder)
+        s0 = cv.first_seed(folder)
+        for m in methods:
+            if m in grid:
+                raise SystemExit(f"{m} has grids in two folders under {out}: keep one")
+            val = {r["lr"]: r["final_val_loss"] for r in runs if r["method"] == m and r["seed"] == s0}
+            best, edge = choose(val)
+            grid[m] = {"val": val, "best": best, "edge": edge,
+                       "runs": [r for r in runs if r["method"] == m and r["lr"] == best]}
     return grid
 
 
