@@ -75,7 +75,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import MALLOC_ENV, PeakMemory, device_info, pick_device, save_figure, timed, write_json, write_table  # noqa: E402
-from harness import choose, finite, grid_ratio, mean_std, next_values, norm_value  # noqa: E402
+from harness import choose, finite, grid_ratio, mean_std, next_values, norm_value, selection_loss  # noqa: E402
 
 FORMAT = 2  # the run-file format: 2 = validation-split protocol; runs without "val_curve" are legacy (format 1)
 VAL_SEED = 7919  # the validation problems are one fixed draw, the same for every seed
@@ -603,7 +603,8 @@ def is_legacy(results: list[dict]) -> bool:
 _ms = mean_std
 
 
-def summary_tables(results: list[dict], methods: list[str], first_seed: int | None = None) -> dict:
+def summary_tables(results: list[dict], methods: list[str], first_seed: int | None = None,
+                   min_gain: float | None = None) -> dict:
     """The summary of a set of runs, without writing anything: `rows` (the summary table, one per method, as
     strings), `grid` (final validation loss per rate at the first seed), and the numbers behind them: `best_lr` and
     `best` (method -> its runs at that rate), `edge` (method -> None if its rate is bracketed, else the edge),
@@ -621,7 +622,7 @@ def summary_tables(results: list[dict], methods: list[str], first_seed: int | No
         seed0 = [r for r in results if r["method"] == m and r["seed"] == first_seed]
         if not seed0:
             continue
-        best_lr[m], edge[m] = choose_rate({r["lr"]: r["final_val_loss"] for r in seed0})
+        best_lr[m], edge[m] = choose_rate({r["lr"]: selection_loss(r, min_gain) for r in seed0})
         for r in sorted(seed0, key=lambda r: r["lr"]):
             grid.append({"method": m, "lr": f"{r['lr']:g}", "final val loss": r["final_val_loss"],
                          "chosen": "✓" if r["lr"] == best_lr[m] else None})
@@ -696,8 +697,9 @@ def legacy_summary_tables(results: list[dict], methods: list[str]) -> dict:
             "ref_steps": ref_steps, "ref_seconds": None, "legacy": True}
 
 
-def summarise(results: list[dict], methods: list[str], out: str, title: str, first_seed: int | None = None) -> str:
-    s = summary_tables(results, methods, first_seed)
+def summarise(results: list[dict], methods: list[str], out: str, title: str, first_seed: int | None = None,
+              min_gain: float | None = None) -> str:
+    s = summary_tables(results, methods, first_seed, min_gain)
     if s["legacy"]:
         title += " (legacy protocol: rate chosen on the test loss)"
     md = write_table(s["rows"], list(s["rows"][0]), os.path.join(out, "summary"), title)
@@ -894,6 +896,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary-only", action="store_true", help="summarise the runs present, run nothing")
+    ap.add_argument("--min-gain", type=float, default=None,
+                    help="a run whose final validation loss is not this far below its step-0 one counts as failed "
+                         "when choosing and extending the grid (e.g. 0.03 on the classification preset, whose "
+                         "chance-level runs end within ±0.015 of ln 2 and learning ones below 0.63); default: off")
     ap.add_argument("--full-grid", action="store_true",
                     help="run every rate of the grid, not only the ones that can win")
     return ap
@@ -929,7 +935,9 @@ def main(argv=None) -> None:
         results, saved = saved_runs(args.out)
         present = {r["method"] for r in results}
         chosen = [m for m in (args.methods or []) + ABLATIONS.get(args.ablation, []) if m in present] or saved
-        print(summarise(results, chosen, args.out, title, first_seed=first_seed(args.out)))
+        with open(os.path.join(args.out, "meta.json")) as f:
+            gain = json.load(f)["args"].get("min_gain")
+        print(summarise(results, chosen, args.out, title, first_seed=first_seed(args.out), min_gain=gain))
         return
 
     for m in grid_methods:
@@ -974,13 +982,15 @@ def main(argv=None) -> None:
               for m in grid_methods}
     extend_of = {m: 0 if parse_spec(m)[1] in FREE_LRS else args.max_extend for m in grid_methods}  # no rate to choose
     ratio_of = {m: grid_ratio(lrs_of[m], default=grid_ratio(p.lrs)) for m in grid_methods}
-    s0, first, failed = args.seeds[0], [], {}
+    s0, failed = args.seeds[0], {}
+    # every first-seed run already in --out counts (an earlier grid's rates, off this one's included)
+    first = [r for r in saved_runs(args.out)[0] if r["seed"] == s0 and r["method"] in grid_methods]
     while True:  # the grid at the first seed, extended until every best validation rate is bracketed or capped
         todo = {}
         for m in grid_methods:
             if m in failed:  # a run of it raised: it leaves the benchmark (the error is in the log and meta.json)
                 continue
-            losses = {r["lr"]: r["final_val_loss"] for r in first if r["method"] == m}
+            losses = {r["lr"]: selection_loss(r, args.min_gain) for r in first if r["method"] == m}
             todo[m] = next_rates(losses, lrs_of[m], ratio_of[m], extend_of[m], args.full_grid)["next"]
         # interleaved (every method's first rate, then every second one...) so an interrupted run leaves each some
         jobs = [job(m, todo[m][i], s0) for i in range(max(map(len, todo.values()), default=0))
@@ -989,7 +999,7 @@ def main(argv=None) -> None:
         if not got:
             break
         first += got
-    best = {m: choose_rate({r["lr"]: r["final_val_loss"] for r in first if r["method"] == m})[0]
+    best = {m: choose_rate({r["lr"]: selection_loss(r, args.min_gain) for r in first if r["method"] == m})[0]
             for m in grid_methods if m not in failed and any(r["method"] == m for r in first)}
     if args.seeds[1:]:
         run_jobs([job(m, best[m], s) for m in best for s in args.seeds[1:]], args.jobs, failed=failed,
@@ -1000,7 +1010,8 @@ def main(argv=None) -> None:
     results, saved = saved_runs(args.out)  # this benchmark's and the earlier ones' into the same --out
     if not [m for m in saved if m not in failed]:
         sys.exit(f"no method completed a run (the tracebacks are in {args.out}/meta.json)")
-    print(summarise(results, [m for m in saved if m not in failed], args.out, title, first_seed=s0))
+    print(summarise(results, [m for m in saved if m not in failed], args.out, title, first_seed=s0,
+                    min_gain=args.min_gain))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,17 @@ def choose(losses: dict) -> tuple[float, str | None]:
     return best, ("both" if lo == hi else "low" if best == lo else "high" if best == hi else None)
 
 
+def selection_loss(run: dict, min_gain: float | None = None) -> float:
+    """The validation loss a grid chooses on: the run's final one; with `min_gain`, inf unless it fell at least
+    `min_gain` below the run's own step-0 validation loss. A run that did not learn (a classifier left at chance)
+    then ranks with the diverged ones: where every loss is noise around chance, noise would otherwise pick the
+    "best" rate and extend the grid the wrong way."""
+    final = finite(run.get("final_val_loss"))
+    if min_gain is None or not math.isfinite(final):
+        return final
+    return final if final <= run["val_curve"][0][1] - min_gain else math.inf
+
+
 def next_values(losses: dict, grid: list, ratio: float, max_extend: int = 3, full_grid: bool = False,
                 norm: bool = True) -> dict:
     """What to run next on one grid, from its {value: final validation loss} so far.

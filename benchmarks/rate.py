@@ -55,7 +55,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convergence as cv  # noqa: E402
 from common import save_figure, write_json, write_table  # noqa: E402
-from harness import choose, finite  # noqa: E402
+from harness import choose, finite, selection_loss  # noqa: E402
 
 INITS = ["lora", "lora_fa", "lora_one", "lora_ga", "pissa", "eva", "peft_lora_ga"]
 FREE = ["lora+prodigy", "lora+sf"]
@@ -159,11 +159,14 @@ def grid_of(out: str) -> dict:
     for folder in sorted(glob.glob(os.path.join(out, "grid*"))):
         runs, methods = cv.saved_runs(folder)
         s0 = cv.first_seed(folder)
+        with open(os.path.join(folder, "meta.json")) as f:
+            gain = json.load(f)["args"].get("min_gain")
         for m in methods:
             if m in grid:
                 raise SystemExit(f"{m} has grids in two folders under {out}: keep one")
-            val = {r["lr"]: r["final_val_loss"] for r in runs if r["method"] == m and r["seed"] == s0}
-            best, edge = choose(val)
+            mine = [r for r in runs if r["method"] == m and r["seed"] == s0]
+            val = {r["lr"]: r["final_val_loss"] for r in mine}
+            best, edge = choose({r["lr"]: selection_loss(r, gain) for r in mine})
             grid[m] = {"val": val, "best": best, "edge": edge,
                        "runs": [r for r in runs if r["method"] == m and r["lr"] == best]}
     return grid

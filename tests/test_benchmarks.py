@@ -774,3 +774,21 @@ def test_convergence_and_alignment_share_the_harness():
 
     assert convergence.next_rates is harness.next_values and convergence.choose_rate is harness.choose
     assert alignment.grid_step is harness.grid_step
+
+
+def test_a_run_that_did_not_learn_ranks_with_the_diverged():
+    """--min-gain: where every rate but the lowest leaves a classifier at chance, noise around ln 2 must not pick the
+    'best' rate (and send the grid the wrong way): those runs count as failed, so the grid extends downwards."""
+    import harness
+
+    def run(lr, final):
+        return {"lr": lr, "final_val_loss": final, "val_curve": [[0, 0.693], [60, final]]}
+
+    runs = [run(1e-3, 0.6935), run(2e-3, 0.6907), run(4e-3, 0.688)]
+    plain = {r["lr"]: harness.selection_loss(r) for r in runs}
+    gated = {r["lr"]: harness.selection_loss(r, 0.03) for r in runs}
+    assert harness.choose(plain) == (4e-3, "high")  # noise at chance: extend upwards
+    assert harness.choose(gated) == (1e-3, "low") and all(v == float("inf") for v in gated.values())
+    assert harness.next_values(gated, [5e-4, 1e-3, 2e-3], 2.0)["next"] == [5e-4]
+    assert harness.selection_loss(run(5e-4, 0.60), 0.03) == 0.60
+    assert harness.selection_loss(run(5e-4, float("nan")), 0.03) == float("inf")
