@@ -287,8 +287,9 @@ def test_terms_trainer_sums_the_weighted_terms_and_logs_every_step(tmp_path):
 
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=6, learning_rate=1e-3,
                              logging_steps=2, report_to=[], use_cpu=True, save_strategy="no", lr_scheduler_type="constant")
+    # the term declares the task loss's weight (its schedule's): no task_weight= on the trainer
     trainer = TermsTrainer(model=student, args=args, train_dataset=data, data_collator=collate, terms=[term],
-                           task_weight=lambda step: schedule.weights(step)[0], step_log=rows.append)
+                           step_log=rows.append)
     # the loss at a realignment step is w_task · task + λ · D, evaluated by hand on one batch
     batch = collate(data[:1])
     trainer.state.global_step = 3

@@ -219,18 +219,17 @@ def test_resume_continues_the_same_loss_curve(assets, tmp_path):
 def test_validation_set_comes_from_training_data_never_the_test_set(assets, tmp_path, monkeypatch):
     """The held-out loss during training (and early stopping) uses a validation split carved from the training
     data; the test problems are only evaluated for the final report."""
-    import transformers
-
+    from lorafa import terms
     from lorafa.data import load_task
 
     seen = {}
 
-    class Spy(transformers.Trainer):
+    class Spy(terms.TermsTrainer):  # the runner always trains through it
         def __init__(self, *a, **kw):
             seen["eval"], seen["train"] = list(kw["eval_dataset"]), list(kw["train_dataset"])
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(transformers, "Trainer", Spy)
+    monkeypatch.setattr(terms, "TermsTrainer", Spy)
     results = _in_process(["+init=gradient", *local(assets, tmp_path / "runs", steps=2), "++wandb.name=val",
                            "++model.eval_steps=1", "++model.early_stopping_patience=2"])
     task = load_task("meta_math", path=assets["metamath"], test_path=assets["gsm8k"])

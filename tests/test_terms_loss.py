@@ -50,6 +50,17 @@ class LogitsTerm:
         return outputs.logits.float().pow(2).mean()
 
 
+class TaskWeightedLogitsTerm(LogitsTerm):
+    """The same, declaring a weight on the task loss."""
+
+    def __init__(self, w, task_w, name="logits"):
+        super().__init__(w)
+        self.task_w, self.name = task_w, name
+
+    def task_weight(self, step):
+        return self.task_w
+
+
 class Grads(TrainerCallback):
     def __init__(self, model):
         self.model, self.grads = model, None
@@ -106,19 +117,28 @@ def test_with_a_zero_weight_term_the_loss_is_the_trainers_loss(tmp_path, setting
     assert torch.equal(got, want), (got.item(), want.item())
 
 
+@pytest.mark.parametrize("no_terms", [False, True], ids=["zero_weight_term", "no_terms"])
 @pytest.mark.parametrize("setting", ["plain", "label_smoothing", "compute_loss_func"])
-def test_with_a_zero_weight_term_accumulated_training_is_the_trainers(tmp_path, setting):
+def test_with_a_zero_weight_term_accumulated_training_is_the_trainers(tmp_path, setting, no_terms):
     """gradient_accumulation_steps=2, micro-batches with unequal numbers of label tokens: the same gradients, the
-    same trained weights and the same logged loss as a plain Trainer."""
+    same trained weights and the same logged loss as a plain Trainer; with no terms at all, the same logs too (and
+    no step records)."""
     kw = {"compute_loss_func": _loss_func} if setting == "compute_loss_func" else {}
     args_kw = {"gradient_accumulation_steps": 2, **({"label_smoothing_factor": 0.5}
                                                     if setting == "label_smoothing" else {})}
     counts = [int((_collate(_rows()[i:i + 2])["labels"][:, 1:] != -100).sum()) for i in (0, 2)]
     assert counts[0] != counts[1], counts  # else a per-micro-batch mean equals the accumulated one
     plain, pm, pg = _build(Trainer, tmp_path / "plain", args_kw, **kw)
-    terms, tm, tg = _build(TermsTrainer, tmp_path / "terms", args_kw, terms=[ZeroTerm()], **kw)
+    rows = []
+    terms, tm, tg = _build(TermsTrainer, tmp_path / "terms", args_kw, terms=[] if no_terms else [ZeroTerm()],
+                           step_log=rows.append, **kw)
     plain.train()
     terms.train()
+    if no_terms:
+        strip = [[{k: v for k, v in h.items() if k not in ("train_runtime", "train_samples_per_second",
+                                                          "train_steps_per_second")} for h in t.state.log_history]
+                 for t in (plain, terms)]
+        assert strip[0] == strip[1] and rows == []
     assert pg.grads.keys() == tg.grads.keys()
     for n in pg.grads:
         assert torch.equal(pg.grads[n], tg.grads[n]), n
@@ -133,7 +153,7 @@ def test_terms_and_the_task_weight_under_accumulation_are_the_hand_computed_obje
     micro-batches), by autograd here; and the step's logged values are those two means."""
     rows_log = []
     trainer, model, grads = _build(TermsTrainer, tmp_path, {"gradient_accumulation_steps": 2},
-                                   terms=[LogitsTerm(0.3)], task_weight=lambda step: 0.5, step_log=rows_log.append)
+                                   terms=[TaskWeightedLogitsTerm(0.3, 0.5)], step_log=rows_log.append)
     trainer.train()
 
     ref = tiny_llama(seed=0).train()
@@ -154,6 +174,15 @@ def test_terms_and_the_task_weight_under_accumulation_are_the_hand_computed_obje
     assert row["task_weight"] == 0.5 and row["logits_weight"] == 0.3
     assert row["task_loss"] == pytest.approx(task.item(), rel=1e-5)
     assert row["logits_loss"] == pytest.approx(term.item(), rel=1e-5)
+
+
+def test_the_task_weight_is_the_product_of_the_terms_declarations(tmp_path):
+    trainer, _, _ = _build(TermsTrainer, tmp_path, terms=[TaskWeightedLogitsTerm(0.3, 0.5, "a"), LogitsTerm(0.1),
+                                                           TaskWeightedLogitsTerm(0.2, 0.25, "b")])
+    assert trainer.task_weight(0) == 0.125
+    assert _build(TermsTrainer, tmp_path / "none")[0].task_weight(3) == 1.0
+    with pytest.raises(TypeError, match="task_weight"):
+        _build(TermsTrainer, tmp_path / "old", terms=[LogitsTerm(0.3)], task_weight=lambda step: 0.5)
 
 
 def test_the_terms_see_the_labels_when_the_trainer_pops_them(tmp_path):

@@ -203,7 +203,7 @@ class LoraProAdamW(torch.optim.Optimizer):
 
 def create_lora_pro_optimizer(peft_model, optimizer_cls=torch.optim.AdamW, *, lr: float,
                               damping: float = DEFAULT_DAMPING, moments: str = "factor", adapter_name: str = "default",
-                              **kwargs) -> torch.optim.Optimizer:
+                              param_groups=(), **kwargs) -> torch.optim.Optimizer:
     """An optimiser that trains every LoRA pair of `adapter_name` with LoRA-Pro's adjusted gradients (SPEC §9).
 
     The LoRA factors form one param group marked `lora_pro=True`; every other trainable parameter (a classifier
@@ -224,6 +224,8 @@ def create_lora_pro_optimizer(peft_model, optimizer_cls=torch.optim.AdamW, *, lr
         damping: relative damping of BᵀB and AAᵀ (lorafa.lora_pro).
         moments: "factor" or "full".
         adapter_name: the adapter to train.
+        param_groups: further plain groups after the model's (parameters outside it, e.g. a loss term's learned
+            projection, each group with its own lr / weight_decay if given).
         **kwargs: to the optimiser (weight_decay, betas, eps, ...).
 
     Returns:
@@ -238,7 +240,7 @@ def create_lora_pro_optimizer(peft_model, optimizer_cls=torch.optim.AdamW, *, lr
     if not (math.isfinite(damping) and damping >= 0):
         raise ValueError(f"damping must be a finite number ≥ 0, got {damping}.")
     pairs = lora_pro_pairs(peft_model, adapter_name)
-    groups = lora_pro_param_groups(peft_model, pairs, adapter_name)
+    groups = lora_pro_param_groups(peft_model, pairs, adapter_name) + [dict(g) for g in param_groups]
     if moments == "full":
         if optimizer_cls is not torch.optim.AdamW:
             raise ValueError("moments='full' is LoRA-Pro's own AdamW on the m × n equivalent gradient: pass "

@@ -3,10 +3,14 @@
     loss(step) = w_task(step) · L_task + Σ_i w_i(step) · term_i(model, batch, outputs, step)
 
 A term is any object with `name`, `weight(step) -> float` and `__call__(model, batch, outputs, step) -> scalar`;
-optionally `needs_hidden` (the student's forward returns hidden states), `phase(step) -> str`, `on_step_begin(model,
-step)` (e.g. a teacher refresh) and `parameters()` (trainable tensors of the term itself, e.g. a learned projection:
-give them to the optimiser; under several processes their gradients are averaged here, since they live outside the
-DDP-wrapped model). A term whose weight is 0 at a step is not evaluated at that step.
+optionally `task_weight(step) -> float` (the term's weight on the task loss, e.g. the cyclic schedule's realignment
+phases: w_task is the product of the terms' declarations, 1 without any), `needs_hidden` (the student's forward
+returns hidden states), `phase(step) -> str`, `on_step_begin(model, step)` (e.g. a teacher refresh),
+`parameters()` (trainable tensors of the term itself, e.g. a learned projection: `term_parameters(terms)` lists them
+for the optimiser, which is built with them; under several processes their gradients are averaged here, since they
+live outside the DDP-wrapped model) and `report(folder, save) -> dict` (what the term was, for a run's results;
+`save`: whether this process writes the term's files beside the adapter in `folder`). A term whose weight is 0 at a
+step is not evaluated at that step. Which terms a method brings comes from the method registry (`Method.terms`).
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ class TermsTrainer(Trainer):
     """HF Trainer whose training loss is the weighted sum above; evaluation losses stay the task loss alone.
 
     Args (besides Trainer's):
-        terms: the loss terms.
-        task_weight: step -> w_task (default 1).
+        terms: the loss terms (none: exactly HF's Trainer, and nothing is logged besides its own logs).
         step_log: called after every optimiser step with {"step", "phase", "task_loss", "task_weight",
-            "<name>_loss", "<name>_weight"} (means over the step's micro-batches, this process's values).
+            "<name>_loss", "<name>_weight"} (means over the step's micro-batches, this process's values), when
+            there are terms.
 
     The task loss is the Trainer's own (`Trainer.compute_loss`: label smoothing, `compute_loss_func`, and the
     token-count normalisation over the accumulated batch, `num_items_in_batch`, when the model or `compute_loss_func`
@@ -35,20 +39,33 @@ class TermsTrainer(Trainer):
     so does not divide it by the accumulation steps), the terms are divided by the accumulation steps here.
     """
 
-    def __init__(self, *args, terms=(), task_weight: Callable[[int], float] | None = None,
-                 step_log: Callable[[dict], None] | None = None, **kwargs):
+    def __init__(self, *args, terms=(), step_log: Callable[[dict], None] | None = None, **kwargs):
+        if "task_weight" in kwargs:
+            raise TypeError("TermsTrainer takes no task_weight=: a term declares its weight on the task loss, "
+                            "task_weight(step) (the product of the terms' declarations is used)")
         super().__init__(*args, **kwargs)
         self.terms = list(terms)
         names = [t.name for t in self.terms]
         if len(set(names)) != len(names) or "task" in names:
             raise ValueError(f"loss term names must be distinct and not 'task', got {names}")
-        self.task_weight = task_weight or (lambda step: 1.0)
         self.step_log = step_log
         self._step_sums: dict[str, list[float]] = defaultdict(list)
         self._log_sums: dict[str, list[float]] = defaultdict(list)
-        self.add_callback(_TermsCallback(self))
+        if self.terms:
+            self.add_callback(_TermsCallback(self))
+
+    def task_weight(self, step: int) -> float:
+        """w_task at optimiser step `step`: the product of the terms' `task_weight(step)` (1 without any)."""
+        w = 1.0
+        for t in self.terms:
+            if hasattr(t, "task_weight"):
+                w *= float(t.task_weight(step))
+        return w
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.terms:  # HF's Trainer, untouched
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
         step = self.state.global_step
         active = [(t, t.weight(step)) for t in self.terms] if model.training else []
         active = [(t, w) for t, w in active if w]
@@ -66,7 +83,7 @@ class TermsTrainer(Trainer):
         accum = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         scaled = self._task_loss_is_scaled_for_ga(num_items_in_batch)
         term_scale = 1.0 / accum if scaled else 1.0
-        w_task = float(self.task_weight(step))
+        w_task = self.task_weight(step)
         loss = task * w_task
         values = {"task_loss": task.detach() * (accum if scaled else 1)}
         for term, w in active:
@@ -89,7 +106,7 @@ class TermsTrainer(Trainer):
 
     def step_row(self, step: int) -> dict:
         """The record of optimiser step `step` (0-based schedule index), built from the values summed so far."""
-        row = {"step": step + 1, "task_weight": float(self.task_weight(step))}
+        row = {"step": step + 1, "task_weight": self.task_weight(step)}
         phase = next((t.phase(step) for t in self.terms if hasattr(t, "phase")), None)
         if phase is not None:
             row["phase"] = phase
@@ -108,7 +125,12 @@ class TermsTrainer(Trainer):
         return super().log(logs, *args, **kwargs)
 
     def term_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for t in self.terms if hasattr(t, "parameters") for p in t.parameters() if p.requires_grad]
+        return term_parameters(self.terms)
+
+
+def term_parameters(terms) -> list[torch.nn.Parameter]:
+    """The trainable parameters the terms declare (`parameters()`, e.g. a learned projection), for the optimiser."""
+    return [p for t in terms if hasattr(t, "parameters") for p in t.parameters() if p.requires_grad]
 
 
 class _TermsCallback(TrainerCallback):
@@ -145,17 +167,11 @@ class _TermsCallback(TrainerCallback):
 
 
 def method_terms(init_config) -> list:
-    """The loss terms a method brings to training (SPEC §9): KaSA's regulariser, GOAT's load-balancing loss."""
-    from .methods.registry import METHODS, make_options
+    """The loss terms a method brings to training (SPEC §9: KaSA's regulariser, GOAT's load-balancing loss), as the
+    method registry declares them (`Method.terms`, from the method's options); [] for a method that brings none."""
+    from .methods.registry import METHODS, make_options, resolve_method
 
-    variant = METHODS[init_config.method].variant
-    if variant == "kasa":
-        from .kasa import KasaTerm
-
-        return [KasaTerm()]
-    if variant == "goat":
-        from .goat import GoatAuxTerm
-
-        opts = make_options("goat", **init_config.method_options())
-        return [GoatAuxTerm(opts.aux_loss_weight)] if opts.aux_loss_weight > 0 else []
-    return []
+    spec = METHODS[resolve_method(init_config.method)[0]]
+    if spec.terms is None:
+        return []
+    return list(spec.terms(make_options(spec.name, **init_config.method_options())))

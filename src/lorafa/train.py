@@ -1,6 +1,8 @@
 """The training recipe, read top to bottom: data -> model -> statistics + init -> Trainer -> save -> evaluate.
 
-HF Trainer underneath (so DDP/FSDP/DeepSpeed come from accelerate), lorafa's initialisation before training,
+HF Trainer underneath (so DDP/FSDP/DeepSpeed come from accelerate), always as `lorafa.terms.TermsTrainer`: what
+training adds to the task loss is a list of terms (the method registry's for the method, `align.*`'s alignment), each
+bringing its own weights and parameters; with none it is HF's Trainer. lorafa's initialisation before training,
 PEFT's Riemannian preconditioner (`model.prec_reg`) or LoRA+ (`peft.use_loraplus`) as the optimiser.
 """
 
@@ -151,8 +153,11 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
     return stats
 
 
-def _optimizer(cfg: RunConfig, model):
+def _optimizer(cfg: RunConfig, model, term_params=()):
+    """The run's optimiser over the model's trainable parameters and, in one more group at the run's learning rate
+    and weight decay, the loss terms' own (`term_params`, e.g. a learned projection), built in from the start."""
     m, p = cfg.model, cfg.peft
+    extra = [{"params": list(term_params), "lr": m.learning_rate, "weight_decay": m.weight_decay}] if term_params else []
     default = type(m)()
     if m.optimizer != "lora_pro" and (m.lora_pro_damping, m.lora_pro_moments) != (default.lora_pro_damping,
                                                                                    default.lora_pro_moments):
@@ -165,7 +170,7 @@ def _optimizer(cfg: RunConfig, model):
         from .optim import create_lora_pro_optimizer
 
         return create_lora_pro_optimizer(model, torch.optim.AdamW, lr=m.learning_rate, weight_decay=m.weight_decay,
-                                         damping=m.lora_pro_damping, moments=m.lora_pro_moments)
+                                         damping=m.lora_pro_damping, moments=m.lora_pro_moments, param_groups=extra)
     cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}.get(m.optimizer)
     if cls is None:
         raise ValueError(f"model.optimizer must be adamw, sgd or lora_pro, got {m.optimizer!r}")
@@ -175,13 +180,32 @@ def _optimizer(cfg: RunConfig, model):
     if m.prec_reg is not None:
         from peft.optimizers import create_riemannian_optimizer
 
-        return create_riemannian_optimizer(model, cls, lr=m.learning_rate, reg=m.prec_reg, weight_decay=m.weight_decay)
+        return create_riemannian_optimizer(model, _with_groups(cls, extra), lr=m.learning_rate, reg=m.prec_reg,
+                                           weight_decay=m.weight_decay)
     if p.use_loraplus:
         from peft.optimizers import create_loraplus_optimizer
 
-        return create_loraplus_optimizer(model, cls, lr=m.learning_rate, loraplus_lr_ratio=p.loraplus_lr_ratio,
-                                         weight_decay=m.weight_decay)
-    return cls([q for q in model.parameters() if q.requires_grad], lr=m.learning_rate, weight_decay=m.weight_decay)
+        return create_loraplus_optimizer(model, _with_groups(cls, extra), lr=m.learning_rate,
+                                         loraplus_lr_ratio=p.loraplus_lr_ratio, weight_decay=m.weight_decay)
+    return cls([{"params": [q for q in model.parameters() if q.requires_grad]}, *extra], lr=m.learning_rate,
+               weight_decay=m.weight_decay)
+
+
+def _with_groups(cls, groups: list[dict]):
+    """`cls` (an optimiser class) whose constructor appends `groups` to the ones it is given: PEFT's optimiser
+    factories build the optimiser from the model alone, so the terms' group comes in through the class."""
+    if not groups:
+        return cls
+
+    class WithGroups(cls):
+        def __init__(self, params, *args, **kwargs):
+            params = list(params)
+            if params and not isinstance(params[0], dict):
+                params = [{"params": params}]
+            super().__init__(params + [dict(g) for g in groups], *args, **kwargs)
+
+    WithGroups.__name__ = WithGroups.__qualname__ = cls.__name__
+    return WithGroups
 
 
 def _training_args(cfg: RunConfig, run_dir: str, n_train: int, world: int, evaluate: bool = True):
@@ -382,35 +406,12 @@ def _total_steps(cfg: RunConfig, n_train: int) -> int:
     return max(1, math.ceil(m.epochs * math.ceil(n_train / m.real_batch_size)))
 
 
-def _trainer(cfg: RunConfig, peft_model, args, task, validation, collate, optimizer, callbacks, teacher, metrics,
-             init_config, term=None):
-    """HF's Trainer, or the TermsTrainer when training adds terms to the task loss: `align.*`'s alignment term
-    (SPEC §5), KaSA's regulariser or GOAT's load-balancing loss (SPEC §9). Returns (trainer, alignment term).
+def _terms(init_config, align, peft_model) -> list:
+    """What training adds to the task loss: the method's terms, from the method registry (KaSA's regulariser,
+    GOAT's load-balancing loss, SPEC §9), then `align.*`'s (SPEC §5; the init's own term with init.align_init)."""
+    from .terms import method_terms
 
-    `term`: the alignment term the init already used (init.align_init), trained as it is: a learned projection is
-    then the one the init aligned with, and the one saved. None builds it here."""
-    from transformers import Trainer
-
-    from .terms import TermsTrainer, method_terms
-
-    kwargs = dict(model=peft_model, args=args, train_dataset=task.train, eval_dataset=validation or None,
-                  data_collator=collate, callbacks=callbacks)
-    terms = method_terms(init_config)
-    if cfg.align.mode != "none":
-        from .align.build import build_term
-
-        if term is None:
-            term = build_term(cfg.align, peft_model, teacher, _total_steps(cfg, len(task.train)))
-        if term.parameters():  # a learned projection trains with the adapters
-            optimizer.add_param_group({"params": term.parameters(), "lr": cfg.model.learning_rate,
-                                       "weight_decay": cfg.model.weight_decay})
-        terms.append(term)
-    if not terms:
-        return Trainer(optimizers=(optimizer, None), **kwargs), None
-    task_weight = (lambda step: term.schedule.weights(step)[0]) if term is not None else None
-    trainer = TermsTrainer(optimizers=(optimizer, None), terms=terms, step_log=metrics.write_row,
-                           task_weight=task_weight, **kwargs)
-    return trainer, term
+    return method_terms(init_config) + align.terms(peft_model)
 
 
 def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init_config, run_dir: str, state,
@@ -418,16 +419,17 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     """Statistics + init -> train -> save the initial and trained adapters -> accuracy after, into `run_dir`."""
     from transformers import EarlyStoppingCallback
 
+    from .align.build import AlignmentTerms
+    from .terms import TermsTrainer, term_parameters
+
     os.makedirs(run_dir, exist_ok=True)
     out = {"method": init_config.method}
     lora_config = _lora_config(cfg, model, task)
     t = time.perf_counter()
     tuned = _tuned_model(cfg, model, lora_config, init_config, task, dtype=next(model.parameters()).dtype)
-    align_term = None
-    if init_config.align_init:  # the dual objective's term at the init, on the base model; training reuses it
-        from .align.build import build_term
-
-        align_term = build_term(cfg.align, model, teacher, _total_steps(cfg, len(task.train)))
+    align = AlignmentTerms(cfg.align, teacher, _total_steps(cfg, len(task.train)))  # each term built once
+    # init.align_init: the dual objective's term at the init, on the base model; training reuses it
+    align_term = align.term(model) if init_config.align_init else None
     stats_collate = _collator(cfg, task, tokenizer, init_config.max_length)
     if init_config.needs is not None:
         _plan(cfg, model, lora_config, init_config, state)
@@ -450,7 +452,8 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     out.update(_init_report(peft_model, run_dir, state))
     if cfg.model.learning_rate == "auto":  # this arm's own rate, from its init (SPEC §11)
         cfg = _auto_learning_rate(cfg, peft_model, task, tokenizer, init_config, out)
-    optimizer = _optimizer(cfg, peft_model)
+    terms = _terms(init_config, align, peft_model)
+    optimizer = _optimizer(cfg, peft_model, term_parameters(terms))  # with the terms' own parameters
     del stats
     state.wait_for_everyone()  # rank 0 has written the initial adapter
 
@@ -459,8 +462,9 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     callbacks = [metrics, _evaluate_at_end()]
     if cfg.model.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.model.early_stopping_patience))
-    trainer, term = _trainer(cfg, peft_model, args, task, validation, collate, optimizer, callbacks, teacher, metrics,
-                             init_config, term=align_term)
+    trainer = TermsTrainer(model=peft_model, args=args, train_dataset=task.train, eval_dataset=validation or None,
+                           data_collator=collate, callbacks=callbacks, optimizers=(optimizer, None), terms=terms,
+                           step_log=metrics.write_row)
     t = time.perf_counter()
     resume = cfg.resume and _has_checkpoint(args.output_dir)
     at_init = trainer.evaluate()["eval_loss"] if validation and not resume else None  # what the init alone did
@@ -476,8 +480,9 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
             out["validation_loss"]["at_init"] = at_init
 
     out["adapter_dir"] = save_adapter(peft_model, os.path.join(run_dir, "adapter"), initial_adapter=initial_dir)
-    if term is not None:
-        out["align"] = _align_report(cfg, term, out["adapter_dir"], state)
+    for term in terms:  # what a term was (the alignment's settings, a learned projection saved beside the adapter)
+        if hasattr(term, "report"):
+            out[term.name] = term.report(out["adapter_dir"], save=state.is_main_process)
     out["initial_adapter_dir"] = initial_dir
     if cfg.eval.enabled:
         t = time.perf_counter()
@@ -514,9 +519,11 @@ def _brief(evidence: dict) -> str:
 
 
 def _tuned_model(cfg: RunConfig, model, lora_config, init_config, task, dtype):
-    """`init.direction=extract`: the fine-tune `init.tuned`, its architecture checked against the base's targets
-    before the statistics pass (None for the other methods)."""
-    if init_config.method != "extract":
+    """For a method that starts from a fine-tune (the registry's `tuned`: extract): `init.tuned`, its architecture
+    checked against the base's targets before the statistics pass (None for the other methods)."""
+    from .methods.registry import METHODS
+
+    if not METHODS[init_config.method].tuned:
         return None
     from .weights import tuned_weights
     from .targets import resolve_targets
@@ -526,20 +533,8 @@ def _tuned_model(cfg: RunConfig, model, lora_config, init_config, task, dtype):
     # on the CPU: each target's weight is moved to the base's device as its layer is extracted
     tuned = ModelTeacher(cfg.init.tuned, device="cpu", dtype=dtype, kind=task.kind,
                          num_labels=getattr(task, "num_labels", None)).model
-    tuned_weights(tuned, resolve_targets(model, lora_config), "extract")
+    tuned_weights(tuned, resolve_targets(model, lora_config), init_config.method)
     return tuned
-
-
-def _align_report(cfg: RunConfig, term, adapter_dir: str, state) -> dict:
-    """What the alignment was, and where a learned projection was saved (beside the adapter)."""
-    from .align.mapping import LinearMap, save_mapping
-
-    a = cfg.align
-    report = {"mode": a.mode, "teacher": a.teacher or "base model (adapters disabled)", "kind": a.kind,
-              "target": a.target, "lambda": a.lambda_, "temperature": a.temperature}
-    if isinstance(term.student_map, LinearMap) and state.is_main_process:
-        report["projection"] = save_mapping(term.student_map, adapter_dir)
-    return report
 
 
 def _init_report(peft_model, run_dir: str, state) -> dict:

@@ -140,12 +140,40 @@ def build_term(a, student, teacher, max_steps: int) -> AlignmentTerm:
         raise ValueError(f"the student's {a.target} have width {s_size} and the teacher's {t_size}: set "
                          "++align.projection=truncate (a padded vocabulary) or learned")
     refresh = None if a.refresh is None else (a.refresh, a.ema_mu if a.refresh == "ema" else a.teacher)
+    about = {"mode": a.mode, "teacher": a.teacher or "base model (adapters disabled)", "kind": a.kind,
+             "target": a.target, "lambda": a.lambda_, "temperature": a.temperature}
     return AlignmentTerm(teacher, kind=a.kind, temperature=a.temperature, beta=a.beta, schedule=schedule,
                          target=a.target, layer_map=a.layer_map, student_map=student_map, teacher_map=teacher_map,
-                         refresh=refresh, student=student)
+                         refresh=refresh, student=student, about=about)
+
+
+class AlignmentTerms:
+    """The `align.*` section's loss terms for one training run: none for align.mode=none, else one AlignmentTerm,
+    built on its first use and the same object after. With init.align_init the init asks first (its dual objective,
+    on the base model) and training reuses that term, so a learned projection is trained from, and saved as, the one
+    the init aligned with; otherwise training builds it on the PeftModel (a self teacher needs the adapters).
+
+    Args:
+        a: the AlignSection; teacher: the loaded ModelTeacher (None: a self teacher); max_steps: the run's optimiser
+            steps (the schedule must reach a realignment step).
+    """
+
+    def __init__(self, a, teacher, max_steps: int):
+        self.section, self.teacher, self.max_steps = a, teacher, max_steps
+        self._term = None
+
+    def term(self, student) -> AlignmentTerm:
+        """The alignment term (built on `student` the first time)."""
+        if self._term is None:
+            self._term = build_term(self.section, student, self.teacher, self.max_steps)
+        return self._term
+
+    def terms(self, student) -> list:
+        """The terms training adds: [] for align.mode=none, else [the alignment term]."""
+        return [] if self.section.mode == "none" else [self.term(student)]
 
 
 def _sizes(target: str, student, teacher) -> tuple[int, int]:
     if target == "logits":
-        return _output_size(student), teacher.n_outputs
+        return _output_size(student), teacher.vocab_size
     return student.config.hidden_size, teacher.model.config.hidden_size

@@ -32,6 +32,7 @@ class AlignmentTerm:
         refresh: None, ("ema", μ) or ("checkpoint", path): what happens to the teacher at each task phase's start
             (EMA: of the student's merged weights, so not for GOAT students, which have none).
         name: the term's name in the logs.
+        about: what `report` returns for a run's results (default: kind, target and temperature).
 
     Logit positions: those the task loss scores (`causal_lm_mask(labels)`) when the batch has per-token labels, else
     the attended ones (the attention mask), else all.
@@ -45,7 +46,7 @@ class AlignmentTerm:
     def __init__(self, teacher, kind: str | None = None, temperature: float = 1.0, beta: float = 0.5,
                  schedule: CyclicSchedule | None = None, target: str = "logits", layer_map=None,
                  student_map: nn.Module | None = None, teacher_map: nn.Module | None = None, refresh=None,
-                 name: str = "align", student=None):
+                 name: str = "align", student=None, about: dict | None = None):
         if target not in TARGETS:
             raise ValueError(f"alignment target must be one of {', '.join(TARGETS)}, got {target!r}")
         kind = kind or ("fkl" if target == "logits" else "mse")
@@ -53,6 +54,7 @@ class AlignmentTerm:
         self.teacher, self.kind, self.temperature, self.beta = teacher, kind, temperature, beta
         self.schedule = schedule or CyclicSchedule.constant()
         self.target, self.name = target, name
+        self.about = dict(about) if about is not None else {"kind": kind, "target": target, "temperature": temperature}
         if target != "logits" and any(isinstance(m, TruncateVocab) for m in (student_map, teacher_map)):
             raise ValueError(f"TruncateVocab keeps the first logits of a padded vocabulary; on {target} states it "
                              "would drop features, which are not aligned by index across models: use a LinearMap "
@@ -78,12 +80,26 @@ class AlignmentTerm:
     def weight(self, step: int) -> float:
         return self.schedule.weights(step)[1]
 
+    def task_weight(self, step: int) -> float:
+        """The schedule's weight on the task loss at `step` (align_task_weight in realignment phases, else 1)."""
+        return self.schedule.weights(step)[0]
+
     def phase(self, step: int) -> str:
         return self.schedule.phase(step)
 
     def parameters(self):
         """The trainable parameters of φ and ψ (learned projections): give them to the optimiser."""
         return [p for m in (self.student_map, self.teacher_map) for p in m.parameters() if p.requires_grad]
+
+    def report(self, folder: str, save: bool = True) -> dict:
+        """What the alignment was (`about`), for a run's results, and where a learned projection was saved: beside
+        the adapter in `folder`, written when `save` (the main process)."""
+        from .mapping import LinearMap, save_mapping
+
+        report = dict(self.about)
+        if isinstance(self.student_map, LinearMap) and save:
+            report["projection"] = save_mapping(self.student_map, folder)
+        return report
 
     def on_step_begin(self, model, step: int) -> None:
         if self.refresh is None or not self.schedule.task_phase_starts(step):
@@ -119,7 +135,7 @@ class AlignmentTerm:
     def _check_vocab(self, student) -> None:
         from .teacher import _output_size
 
-        s, t = _output_size(student), self.teacher.n_outputs
+        s, t = _output_size(student), self.teacher.vocab_size
         s_out, t_out = _mapped_size(self.student_map, s), _mapped_size(self.teacher_map, t)
         if s_out != t_out:
             raise ValueError(f"the student has {s} outputs and the teacher {t} (after the mappings: {s_out} and "

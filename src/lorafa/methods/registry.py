@@ -37,6 +37,21 @@ class Method:
     # PEFT's merge (W + ΔW) gives the adapted model's function; False for GOAT, whose router makes the update
     # input-dependent (no single weight equals it): no merged weights, so no EMA teacher refresh
     mergeable: bool = True
+    # options -> the loss terms the method adds to training (SPEC §9: KaSA's regulariser, GOAT's load balancing),
+    # objects of the `lorafa.terms` protocol; None: none
+    terms: callable = None
+
+
+def _kasa_terms(opts) -> list:
+    from ..kasa import KasaTerm
+
+    return [KasaTerm()]  # β and γ live in the model's KaSA layers
+
+
+def _goat_terms(opts) -> list:
+    from ..goat import GoatAuxTerm
+
+    return [GoatAuxTerm(opts.aux_loss_weight)] if opts.aux_loss_weight > 0 else []
 
 
 METHODS: dict[str, Method] = {
@@ -51,8 +66,8 @@ METHODS: dict[str, Method] = {
         Method("corda", corda_init, CordaOptions, "act", True),
         Method("eva", eva_init, EvaOptions, "act", False, input_spectrum),
         Method("extract", extract_init, ExtractOptions, "kfac", False, extract_spectrum, tuned=True),
-        Method("kasa", kasa_init, KasaOptions, None, False, variant="kasa", truncates_base=True),
-        Method("goat", goat_init, GoatOptions, None, False, variant="goat", mergeable=False),
+        Method("kasa", kasa_init, KasaOptions, None, False, variant="kasa", truncates_base=True, terms=_kasa_terms),
+        Method("goat", goat_init, GoatOptions, None, False, variant="goat", mergeable=False, terms=_goat_terms),
     )
 }
 
