@@ -175,5 +175,5 @@ class AlignmentTerms:
 
 def _sizes(target: str, student, teacher) -> tuple[int, int]:
     if target == "logits":
-        return _output_size(student), teacher.vocab_size
+        return _output_size(student), teacher.n_outputs
     return student.config.hidden_size, teacher.model.config.hidden_size

@@ -135,7 +135,7 @@ class AlignmentTerm:
     def _check_vocab(self, student) -> None:
         from .teacher import _output_size
 
-        s, t = _output_size(student), self.teacher.vocab_size
+        s, t = _output_size(student), self.teacher.n_outputs
         s_out, t_out = _mapped_size(self.student_map, s), _mapped_size(self.teacher_map, t)
         if s_out != t_out:
             raise ValueError(f"the student has {s} outputs and the teacher {t} (after the mappings: {s_out} and "
