@@ -180,9 +180,11 @@ def test_accelerate_launch_two_processes(assets, tmp_path):
     seed = [o.format(name="ddp") for o in SEED_OVERRIDES]
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--main_process_port", port, str(ROOT / "run_exp.py"), "-m", *seed, *local(assets, out),
-          "++model.real_batch_size=8", "++model.per_device_batch_size=4"], cwd=tmp_path)
+          "++model.real_batch_size=8", "++model.per_device_batch_size=4", "++init.stats_sharding=true"],
+         cwd=tmp_path)
     results = json.loads((out / "ddp" / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 4
+    assert results["stats_sharding"] == 2  # each layer's statistics on its owner process, not cached
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -443,6 +445,7 @@ def test_runner_grouped_sweeps_give_the_one_pass_adapter(assets, tmp_path):
               "++eval.enabled=false"]
     one = _in_process([*common, "++wandb.name=one"])
     grouped = _in_process([*common, "++wandb.name=grouped", "++init.stats_memory=64KiB", "++init.cache=false"])
+    assert len(grouped["stats_groups"]) >= 2 and "stats_groups" not in one
     a = load_file(str(Path(one["run_dir"]) / "initial_adapter" / "adapter_model.safetensors"))
     b = load_file(str(Path(grouped["run_dir"]) / "initial_adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()

@@ -129,6 +129,10 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
                             "statistics settings and weights fingerprint")
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cfg.output_root, ".stats_cache", f"{digest}.safetensors")
+    if init_config.stats_sharding:  # each process collects its own layers' share in initialize; no cache holds all
+        logger.info("init.stats_sharding: the statistics are collected by initialize, each layer on its owner process "
+                    "(not cached)")
+        return None
     if cfg.init.cache:
         stats = load_cached_stats(path, key, device=model.device)  # a hit only if every process hits
         if stats is not None:
@@ -548,6 +552,9 @@ def _init_report(peft_model, run_dir: str, state) -> dict:
                                   if k in i} for n, i in record.infos.items()}}
     if "line_search" in record.summary:
         report["line_search"] = record.summary["line_search"]
+    for key in ("stats_groups", "stats_sharding"):  # how the statistics were collected (grouped sweeps, owners)
+        if key in record.summary:
+            report[key] = record.summary[key]
     if "ranks" in record.summary:
         ranks = record.summary["ranks"]
         report["ranks"] = {k: ranks[k] for k in ("rule", "budget", "budget_by", "ranks")}
