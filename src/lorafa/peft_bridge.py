@@ -8,7 +8,6 @@ line search (`lorafa.methods.line_search`), the record of the init and saving (`
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import numbers
@@ -20,7 +19,6 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
-from tqdm.auto import tqdm
 
 from .auto_rank import allocate, check_budget
 from .checks import is_real
@@ -30,13 +28,13 @@ from .methods.common import InitResult
 from .methods.extract import check_difference
 from .methods.line_search import line_search
 from .methods.lora_fa import whitener_scope
-from .methods.registry import METHODS, init_factors, make_options
+from .methods.registry import METHODS, make_options
 from .saving import InitRecord, check_initial_adapter_dir, remember_record, save_initial_adapter
-from .stats.collect import collect_stats
 from .stats.distributed import on_main_process, world
 from .stats.types import check_stats_dict
 from .quant import keep_4bit_differentiable_, requantize_
 from .targets import is_quantized, layer_rank_and_scaling, resolve_targets, set_weight_matrix, unwrap_model
+from .sweeps import check_given_stats_fit, collect, grouped_init, init_layers, sharded, stats_groups
 from .weights import base_weight_readers, tuned_weights
 
 logger = logging.getLogger(__name__)
@@ -142,7 +140,7 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
     if tuned is not None:  # a fine-tune equal to the base gives zero adapters (B = A = 0), which cannot train
         check_difference(weights, tuned)
     needs = init_config.needs
-    sharded = _sharded(base, init_config, stats)
+    shard = sharded(base, init_config, stats)
     _check_sketch_size(init_config, lora_config, targets)
     check_budget(init_config, targets)
     if init_config.line_search and batches is None and search_batches is None:
@@ -153,13 +151,15 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
     if needs is not None and stats is None:
         if batches is None:
             raise ValueError(f"{init_config.method} needs '{needs}' statistics: pass batches= (or stats=).")
-        groups = _stats_groups(base, targets, lora_config, init_config)
-        if len(groups) > 1 or sharded:
-            return _grouped_init(base, targets, lora_config, init_config, groups, batches, loss_fn, progress,
-                                 search_batches, weights, tuned, sharded)
-        stats = _collect(base, batches, list(targets), init_config, loss_fn, progress)
+        groups = stats_groups(base, targets, lora_config, init_config)
+        if len(groups) > 1 or shard:
+            results, lora_config, kept, summary = grouped_init(base, targets, lora_config, init_config, groups,
+                                                               batches, loss_fn, progress, weights, tuned, shard)
+            return _finish(base, kept, results, lora_config, init_config, summary, batches, search_batches,
+                           loss_fn, weights)
+        stats = collect(base, batches, list(targets), init_config, loss_fn, progress)
     elif stats is not None and init_config.stats_memory is not None:
-        _check_given_stats_fit(stats, targets, init_config.stats_memory)
+        check_given_stats_fit(stats, targets, init_config.stats_memory)
     if stats is not None and needs is not None:
         missing = [n for n in targets if n not in stats]
         if missing:
@@ -170,140 +170,9 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
     with whitener_scope():
         lora_config, targets, summary["ranks"] = allocate(targets, lora_config, init_config, stats, opts, weights,
                                                           tuned)
-        results = _init_layers(targets, lora_config, init_config, stats, opts, progress, weights, tuned)
+        results = init_layers(targets, lora_config, init_config, stats, opts, progress, weights, tuned)
     return _finish(base, targets, results, lora_config, init_config, summary, batches, search_batches, loss_fn,
                    weights)
-
-
-def _collect(base, batches, names, init_config, loss_fn, progress, shard: bool = False):
-    rank, world_size = world()
-    # init.iters counts batches over all processes: batch b belongs to rank b mod world_size
-    return collect_stats(base, batches, names, kinds=(init_config.needs,), loss_fn=loss_fn,
-                         max_batches=len(range(rank, init_config.iters, world_size)), progress=progress,
-                         sketch=init_config.sketch_sizes, accumulate_on=init_config.accumulate_on, shard=shard)
-
-
-def _sharded(base, init_config, stats) -> bool:
-    """Whether the statistics are sharded over the processes (InitConfig.stats_sharding): under torch.distributed
-    with more than one process, when initialize collects them (not with stats=). Refused on an FSDP2 model."""
-    if not init_config.stats_sharding:
-        return False
-    from .stats.collect import check_shardable
-
-    check_shardable(base)
-    return stats is None and init_config.needs is not None and world()[1] > 1
-
-
-def _exchange(local: dict, order) -> dict:
-    """Sharded init: every process's InitResults (each process computed its own layers') on every process, in the
-    order of `order`. The factors travel on the CPU (one object gather) and come back to the device they were
-    computed on: the CPU, or this process's device of the layer's weight."""
-    from .stats.distributed import all_gather_objects
-
-    def cpu(r):
-        info = {k: v.cpu() if torch.is_tensor(v) else v for k, v in r.info.items()}
-        return dataclasses.replace(r, A=r.A.cpu(), B=r.B.cpu(), info=info), r.A.device.type
-
-    parts = all_gather_objects({n: cpu(r) for n, r in local.items()})
-    merged = {n: v for part in parts for n, v in part.items()}
-    out = {}
-    for name, module in order.items():
-        r, device_type = merged[name]
-        device = torch.device("cpu") if device_type == "cpu" else module.weight.device
-        out[name] = local[name] if name in local else dataclasses.replace(r, A=r.A.to(device), B=r.B.to(device))
-    return out
-
-
-def _stats_groups(base, targets, lora_config, init_config) -> list[list[str]]:
-    """The target names of each statistics sweep: one group without `stats_memory`, else `plan_init`'s grouping
-    (depth order, each group's statistics within the budget; "auto" reads the accumulators' device)."""
-    if init_config.stats_memory is None:
-        return [list(targets)]
-    from .plan import plan_init
-
-    from .stats.distributed import all_gather_objects
-
-    device = init_config.accumulate_on or next(iter(targets.values())).weight.device
-    groups = plan_init(base, lora_config, init_config, device=device, timings=False).groups
-    return all_gather_objects(groups)[0]  # every process sweeps the main process's groups ("auto" may differ)
-
-
-def _check_given_stats_fit(stats, targets, budget) -> None:
-    """stats_memory with precomputed statistics (stats=, a cached file): they are all held at once already, so a
-    budget they exceed is refused rather than silently ignored."""
-    from .plan import fmt_bytes, free_memory
-
-    seen, total = set(), 0
-    for name in targets:
-        st = stats.get(name)
-        for t in ([] if st is None else st.tensors().values()):
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-    if budget == "auto":
-        budget = free_memory(next(iter(targets.values())).weight.device) // 2
-    if total > budget:
-        raise ValueError(f"stats_memory={fmt_bytes(budget)} ({budget} bytes), but the statistics given (stats=, e.g. "
-                         f"a cached statistics file) hold {fmt_bytes(total)} ({total} bytes) at once: grouped passes "
-                         "need the statistics to be collected group by group. Drop stats= (and the cache) to let "
-                         "initialize collect them in groups, or raise stats_memory.")
-
-
-def _grouped_init(base, targets, lora_config, init_config, groups, batches, loss_fn, progress, search_batches,
-                  weights, tuned, sharded=False):
-    """The init in grouped sweeps (InitConfig.stats_memory): each group's statistics are collected over the same
-    batches, its layers' factors computed, and the statistics freed before the next group. The sums are the same
-    numbers as one pass's, so the factors are the same. Ranks chosen from every layer's spectrum (rank="auto", EVA's
-    redistribution) need them all first: one sweep per group gathers the spectra, then a second computes the
-    factors at the allocated ranks.
-
-    Sharded (InitConfig.stats_sharding, also with one group): each sweep leaves each process the statistics of the
-    layers it owns (owners balanced within the group); it computes their spectra and factors (seeded by the layer's
-    index in the whole init, as one pass), and the spectra, then the factors, are gathered on every process, so the
-    allocation and the results are the same everywhere."""
-    from .auto_rank import allocates, merge_evidence, rank_evidence
-    from .stats.distributed import all_gather_objects
-
-    if len(groups) > 1 and iter(batches) is batches:
-        raise ValueError("stats_memory sweeps the statistics batches once per group of layers, but batches= is an "
-                         "iterator that can be read only once: pass a list (or another re-iterable collection).")
-    opts = init_config.method_options()
-    logger.info("lorafa: statistics in %d sweep(s) (stats_memory=%d bytes, sharded over %d processes)", len(groups),
-                init_config.stats_memory if isinstance(init_config.stats_memory, int) else -1,
-                world()[1] if sharded else 1)
-    summary, evidence, kept_stats = {}, None, None
-    if allocates(init_config):
-        parts = []
-        for names in groups:
-            stats = _collect(base, batches, names, init_config, loss_fn, progress, sharded)
-            parts.append(rank_evidence({n: targets[n] for n in names if n in stats}, init_config, stats, opts,
-                                       weights, tuned))  # sharded: this process's layers
-            kept_stats = stats if len(groups) == 1 else None  # one group (sharded): one sweep serves both
-            del stats
-        if sharded:
-            parts = [p for gathered in all_gather_objects(parts) for p in gathered]
-        evidence = merge_evidence(parts)
-    lora_config, kept, summary["ranks"] = allocate(targets, lora_config, init_config, None, opts, weights, tuned,
-                                                   evidence=evidence)
-    index = {n: i for i, n in enumerate(kept)}  # each layer's seed offset, as in one pass
-    results = {}
-    for names in groups:
-        mine = {n: kept[n] for n in names if n in kept}
-        if not mine:
-            continue
-        stats = kept_stats if kept_stats is not None else _collect(base, batches, list(mine), init_config, loss_fn,
-                                                                   progress, sharded)
-        kept_stats = None
-        with whitener_scope():
-            local = _init_layers({n: m for n, m in mine.items() if n in stats}, lora_config, init_config, stats,
-                                 opts, progress, weights, tuned, index=index)
-        del stats
-        results.update(_exchange(local, mine) if sharded else local)
-    if len(groups) > 1:
-        summary["stats_groups"] = [len(g) for g in groups]
-    if sharded:
-        summary["stats_sharding"] = world()[1]
-    return _finish(base, kept, results, lora_config, init_config, summary, batches, search_batches, loss_fn, weights)
 
 
 def _finish(base, targets, results, lora_config, init_config, summary, batches, search_batches, loss_fn, weights):
@@ -349,21 +218,6 @@ def _check_sketch_size(init_config, lora_config, targets) -> None:
                          f"{init_config.method} uses up to {need} here ({'2r' if pairs == 2 else 'r'}"
                          f"{', r_max with rank=auto' if init_config.rank == 'auto' else ''}): set sketch >= {need} "
                          "(more than that is advised), or lower the rank.")
-
-
-def _init_layers(targets, lora_config, init_config, stats, opts, progress, weights,
-                 tuned=None, index=None) -> dict[str, InitResult]:
-    """Each target's factors; layer i (in `index`, default the order of `targets`) is seeded with seed + i."""
-    results = {}
-    for i, (name, module) in enumerate(tqdm(targets.items(), desc=f"lorafa {init_config.method} init",
-                                            disable=not progress or world()[0] != 0, leave=False)):
-        i = i if index is None else index[name]
-        r, s = layer_rank_and_scaling(lora_config, name)
-        results[name] = init_factors(init_config.method, weights[name](), None if stats is None else stats.get(name),
-                                     rank=r, scaling=s, svd=init_config.svd, seed=init_config.seed + i, name=name,
-                                     tuned=None if tuned is None else tuned[name](), **opts)
-        results[name].info["rank"] = r
-    return results
 
 
 def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = None, batches=None, stats=None, *,
@@ -415,7 +269,8 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
 
     Raises:
         ValueError/TypeError: unknown targets, unsupported layers, invalid rank, missing or bad statistics, an option
-        the method lacks, quantized weights, a conflicting init_lora_weights.
+            the method lacks, quantized weights, a conflicting init_lora_weights, a `stats_memory` smaller than one
+            layer's statistics or than the precomputed `stats`, an iterator of batches for grouped sweeps.
     """
     init_config = as_init_config(init_config)
     _check_lora_config(lora_config, init_config)
