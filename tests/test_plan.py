@@ -36,10 +36,21 @@ def test_plan_bytes_equal_what_the_pass_holds(method, kind):
     assert len(plan.groups[0]) == 14  # 7 targets × 2 blocks, one pass without a budget
 
 
+def _meta_forward_works() -> bool:
+    """transformers before 5 cannot run Llama's rotary embedding on the meta device (torch.autocast refuses the
+    "meta" device type): plan_init then counts Σ per layer, an upper bound, and says so."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
 def test_plan_on_the_meta_device_matches_the_real_model():
     cfg = tiny_llama().config
     real = plan_init(tiny_llama(), lora_cfg(ALL), InitConfig(), timings=False)
     meta = plan_init(cfg, lora_cfg(ALL), InitConfig(), timings=False)
+    if not _meta_forward_works():
+        assert meta.sharing.startswith("unknown") and meta.stats_bytes > real.stats_bytes  # the upper bound
+        return
     assert meta.stats_bytes == real.stats_bytes
     assert meta.sharing == "forward on the meta device"
     # q, k, v read one input, gate and up another: 2 distinct Σ of 32² per block besides o's and down's
@@ -51,6 +62,8 @@ def test_plan_of_an_8b_shape_counts_the_issue_s_numbers():
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256)
     plan = plan_init(cfg, lora_cfg(ALL), InitConfig(method="lora_fa"), memory="8GiB", timings=False)
+    if not _meta_forward_works():
+        pytest.skip("transformers < 5: no forward on the meta device, so no input sharing found (upper bound)")
     per_block = (4 * (4096 * 4096 * 2 + 1024 * 4096 * 2 + 14336 * 4096 * 3)  # G of every layer
                  + 4 * (3 * 4096 ** 2 + 14336 ** 2)  # Σ: q/k/v's, o's, gate/up's, down's
                  + 4 * (2 * 4096 ** 2 + 2 * 1024 ** 2 + 2 * 14336 ** 2 + 4096 ** 2))  # C of every layer
