@@ -199,7 +199,7 @@ def test_a_collator_without_labels_fails_before_the_statistics_pass(tok, tmp_pat
     def no_pass(*a, **k):
         raise AssertionError("the statistics pass started")
 
-    monkeypatch.setattr(lorafa.peft_bridge, "collect_stats", no_pass)
+    monkeypatch.setattr(lorafa.sweeps, "collect_stats", no_pass)
     with pytest.raises(ValueError, match=r"without \['labels'\].*DataCollatorForLanguageModeling"):
         initialize_trainer(trainer, lora_cfg(TARGETS), InitConfig(bsz=2, iters=2), progress=False)
     assert trainer.model is base and not hasattr(base, "peft_config")

@@ -61,7 +61,7 @@ def test_initial_adapter_dir_refuses_before_the_statistics_pass(tmp_path, monkey
     def no_stats(*a, **k):
         raise AssertionError("the statistics pass ran before the folder was checked")
 
-    monkeypatch.setattr("lorafa.peft_bridge.collect_stats", no_stats)
+    monkeypatch.setattr("lorafa.sweeps.collect_stats", no_stats)
     with pytest.raises(FileExistsError):
         _init(tmp_path, folder)
 
