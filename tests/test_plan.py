@@ -10,19 +10,11 @@ from transformers import LlamaConfig
 from conftest import lora_cfg, make_batches, tiny_llama
 from lorafa import InitConfig, collect_stats, initialize
 from lorafa.peft_bridge import _compute_init, compute_init
+from lorafa.stats.types import held_bytes
 from lorafa.plan import parse_memory, plan_init
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-def _held_bytes(stats) -> int:
-    seen, total = set(), 0
-    for st in stats.values():
-        for t in st.tensors().values():
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-    return total
 
 
 @pytest.mark.parametrize("method,kind", [("lora_fa", "kfac"), ("lora_ga", "grad"), ("eva", "act")])
@@ -30,10 +22,9 @@ def test_plan_bytes_equal_what_the_pass_holds(method, kind):
     model, batches = tiny_llama(), make_batches(2)
     plan = plan_init(model, lora_cfg(ALL), InitConfig(method=method), timings=False)
     stats = collect_stats(model, batches, ALL, kinds=(kind,), progress=False)
-    assert plan.stats_bytes == _held_bytes(stats)
-    assert plan.groups == [[n for n in plan_init(model, lora_cfg(ALL), InitConfig(method=method),
-                                                 timings=False).groups[0]]]
-    assert len(plan.groups[0]) == 14  # 7 targets × 2 blocks, one pass without a budget
+    assert plan.stats_bytes == held_bytes(stats)
+    assert plan.groups == [list(stats)]  # one pass without a budget, every target in depth order
+    assert len(plan.groups[0]) == 14  # 7 targets × 2 blocks
 
 
 def _meta_forward_works() -> bool:

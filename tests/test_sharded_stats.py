@@ -16,6 +16,7 @@ from conftest import lora_cfg, make_batches, tiny_llama
 import lorafa
 from lorafa import InitConfig
 from lorafa.peft_bridge import _compute_init
+from lorafa.stats.types import held_bytes
 from lorafa.plan import plan_init, stats_owners
 from lorafa.stats import shard_batches
 from lorafa.stats.collect import normalize_kinds
@@ -48,15 +49,6 @@ CASES = {  # name -> InitConfig options (iters=N_BATCHES, stats_sharding=True ad
 def _options(name: str) -> dict:
     return {k: (_budget() if v == "budget" else v) for k, v in CASES[name].items()}
 
-
-def _held_bytes(stats) -> int:
-    seen, total = set(), 0
-    for st in stats.values():
-        for t in st.tensors().values():
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-    return total
 
 
 def _plain(stats) -> dict:
@@ -97,7 +89,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         bad = mine + [torch.zeros(2, 3, dtype=torch.long)] if rank == 0 else mine
         res["bad_batch"] = _outcome(lambda: lorafa.collect_stats(tiny_llama(), bad, ALL, shard=True, progress=False))
         stats = lorafa.collect_stats(tiny_llama(), mine, ALL, kinds=("kfac",), shard=True, progress=False)
-        res["kfac"], res["kfac_bytes"] = _plain(stats), _held_bytes(stats)
+        res["kfac"], res["kfac_bytes"] = _plain(stats), held_bytes(stats)
         del stats
         sketch = lorafa.collect_stats(tiny_llama(), mine, ALL, sketch=(3, 5), shard=True, progress=False)
         res["sketch"] = _plain(sketch)
@@ -174,7 +166,7 @@ def test_each_process_holds_only_its_layers(sharded_run):
     owners = stats_owners(model, resolve_targets(model, ALL), normalize_kinds("kfac"), WORLD)
     assert set(owners.values()) == {0, 1}
     _check_owned(sharded_run, "kfac", single, owners)
-    total = _held_bytes(single)
+    total = held_bytes(single)
     for res in sharded_run:  # about half each: the plan balances the units by bytes
         assert res["kfac_bytes"] <= 0.6 * total, (res["kfac_bytes"], total)
     assert sum(res["kfac_bytes"] for res in sharded_run) == total

@@ -19,6 +19,7 @@ import time
 import torch
 
 from . import InitConfig, collect_stats, initialize, save_adapter
+from .stats.types import held_bytes
 from .data import CausalLMCollator, load_task
 from .models import EMBEDDED_CAUSAL_LM, load_causal_lm
 from .stats import stat_batches
@@ -53,16 +54,6 @@ def floor_pass(model, batches, target_names) -> float:
 @torch.no_grad()
 def mean_loss(model, batches) -> float:
     return sum(float(model(**b).loss) for b in batches) / len(batches)
-
-
-def stats_bytes(stats) -> int:
-    seen, total = set(), 0
-    for st in stats.values():
-        for t in st.tensors().values():
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-    return total
 
 
 def run(args) -> dict:
@@ -111,7 +102,7 @@ def run(args) -> dict:
         "model": args.model, "method": init.method, "stat_kinds": list(kinds), "layers": len(targets), "rank": args.rank,
         "stat_examples": args.bsz * args.iters, "stat_tokens": n_tokens, "load_s": round(load_s, 2),
         "floor_s": round(floor_s, 3), "stats_s": round(stats_s, 3), "stats_over_floor": round(stats_s / floor_s, 3),
-        "decomposition_s": round(init_s, 3), "stats_mb": round(stats_bytes(stats) / 2**20, 2),
+        "decomposition_s": round(init_s, 3), "stats_mb": round(held_bytes(stats) / 2**20, 2),
         "target_weights_fp32_mb": round(target_mb, 2), "peak_rss_mb": {"before": round(rss0), "floor": round(rss_floor),
                                                                         "stats": round(rss_stats)},
         "held_out_loss": {"base": round(loss_base, 4), "after_init": round(loss_init, 4)},

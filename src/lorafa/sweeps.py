@@ -18,6 +18,7 @@ from .methods.lora_fa import whitener_scope
 from .methods.registry import init_factors
 from .stats.collect import collect_stats
 from .stats.distributed import world
+from .stats.types import held_bytes
 from .targets import layer_rank_and_scaling
 
 logger = logging.getLogger(__name__)
@@ -79,17 +80,11 @@ def stats_groups(base, targets, lora_config, init_config) -> list[list[str]]:
 def check_given_stats_fit(stats, targets, budget) -> None:
     """stats_memory with precomputed statistics (stats=, a cached file): they are all held at once already, so a
     budget they exceed is refused rather than silently ignored."""
-    from .plan import fmt_bytes, free_memory
+    from .plan import AUTO_FRACTION, fmt_bytes, free_memory
 
-    seen, total = set(), 0
-    for name in targets:
-        st = stats.get(name)
-        for t in ([] if st is None else st.tensors().values()):
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
+    total = held_bytes({n: stats[n] for n in targets if n in stats})
     if budget == "auto":
-        budget = free_memory(next(iter(targets.values())).weight.device) // 2
+        budget = int(AUTO_FRACTION * free_memory(next(iter(targets.values())).weight.device))
     if total > budget:
         raise ValueError(f"stats_memory={fmt_bytes(budget)} ({budget} bytes), but the statistics given (stats=, e.g. "
                          f"a cached statistics file) hold {fmt_bytes(total)} ({total} bytes) at once: grouped passes "

@@ -69,6 +69,17 @@ class LayerStats:
         return {k: v for k, v in pairs if v is not None}
 
 
+def held_bytes(stats) -> int:
+    """The bytes a statistics dict holds, each tensor once (layers reading one input share one Σ tensor)."""
+    seen, total = set(), 0
+    for st in stats.values():
+        for t in st.tensors().values():
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
 def check_stats_dict(stats) -> None:
     """Raise unless `stats` is what collect_stats and load_stats return: a mapping of module name -> LayerStats.
 
