@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import make_batches, tiny_llama
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
+from spawn_ranks import free_port, run_ranks
 
 import lorafa
 from lorafa.stats import shard_batches
@@ -58,18 +57,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    run_ranks(_worker, WORLD, free_port(), str(out))
     return out
 
 
@@ -233,22 +226,11 @@ def failure_run(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("ddp_failures")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_failure_worker, args=(r, port, str(out))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=TIMEOUT_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join()
-    assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s: a collective deadlocked"
+    codes = run_ranks(_failure_worker, WORLD, free_port(), str(out), timeout=TIMEOUT_S, check=False)
     results = {}
     for r in range(WORLD):
         path = out / f"results{r}.json"
-        assert path.exists(), f"rank {r} crashed (exit code {procs[r].exitcode})"
+        assert path.exists(), f"rank {r} crashed (exit code {codes[r]})"
         results[r] = json.loads(path.read_text())
     return out, results
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import string
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import VOCAB, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel
+from spawn_ranks import free_port, run_ranks
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import lorafa
@@ -225,12 +224,6 @@ def test_load_the_real_gsm8k_copy():
 
 # ---------------------------------------------------------------- two processes (gloo)
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _examples() -> list[dict]:
     return [{"prompt": p, "final": str(i)} for i, p in enumerate(PROMPTS)]
 
@@ -256,7 +249,7 @@ def _dist_worker(rank: int, port: int, tok_dir: str, out_dir: str) -> None:
 
 
 def test_two_processes_shard_and_gather_the_single_process_records(tok_dir, tmp_path):
-    mp.spawn(_dist_worker, args=(_free_port(), str(tok_dir), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_dist_worker, 2, free_port(), str(tok_dir), str(tmp_path))
     single = evaluate_gsm8k(tiny_llama(0), AutoTokenizer.from_pretrained(tok_dir), _examples(), batch_size=2,
                             max_new_tokens=6, progress=False)
     for rank in range(2):

@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import make_batches, tiny_llama
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
@@ -16,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import lorafa
 from lorafa.stats import shard_batches
 
-from test_distributed import _free_port
+from spawn_ranks import free_port, run_ranks
 
 WORLD = 2
 N_BATCHES = 5  # odd: rank 0 has 3 batches, rank 1 has 2 and runs one blank pass
@@ -141,7 +140,7 @@ def fsdp_run(tmp_path_factory):
         pytest.skip("torch.distributed with gloo is not available")
     pytest.importorskip("torch.distributed.fsdp").fully_shard  # FSDP2
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    run_ranks(_worker, WORLD, free_port(), str(out))
     return out
 
 

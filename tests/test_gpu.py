@@ -21,7 +21,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import make_batches, tiny_llama
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
@@ -30,7 +29,7 @@ from safetensors.torch import load_file, save_file
 import lorafa
 from lorafa.stats import shard_batches
 
-from test_distributed import _free_port
+from spawn_ranks import free_port, run_ranks
 
 DEVICE = os.environ.get("LORAFA_TEST_DEVICE", "cuda")
 ON_CUDA = torch.device(DEVICE).type == "cuda"
@@ -328,7 +327,7 @@ def two_rank_run(tmp_path_factory):
     if not dist.is_available() or not (dist.is_nccl_available() if ON_CUDA else dist.is_gloo_available()):
         pytest.skip(f"torch.distributed with {BACKEND} is not available")
     out = tmp_path_factory.mktemp("two_ranks")
-    mp.spawn(_two_rank_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    run_ranks(_two_rank_worker, WORLD, free_port(), str(out))
     for r in range(WORLD):
         done = json.loads((out / f"done{r}.json").read_text())
         assert done["device"] == str(_rank_device(r)), done  # each rank's statistics lived on its own device

@@ -10,8 +10,8 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import lora_cfg, make_batches, tiny_llama
+from spawn_ranks import free_port, run_ranks
 
 import lorafa
 from lorafa import InitConfig
@@ -128,23 +128,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def sharded_run(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    from test_distributed import _free_port
-
     out = tmp_path_factory.mktemp("sharded")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=TIMEOUT_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join()
-    assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s: a collective deadlocked"
-    for r, p in enumerate(procs):
-        assert p.exitcode == 0, f"rank {r} failed (exit code {p.exitcode})"
+    run_ranks(_worker, WORLD, free_port(), str(out), timeout=TIMEOUT_S)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

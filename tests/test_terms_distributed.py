@@ -28,10 +28,9 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import VOCAB, lora_cfg, tiny_llama
 from safetensors.torch import load_file, save_file
-from test_distributed import _free_port
+from spawn_ranks import free_port, run_ranks
 
 WORLD = 2
 STEPS = 3  # optimiser steps
@@ -176,24 +175,12 @@ def two_rank_training(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("terms_ddp")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
     t = time.perf_counter()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in procs:
-        p.join(timeout=max(1.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join()
-    assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s: a collective deadlocked"
+    codes = run_ranks(_worker, WORLD, free_port(), str(out), timeout=TIMEOUT_S, check=False)
     results = []
     for r in range(WORLD):
         path = out / f"rank{r}.safetensors"
-        assert path.exists(), f"rank {r} failed (exit code {procs[r].exitcode}); its traceback is in the test output"
+        assert path.exists(), f"rank {r} failed (exit code {codes[r]}); its traceback is in the test output"
         results.append(load_file(str(path)))
     rows = [json.loads((out / f"rows{r}.json").read_text()) for r in range(WORLD)]
     print(f"2-process TermsTrainer run: {time.perf_counter() - t:.1f} s")
