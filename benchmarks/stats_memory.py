@@ -80,11 +80,11 @@ def run_row(job: dict) -> dict:
     model = build(job["shape"], job["blocks"], job["vocab"])
     data = batches(job["iters"], job["bsz"], job["seq"], job["vocab"])
     lc = LoraConfig(r=job["r"], lora_alpha=2 * job["r"], target_modules=TARGETS, lora_dropout=0.0)
-    base = InitConfig(method=job["method"], iters=job["iters"], svd="randomized")
-    full = plan_init(model, lc, base, timings=False)
+    options = dict(method=job["method"], iters=job["iters"], svd="randomized", **_reg(job))
+    full = plan_init(model, lc, InitConfig(**options), timings=False)
     memory = {"one": None, "block": full.stats_bytes // job["blocks"] + 1, "auto": "auto"}[job["mode"]]
-    init = InitConfig(method=job["method"], iters=job["iters"], svd="randomized", stats_memory=memory)
-    plan = plan_init(model, lc, init, timings=False) if memory is not None else full
+    init = InitConfig(**options, stats_memory=memory)
+    plan = plan_init(model, lc, init, tokens=_tokens(data))
     warm_up(model, data[0])
     t0 = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as mem:
@@ -92,9 +92,21 @@ def run_row(job: dict) -> dict:
     res = dict(job, seconds=time.perf_counter() - t0, measured_peak=mem.peak_bytes, stats_bytes=plan.stats_bytes,
                passes=len(plan.groups), largest_group=max(plan.group_bytes), transient=plan.transient_bytes,
                predicted=plan.predicted_peak - plan.weights_bytes, weights=plan.weights_bytes,
-               groups_run=summary.get("stats_groups", [len(plan.layers)]), device=device_info())
+               groups_run=summary.get("stats_groups", [len(plan.layers)]), device=device_info(),
+               predicted_factorisation_s=sum(f["seconds"] for f in plan.factorisations), tokens=plan.tokens)
     write_json(job["path"], res)
     return res
+
+
+def _reg(job: dict) -> dict:
+    """LoRA-FA's damping when the row sets one (--reg): the 8B-width rows use 1e-3 so that their 128-token
+    covariances stay positive definite and the whiteners take Cholesky; at the default 1e-6 they take eigh, about
+    15× longer (a 14336² eigh is hours on one CPU thread), which changes the time and not the memory."""
+    return {} if job.get("reg") is None else {"reg": job["reg"]}
+
+
+def _tokens(data: list[dict]) -> int:
+    return int(sum(int(b["attention_mask"].sum()) for b in data))
 
 
 SHARDED_WORLD = 2
@@ -114,7 +126,8 @@ def _sharded_rank(rank: int, port: int, job: dict) -> None:
         model = build(job["shape"], job["blocks"], job["vocab"])
         data = batches(job["iters"], job["bsz"], job["seq"], job["vocab"])
         lc = LoraConfig(r=job["r"], lora_alpha=2 * job["r"], target_modules=TARGETS, lora_dropout=0.0)
-        init = InitConfig(method=job["method"], iters=job["iters"], svd="randomized", stats_sharding=True)
+        init = InitConfig(method=job["method"], iters=job["iters"], svd="randomized", stats_sharding=True,
+                          **_reg(job))
         warm_up(model, data[0])
         dist.barrier()
         t0 = time.perf_counter()
@@ -168,7 +181,10 @@ def summarise(out: str) -> str:
               "passes": r["passes"], "statistics GiB (all layers)": _gb(r["stats_bytes"]),
               "largest group GiB": _gb(r["largest_group"]), "predicted peak GiB": _gb(r["predicted"]),
               "measured peak GiB": _gb(r["measured_peak"]),
-              "measured / predicted": f"{r['measured_peak'] / r['predicted']:.2f}", "init s": f"{r['seconds']:.1f}"}
+              "measured / predicted": f"{r['measured_peak'] / r['predicted']:.2f}", "init s": f"{r['seconds']:.1f}",
+              "predicted factorisations s": (f"{r['predicted_factorisation_s']:.1f}"
+                                             if "predicted_factorisation_s" in r else ""),
+              "damping": r.get("reg") or "1e-06"}
              for r in rows]
     md = write_table(table, list(table[0]), os.path.join(out, "summary"),
                      "Statistics memory: one pass against grouped sweeps (peak above the loaded model)")
@@ -209,6 +225,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reg", type=float, default=None, help="LoRA-FA's damping (default: the library's, 1e-6)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary-only", action="store_true")
     args = ap.parse_args(argv)
@@ -216,7 +233,7 @@ def main(argv=None) -> None:
     if not args.summary_only:
         os.environ.update(MALLOC_ENV)
         jobs = [dict(shape=s, blocks=b, mode=mo, method=me, vocab=args.vocab, iters=args.iters, bsz=args.bsz,
-                     seq=args.seq, r=args.r, threads=args.threads,
+                     seq=args.seq, r=args.r, threads=args.threads, reg=args.reg,
                      path=os.path.join(args.out, "runs", f"{s}_{me}_b{b}_{mo}.json"))
                 for s in args.shapes for me in args.methods for b in args.blocks for mo in args.modes]
         todo = [j for j in jobs if not os.path.exists(j["path"])]

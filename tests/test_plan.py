@@ -167,3 +167,26 @@ def test_all_linear_keyword_is_expanded_as_peft_does():
 
     plan = plan_init(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"), InitConfig(), timings=False)
     assert sorted({lp.name.split(".")[-1] for lp in plan.layers}) == sorted(ALL)
+
+
+def test_tokens_tell_the_plan_which_whiteners_may_fall_back_to_eigh():
+    """A covariance wider than the statistics' token count is singular: the plan counts its whitener as eigh (its
+    Cholesky fails where the fp32 sums' round-off exceeds the damping, as on SmolLM2-1.7B's widths with 128 tokens).
+    With more tokens than every width, the plan says Cholesky, and Cholesky is what the whiteners run."""
+    from lorafa.methods.lora_fa import Whitener
+
+    model, lc = tiny_llama(), lora_cfg(ALL)
+    few = make_batches(1, bsz=1, seq=12)  # at most 12 tokens, below every width (32, 48)
+    many = make_batches(6, bsz=4, seq=12)  # at least 144 tokens
+    for batches, singular in ((few, True), (many, False)):
+        tokens = int(sum(b["attention_mask"].sum() for b in batches))
+        plan = plan_init(model, lc, InitConfig(method="lora_fa"), tokens=tokens)
+        ops = {f["op"].split()[0] for f in plan.factorisations} - {"svd"}
+        assert ops == ({"eigh"} if singular else {"cholesky"}), plan.summary()
+        assert all(f["worst_seconds"] >= f["seconds"] for f in plan.factorisations)
+    stats = collect_stats(model, many, ALL, kinds=("kfac",), progress=False)
+    assert all(Whitener(cov, 1e-6, True).cholesky for s in stats.values() for cov in (s.in_cov, s.out_cov))
+    unknown = plan_init(model, lc, InitConfig(method="lora_fa"))
+    assert "up to" in unknown.summary() and "tokens=" in unknown.summary()
+    with pytest.raises(ValueError, match="tokens must be an integer"):
+        plan_init(model, lc, InitConfig(method="lora_fa"), tokens=0)

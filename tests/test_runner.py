@@ -432,6 +432,8 @@ def test_runner_plan_only_prints_the_plan_and_stops(assets, tmp_path, capsys):
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["budget"] == 64 * 1024 and len(plan["groups"]) >= 2
     assert max(plan["group_bytes"]) <= 64 * 1024 and sum(plan["group_bytes"]) == plan["stats_bytes"]
+    assert isinstance(plan["tokens"], int) and plan["tokens"] > 0  # told to the plan: no "tokens=" advice printed
+    assert "tokens=" not in plan["summary"]
     assert "predicted peak" in capsys.readouterr().out
     assert not (run_dir / "adapter").exists() and not (run_dir / "initial_adapter").exists()
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .checks import check_choice
+from .checks import check_choice, check_positive_int
 from .targets import out_in_features, resolve_targets, unwrap_model
 
 F32 = 4  # the statistics are fp32 (SPEC §1)
@@ -110,8 +110,12 @@ class InitPlan:
         weights_bytes: the model's parameters in their dtypes.
         predicted_peak: weights + the largest group's statistics + the larger of the transient and the workspace
             (activations not included: they are the same as one training step's on the statistics batch).
-        factorisations: per size class, {"op", "count", "path", "seconds"}: the decompositions the init runs,
-            with the time predicted from a small one timed on `device` (scaled by the flop count).
+        factorisations: per size class, {"op", "count", "path", "seconds", "worst_seconds"}: the decompositions
+            the init runs, with the time predicted from a small one timed on `device` (scaled by the flop count).
+            A whitener's Cholesky falls back to eigh (about 10× slower) where its covariance is not numerically
+            positive definite, as it is when the statistics hold fewer tokens than its dimension: with `tokens`
+            given, such a covariance is planned as eigh; `worst_seconds` is the time if every Cholesky falls back.
+        tokens: the statistics tokens the plan was told of (None: not known).
         sharing: how input sharing was found ("forward on the meta device", "forward", or "unknown: Σ counted per
             layer, an upper bound").
     """
@@ -129,6 +133,7 @@ class InitPlan:
     predicted_peak: int
     factorisations: list[dict]
     sharing: str
+    tokens: int | None = None
 
     @property
     def passes(self) -> int:
@@ -157,8 +162,14 @@ class InitPlan:
         for f in self.factorisations:
             lines.append(f"  {f['count']:4d} × {f['op']} [{f['path']}]: ~{f['seconds']:.1f} s")
         if self.factorisations:
-            lines.append(f"  factorisations ~{sum(f['seconds'] for f in self.factorisations):.1f} s in all "
-                         "(predicted from smaller decompositions timed on the device)")
+            total = sum(f["seconds"] for f in self.factorisations)
+            worst = sum(f["worst_seconds"] for f in self.factorisations)
+            lines.append(f"  factorisations ~{total:.1f} s in all (predicted from smaller decompositions timed on the "
+                         "device)")
+            if worst > 1.01 * total:
+                lines.append(f"  up to ~{worst:.1f} s if a Cholesky falls back to eigh (a covariance not positive "
+                             "definite" + (")" if self.tokens is not None else
+                                           "; tell plan_init the statistics tokens: tokens=)"))
         return "\n".join(lines)
 
     __str__ = summary
@@ -348,11 +359,17 @@ def _calibrate(op: str, dtype: torch.dtype, device: torch.device) -> float:
 
 
 def factorisations(layers: list[LayerPlan], method: str, rank_of: Mapping[str, int], svd: str,
-                   device: torch.device) -> list[dict]:
+                   device: torch.device, tokens: int | None = None) -> list[dict]:
     """Per size class: the op, its shape, how many, the path (the SVD's from methods.common.top_svd's rule; the
     precision) and the seconds predicted from a smaller decomposition timed on `device` (CALIBRATION), scaled by the flops
     (d³ for eigh and Cholesky, m·n·min(m, n) for the exact SVD, m·n·q·(2·niter + 1) matrix products for the range
-    finder). The range finder's iterations are those of svd="randomized"; "auto" may take more, or the exact SVD."""
+    finder). The range finder's iterations are those of svd="randomized"; "auto" may take more, or the exact SVD.
+
+    A whitener's Cholesky of a d × d covariance is planned as eigh when `tokens` < d: the covariance then has rank at
+    most `tokens`, and where the round-off of its fp32 sums exceeds the damping (1e-6 × its mean eigenvalue by
+    default) the damped matrix is not positive definite, as measured on SmolLM2-1.7B's widths with 128 tokens (all 11
+    whiteners took eigh, 217 of the init's 246 s). Not every singular covariance fails, so this is the cautious count;
+    `worst_seconds` counts every Cholesky as eigh."""
     from .methods.common import EXACT_SVD_MAX_DIM, RANDOMIZED_NITER
 
     classes: dict[tuple, dict] = {}
@@ -374,18 +391,25 @@ def factorisations(layers: list[LayerPlan], method: str, rank_of: Mapping[str, i
                     continue  # one Σ for the layers reading one input
                 d = n if side == "in" else m
                 dtype = torch.float64 if d <= 4096 else torch.float32  # as the whiteners and EVA compute them
-                key = (kind, f"{kind} {d}×{d}", "fp64" if dtype == torch.float64 else "fp32", dtype)
+                precision = "fp64" if dtype == torch.float64 else "fp32"
+                if kind == "cholesky" and tokens is not None and tokens < d:
+                    kind, precision = "eigh", f"{precision}; singular: {tokens} tokens < {d}"
+                elif kind == "cholesky":
+                    precision += "; eigh if not positive definite"
+                key = (kind, f"{kind} {d}×{d}", precision, dtype)
                 flops = d ** 3
             c = classes.setdefault(key, {"op": key[1], "path": key[2], "count": 0, "units": 0.0})
             c["count"] += 1
             c["units"] += flops
-    unit = {(k[0], k[3]): _calibrate(k[0], k[3], device) for k in classes}
-    return [{"op": c["op"], "count": c["count"], "path": c["path"], "seconds": c["units"] * unit[(k[0], k[3])]}
+    ops = {(k[0], k[3]) for k in classes} | {("eigh", k[3]) for k in classes if k[0] == "cholesky"}
+    unit = {op: _calibrate(op[0], op[1], device) for op in ops}
+    return [{"op": c["op"], "count": c["count"], "path": c["path"], "seconds": c["units"] * unit[(k[0], k[3])],
+             "worst_seconds": c["units"] * unit[("eigh" if k[0] == "cholesky" else k[0], k[3])]}
             for k, c in classes.items()]
 
 
 def plan_init(model_or_config, lora_config, init_config=None, memory=None, *, device=None,
-              timings: bool = True) -> InitPlan:
+              timings: bool = True, tokens: int | None = None) -> InitPlan:
     """The memory plan of `initialize(model, lora_config, init_config)`, before anything runs.
 
     Args:
@@ -398,6 +422,8 @@ def plan_init(model_or_config, lora_config, init_config=None, memory=None, *, de
             (the CPU for a meta model).
         timings: predict the factorisations' seconds (a second or two of timing on `device`); False leaves
             `factorisations` empty.
+        tokens: the number of tokens the statistics will sum (all processes, padding excluded), when known: a
+            covariance wider than that is singular, and LoRA-FA's whitener then takes eigh instead of Cholesky.
 
     Returns:
         An InitPlan: `stats_bytes`, `groups`, `group_bytes`, `predicted_peak`, `factorisations`, and `summary()`.
@@ -409,6 +435,8 @@ def plan_init(model_or_config, lora_config, init_config=None, memory=None, *, de
     from .targets import layer_rank_and_scaling
 
     init_config = as_init_config(init_config)
+    if tokens is not None:
+        check_positive_int("tokens", tokens)
     budget = parse_memory(init_config.stats_memory if memory is None else memory)
     if isinstance(model_or_config, nn.Module):
         model = unwrap_model(model_or_config)
@@ -447,6 +475,6 @@ def plan_init(model_or_config, lora_config, init_config=None, memory=None, *, de
                     group_bytes=group_bytes if groups else [], budget=budget, transient_bytes=transient,
                     workspace_bytes=workspace, weights_bytes=weights,
                     predicted_peak=weights + max(group_bytes) + max(transient, workspace),
-                    factorisations=factorisations(layers, init_config.method, rank_of, init_config.svd, device)
-                    if timings else [],
-                    sharing=sharing)
+                    factorisations=factorisations(layers, init_config.method, rank_of, init_config.svd, device,
+                                                  tokens) if timings else [],
+                    sharing=sharing, tokens=tokens)

@@ -337,7 +337,8 @@ def run(cfg: RunConfig) -> dict:
     if cfg.dry_run:
         return results
     if cfg.init.plan_only:
-        return _plan_only(cfg, model, task, init_config, run_dir, state, results)
+        return _plan_only(cfg, model, task, init_config, run_dir, state, results,
+                          _collator(cfg, task, tokenizer, init_config.max_length))
 
     teacher = _teacher(cfg, task, dtype, state.device, tokenizer)  # loaded and checked before any long work
     if cfg.eval.enabled and cfg.eval.before and not cfg.resume:
@@ -367,24 +368,39 @@ def run(cfg: RunConfig) -> dict:
     return results
 
 
-def _plan(cfg: RunConfig, model, lora_config, init_config, state):
+def _stats_tokens(task, stats_collate, init_config) -> int:
+    """The tokens the statistics pass will sum over all processes (its batches' attention masks): the plan's guide to
+    which covariances are singular (wider than this), where LoRA-FA's whitener takes eigh instead of Cholesky."""
+    from .stats.sampling import sample_indices
+
+    total = 0
+    for idx in sample_indices(len(task.train), init_config.bsz, init_config.iters, init_config.sample,
+                              init_config.seed):
+        batch = stats_collate([task.train[i] for i in idx])
+        mask = batch.get("attention_mask")
+        total += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return total
+
+
+def _plan(cfg: RunConfig, model, lora_config, init_config, state, task, stats_collate):
     """The memory plan of this init (`lorafa.plan_init`), logged by the main process before the statistics pass."""
     from .plan import plan_init
 
-    plan = plan_init(model, lora_config, init_config, timings=state.is_main_process)
+    plan = plan_init(model, lora_config, init_config, timings=state.is_main_process,
+                     tokens=_stats_tokens(task, stats_collate, init_config))
     if state.is_main_process:
         logger.info("%s", plan.summary())
     return plan
 
 
-def _plan_only(cfg: RunConfig, model, task, init_config, run_dir, state, results) -> dict:
+def _plan_only(cfg: RunConfig, model, task, init_config, run_dir, state, results, stats_collate) -> dict:
     """`init.plan_only=true`: the plan printed and written to `<run_dir>/plan.json`; no statistics, no training."""
-    plan = _plan(cfg, model, _lora_config(cfg, model, task), init_config, state)
+    plan = _plan(cfg, model, _lora_config(cfg, model, task), init_config, state, task, stats_collate)
     results["plan"] = {"stats_bytes": plan.stats_bytes, "groups": plan.groups, "group_bytes": plan.group_bytes,
                        "budget": plan.budget, "predicted_peak": plan.predicted_peak,
                        "weights_bytes": plan.weights_bytes, "transient_bytes": plan.transient_bytes,
                        "workspace_bytes": plan.workspace_bytes, "factorisations": plan.factorisations,
-                       "sharing": plan.sharing, "summary": plan.summary()}
+                       "sharing": plan.sharing, "tokens": plan.tokens, "summary": plan.summary()}
     if state.is_main_process:
         print(plan.summary())
         write_json(os.path.join(run_dir, "plan.json"), results["plan"])
@@ -436,7 +452,7 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     align_term = align.term(model) if init_config.align_init else None
     stats_collate = _collator(cfg, task, tokenizer, init_config.max_length)
     if init_config.needs is not None:
-        _plan(cfg, model, lora_config, init_config, state)
+        _plan(cfg, model, lora_config, init_config, state, task, stats_collate)
     stats = _stats_for_init(cfg, model, lora_config, init_config, task, stats_collate, state, align_term)
     initial_dir = os.path.join(run_dir, "initial_adapter")
     batches = search_batches = None
