@@ -606,6 +606,7 @@ def render_rate_effect(root: str) -> str:
 RATE_CLS = "benchmarks/results/rate_cls"  # issue 23's rate benchmark, classification preset (benchmarks/rate.py)
 RATE_CMD = "python benchmarks/rate.py summary --preset classification --out benchmarks/results/rate_cls"
 STATS_MEMORY = "benchmarks/results/stats_memory"  # issue 24: grouped sweeps against one pass
+FACTORISATIONS = "benchmarks/results/factorisations"  # issue 24 (4): decomposition time against size
 
 
 # -- the registry ------------------------------------------------------------------------------------------------
@@ -739,6 +740,9 @@ BLOCKS: dict[str, Block] = {
     "rate_cls_free": csv_block(RATE_CLS, "free", RATE_CMD, "docs/learning_rate.md: Prodigy and schedule-free AdamW"),
     "stats_memory": csv_block(STATS_MEMORY, "summary", "python benchmarks/stats_memory.py --out "
                               "benchmarks/results/stats_memory", "docs/scale.md: one pass against grouped sweeps"),
+    "factorisations": csv_block(FACTORISATIONS, "summary", "python benchmarks/factorisations.py --out "
+                                "benchmarks/results/factorisations",
+                                "docs/scale.md: the factorisations' time against size, measured and planned"),
 }
 
 

@@ -333,19 +333,24 @@ _OPS = {  # the decompositions each method runs per layer (SPEC §2): an SVD of 
 }
 # the sizes of the decompositions timed on the device to predict the others (as large as a second allows: small
 # ones run far below the device's peak rate and overstate the large ones' time)
-CALIBRATION = {"svd": 512, "eigh": 1024, "cholesky": 2048, "matmul": 2048}
+CALIBRATION = {"svd": 512, "eigh": 1024, "cholesky": 2048, "range_finder": 2048}
+_FINDER_RANK = 8  # the range finder is timed at this rank (q = 2·8 + 10 columns) and scaled by m·n·q
 
 
 def _calibrate(op: str, dtype: torch.dtype, device: torch.device) -> float:
-    """Seconds per d³ of one `op` ("svd", "eigh", "cholesky", "matmul") on a d × d matrix, d = CALIBRATION[op]: the
-    best of two timings."""
+    """Seconds per flop unit (`decomposition_flops`) of one `op` ("svd", "eigh", "cholesky", "range_finder") on a
+    d × d matrix, d = CALIBRATION[op]: the best of two timings. The range finder is timed as it runs
+    (`methods.common.randomized_svd` at rank 8: its thin products, QRs and small SVD), not as a square product, which
+    runs at a far higher rate than those thin products."""
+    from .methods.common import randomized_svd
+
     if device.type == "meta":
         device = torch.device("cpu")
     d = CALIBRATION[op]
     a = torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
     a = a @ a.T + d * torch.eye(d, dtype=dtype, device=device)
     fn = {"svd": lambda x: torch.linalg.svd(x, full_matrices=False), "eigh": torch.linalg.eigh,
-          "cholesky": torch.linalg.cholesky, "matmul": lambda x: x @ x}[op]
+          "cholesky": torch.linalg.cholesky, "range_finder": lambda x: randomized_svd(x, _FINDER_RANK)}[op]
     best = math.inf
     for _ in range(3):  # the first call loads the library: not counted
         if device.type == "cuda":
@@ -355,7 +360,19 @@ def _calibrate(op: str, dtype: torch.dtype, device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0) if _ else math.inf
-    return best / d ** 3
+    return best / decomposition_flops(op, d, d, 2 * _FINDER_RANK + 10)
+
+
+def decomposition_flops(kind: str, m: int, n: int, q: int | None = None) -> float:
+    """The count the plan scales its timed decompositions by: d³ for "eigh" and "cholesky" (m = n = d), m·n·min(m, n)
+    for the exact "svd", m·n·q·(2·niter + 1) for the range finder ("range_finder", q columns)."""
+    from .methods.common import RANDOMIZED_NITER
+
+    if kind in ("eigh", "cholesky"):
+        return float(m) ** 3
+    if kind == "svd":
+        return float(m) * n * min(m, n)
+    return float(m) * n * q * (2 * RANDOMIZED_NITER + 1)
 
 
 def factorisations(layers: list[LayerPlan], method: str, rank_of: Mapping[str, int], svd: str,
@@ -370,7 +387,7 @@ def factorisations(layers: list[LayerPlan], method: str, rank_of: Mapping[str, i
     default) the damped matrix is not positive definite, as measured on SmolLM2-1.7B's widths with 128 tokens (all 11
     whiteners took eigh, 217 of the init's 246 s). Not every singular covariance fails, so this is the cautious count;
     `worst_seconds` counts every Cholesky as eigh."""
-    from .methods.common import EXACT_SVD_MAX_DIM, RANDOMIZED_NITER
+    from .methods.common import EXACT_SVD_MAX_DIM
 
     classes: dict[tuple, dict] = {}
     for lp in layers:
@@ -383,8 +400,8 @@ def factorisations(layers: list[LayerPlan], method: str, rank_of: Mapping[str, i
                 q = min(2 * k + 10, m, n)
                 path = "exact, fp32" if exact else ("range finder, fp32" if svd == "randomized" else
                                                     "auto: range finder, or exact if the spectrum decays slowly")
-                key = ("svd" if exact else "matmul", f"svd {m}×{n}", path, torch.float32)
-                flops = m * n * min(m, n) if exact else m * n * q * (2 * RANDOMIZED_NITER + 1)
+                key = ("svd" if exact else "range_finder", f"svd {m}×{n}", path, torch.float32)
+                flops = decomposition_flops(key[0], m, n, q)
             else:
                 kind, side = op.split("_")
                 if side == "in" and lp.shares_input_with is not None:
@@ -397,7 +414,7 @@ def factorisations(layers: list[LayerPlan], method: str, rank_of: Mapping[str, i
                 elif kind == "cholesky":
                     precision += "; eigh if not positive definite"
                 key = (kind, f"{kind} {d}×{d}", precision, dtype)
-                flops = d ** 3
+                flops = decomposition_flops(kind, d, d)
             c = classes.setdefault(key, {"op": key[1], "path": key[2], "count": 0, "units": 0.0})
             c["count"] += 1
             c["units"] += flops
