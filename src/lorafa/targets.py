@@ -37,8 +37,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _refuse_fsdp1(model: nn.Module) -> None:
-    """FSDP (v1) and DeepSpeed ZeRO-3 keep a layer's weight in a flattened or partitioned buffer outside forward:
-    refuse them with the way out."""
+    """FSDP (v1) keeps a layer's weight in a flattened buffer outside forward: refuse it with the way out; and a model
+    whose DeepSpeed ZeRO-3 engine already exists (a model partitioned by `deepspeed.zero.Init` alone is read one
+    layer at a time: `lorafa.zero3`)."""
     wrapped = [m for m in model.modules() if type(m).__name__ == "FullyShardedDataParallel"]
     if wrapped:
         flat = not all(getattr(m, "_use_orig_params", False) for m in wrapped)
@@ -47,10 +48,10 @@ def _refuse_fsdp1(model: nn.Module) -> None:
                                                     "mapped to module names" if flat else "") + ". lorafa supports "
             "FSDP2: shard the blocks with torch.distributed.fsdp.fully_shard (accelerate: fsdp_version: 2), or run "
             "the init before wrapping the model.")
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        raise ValueError("The model's weights are partitioned by DeepSpeed ZeRO-3, which lorafa does not read (its "
-                         "shards are not mapped to module weights here). Run the init before deepspeed.initialize / "
-                         "accelerator.prepare, or shard with FSDP2 (torch.distributed.fsdp.fully_shard).")
+    from .zero3 import check_not_engine, zero3_partitioned
+
+    if zero3_partitioned(model):
+        check_not_engine(model)
 
 
 def _as_config(target_modules) -> LoraConfig:
@@ -164,11 +165,15 @@ def is_transposed(module: nn.Module) -> bool:
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The layer's weight as an fp32 `m × n` (out × in) matrix (a fresh tensor); a bitsandbytes layer is dequantized
-    (that layer only), an FSDP2-sharded weight is gathered (that layer only)."""
+    (that layer only), an FSDP2-sharded or ZeRO-3-partitioned weight is gathered (that layer only)."""
     if is_quantized(module):
         from .quant import dequantized_weight
 
         return dequantized_weight(module)
+    if hasattr(module.weight, "ds_id"):  # DeepSpeed ZeRO-3: gathered on every rank
+        from .zero3 import gathered_weight
+
+        return as_matrix(gathered_weight(module), module)
     w = module.weight.detach()
     if hasattr(w, "full_tensor"):  # a DTensor (FSDP2 shard): one layer's full weight, gathered on every rank
         w = w.full_tensor()
@@ -185,10 +190,15 @@ def as_matrix(w: torch.Tensor, like: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     """Store the `m × n` matrix `w` as the float layer's weight, in its dtype; an FSDP2 shard keeps its own rows (the
-    same `w` is computed on every rank, so nothing is communicated). Quantized layers: `quant.requantize_`."""
+    same `w` is computed on every rank, so nothing is communicated), a ZeRO-3 partition its own part (a collective).
+    Quantized layers: `quant.requantize_`."""
     w = w.t() if is_transposed(module) else w
     weight = module.weight
-    if hasattr(weight, "full_tensor"):
+    if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3: written whole, partitioned again
+        from .zero3 import set_gathered_weight
+
+        set_gathered_weight(module, w)
+    elif hasattr(weight, "full_tensor"):
         from torch.distributed.tensor import distribute_tensor
 
         local = distribute_tensor(w.to(weight.device, weight.dtype), weight.device_mesh, weight.placements,

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..stats.collect import fsdp_sharded
+from ..zero3 import gather_zero3
 from ..stats.distributed import all_gather_objects, all_reduce_sum_
 from ..targets import layer_rank_and_scaling
 
@@ -42,7 +43,7 @@ def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, 
     batches = list(batches)[: max_batches] if max_batches is not None else list(batches)
     if not batches:
         raise ValueError("scale='line_search' got no statistics batches for this process.")
-    # under FSDP each forward gathers the sharded weights on every rank: a rank with fewer batches runs blank passes
+    # under FSDP2 or ZeRO-3 each forward gathers weights on every rank: a rank with fewer batches runs blank passes
     blank = max(all_gather_objects(len(batches))) - len(batches) if fsdp_sharded(model) else 0
     deltas = {}
     for name, res in results.items():
@@ -66,10 +67,11 @@ def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, 
         if g not in tried:
             g_now["g"] = g
             total = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
-            for i, b in enumerate(batches + batches[:1] * blank):  # the blank passes are not counted
-                b = {k: v.to(total.device) if torch.is_tensor(v) else v for k, v in b.items()}
-                loss = (loss_fn(model, b) if loss_fn else model(**b).loss).double()
-                total += torch.stack([loss, torch.ones_like(loss)]) * (i < len(batches))
+            with gather_zero3(model):  # a ZeRO-3 model: each module's weights whole while it runs
+                for i, b in enumerate(batches + batches[:1] * blank):  # the blank passes are not counted
+                    b = {k: v.to(total.device) if torch.is_tensor(v) else v for k, v in b.items()}
+                    loss = (loss_fn(model, b) if loss_fn else model(**b).loss).double()
+                    total += torch.stack([loss, torch.ones_like(loss)]) * (i < len(batches))
             all_reduce_sum_(total)
             tried[g] = float(total[0] / total[1])
             if not math.isfinite(tried[g]):

@@ -16,6 +16,7 @@ from ..targets import is_quantized, is_transposed, out_in_features, resolve_targ
 from .distributed import agree_step, all_gather_objects, all_reduce_counts, all_reduce_sum_, sum_to_owner, world
 from .sketch import DEFAULT_SKETCH_SEED, GradSketch, gaussian_matrix, sketch_sizes
 from .types import LayerStats
+from ..zero3 import gather_zero3
 
 logger = logging.getLogger(__name__)
 KINDS = ("grad", "kfac", "act")
@@ -25,13 +26,13 @@ GRAD_FROM = ("auto", "weight", "hooks")
 def grad_from_hooks(module: nn.Module, grad_from: str = "auto") -> bool:
     """Whether a target's gradient is built from its inputs and output gradients (G_b = Δᵀ X) rather than read from
     `weight.grad`: always with `hooks`; with `auto` for the layers that cannot hold a usable weight gradient, a
-    bitsandbytes 4-bit/int8 weight (no gradient at all) and an FSDP2 shard (whose gradient is one rank's slice of
-    the mean over processes, where the pass needs this process's own full sum)."""
+    bitsandbytes 4-bit/int8 weight (no gradient at all), an FSDP2 shard (whose gradient is one rank's slice of
+    the mean over processes, where the pass needs this process's own full sum) and a ZeRO-3 partition (likewise)."""
     if grad_from not in GRAD_FROM:
         raise ValueError(f"grad_from={grad_from!r}: choose from {GRAD_FROM}.")
     if grad_from != "auto":
         return grad_from == "hooks"
-    return is_quantized(module) or hasattr(module.weight, "full_tensor")
+    return is_quantized(module) or hasattr(module.weight, "full_tensor") or hasattr(module.weight, "ds_id")
 
 
 def normalize_kinds(kinds: Iterable[str] | str) -> frozenset[str]:
@@ -429,17 +430,18 @@ _END = object()
 
 
 def check_shardable(model: nn.Module) -> None:
-    """Refuse sharded statistics on an FSDP2-sharded model (every process must hold the whole model).
+    """Refuse sharded statistics on an FSDP2-sharded or ZeRO-3-partitioned model (every process must hold the whole
+    model).
 
     Raises:
-        ValueError: the model has FSDP2 (`fully_shard`) parameters.
+        ValueError: the model has FSDP2 (`fully_shard`) or DeepSpeed ZeRO-3 parameters.
     """
     if fsdp_sharded(model):
         raise ValueError("Sharded statistics (InitConfig(stats_sharding=True), collect_stats(shard=True)) reduce each "
                          "layer's statistics to one owner process and need every process to hold the whole model "
-                         "(DDP, accelerate launch without FSDP); this model is FSDP2-sharded (fully_shard), whose "
-                         "statistics pass all-reduces them instead. Drop stats_sharding for FSDP2, or bound the "
-                         "memory with grouped sweeps (stats_memory=...).")
+                         "(DDP, accelerate launch without FSDP); this model's weights are sharded (FSDP2 fully_shard "
+                         "or DeepSpeed ZeRO-3), and its statistics pass all-reduces them instead. Drop "
+                         "stats_sharding there, or bound the memory with grouped sweeps (stats_memory=...).")
 
 
 def _shard_owners(model: nn.Module, targets, kinds, sketch) -> dict[str, int] | None:
@@ -510,8 +512,10 @@ def _one_batch(model, recorder: StatsRecorder, batch, i: int, device, needs_back
 
 
 def fsdp_sharded(model: nn.Module) -> bool:
-    """Whether any parameter is an FSDP2 (`fully_shard`) shard: every process must then run the same passes."""
-    return any(hasattr(p, "device_mesh") and hasattr(p, "full_tensor") for p in model.parameters())
+    """Whether any parameter is an FSDP2 (`fully_shard`) shard or a DeepSpeed ZeRO-3 partition: each forward gathers
+    weights on every process, which must then run the same passes."""
+    return any((hasattr(p, "device_mesh") and hasattr(p, "full_tensor")) or hasattr(p, "ds_id")
+               for p in model.parameters())
 
 
 def collect_stats(
@@ -598,7 +602,7 @@ def collect_stats(
     bar = tqdm(total=total, desc="lorafa statistics", disable=not progress or world()[0] != 0, leave=False)
     # FSDP gathers each unit's weights, a sharded pass reduces in its hooks: all ranks pass together
     lockstep = world()[1] > 1 and (owners is not None or fsdp_sharded(model))
-    with recorder, (torch.enable_grad() if needs_backward else torch.no_grad()):
+    with recorder, (torch.enable_grad() if needs_backward else torch.no_grad()), gather_zero3(model):
         batch_iter, done, step, first = None, False, 0, None
         while True:  # all processes step together: a failure, or one running out early, is agreed on by all
             error, batch = None, _END
