@@ -21,6 +21,7 @@ from lorafa.stats import shard_batches
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
 METHODS = ("lora_fa", "lora_ga", "pissa")  # statistics only; an offset written into the partitions; W read and offset
+GROUP_BUDGET = 40_000  # bytes: the tiny model's lora_fa statistics (170 kB) in 6 grouped sweeps
 
 
 def _zero3_llama(full: dict):
@@ -75,6 +76,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                                lorafa.InitConfig(method="lora_fa", iters=N_BATCHES, scale="line_search"),
                                batches=mine, progress=False)
         save_file(_gathered_state(pm), os.path.join(out_dir, f"search{rank}.safetensors"))
+        pm = lorafa.initialize(_zero3_llama(full), _lora_config(),
+                               lorafa.InitConfig(method="lora_fa", iters=N_BATCHES, stats_memory=GROUP_BUDGET),
+                               batches=mine, progress=False)
+        save_file(_gathered_state(pm), os.path.join(out_dir, f"grouped{rank}.safetensors"))
         try:
             lorafa.initialize(_zero3_llama(full), _lora_config(),
                               lorafa.InitConfig(method="lora_fa", iters=N_BATCHES, stats_sharding=True),
@@ -128,6 +133,19 @@ def test_zero3_line_search_equals_one_process(zero3_run):
                                lorafa.InitConfig(method="lora_fa", iters=N_BATCHES, scale="line_search"),
                                batches=make_batches(N_BATCHES), progress=False)
     assert_ranks_equal(zero3_run, "search", {k: v.detach() for k, v in single.state_dict().items()})
+
+
+def test_zero3_grouped_sweeps_equal_one_pass(zero3_run):
+    """`stats_memory` on a ZeRO-3 model: the grouped sweeps (upper groups' lower blocks without autograd) give the
+    one-process, one-pass init."""
+    from lorafa.plan import plan_init
+
+    assert len(plan_init(tiny_llama(seed=0), _lora_config(), lorafa.InitConfig(method="lora_fa"),
+                         memory=GROUP_BUDGET).groups) >= 2
+    single = lorafa.initialize(tiny_llama(seed=0), _lora_config(), lorafa.InitConfig(method="lora_fa",
+                                                                                     iters=N_BATCHES),
+                               batches=make_batches(N_BATCHES), progress=False)
+    assert_ranks_equal(zero3_run, "grouped", {k: v.detach() for k, v in single.state_dict().items()})
 
 
 def test_zero3_refuses_sharded_statistics(zero3_run):
