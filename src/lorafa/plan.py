@@ -182,7 +182,11 @@ def _meta_model(config) -> nn.Module:
                                                      for a in (getattr(config, "architectures", None) or [])) \
         else AutoModelForCausalLM
     with torch.device("meta"):
-        return auto.from_config(config)
+        model = auto.from_config(config)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)  # the checkpoint's, as users load it
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return model.to(dtype) if isinstance(dtype, torch.dtype) and dtype.is_floating_point else model
 
 
 def shared_inputs(model: nn.Module, targets: Mapping[str, nn.Module]) -> tuple[dict[str, str], str]:
