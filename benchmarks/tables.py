@@ -607,6 +607,7 @@ RATE_CLS = "benchmarks/results/rate_cls"  # issue 23's rate benchmark, classific
 RATE_CMD = "python benchmarks/rate.py summary --preset classification --out benchmarks/results/rate_cls"
 STATS_MEMORY = "benchmarks/results/stats_memory"  # issue 24: grouped sweeps against one pass
 FACTORISATIONS = "benchmarks/results/factorisations"  # issue 24 (4): decomposition time against size
+FITS = "benchmarks/results/fits"  # issue 24: what fits where, the plan on the published shapes
 
 
 # -- the registry ------------------------------------------------------------------------------------------------
@@ -743,6 +744,8 @@ BLOCKS: dict[str, Block] = {
     "factorisations": csv_block(FACTORISATIONS, "summary", "python benchmarks/factorisations.py --out "
                                 "benchmarks/results/factorisations",
                                 "docs/scale.md: the factorisations' time against size, measured and planned"),
+    "fits": csv_block(FITS, "summary", "python benchmarks/fits.py --out benchmarks/results/fits",
+                      "README and docs/scale.md: what fits where (the plan on the published model shapes)"),
 }
 
 

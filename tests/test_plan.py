@@ -49,6 +49,17 @@ def test_plan_on_the_meta_device_matches_the_real_model():
     assert sorted(n.split(".")[-1] for n in shared) == sorted(["k_proj", "v_proj", "up_proj"] * 2)
 
 
+def test_a_config_s_dtype_is_the_weights_dtype():
+    """A config saying bf16 (as the published checkpoints' do) plans bf16 weights: 2 bytes a parameter."""
+    cfg = tiny_llama().config
+    fp32 = plan_init(cfg, lora_cfg(ALL), InitConfig(), timings=False)
+    cfg.dtype = torch.bfloat16
+    bf16 = plan_init(cfg, lora_cfg(ALL), InitConfig(), timings=False)
+    n_params = sum(p.numel() for p in tiny_llama().parameters())
+    assert (fp32.weights_bytes, bf16.weights_bytes) == (4 * n_params, 2 * n_params)
+    assert bf16.stats_bytes == fp32.stats_bytes  # the statistics are fp32 whatever the weights
+
+
 def test_plan_of_an_8b_shape_counts_the_issue_s_numbers():
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256)
