@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 
+def is_zero3_param(p: torch.Tensor) -> bool:
+    """A parameter partitioned by DeepSpeed ZeRO-3 (`deepspeed.zero.Init` marks each with `ds_id`)."""
+    return hasattr(p, "ds_id")
+
+
 def zero3_partitioned(model: nn.Module) -> bool:
     """Whether any parameter is partitioned by DeepSpeed ZeRO-3 (`deepspeed.zero.Init`)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
-def is_zero3_param(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
+    return any(is_zero3_param(p) for p in model.parameters())
 
 
 def check_not_engine(model: nn.Module) -> None:
