@@ -180,23 +180,35 @@ def test_all_linear_keyword_is_expanded_as_peft_does():
     assert sorted({lp.name.split(".")[-1] for lp in plan.layers}) == sorted(ALL)
 
 
-def test_tokens_tell_the_plan_which_whiteners_may_fall_back_to_eigh():
-    """A covariance wider than the statistics' token count is singular: the plan counts its whitener as eigh (its
-    Cholesky fails where the fp32 sums' round-off exceeds the damping, as on SmolLM2-1.7B's widths with 128 tokens).
-    With more tokens than every width, the plan says Cholesky, and Cholesky is what the whiteners run."""
+def test_the_plan_predicts_which_whiteners_fall_back_to_eigh():
+    """With the statistics' token count, the plan says for each covariance whether its whitener takes Cholesky or
+    eigh (singular, with the fp32 round-off above the damping), and the whiteners do exactly that, on every layer,
+    for token counts below and above the widths (16, 32, 48) and dampings from 1e-9 to 1e-4."""
     from lorafa.methods.lora_fa import Whitener
+    from lorafa.plan import whitener_takes_eigh
 
     model, lc = tiny_llama(), lora_cfg(ALL)
-    few = make_batches(1, bsz=1, seq=12)  # at most 12 tokens, below every width (32, 48)
-    many = make_batches(6, bsz=4, seq=12)  # at least 144 tokens
-    for batches, singular in ((few, True), (many, False)):
+    outcomes = set()
+    for n_batches, bsz in ((1, 1), (1, 2), (6, 4)):
+        batches = make_batches(n_batches, bsz=bsz, seq=12)
         tokens = int(sum(b["attention_mask"].sum() for b in batches))
-        plan = plan_init(model, lc, InitConfig(method="lora_fa"), tokens=tokens)
-        ops = {f["op"].split()[0] for f in plan.factorisations} - {"svd"}
-        assert ops == ({"eigh"} if singular else {"cholesky"}), plan.summary()
-        assert all(f["worst_seconds"] >= f["seconds"] for f in plan.factorisations)
-    stats = collect_stats(model, many, ALL, kinds=("kfac",), progress=False)
-    assert all(Whitener(cov, 1e-6, True).cholesky for s in stats.values() for cov in (s.in_cov, s.out_cov))
+        stats = collect_stats(model, batches, ALL, kinds=("kfac",), progress=False)
+        for reg in (1e-9, 1e-7, 1e-6, 1e-4):
+            for s in stats.values():
+                for cov in (s.in_cov, s.out_cov):
+                    eigh = not Whitener(cov, reg, True).cholesky
+                    assert eigh == whitener_takes_eigh(cov.shape[0], tokens, reg, True), (tokens, cov.shape, reg)
+                    outcomes.add(eigh)
+            plan = plan_init(model, lc, InitConfig(method="lora_fa", reg=reg), tokens=tokens)
+            ops = {f["op"].split()[0] for f in plan.factorisations} - {"svd"}
+            widths = {lp.in_features for lp in plan.layers} | {lp.out_features for lp in plan.layers}
+            assert ops == {"eigh" if whitener_takes_eigh(d, tokens, reg, True) else "cholesky" for d in widths}
+            assert all(f["worst_seconds"] >= f["seconds"] for f in plan.factorisations)
+    assert outcomes == {True, False}  # both paths were taken (and predicted)
+
+
+def test_without_tokens_the_plan_prints_the_worst_case():
+    model, lc = tiny_llama(), lora_cfg(ALL)
     unknown = plan_init(model, lc, InitConfig(method="lora_fa"))
     assert "up to" in unknown.summary() and "tokens=" in unknown.summary()
     with pytest.raises(ValueError, match="tokens must be an integer"):

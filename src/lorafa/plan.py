@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -341,6 +342,7 @@ CALIBRATION = {"svd": 512, "eigh": 1024, "cholesky": 2048, "range_finder": 2048}
 _FINDER_RANK = 8  # the range finder is timed at this rank (q = 2·8 + 10 columns) and scaled by m·n·q
 
 
+@functools.lru_cache(maxsize=None)  # a device's rate is timed once per process
 def _calibrate(op: str, dtype: torch.dtype, device: torch.device) -> float:
     """Seconds per flop unit (`decomposition_flops`) of one `op` ("svd", "eigh", "cholesky", "range_finder") on a
     d × d matrix, d = CALIBRATION[op]: the best of two timings. The range finder is timed as it runs
@@ -379,17 +381,33 @@ def decomposition_flops(kind: str, m: int, n: int, q: int | None = None) -> floa
     return float(m) * n * q * (2 * RANDOMIZED_NITER + 1)
 
 
+FP32_EPS = float(torch.finfo(torch.float32).eps)  # the relative round-off of the statistics' fp32 sums
+
+
+def whitener_takes_eigh(d: int, tokens: int | None, reg: float, relative: bool) -> bool:
+    """Whether LoRA-FA's whitener of a d × d covariance summed over `tokens` tokens will fall back from Cholesky to
+    eigh. With fewer tokens than d the covariance is singular; its largest eigenvalue is then about tr/tokens =
+    mean·d/tokens, so the round-off of its fp32 sums reaches about FP32_EPS·mean·d/tokens, and the damping
+    (reg·mean in relative mode) keeps it positive definite only above that. Absolute damping has no known scale: a
+    singular covariance is counted as eigh. Checked against the whiteners on the tiny test model (every layer, token
+    counts 11 to 212, reg 1e-9 to 1e-4: all 560 predicted) and on SmolLM2-1.7B and Llama-3-8B widths (128 tokens:
+    eigh at 1e-6, Cholesky at 1e-3)."""
+    if tokens is None or tokens >= d:
+        return False
+    return not relative or reg < FP32_EPS * d / tokens
+
+
 def factorisations(layers: list[LayerPlan], method: str, rank_of: Mapping[str, int], svd: str,
-                   device: torch.device, tokens: int | None = None) -> list[dict]:
+                   device: torch.device, tokens: int | None = None, reg: float = 1e-6,
+                   relative: bool = True) -> list[dict]:
     """Per size class: the op, its shape, how many, the path (the SVD's from methods.common.top_svd's rule; the
     precision) and the seconds predicted from a smaller decomposition timed on `device` (CALIBRATION), scaled by the flops
     (d³ for eigh and Cholesky, m·n·min(m, n) for the exact SVD, m·n·q·(2·niter + 1) matrix products for the range
     finder). The range finder's iterations are those of svd="randomized"; "auto" may take more, or the exact SVD.
 
-    A whitener's Cholesky of a d × d covariance is planned as eigh when `tokens` < d: the covariance then has rank at
-    most `tokens`, and where the round-off of its fp32 sums exceeds the damping (1e-6 × its mean eigenvalue by
-    default) the damped matrix is not positive definite, as measured on SmolLM2-1.7B's widths with 128 tokens (all 11
-    whiteners took eigh, 217 of the init's 246 s). Not every singular covariance fails, so this is the cautious count;
+    A whitener's Cholesky of a d × d covariance is planned as eigh where `whitener_takes_eigh` says the damped
+    covariance is not numerically positive definite (fewer `tokens` than d and too little damping `reg`), as measured
+    on SmolLM2-1.7B's widths with 128 tokens (all 11 whiteners took eigh, 217 of the init's 246 s);
     `worst_seconds` counts every Cholesky as eigh."""
     from .methods.common import EXACT_SVD_MAX_DIM
 
@@ -413,8 +431,8 @@ def factorisations(layers: list[LayerPlan], method: str, rank_of: Mapping[str, i
                 d = n if side == "in" else m
                 dtype = torch.float64 if d <= 4096 else torch.float32  # as the whiteners and EVA compute them
                 precision = "fp64" if dtype == torch.float64 else "fp32"
-                if kind == "cholesky" and tokens is not None and tokens < d:
-                    kind, precision = "eigh", f"{precision}; singular: {tokens} tokens < {d}"
+                if kind == "cholesky" and whitener_takes_eigh(d, tokens, reg, relative):
+                    kind, precision = "eigh", f"{precision}; singular: {tokens} tokens < {d}, damping too small"
                 elif kind == "cholesky":
                     precision += "; eigh if not positive definite"
                 key = (kind, f"{kind} {d}×{d}", precision, dtype)
@@ -427,6 +445,14 @@ def factorisations(layers: list[LayerPlan], method: str, rank_of: Mapping[str, i
     return [{"op": c["op"], "count": c["count"], "path": c["path"], "seconds": c["units"] * unit[(k[0], k[3])],
              "worst_seconds": c["units"] * unit[("eigh" if k[0] == "cholesky" else k[0], k[3])]}
             for k, c in classes.items()]
+
+
+def _damping(init_config) -> tuple[float, bool]:
+    """(reg, relative) of LoRA-FA's whiteners under `init_config` (its defaults where unset)."""
+    from .methods.lora_fa import LoraFAOptions
+
+    reg = init_config.reg if init_config.reg is not None else LoraFAOptions.reg
+    return reg, (init_config.reg_mode or LoraFAOptions.reg_mode) == "relative"
 
 
 def plan_init(model_or_config, lora_config, init_config=None, memory=None, *, device=None,
@@ -444,7 +470,8 @@ def plan_init(model_or_config, lora_config, init_config=None, memory=None, *, de
         timings: predict the factorisations' seconds (a second or two of timing on `device`); False leaves
             `factorisations` empty.
         tokens: the number of tokens the statistics will sum (all processes, padding excluded), when known: a
-            covariance wider than that is singular, and LoRA-FA's whitener then takes eigh instead of Cholesky.
+            covariance wider than that is singular, and unless the damping covers its round-off
+            (`whitener_takes_eigh`) LoRA-FA's whitener then takes eigh instead of Cholesky.
 
     Returns:
         An InitPlan: `stats_bytes`, `groups`, `group_bytes`, `predicted_peak`, `factorisations`, and `summary()`.
@@ -497,5 +524,5 @@ def plan_init(model_or_config, lora_config, init_config=None, memory=None, *, de
                     workspace_bytes=workspace, weights_bytes=weights,
                     predicted_peak=weights + max(group_bytes) + max(transient, workspace),
                     factorisations=factorisations(layers, init_config.method, rank_of, init_config.svd, device,
-                                                  tokens) if timings else [],
+                                                  tokens, *_damping(init_config)) if timings else [],
                     sharing=sharing, tokens=tokens)
