@@ -158,7 +158,8 @@ def run_sharded(job: dict) -> dict:
         os.remove(f"{job['path']}.rank{r}")
     model = build(job["shape"], job["blocks"], job["vocab"])
     lc = LoraConfig(r=job["r"], lora_alpha=2 * job["r"], target_modules=TARGETS, lora_dropout=0.0)
-    plan = plan_init(model, lc, InitConfig(method=job["method"], iters=job["iters"], svd="randomized"), timings=False)
+    plan = plan_init(model, lc, InitConfig(method=job["method"], iters=job["iters"], svd="randomized", **_reg(job)),
+                     timings=False, tokens=_tokens(batches(job["iters"], job["bsz"], job["seq"], job["vocab"])))
     owners = assign_owners(plan.layers, SHARDED_WORLD)
     held = [sum(lp.total for lp in plan.layers if owners[lp.name] == r) for r in range(SHARDED_WORLD)]
     res = dict(job, seconds=max(r["seconds"] for r in ranks), measured_peak=max(r["peak"] for r in ranks),
@@ -171,27 +172,35 @@ def run_sharded(job: dict) -> dict:
 
 
 def replan(out: str) -> None:
-    """Each row's `predicted_factorisation_s` again, from the current `plan_init` (on the meta device, with the
-    row's token count, damping and thread count), for rows measured before the plan's rule changed."""
+    """Each row's prediction again (`predicted`: the peak above the weights; `predicted_factorisation_s`), from the
+    current `plan_init` on the meta device with the row's token count, damping, budget and thread count: for rows
+    measured before the plan's rules changed. The measurements are kept as they are."""
     from peft import LoraConfig
     from transformers import LlamaConfig
 
     from lorafa import InitConfig, plan_init
+    from lorafa.plan import assign_owners
 
     runs = os.path.join(out, "runs")
     for f in sorted(os.listdir(runs)):
         row = json.load(open(os.path.join(runs, f)))
-        if row["mode"] == "sharded":
-            continue
         torch.set_num_threads(row["threads"])
         cfg = LlamaConfig(vocab_size=row["vocab"], num_hidden_layers=row["blocks"], max_position_embeddings=256,
                           **SHAPES[row["shape"]])
         lc = LoraConfig(r=row["r"], lora_alpha=2 * row["r"], target_modules=TARGETS, lora_dropout=0.0)
         tokens = row.get("tokens") or row["iters"] * row["bsz"] * row["seq"]
-        plan = plan_init(cfg, lc, InitConfig(method=row["method"], iters=row["iters"], svd="randomized", **_reg(row)),
-                         tokens=tokens)
-        row.update(predicted_factorisation_s=sum(x["seconds"] for x in plan.factorisations), tokens=tokens,
-                   replanned=True)
+        options = dict(method=row["method"], iters=row["iters"], svd="randomized", **_reg(row))
+        full = plan_init(cfg, lc, InitConfig(**options), tokens=tokens)
+        if row["mode"] == "sharded":
+            owners = assign_owners(full.layers, SHARDED_WORLD)
+            held = max(sum(lp.total for lp in full.layers if owners[lp.name] == r) for r in range(SHARDED_WORLD))
+            predicted = held + max(full.transient_bytes, full.workspace_bytes)
+        else:
+            memory = {"one": None, "block": full.stats_bytes // row["blocks"] + 1, "auto": "auto"}[row["mode"]]
+            plan = plan_init(cfg, lc, InitConfig(**options, stats_memory=memory), tokens=tokens, timings=False)
+            predicted = plan.predicted_peak - plan.weights_bytes
+        row.update(predicted=predicted, predicted_factorisation_s=sum(x["seconds"] for x in full.factorisations),
+                   tokens=tokens, replanned=True)
         write_json(os.path.join(runs, f), row)
 
 

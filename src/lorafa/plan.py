@@ -241,13 +241,25 @@ def _width(d: int) -> int:
     return 8 if d <= 4096 else 4  # the whiteners and EVA's eigh run in fp64 up to 4096, fp32 above
 
 
-def init_workspace(method: str, m: int, n: int, exact_svd: bool) -> int:
+def _whitener_bytes(d: int, eigh: bool) -> tuple[int, int]:
+    """(kept, peak) bytes of one LoRA-FA whitener of a d × d covariance (`methods.lora_fa.Whitener`): the fp64 copy
+    (d <= 4096; above, the fp32 statistics are used as they are), the damped matrix, and the factor it keeps: the
+    Cholesky L, or eigh's eigenvectors plus LAPACK's workspace (about 2·d² more)."""
+    w = _width(d)
+    kept = w * d * d
+    return kept, (w * d * d if d <= 4096 else 0) + w * d * d + kept + (2 * w * d * d if eigh else 0)
+
+
+def init_workspace(method: str, m: int, n: int, exact_svd: bool, eigh_out: bool = False,
+                   eigh_in: bool = False) -> int:
     """The memory one layer's factorisation works in beside the statistics (an estimate from the code's copies):
-    LoRA-FA's two whiteners (the fp64 covariance, its damped copy and its factor, for C and for Σ) and its fp64
-    whitened target; an SVD's copy of the m × n matrix and its factors; CorDA's fp64 W·Σ and the exact SVD; EVA's
-    fp64 eigh of Σ."""
+    LoRA-FA's whiteners, C's first, kept while Σ's is made (`_whitener_bytes`; `eigh_out`, `eigh_in`: the path each
+    takes), then its fp64 whitened target (three m × n); an SVD's copy of the m × n matrix and its factors; CorDA's
+    fp64 W·Σ and the exact SVD; EVA's fp64 eigh of Σ."""
     if method in ("lora_fa", "extract"):
-        return 3 * (_width(m) * m * m + _width(n) * n * n) + 3 * 8 * m * n
+        kept_c, peak_c = _whitener_bytes(m, eigh_out)
+        kept_s, peak_s = _whitener_bytes(n, eigh_in)
+        return max(peak_c, kept_c + peak_s, kept_c + kept_s + 3 * 8 * m * n)
     if method == "corda":
         return 3 * 8 * m * n + 3 * 8 * n * n
     if method == "eva":
@@ -515,8 +527,11 @@ def plan_init(model_or_config, lora_config, init_config=None, memory=None, *, de
     weights = sum(q.numel() * q.element_size() for q in model.parameters())
     rank_of = {lp.name: layer_rank_and_scaling(lora_config, lp.name)[0] for lp in layers}
     check_choice("svd", init_config.svd, ("auto", "exact", "randomized"))
+    reg, relative = _damping(init_config)
     workspace = max((init_workspace(init_config.method, lp.out_features, lp.in_features,
-                                    init_config.svd == "exact" or min(lp.out_features, lp.in_features) <= 128)
+                                    init_config.svd == "exact" or min(lp.out_features, lp.in_features) <= 128,
+                                    whitener_takes_eigh(lp.out_features, tokens, reg, relative),
+                                    whitener_takes_eigh(lp.in_features, tokens, reg, relative))
                      for lp in layers), default=0) if needs is not None else 0
     return InitPlan(method=init_config.method, needs=needs, layers=layers,
                     stats_bytes=sum(lp.total for lp in layers), groups=[[lp.name for lp in g] for g in groups],
@@ -524,5 +539,5 @@ def plan_init(model_or_config, lora_config, init_config=None, memory=None, *, de
                     workspace_bytes=workspace, weights_bytes=weights,
                     predicted_peak=weights + max(group_bytes) + max(transient, workspace),
                     factorisations=factorisations(layers, init_config.method, rank_of, init_config.svd, device,
-                                                  tokens, *_damping(init_config)) if timings else [],
+                                                  tokens, reg, relative) if timings else [],
                     sharing=sharing, tokens=tokens)
