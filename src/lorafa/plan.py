@@ -242,12 +242,11 @@ def _width(d: int) -> int:
 
 
 def _whitener_bytes(d: int, eigh: bool) -> tuple[int, int]:
-    """(kept, peak) bytes of one LoRA-FA whitener of a d × d covariance (`methods.lora_fa.Whitener`): the fp64 copy
-    (d <= 4096; above, the fp32 statistics are used as they are), the damped matrix, and the factor it keeps: the
-    Cholesky L, or eigh's eigenvectors plus LAPACK's workspace (about 2·d² more)."""
-    w = _width(d)
-    kept = w * d * d
-    return kept, (w * d * d if d <= 4096 else 0) + w * d * d + kept + (2 * w * d * d if eigh else 0)
+    """(kept, peak) bytes of one LoRA-FA whitener of a d × d covariance (`methods.lora_fa.Whitener`): its damped
+    copy (fp64 up to 4096, fp32 above) and the factor it keeps, the Cholesky L, or eigh's eigenvectors with LAPACK's
+    workspace (about 2·d² more while it runs)."""
+    kept = _width(d) * d * d
+    return kept, kept * (4 if eigh else 2)
 
 
 def init_workspace(method: str, m: int, n: int, exact_svd: bool, eigh_out: bool = False,
