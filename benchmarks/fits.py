@@ -14,6 +14,7 @@ Cholesky (statistics with more tokens than the widths) and, beside it, with ever
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -88,6 +89,11 @@ def summarise(rows: list[dict], out: str) -> str:
         entry["factorisations (Cholesky / eigh)"] = (f"{_fmt_time(r['factorisation_s'])} / "
                                                      f"{_fmt_time(r['worst_factorisation_s'])}")
         table.append(entry)
+    brief = [{k: e[k] for k in ("model", "statistics, one pass", "smallest budget", "passes at 8 GiB",
+                                "peak at 8 GiB", "factorisations (Cholesky / eigh)")}
+             for e in table if e["method"] == "lora_fa" and e["targets"] == "all linear"]
+    write_table(brief, list(brief[0]), os.path.join(out, "brief"),
+                "What fits where: LoRA-FA on every linear layer (statistics fp32, weights bf16)")
     return write_table(table, list(table[0]), os.path.join(out, "summary"),
                        "What fits where: the plan on the real models' shapes (statistics fp32, weights bf16)")
 
@@ -99,7 +105,11 @@ def main(argv=None) -> None:
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the timed decompositions")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--summary-only", action="store_true", help="rebuild the tables from runs.json")
     args = ap.parse_args(argv)
+    if args.summary_only:
+        print(summarise(json.load(open(os.path.join(args.out, "runs.json")))["rows"], args.out))
+        return
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     rows = []

@@ -745,7 +745,9 @@ BLOCKS: dict[str, Block] = {
                                 "benchmarks/results/factorisations",
                                 "docs/scale.md: the factorisations' time against size, measured and planned"),
     "fits": csv_block(FITS, "summary", "python benchmarks/fits.py --out benchmarks/results/fits",
-                      "README and docs/scale.md: what fits where (the plan on the published model shapes)"),
+                      "docs/scale.md: what fits where (the plan on the published model shapes)"),
+    "fits_brief": csv_block(FITS, "brief", "python benchmarks/fits.py --out benchmarks/results/fits",
+                            "README: what fits where, LoRA-FA on every linear layer"),
 }
 
 
