@@ -182,7 +182,7 @@ def replan(out: str) -> None:
     from lorafa.plan import assign_owners
 
     runs = os.path.join(out, "runs")
-    for f in sorted(os.listdir(runs)):
+    for f in sorted(x for x in os.listdir(runs) if x.endswith(".json")):
         row = json.load(open(os.path.join(runs, f)))
         torch.set_num_threads(row["threads"])
         cfg = LlamaConfig(vocab_size=row["vocab"], num_hidden_layers=row["blocks"], max_position_embeddings=256,
@@ -209,7 +209,8 @@ def _gb(x: float) -> str:
 
 
 def summarise(out: str) -> str:
-    rows = [json.load(open(os.path.join(out, "runs", f))) for f in sorted(os.listdir(os.path.join(out, "runs")))]
+    rows = [json.load(open(os.path.join(out, "runs", f))) for f in sorted(os.listdir(os.path.join(out, "runs")))
+            if f.endswith(".json")]  # not a sharded row's per-rank files while it runs
     rows.sort(key=lambda r: (list(SHAPES).index(r["shape"]), r["method"], r["blocks"], r["mode"]))
     table = [{"shape": r["shape"], "blocks": r["blocks"], "method": r["method"], "mode": r["mode"],
               "passes": r["passes"], "statistics GiB (all layers)": _gb(r["stats_bytes"]),
