@@ -105,7 +105,7 @@ class InitPlan:
         group_bytes: the statistics bytes of each group.
         budget: the budget in bytes (None: no budget, one pass).
         transient_bytes: the most the pass holds beside the statistics at once: one layer's weight gradient in the
-            weights' dtype plus its fp32 copy (0 for activation-only statistics).
+            weights' dtype plus its fp32 copy, or one batch's d × d product XᵀX (JᵀJ) for the widest covariance.
         workspace_bytes: the most one layer's factorisation works in beside its group's statistics
             (`init_workspace`, an estimate).
         weights_bytes: the model's parameters in their dtypes.
@@ -246,7 +246,7 @@ def _whitener_bytes(d: int, eigh: bool) -> tuple[int, int]:
     copy (fp64 up to 4096, fp32 above) and the factor it keeps, the Cholesky L, or eigh's eigenvectors with LAPACK's
     workspace (about 2·d² more while it runs)."""
     kept = _width(d) * d * d
-    return kept, kept * (4 if eigh else 2)
+    return kept, kept * (4 if eigh else 2)  # Cholesky measured at 2·d² (SmolLM2-1.7B widths, d = 8192)
 
 
 def init_workspace(method: str, m: int, n: int, exact_svd: bool, eigh_out: bool = False,
@@ -520,9 +520,12 @@ def plan_init(model_or_config, lora_config, init_config=None, memory=None, *, de
     groups = group_layers(layers, budget) if needs is not None else []
     group_bytes = [sum(lp.total for lp in g) for g in groups] or [0]
     transient = 0
-    if needs in ("grad", "kfac"):
+    if needs in ("grad", "kfac"):  # one layer's weight gradient in the weights' dtype and its fp32 copy
         itemsize = max((getattr(mod.weight, "element_size", lambda: 4)() for mod in targets.values()), default=4)
         transient = max((lp.out_features * lp.in_features * (itemsize + F32) for lp in layers), default=0)
+    if needs in ("kfac", "act"):  # a batch's XᵀX (or JᵀJ) before it is added to its sum
+        widths = [lp.in_features for lp in layers] + ([lp.out_features for lp in layers] if needs == "kfac" else [])
+        transient = max([transient] + [F32 * d * d for d in widths])
     weights = sum(q.numel() * q.element_size() for q in model.parameters())
     rank_of = {lp.name: layer_rank_and_scaling(lora_config, lp.name)[0] for lp in layers}
     check_choice("svd", init_config.svd, ("auto", "exact", "randomized"))

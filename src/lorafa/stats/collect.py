@@ -366,13 +366,24 @@ def _input_requires_grad(module, args, kwargs):
 
 
 def _div(t: torch.Tensor | None, d) -> torch.Tensor | None:
-    return None if t is None else t / d
+    """The sum `t` divided by `d`, in place: `t` is an accumulator this pass owns (a copy would double the largest
+    statistic at the peak)."""
+    return None if t is None else t.div_(d)
+
+
+def _finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """Whether every entry of `t` is finite, checked `chunk` entries at a time (one d × d mask at once would add a
+    quarter of the statistic's bytes at the peak)."""
+    if t.dim() < 2 or t.numel() <= chunk:
+        return bool(torch.isfinite(t).all())
+    rows = max(1, chunk // max(1, t[0].numel()))
+    return all(bool(torch.isfinite(part).all()) for part in t.split(rows))
 
 
 def _check_finite(stats: dict[str, LayerStats], agree: bool = False) -> None:
     """Raise if any statistic is NaN/inf; with `agree` (a sharded pass: each process holds its own layers) on every
     process, naming the bad ones of all."""
-    bad = [f"{n}.{k}" for n, st in stats.items() for k, t in st.tensors().items() if not torch.isfinite(t).all()]
+    bad = [f"{n}.{k}" for n, st in stats.items() for k, t in st.tensors().items() if not _finite(t)]
     if agree:
         bad = [b for part in all_gather_objects(bad) for b in part]
     if bad:
