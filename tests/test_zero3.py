@@ -63,6 +63,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         mine = shard_batches(make_batches(N_BATCHES), rank, WORLD)  # 3 batches and 2: rank 1 runs a blank pass
         model = _zero3_llama(full)
         assert _all_partitioned(model) and model.model.layers[0].mlp.down_proj.weight.ds_numel == 32 * 48
+        plan = lorafa.plan_init(model, _lora_config(), lorafa.InitConfig(method="lora_fa"), timings=False)
+        with open(os.path.join(out_dir, f"plan{rank}.txt"), "w") as f:
+            f.write(f"{plan.weights_bytes} {plan.stats_bytes}")
         stats = lorafa.collect_stats(model, mine, TARGETS, kinds=("kfac",), progress=False)
         assert _all_partitioned(model)  # nothing left gathered after the pass
         lorafa.save_stats(stats, os.path.join(out_dir, f"stats{rank}.safetensors"))
@@ -146,6 +149,17 @@ def test_zero3_grouped_sweeps_equal_one_pass(zero3_run):
                                                                                      iters=N_BATCHES),
                                batches=make_batches(N_BATCHES), progress=False)
     assert_ranks_equal(zero3_run, "grouped", {k: v.detach() for k, v in single.state_dict().items()})
+
+
+def test_zero3_plan_counts_the_whole_model(zero3_run):
+    """plan_init on the partitioned model counts the whole weights (ds_numel, not the empty local tensors) and the
+    statistics from the layers' shapes (its meta forward cannot run on partitions: Σ counted per layer, at most)."""
+    from lorafa.plan import plan_init
+
+    one = plan_init(tiny_llama(seed=0), _lora_config(), lorafa.InitConfig(method="lora_fa"), timings=False)
+    for r in range(WORLD):
+        weights, stats = map(int, (zero3_run / f"plan{r}.txt").read_text().split())
+        assert weights == one.weights_bytes and stats >= one.stats_bytes
 
 
 def test_zero3_refuses_sharded_statistics(zero3_run):

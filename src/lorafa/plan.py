@@ -526,7 +526,8 @@ def plan_init(model_or_config, lora_config, init_config=None, memory=None, *, de
     if needs in ("kfac", "act"):  # a batch's XᵀX (or JᵀJ) before it is added to its sum
         widths = [lp.in_features for lp in layers] + ([lp.out_features for lp in layers] if needs == "kfac" else [])
         transient = max([transient] + [F32 * d * d for d in widths])
-    weights = sum(q.numel() * q.element_size() for q in model.parameters())
+    # a ZeRO-3 partition holds numel() == 0 here: its whole size is ds_numel
+    weights = sum(getattr(q, "ds_numel", q.numel()) * q.element_size() for q in model.parameters())
     rank_of = {lp.name: layer_rank_and_scaling(lora_config, lp.name)[0] for lp in layers}
     check_choice("svd", init_config.svd, ("auto", "exact", "randomized"))
     reg, relative = _damping(init_config)
