@@ -171,39 +171,6 @@ def run_sharded(job: dict) -> dict:
     return res
 
 
-def replan(out: str) -> None:
-    """Each row's prediction again (`predicted`: the peak above the weights; `predicted_factorisation_s`), from the
-    current `plan_init` on the meta device with the row's token count, damping, budget and thread count: for rows
-    measured before the plan's rules changed. The measurements are kept as they are."""
-    from peft import LoraConfig
-    from transformers import LlamaConfig
-
-    from lorafa import InitConfig, plan_init
-    from lorafa.plan import assign_owners
-
-    runs = os.path.join(out, "runs")
-    for f in sorted(x for x in os.listdir(runs) if x.endswith(".json")):
-        row = json.load(open(os.path.join(runs, f)))
-        torch.set_num_threads(row["threads"])
-        cfg = LlamaConfig(vocab_size=row["vocab"], num_hidden_layers=row["blocks"], max_position_embeddings=256,
-                          **SHAPES[row["shape"]])
-        lc = LoraConfig(r=row["r"], lora_alpha=2 * row["r"], target_modules=TARGETS, lora_dropout=0.0)
-        tokens = row.get("tokens") or row["iters"] * row["bsz"] * row["seq"]
-        options = dict(method=row["method"], iters=row["iters"], svd="randomized", **_reg(row))
-        full = plan_init(cfg, lc, InitConfig(**options), tokens=tokens)
-        if row["mode"] == "sharded":
-            owners = assign_owners(full.layers, SHARDED_WORLD)
-            held = max(sum(lp.total for lp in full.layers if owners[lp.name] == r) for r in range(SHARDED_WORLD))
-            predicted = held + max(full.transient_bytes, full.workspace_bytes)
-        else:
-            memory = {"one": None, "block": full.stats_bytes // row["blocks"] + 1, "auto": "auto"}[row["mode"]]
-            plan = plan_init(cfg, lc, InitConfig(**options, stats_memory=memory), tokens=tokens, timings=False)
-            predicted = plan.predicted_peak - plan.weights_bytes
-        row.update(predicted=predicted, predicted_factorisation_s=sum(x["seconds"] for x in full.factorisations),
-                   tokens=tokens, replanned=True)
-        write_json(os.path.join(runs, f), row)
-
-
 def _gb(x: float) -> str:
     return f"{x / 2**30:.2f}"
 
@@ -263,13 +230,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reg", type=float, default=None, help="LoRA-FA's damping (default: the library's, 1e-6)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary-only", action="store_true")
-    ap.add_argument("--replan", action="store_true", help="recompute every row's planned factorisation seconds "
-                    "with the current plan, then rebuild the table")
     args = ap.parse_args(argv)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
-    if args.replan:
-        replan(args.out)
-    elif not args.summary_only:
+    if not args.summary_only:
         os.environ.update(MALLOC_ENV)
         jobs = [dict(shape=s, blocks=b, mode=mo, method=me, vocab=args.vocab, iters=args.iters, bsz=args.bsz,
                      seq=args.seq, r=args.r, threads=args.threads, reg=args.reg,

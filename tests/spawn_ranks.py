@@ -14,6 +14,8 @@ import sys
 import time
 import traceback
 
+import pytest
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -22,6 +24,12 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def require_gloo() -> None:
+    """Skip the calling test unless torch.distributed runs with gloo here."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
 
 
 def _bootstrap(target, rank: int, args: tuple) -> None:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from conftest import make_batches, tiny_llama
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
-from spawn_ranks import free_port, run_ranks
+from spawn_ranks import free_port, require_gloo, run_ranks
 
 import lorafa
 from lorafa.stats import shard_batches
@@ -59,8 +59,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+    require_gloo()
     out = tmp_path_factory.mktemp("ddp")
     run_ranks(_worker, WORLD, free_port(), str(out))
     return out
@@ -223,8 +222,7 @@ def _failure_worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def failure_run(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+    require_gloo()
     out = tmp_path_factory.mktemp("ddp_failures")
     codes = run_ranks(_failure_worker, WORLD, free_port(), str(out), timeout=TIMEOUT_S, check=False)
     results = {}

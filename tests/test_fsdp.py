@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import lorafa
 from lorafa.stats import shard_batches
 
-from spawn_ranks import free_port, run_ranks
+from spawn_ranks import free_port, require_gloo, run_ranks
 
 WORLD = 2
 N_BATCHES = 5  # odd: rank 0 has 3 batches, rank 1 has 2 and runs one blank pass
@@ -136,8 +136,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+    require_gloo()
     pytest.importorskip("torch.distributed.fsdp").fully_shard  # FSDP2
     out = tmp_path_factory.mktemp("fsdp")
     run_ranks(_worker, WORLD, free_port(), str(out))

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import lora_cfg, make_batches, tiny_llama
-from spawn_ranks import free_port, run_ranks
+from spawn_ranks import free_port, require_gloo, run_ranks
 
 import lorafa
 from lorafa import InitConfig
@@ -126,8 +126,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+    require_gloo()
     out = tmp_path_factory.mktemp("sharded")
     run_ranks(_worker, WORLD, free_port(), str(out), timeout=TIMEOUT_S)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from conftest import VOCAB, lora_cfg, tiny_llama
 from safetensors.torch import load_file, save_file
-from spawn_ranks import free_port, run_ranks
+from spawn_ranks import free_port, require_gloo, run_ranks
 
 WORLD = 2
 STEPS = 3  # optimiser steps
@@ -172,8 +172,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_training(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+    require_gloo()
     out = tmp_path_factory.mktemp("terms_ddp")
     t = time.perf_counter()
     codes = run_ranks(_worker, WORLD, free_port(), str(out), timeout=TIMEOUT_S, check=False)

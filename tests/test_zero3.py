@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from conftest import make_batches, tiny_llama
 from safetensors.torch import load_file, save_file
-from spawn_ranks import free_port, run_ranks
+from spawn_ranks import free_port, require_gloo, run_ranks
 from test_fsdp import N_BATCHES, TARGETS, WORLD, _lora_config, assert_ranks_equal
 
 import lorafa
@@ -99,8 +99,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
     pytest.importorskip("deepspeed")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
+    require_gloo()
     out = tmp_path_factory.mktemp("zero3")
     run_ranks(_worker, WORLD, free_port(), str(out), timeout=400)
     return out

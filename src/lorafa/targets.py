@@ -20,6 +20,8 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .zero3 import check_not_engine, gathered_weight, is_zero3_param, set_gathered_weight, zero3_partitioned
+
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 
 
@@ -27,7 +29,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP/accelerate wrappers; refuse a PEFT model (statistics are taken before adapters exist)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
-    _refuse_fsdp1(model)
+    _refuse_unreadable(model)
     if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
         raise TypeError(
             "Statistics are computed on the base model before adapters exist: pass the model you will give to "
@@ -36,7 +38,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _refuse_fsdp1(model: nn.Module) -> None:
+def _refuse_unreadable(model: nn.Module) -> None:
     """FSDP (v1) keeps a layer's weight in a flattened buffer outside forward: refuse it with the way out; and a model
     whose DeepSpeed ZeRO-3 engine already exists (a model partitioned by `deepspeed.zero.Init` alone is read one
     layer at a time: `lorafa.zero3`)."""
@@ -48,8 +50,6 @@ def _refuse_fsdp1(model: nn.Module) -> None:
                                                     "mapped to module names" if flat else "") + ". lorafa supports "
             "FSDP2: shard the blocks with torch.distributed.fsdp.fully_shard (accelerate: fsdp_version: 2), or run "
             "the init before wrapping the model.")
-    from .zero3 import check_not_engine, zero3_partitioned
-
     if zero3_partitioned(model):
         check_not_engine(model)
 
@@ -170,9 +170,7 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
         from .quant import dequantized_weight
 
         return dequantized_weight(module)
-    if hasattr(module.weight, "ds_id"):  # DeepSpeed ZeRO-3: gathered on every rank
-        from .zero3 import gathered_weight
-
+    if is_zero3_param(module.weight):  # DeepSpeed ZeRO-3: gathered on every rank
         return as_matrix(gathered_weight(module), module)
     w = module.weight.detach()
     if hasattr(w, "full_tensor"):  # a DTensor (FSDP2 shard): one layer's full weight, gathered on every rank
@@ -194,9 +192,7 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     Quantized layers: `quant.requantize_`."""
     w = w.t() if is_transposed(module) else w
     weight = module.weight
-    if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3: written whole, partitioned again
-        from .zero3 import set_gathered_weight
-
+    if is_zero3_param(weight):  # DeepSpeed ZeRO-3: written whole, partitioned again
         set_gathered_weight(module, w)
     elif hasattr(weight, "full_tensor"):
         from torch.distributed.tensor import distribute_tensor

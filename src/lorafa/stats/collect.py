@@ -16,7 +16,7 @@ from ..targets import is_quantized, is_transposed, out_in_features, resolve_targ
 from .distributed import agree_step, all_gather_objects, all_reduce_counts, all_reduce_sum_, sum_to_owner, world
 from .sketch import DEFAULT_SKETCH_SEED, GradSketch, gaussian_matrix, sketch_sizes
 from .types import LayerStats
-from ..zero3 import gather_zero3
+from ..zero3 import gather_zero3, is_zero3_param
 
 logger = logging.getLogger(__name__)
 KINDS = ("grad", "kfac", "act")
@@ -32,7 +32,7 @@ def grad_from_hooks(module: nn.Module, grad_from: str = "auto") -> bool:
         raise ValueError(f"grad_from={grad_from!r}: choose from {GRAD_FROM}.")
     if grad_from != "auto":
         return grad_from == "hooks"
-    return is_quantized(module) or hasattr(module.weight, "full_tensor") or hasattr(module.weight, "ds_id")
+    return is_quantized(module) or hasattr(module.weight, "full_tensor") or is_zero3_param(module.weight)
 
 
 def normalize_kinds(kinds: Iterable[str] | str) -> frozenset[str]:
@@ -525,7 +525,7 @@ def _one_batch(model, recorder: StatsRecorder, batch, i: int, device, needs_back
 def fsdp_sharded(model: nn.Module) -> bool:
     """Whether any parameter is an FSDP2 (`fully_shard`) shard or a DeepSpeed ZeRO-3 partition: each forward gathers
     weights on every process, which must then run the same passes."""
-    return any((hasattr(p, "device_mesh") and hasattr(p, "full_tensor")) or hasattr(p, "ds_id")
+    return any((hasattr(p, "device_mesh") and hasattr(p, "full_tensor")) or is_zero3_param(p)
                for p in model.parameters())
 
 
