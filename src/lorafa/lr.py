@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 # adam_step's constant, fitted on ONE preset with default LoRA only and held fixed for every init and preset:
 # (LoRA's grid-best rate) / η* on the classification preset (benchmarks/results/rate_cls/fit.json, 3 seeds).
 # The other rules' constants are not fitted (their cost rules them out as defaults: docs/learning_rate.md).
+POLYAK_C = 0.0397  # rate = c·(L − floor)/gᵀd
 ADAM_STEP_C = 0.195  # rate = c·η*
 LAMBDA_MAX_C = 1.0  # rate = c/λ_max; 1: gradient descent's best step along the top eigenvector (2/λ_max diverges)
 RANGE_DIVISOR = 10.0  # rate = (rate of the lowest loss after RANGE_STEPS steps) / 10: the classic LR-finder rule
@@ -290,16 +291,34 @@ def _adam_direction(g: list[torch.Tensor], optimizer: str, eps: float) -> list[t
     return [x / (x.abs() + eps) for x in g] if optimizer == "adamw" else g
 
 
-def _adam_step(probe: _Probe, optimizer: str, seed: int, *, eps: float = 1e-8, curvature: str = "auto",
-               c: float = ADAM_STEP_C) -> tuple[float, dict]:
-    check_choice("curvature", curvature, ("auto",) + CURVATURES)
+def _first_step(probe: _Probe, optimizer: str, eps: float) -> tuple[list[torch.Tensor], float, dict]:
+    """The optimiser's first update per unit rate d, gᵀd (the first-order loss decrease per unit rate) and the
+    evidence they share (loss, |g|, gᵀd, eps)."""
     loss, g = probe.gradient()
     d = _adam_direction(g, optimizer, eps)
     gd = _dot(g, d)
-    ev = {"loss": loss, "grad_norm": math.sqrt(_dot(g, g)), "g_dot_d": gd, "eps": eps, "c": c}
     if not gd > 0:
         raise ValueError("The gradient is zero on these batches, so the first step goes nowhere and has no rate to "
                          "choose: check that the loss depends on the trainable parameters.")
+    return d, gd, {"loss": loss, "grad_norm": math.sqrt(_dot(g, g)), "g_dot_d": gd, "eps": eps}
+
+
+def _polyak(probe: _Probe, optimizer: str, seed: int, *, eps: float = 1e-8, floor: float = 0.0,
+            c: float = POLYAK_C) -> tuple[float, dict]:
+    d, gd, ev = _first_step(probe, optimizer, eps)
+    if not ev["loss"] > floor:
+        raise ValueError(f"The mean loss on these batches ({ev['loss']:.4g}) is not above floor={floor}: Polyak's "
+                         "step has nothing left to descend. Give a floor below the loss (the loss's least value; "
+                         "0 for cross-entropy), or use rule='adam_step'.")
+    ev.update(floor=floor, c=c, eta_polyak=(ev["loss"] - floor) / gd)
+    return c * ev["eta_polyak"], ev
+
+
+def _adam_step(probe: _Probe, optimizer: str, seed: int, *, eps: float = 1e-8, curvature: str = "auto",
+               c: float = ADAM_STEP_C) -> tuple[float, dict]:
+    check_choice("curvature", curvature, ("auto",) + CURVATURES)
+    d, gd, ev = _first_step(probe, optimizer, eps)
+    ev["c"] = c
     if curvature in ("auto", "hessian"):
         ev["dHd"] = probe.quadratic(d, "hessian")
         used = "hessian"
@@ -445,11 +464,12 @@ def _rule(impl: Callable, needs_double_backward: bool) -> Callable:
     return run
 
 
+polyak = _rule(_polyak, needs_double_backward=False)
 adam_step = _rule(_adam_step, needs_double_backward=True)
 lambda_max = _rule(_lambda_max, needs_double_backward=True)
 range_test = _rule(_range_test, needs_double_backward=False)
-RULES: dict[str, Callable[..., LrSuggestion]] = {"adam_step": adam_step, "lambda_max": lambda_max,
-                                                  "range_test": range_test}
+RULES: dict[str, Callable[..., LrSuggestion]] = {"polyak": polyak, "adam_step": adam_step,
+                                                  "lambda_max": lambda_max, "range_test": range_test}
 
 
 def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule: str = "adam_step", seed: int = 0,
