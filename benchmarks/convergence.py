@@ -428,10 +428,11 @@ def prepare(job: dict):
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     device, dtype = pick_device(args.device, args.dtype)
+    seed = job["seed"]
+    torch.manual_seed(seed)  # a classifier's new head is drawn while loading: the same head for the same seed
     task, model, _, collate = load_everything(p, args, device, dtype)
     if job.get("probe") is not None:
         model.classifier.load_state_dict(torch.load(job["probe"]))
-    seed = job["seed"]
     torch.manual_seed(seed)
     return args, p, device, task, model, collate, seed, data_split(len(task.train), p.n_val, p.init_bsz * p.init_iters,
                                                                    seed)

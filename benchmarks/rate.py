@@ -13,15 +13,16 @@ The stages share one results folder `OUT` and resume where they stopped (one JSO
            --eval-every 20 --seeds 0 1 2 --threads 1 --out benchmarks/results/rate_cls/grid \\
            --methods lora lora_fa lora_one lora_ga pissa eva peft_lora_ga lora+prodigy lora+sf
 
-2. `probe`: for every init and seed, the init and then each rule's raw number (its constant set to 1: c·η* with
-   c = 1, c/λ_max with c = 1, the range test's best rate undivided) on the first 2 training batches, the batches
-   an auto run would use. -> `OUT/probes/<init>_s<seed>.json`
+2. `probe`: for every init and seed, the init and then each rule's raw number (its constant set to 1: c·(L/gᵀd),
+   c·η* and c/λ_max with c = 1, the range test's best rate undivided) on the first 2 training batches, the batches
+   an auto run would use. -> `OUT/probes/<init>_s<seed>_<rules>.json`
 3. `fit`: each rule's constant from **default LoRA alone** on this preset: k = (grid-best rate) / (raw number), the
    raw numbers' geometric mean over the seeds. Every other init and preset then uses the same k (`--fit PATH` reads
    another preset's fit.json). -> `OUT/fit.json`
 4. `auto`: every init and seed trained at `suggest_lr`'s rate with `--rule` and its fitted constant (convergence's
-   run with lr "auto"). -> `OUT/auto/<init>_s<seed>.json`
-5. `summary`: the tables (`OUT/summary.md|csv`: grid-best against auto per init, with the targets;
+   run with lr "auto"). -> `OUT/auto_<rule>/<init>_s<seed>.json`
+5. `summary`: the tables (`OUT/summary.md|csv`: grid-best against auto per init and rule trained with, with the
+   targets;
    `OUT/rules.md|csv`: every rule's fitted rate per init, and the grid's validation loss at that rate, interpolated
    in log rate; `OUT/step0.md|csv`: the held-out losses right after each init against the base model's) and the
    figure `OUT/rate.png` (final validation loss against rate, one line per init, each auto run marked).
@@ -29,7 +30,7 @@ The stages share one results folder `OUT` and resume where they stopped (one JSO
     python benchmarks/rate.py probe   --preset classification --out benchmarks/results/rate_cls --seeds 0 1 2
     python benchmarks/rate.py fit     --preset classification --out benchmarks/results/rate_cls
     python benchmarks/rate.py auto    --preset classification --out benchmarks/results/rate_cls --seeds 0 1 2 \\
-        --rule adam_step
+        --rule polyak
     python benchmarks/rate.py summary --preset classification --out benchmarks/results/rate_cls
 
 Options after the stage's own (`--preset`, `--out`, `--inits`, `--seeds`, `--rule`, `--fit`) go to convergence.py's
@@ -74,7 +75,7 @@ def constant_option(rule: str, k: float) -> dict:
 def _jobs(args, cargs, p, kind: str) -> list[dict]:
     import dataclasses
 
-    folder = os.path.join(args.out, kind)
+    folder = os.path.join(args.out, f"auto_{args.rule}" if kind == "auto" else kind)
     os.makedirs(folder, exist_ok=True)
     jobs = []
     for m in args.inits:
@@ -223,40 +224,48 @@ def _g(x) -> str | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
 
 
-def summarise(out: str, fit_path: str, title: str) -> dict:
+def _autos(out: str) -> dict[str, list[dict]]:
+    """{rule: its auto runs} from `OUT/auto_<rule>`."""
+    return {rule: runs for rule in RULES if (runs := _load(os.path.join(out, f"auto_{rule}")))}
+
+
+def summarise(out: str, fit_path: str, title: str, shown: str) -> dict:
+    """The tables, the verdict per rule trained with, and the figure (its ★ are rule `shown`'s auto runs)."""
     grid = grid_of(out)
     with open(fit_path) as f:
         fitted = json.load(f)
-    probes, autos = _probes(out), _load(os.path.join(out, "auto"))
+    probes, autos = _probes(out), _autos(out)
     inits = [m for m in INITS if m in grid]
     rows, rule_rows, step0 = [], [], []
-    verdict = {"a": [], "b": [], "c": None}
+    verdict = {rule: {"a": [], "b": [], "c": None} for rule in autos}
     for m in inits:
         g = grid[m]
         best_mean, best_std = _mean_std([r["final_loss"] for r in g["runs"]])
         run_s = statistics.mean(r["init_s"] + r["train_s"] for r in g["runs"])
-        mine = [r for r in autos if r["method"] == m]
-        a_mean, _ = _mean_std([r["final_loss"] for r in mine])
-        a_lr = _gmean(r["lr"] for r in mine)
-        cost = statistics.mean(r["suggest_s"] for r in mine) if mine else math.nan
-        delta = (a_mean - best_mean) / best_std if mine and best_std > 0 else math.nan
-        if mine:
-            verdict["a"].append((m, delta <= 1.0))
-            verdict["b"].append((m, cost / run_s <= 0.25))
-        rows.append({"init": m, "grid-best rate": _g(g["best"]), "bracketed": "yes" if g["edge"] is None else g["edge"],
-                     "grid-best test loss": f"{best_mean:.3f} ± {best_std:.3f}", "seeds": len(g["runs"]),
-                     "auto rate": _g(a_lr), "auto / best": _f(a_lr / g["best"], 2) if mine else None,
-                     "auto test loss": _f(a_mean) + f" ({len(mine)} seeds)" if mine else None,
-                     "Δ in seed-stds": _f(delta, 2), "(a) ≤ 1": (None if not mine else "met" if delta <= 1 else "missed"),
-                     "suggest s": _f(cost, 1), "one run s": _f(run_s, 1),
-                     "cost / run": _f(cost / run_s, 3) if mine else None})
+        for rule, runs in autos.items():
+            mine = [r for r in runs if r["method"] == m]
+            if not mine:
+                continue
+            a_mean, _ = _mean_std([r["final_loss"] for r in mine])
+            a_lr = _gmean(r["lr"] for r in mine)
+            cost = statistics.mean(r["suggest_s"] for r in mine)
+            delta = (a_mean - best_mean) / best_std if best_std > 0 else math.nan
+            verdict[rule]["a"].append((m, delta <= 1.0))
+            verdict[rule]["b"].append((m, cost / run_s <= 0.25))
+            rows.append({"init": m, "rule": rule, "grid-best rate": _g(g["best"]),
+                         "bracketed": "yes" if g["edge"] is None else g["edge"],
+                         "grid-best test loss": f"{best_mean:.3f} ± {best_std:.3f}", "seeds": len(g["runs"]),
+                         "auto rate": _g(a_lr), "auto / best": _f(a_lr / g["best"], 2),
+                         "auto test loss": _f(a_mean) + f" ({len(mine)} seeds)", "Δ in seed-stds": _f(delta, 2),
+                         "(a) ≤ 1": "met" if delta <= 1 else "missed", "suggest s": _f(cost, 1),
+                         "one run s": _f(run_s, 1), "cost / run": _f(cost / run_s, 3)})
         for rule in RULES:
-            k = fitted["rules"][rule]["k"]
+            k = fitted["rules"].get(rule, {}).get("k")
             mine_p = [r["rules"][rule] for r in probes if r["method"] == m and rule in r["rules"]]
             raws = [x["raw"] for x in mine_p]
             if not k or not raws:
                 continue
-            lr = k * _gmean(raws) if k and raws else math.nan
+            lr = k * _gmean(raws)
             loss, where = interpolate(g["val"], lr) if lr == lr else (math.nan, None)
             rule_rows.append({"init": m, "rule": rule, "fitted rate": _g(lr), "grid-best rate": _g(g["best"]),
                               "ratio": _f(lr / g["best"], 2), "val loss there": _f(loss),
@@ -273,15 +282,14 @@ def summarise(out: str, fit_path: str, title: str) -> dict:
             row["base test loss"], row["base val loss"] = _f(b_test), _f(b_val)
             row["raises held-out loss"] = "yes" if float(row["val loss at step 0"]) > b_val + 1e-3 else "no"
         lora_best = _mean_std([r["final_loss"] for r in base["runs"]])[0]
-        ours = [(statistics.mean(r["final_loss"] for r in autos if r["method"] == m), m)
-                for m in LORAFA_INITS if any(r["method"] == m for r in autos)]
-        if ours:
-            chosen_val = {m: statistics.mean(r["final_val_loss"] for r in autos if r["method"] == m)
-                          for _, m in ours}
-            pick = min(chosen_val, key=chosen_val.get)  # the best lorafa init, chosen on validation
-            pick_test = dict((m, t) for t, m in ours)[pick]
-            verdict["c"] = {"init": pick, "auto test loss": pick_test, "lora grid-best test loss": lora_best,
-                            "met": pick_test <= lora_best}
+        for rule, runs in autos.items():
+            ours = [m for m in LORAFA_INITS if any(r["method"] == m for r in runs)]
+            if ours:
+                val = {m: statistics.mean(r["final_val_loss"] for r in runs if r["method"] == m) for m in ours}
+                pick = min(val, key=val.get)  # the best lorafa init, chosen on validation
+                test = statistics.mean(r["final_loss"] for r in runs if r["method"] == pick)
+                verdict[rule]["c"] = {"init": pick, "auto test loss": test, "lora grid-best test loss": lora_best,
+                                      "met": test <= lora_best}
     free_rows = []
     for m in FREE:
         if m in grid:
@@ -297,7 +305,7 @@ def summarise(out: str, fit_path: str, title: str) -> dict:
         md += "\n" + write_table(free_rows, list(free_rows[0]), os.path.join(out, "free"),
                                  f"{title}: learning-rate-free optimisers (no rate chosen)")
     write_json(os.path.join(out, "verdict.json"), verdict)
-    plot(grid, autos, inits, out, title)
+    plot(grid, autos.get(shown, []), inits, out, f"{title}: the grid (seed 0) and the {shown} rate (★, each seed)")
     return {"markdown": md, "verdict": verdict}
 
 
@@ -319,7 +327,7 @@ def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str) 
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (AdamW)")
     ax.set_ylabel("final validation loss")
-    ax.set_title(f"{title}: the grid (seed 0) and lorafa's auto rate (★, each seed)")
+    ax.set_title(title)
     ax.legend(fontsize=8, ncol=2)
     save_figure(fig, os.path.join(out, "rate.png"))
     plt.close(fig)
@@ -331,7 +339,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--inits", nargs="+", default=INITS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--rule", choices=RULES, default="adam_step", help="auto: the rule to train with")
+    ap.add_argument("--rule", choices=RULES, default="polyak",
+                    help="auto: the rule to train with; summary: the rule whose auto runs the figure marks")
     ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="probe: the rules to probe")
     ap.add_argument("--fit", default=None, help="the fit.json whose constants to use (default: OUT/fit.json)")
     args, rest = ap.parse_known_args(argv)
@@ -348,7 +357,7 @@ def main(argv=None) -> None:
             args.k = json.load(f)["rules"][args.rule]["k"]
         _run(_jobs(args, cargs, p, "auto"), cv._run_caught)
     else:
-        res = summarise(args.out, fit_path, cargs.preset)
+        res = summarise(args.out, fit_path, cargs.preset, args.rule)
         print(res["markdown"])
         print(json.dumps(res["verdict"], indent=1))
 

@@ -61,6 +61,23 @@ def test_adam_step_equals_the_closed_form_on_a_quadratic():
         float(g @ d / (d @ H @ d)), rel=1e-10)
 
 
+def test_polyak_is_the_loss_over_the_first_order_decrease():
+    """Polyak's step for the optimiser's first update d: (L − floor)/gᵀd, with L and g the means over the batches."""
+    model = Quadratic([5.0, 2.0, 1.0, 0.5, 0.1])
+    H = 2.0 * model.A
+    t = model.theta.detach()
+    g = H @ t - 2.0 * model.b
+    loss = float(2.0 * (0.5 * t @ model.A @ t - model.b @ t))
+    floor = loss - 4.0  # a floor under the loss (this quadratic's loss can be negative)
+    for optimizer, d in (("adamw", g / (g.abs() + 1e-8)), ("sgd", g)):
+        s = suggest_lr(model, QUAD_BATCHES, optimizer, rule="polyak", floor=floor)
+        assert s.evidence["eta_polyak"] == pytest.approx(4.0 / float(g @ d), rel=1e-10)
+        assert s.lr == pytest.approx(lrmod.POLYAK_C * 4.0 / float(g @ d), rel=1e-12)
+        assert s.evidence["loss"] == pytest.approx(loss, rel=1e-12) and s.evidence["floor"] == floor
+    with pytest.raises(ValueError, match=r"is not above floor=.*Polyak's step has nothing left to descend"):
+        suggest_lr(model, QUAD_BATCHES, rule="polyak", floor=loss + 1.0)
+
+
 def test_lambda_max_is_the_top_eigenvalue_of_a_quadratic():
     eigenvalues = [7.0, 3.0, 2.5, 1.0, -4.0, 0.2]  # the top algebraic eigenvalue, not the largest magnitude
     s = suggest_lr(Quadratic(eigenvalues), QUAD_BATCHES, rule="lambda_max")
@@ -141,7 +158,7 @@ def _lora_llama(seed=0):
     return get_peft_model(tiny_llama(seed), lora_cfg(["q_proj", "v_proj"]))
 
 
-FAST = {"adam_step": {}, "lambda_max": {"steps": 8},
+FAST = {"polyak": {}, "adam_step": {}, "lambda_max": {"steps": 8},
         "range_test": {"lr_min": 1e-4, "lr_max": 1e3, "factor": 4.0}}  # tiny random models take huge rates
 
 
@@ -310,8 +327,8 @@ def test_initialize_trainer_sets_the_rate_before_the_optimizer(tmp_path):
         lorafa.initialize_trainer(other, lora_cfg(["q_proj"]), {"method": "lora"}, learning_rate="fast")
 
 
-def test_the_fitted_constant_is_the_benchmark_s():
-    """ADAM_STEP_C is the constant benchmarks/rate.py fitted on default LoRA (classification preset), rounded to 3
+def test_the_fitted_constants_are_the_benchmark_s():
+    """POLYAK_C and ADAM_STEP_C are the constants benchmarks/rate.py fitted on default LoRA (classification preset), rounded to 3
     significant digits: a refit that is not carried over (or a hand edit) fails here."""
     import json
     import os
@@ -321,3 +338,4 @@ def test_the_fitted_constant_is_the_benchmark_s():
         fit = json.load(f)
     assert fit["fitted_on"] == "lora"
     assert lrmod.ADAM_STEP_C == float(f"{fit['rules']['adam_step']['k']:.3g}")
+    assert lrmod.POLYAK_C == float(f"{fit['rules']['polyak']['k']:.3g}")
