@@ -1,10 +1,13 @@
 """Choosing the learning rate from the model's response at the init (SPEC §11, issue 23).
 
 `suggest_lr(model, batches, rule=...)` measures how the loss of the trainable (adapter) parameters responds on a few
-batches and turns that into a rate. Each rule is also a function of its own (`adam_step`, `lambda_max`,
+batches and turns that into a rate. Each rule is also a function of its own (`polyak`, `adam_step`, `lambda_max`,
 `range_test`, all in `RULES`), returning an `LrSuggestion`: the rate and the evidence (what was measured, the rule's
 number, seconds), so a benchmark can compare them and refit their constants from the evidence alone.
 
+- `polyak`: Polyak's step size for the optimiser's first update d (below): the rate at which the first-order model
+  L − η·gᵀd reaches the loss's floor (0 for cross-entropy), η = (L − floor)/gᵀd; rate = c·η. One gradient (for
+  Adam gᵀd ≈ |g|₁), no curvature, so no double backward.
 - `adam_step`: the quadratic model of the mean loss along the optimiser's first update. Adam's first bias-corrected
   step is −η·d with d = g/(|g| + eps) (≈ sign g; zero where g is zero); SGD's is −η·g (d = g). Then
   L(θ − ηd) ≈ L − η·gᵀd + ½η²·dᵀHd is least at η* = gᵀd / dᵀHd, one Hessian-vector product. Rate = c·η*.
@@ -45,9 +48,10 @@ from .stats.distributed import all_gather_objects, world
 
 logger = logging.getLogger(__name__)
 
-# adam_step's constant, fitted on ONE preset with default LoRA only and held fixed for every init and preset:
-# (LoRA's grid-best rate) / η* on the classification preset (benchmarks/results/rate_cls/fit.json, 3 seeds).
-# The other rules' constants are not fitted (their cost rules them out as defaults: docs/learning_rate.md).
+# polyak's and adam_step's constants, fitted on ONE preset with default LoRA only and held fixed for every init and
+# preset: (LoRA's grid-best rate) / (the rule's raw number) on the classification preset
+# (benchmarks/results/rate_cls/fit.json, 3 seeds). The other rules' constants are not fitted (their cost rules them
+# out as defaults: docs/learning_rate.md).
 POLYAK_C = 0.0397  # rate = c·(L − floor)/gᵀd
 ADAM_STEP_C = 0.195  # rate = c·η*
 LAMBDA_MAX_C = 1.0  # rate = c/λ_max; 1: gradient descent's best step along the top eigenvector (2/λ_max diverges)
@@ -483,8 +487,10 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
     model is left as it was (see the module docstring). Use batches the statistics pass did not see (the runner and
     `initialize_trainer(..., learning_rate="auto")` take the 2 batches after them).
 
-    The rules (`rule=`) and their constants (module-level; adam_step's is fitted on one preset with default LoRA
-    only and held fixed, the others are not fitted):
+    The rules (`rule=`) and their constants (module-level; polyak's and adam_step's are fitted on one preset with
+    default LoRA only and held fixed, the others are not fitted):
+        "polyak": c·(L − floor)/gᵀd, Polyak's step size along the optimiser's first update d (one gradient). Options:
+            eps (the optimiser's, 1e-8), floor (the loss's least value, 0), c (POLYAK_C).
         "adam_step" (default): c·η*, η* = gᵀd / dᵀHd along the optimiser's first update d (Adam: g/(|g| + eps);
             SGD: g); dᵀHd ≤ 0 falls back to the Gauss-Newton dᵀGd (recorded). Options: eps (the optimiser's,
             1e-8), curvature ("auto" | "hessian" | "gauss_newton"), c (ADAM_STEP_C = 0.195).
@@ -499,7 +505,7 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
         model: a PEFT model (or any torch module) whose trainable parameters are to be trained.
         batches: HF-style dicts (input_ids, attention_mask, labels); the first `max_batches` (default 2) are used.
         optimizer: "adamw" (also "adam") or "sgd": whose first step the rule models.
-        rule: "adam_step" | "lambda_max" | "range_test" (see RULES).
+        rule: "polyak" | "adam_step" | "lambda_max" | "range_test" (see RULES).
         seed: the seed of any random choice (lambda_max's Lanczos start vector).
         loss_fn: `loss_fn(model, batch) -> scalar tensor`; default `model(**batch).loss`.
         **options: max_batches, and the rule's options above.
@@ -512,8 +518,8 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
         rule's numbers, the constant, the batches and trainable parameters counted, the dtype, the seed, seconds).
 
     Raises:
-        ValueError: no trainable parameters, no batches, a non-finite loss or gradient, a zero gradient, no positive
-            curvature, an unbracketed range test, an unknown rule, optimiser or option value.
+        ValueError: no trainable parameters, no batches, a non-finite loss or gradient, a zero gradient, a loss not
+            above polyak's floor, no positive curvature, an unbracketed range test, an unknown rule, optimiser or option value.
         TypeError: an option the rule does not have, a batch that is not a dict, a loss_fn that returns no scalar.
     """
     check_choice("rule", rule, tuple(RULES))
