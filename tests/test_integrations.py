@@ -12,6 +12,7 @@ from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPaddi
 
 import lorafa
 from lorafa import InitConfig, initialize, initialize_trainer, stat_batches, trainer_stat_batches
+from lorafa.saving import init_record
 from lorafa.peft_bridge import quiet_checkpointing_rename
 
 from conftest import lora_cfg
@@ -136,6 +137,11 @@ def test_trainer_init_equals_initialize_on_the_same_batches_and_trains_only_the_
                      progress=False)
     assert max_diff(params(peft_model), params(ref)) <= 1e-6
     assert max_diff(get_peft_model_state_dict(peft_model), get_peft_model_state_dict(ref)) <= 1e-6
+    guard = init_record(peft_model).summary.get("guard")  # lora_fa's step, checked on the next 2 batches
+    if method == "lora_fa":  # here the step does not raise their loss, so the guard changed nothing
+        assert guard["remedy"] is None and guard["loss_step"] <= guard["loss_before"]
+    else:
+        assert guard is None
 
     at_init = params(peft_model)
     snapshots = Snapshots(peft_model)

@@ -339,3 +339,12 @@ def test_the_fitted_constants_are_the_benchmark_s():
     assert fit["fitted_on"] == "lora"
     assert lrmod.ADAM_STEP_C == float(f"{fit['rules']['adam_step']['k']:.3g}")
     assert lrmod.POLYAK_C == float(f"{fit['rules']['polyak']['k']:.3g}")
+
+
+def test_one_default_rule_everywhere():
+    import inspect
+
+    from lorafa.runconfig import RunConfig
+
+    assert inspect.signature(suggest_lr).parameters["rule"].default == lrmod.DEFAULT_RULE
+    assert RunConfig().model.lr_rule == lrmod.DEFAULT_RULE  # the runner's schema repeats it (a literal default)

@@ -112,6 +112,7 @@ def test_seed_command_overrides_map_to_the_library():
     ("++model.per_device_batch_size=0", r"model.per_device_batch_size must be an integer >= 1, got 0"),
     ("++model.real_batch_size=0", r"model.real_batch_size must be an integer >= 1, got 0"),
     ("++model.optimizer=adam", r"model.optimizer must be adamw, sgd or lora_pro, got 'adam'"),
+    ("++init.guard_iters=-1", r"init.guard_iters must be an integer >= 0, got -1"),
 ])
 def test_bad_keys_and_values_are_named(override, match):
     with pytest.raises(ValueError, match=match):
@@ -413,6 +414,8 @@ def test_runner_auto_rank_and_line_search(assets, tmp_path):
     ranks = results["ranks"]["ranks"]
     assert saved["ranks"] == ranks and sum(ranks.values()) == 8 * len(ranks)
     assert results["line_search"]["loss_chosen"] <= results["line_search"]["loss_at_1"]
+    guard = results["guard"]  # on by default: the chosen step, checked on the 2 batches after the search's
+    assert guard["loss_chosen"] <= guard["loss_before"] and not guard["raises"]
     assert all("step_norm" in v and v["rank"] == ranks[n] for n, v in results["init_layers"].items())
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), str(run_dir / "adapter"))
     built = {n.removeprefix("base_model.model."): m.r["default"] for n, m in loaded.named_modules()

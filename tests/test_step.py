@@ -367,3 +367,62 @@ def test_line_search_on_other_batches(sbatches):
     assert ls["on"] == "search_batches"
     assert math.isclose(mean_loss(pm, other), ls["loss_chosen"], rel_tol=1e-4)
     assert ls["loss_chosen"] <= min(ls["loss_before"], ls["loss_at_1"])
+
+
+# ------------------------------------------------------------------------------------------ the step's guard
+@pytest.fixture(scope="module")
+def ascent_stats():
+    """Statistics whose gradients point uphill: every positive init step raises the loss."""
+    other = make_batches(n_batches=3, bsz=4, seq=12, seed=7)
+    stats = collect_stats(tiny_llama(), other, TARGETS, kinds=("kfac",), progress=False)
+    for st in stats.values():
+        st.grad = -st.grad
+    return stats
+
+
+@pytest.mark.parametrize("method", ["lora_fa", "lora_one"])
+def test_guard_shortens_a_step_that_raises_the_held_out_loss(method, ascent_stats, sbatches, tmp_path):
+    base = mean_loss(tiny_llama(), sbatches)
+    init = InitConfig(method=method, iters=3, stable_gamma=0.01)  # a long step: clearly uphill
+    ref = lorafa.initialize(tiny_llama(), cfg(), init, stats=ascent_stats, progress=False)
+    assert mean_loss(ref, sbatches) > base + 1e-3  # unguarded, the step raises the loss
+    pm = lorafa.initialize(tiny_llama(), cfg(), init, stats=ascent_stats, guard_batches=sbatches, progress=False,
+                           initial_adapter_dir=tmp_path / "init")
+    g = init_record(pm).summary["guard"]
+    assert g["remedy"] == "offset" and g["chosen"] < 1.0 and not g["raises"]
+    assert g["loss_step"] > g["loss_before"] >= g["loss_chosen"]
+    assert math.isclose(g["loss_before"], base, rel_tol=1e-6)
+    assert math.isclose(mean_loss(pm, sbatches), g["loss_chosen"], rel_tol=1e-4)  # the model is what the guard saw
+    assert mean_loss(pm, sbatches) <= base + 1e-5
+    for (n, p1), (_, p2) in zip(pm.named_parameters(), ref.named_parameters()):
+        if "lora_" in n:  # the factors keep their scale: only the function's step is shortened
+            torch.testing.assert_close(p1, p2)
+    assert init_record(pm).subtracted
+    # trained a little, saved, loaded by stock PEFT on the original (un-offset) base: the same function
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
+    pm.train()
+    for b in sbatches:
+        pm(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = logits(pm, sbatches)
+    lorafa.save_adapter(pm, tmp_path / "adapter", initial_adapter=tmp_path / "init")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, sbatches), trained, atol=2e-5, rtol=1e-4)
+
+
+def test_guard_keeps_a_step_that_lowers_the_held_out_loss(sbatches):
+    init = InitConfig(method="lora_fa", iters=3)
+    ref = lorafa.initialize(tiny_llama(), cfg(), init, batches=sbatches, progress=False)
+    other = make_batches(n_batches=2, bsz=4, seq=12, seed=11)
+    pm = lorafa.initialize(tiny_llama(), cfg(), init, batches=sbatches, guard_batches=sbatches[:2], progress=False)
+    g = init_record(pm).summary["guard"]
+    assert g["loss_step"] < g["loss_before"]  # on examples the step was computed from, it helps
+    assert g["remedy"] is None and g["chosen"] == 1.0 and [x for x, _ in g["tried"]] == [0.0, 1.0]
+    torch.testing.assert_close(logits(pm, other), logits(ref, other))
+    assert not init_record(pm).subtracted
+
+
+def test_guard_only_for_step_methods(sbatches):
+    with pytest.raises(ValueError, match=r"guard_batches= checks the init step of lora_fa and lora_one; pissa"):
+        lorafa.initialize(tiny_llama(), cfg(), InitConfig(method="pissa"), guard_batches=sbatches, progress=False)

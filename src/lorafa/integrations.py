@@ -28,7 +28,8 @@ import torch
 from peft import LoraConfig, PeftModel
 
 from .config import InitConfig, as_init_config
-from .peft_bridge import initialize
+from .checks import check_positive_int
+from .peft_bridge import GUARDED, initialize
 from .stats.sampling import sample_indices, shard_batches
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def _install(trainer, peft_model: PeftModel) -> None:
 def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig | None = None, *, stats=None,
                        loss_fn: Callable | None = None, adapter_name: str = "default", progress: bool = True,
                        initial_adapter_dir=None, learning_rate: float | str | None = None,
-                       lr_options: dict | None = None, **initialize_options) -> PeftModel:
+                       lr_options: dict | None = None, guard_iters: int = 2, **initialize_options) -> PeftModel:
     """Initialise LoRA adapters on an already-built trainer's base model from its own training data, and make the
     trainer train them.
 
@@ -177,6 +178,11 @@ def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig
     adapter with `lorafa.save_adapter(peft_model, path)` (it loads on the original base); `trainer.save_model`
     writes it relative to the offset base.
 
+    For lora_fa and lora_one the init step is guarded (`lorafa.initialize`'s `guard_batches=`): it must not raise the
+    loss on `guard_iters` batches of InitConfig's bsz that the statistics pass did not see (the same batches as
+    "auto"'s below); where it does, it is shortened, and
+    `lorafa.saving.init_record(peft_model).summary["guard"]` says so.
+
     `learning_rate="auto"` sets `trainer.args.learning_rate` (before the optimizer exists, so the optimizer and its
     schedule use it) to `lorafa.suggest_lr` on the initialised model, for the trainer's optimizer (`args.optim`:
     AdamW, with `args.adam_epsilon`, or SGD), on 2 batches of InitConfig's bsz from the trainer's data that the
@@ -195,8 +201,9 @@ def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig
         adapter_name, progress, initial_adapter_dir: as in `lorafa.initialize`.
         learning_rate: None (the trainer's own), a positive number (set as `args.learning_rate`), or "auto".
         lr_options: keyword arguments of `lorafa.suggest_lr` for "auto" (rule, seed, and the rule's options).
-        **initialize_options: further keyword arguments of `lorafa.initialize` (search_batches, align, tuned,
-            autocast_adapter_dtype).
+        guard_iters: batches for the init step's guard (lora_fa, lora_one; 0 turns it off).
+        **initialize_options: further keyword arguments of `lorafa.initialize` (search_batches, guard_batches,
+            align, tuned, autocast_adapter_dtype).
 
     Returns:
         The PeftModel, also installed as `trainer.model`.
@@ -215,6 +222,9 @@ def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig
     needs_batches = (stats is None and init_config.needs is not None) or (
         init_config.line_search and initialize_options.get("search_batches") is None)
     batches = trainer_stat_batches(trainer, init_config, require_labels=loss_fn is None) if needs_batches else None
+    check_positive_int("guard_iters", guard_iters, low=0)
+    if guard_iters and init_config.method in GUARDED and "guard_batches" not in initialize_options:
+        initialize_options["guard_batches"] = _held_out_batches(trainer, init_config, guard_iters, loss_fn)
     peft_model = initialize(trainer.model, lora_config, init_config, batches=batches, stats=stats,
                             adapter_name=adapter_name, loss_fn=loss_fn, progress=progress,
                             initial_adapter_dir=initial_adapter_dir, **initialize_options)
@@ -251,19 +261,24 @@ def _check_learning_rate(trainer, learning_rate) -> str | None:
 
 
 def _auto_learning_rate(trainer, peft_model, init_config: InitConfig, optimizer: str, loss_fn, options: dict) -> None:
-    from .lr import MAX_BATCHES, RULES, suggest_lr
+    from .lr import DEFAULT_RULE, MAX_BATCHES, RULES, suggest_lr
 
-    rule = options.pop("rule", "adam_step")
+    rule = options.pop("rule", DEFAULT_RULE)
     if rule in RULES and "eps" in RULES[rule].options and optimizer == "adamw":
         options.setdefault("eps", trainer.args.adam_epsilon)
     options.setdefault("seed", init_config.seed)
-    n = options.get("max_batches", MAX_BATCHES)
-    batches = trainer_stat_batches(trainer, dataclasses.replace(init_config, iters=n),
-                                   require_labels=loss_fn is None, skip=init_config.iters, shard=False)
+    batches = _held_out_batches(trainer, init_config, options.get("max_batches", MAX_BATCHES), loss_fn)
     suggestion = suggest_lr(peft_model, batches, optimizer, rule=rule, loss_fn=loss_fn, **options)  # rank 0's
     trainer.args.learning_rate = suggestion.lr
     _LR_SUGGESTIONS[peft_model] = suggestion
     logger.info("lorafa: learning rate %.4g from suggest_lr (%s): %s", suggestion.lr, rule, suggestion.evidence)
+
+
+def _held_out_batches(trainer, init_config: InitConfig, n: int, loss_fn) -> list[dict]:
+    """n batches of InitConfig's bsz from the trainer's data that the statistics pass did not see, the same on every
+    process (the init step's guard and "auto"'s suggestion only evaluate on them)."""
+    return trainer_stat_batches(trainer, dataclasses.replace(init_config, iters=n), require_labels=loss_fn is None,
+                                skip=init_config.iters, shard=False)
 
 
 _LR_SUGGESTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

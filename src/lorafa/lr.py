@@ -61,6 +61,7 @@ RANGE_GRID = (1e-6, 1.0, 2.0)  # the range test's rates: lr_min, lr_max, factor 
 LANCZOS_STEPS = 20  # Lanczos iterations (Hessian-vector products on every batch) for λ_max
 MAX_BATCHES = 2  # batches used (the first ones given)
 
+DEFAULT_RULE = "adam_step"  # suggest_lr's, the runner's (model.lr_rule) and initialize_trainer's
 OPTIMIZERS = ("adamw", "sgd")
 CURVATURES = ("hessian", "gauss_newton")
 
@@ -476,7 +477,7 @@ RULES: dict[str, Callable[..., LrSuggestion]] = {"polyak": polyak, "adam_step": 
                                                   "lambda_max": lambda_max, "range_test": range_test}
 
 
-def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule: str = "adam_step", seed: int = 0,
+def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule: str = DEFAULT_RULE, seed: int = 0,
                loss_fn: Callable | None = None, **options) -> LrSuggestion:
     """A learning rate for training `model`'s trainable parameters, from the loss's response on `batches`.
 

@@ -26,7 +26,7 @@ from .config import InitConfig, as_init_config
 from .kasa import kasa_lora_config
 from .methods.common import InitResult
 from .methods.extract import check_difference
-from .methods.line_search import line_search
+from .methods.line_search import guard_step, line_search
 from .methods.lora_fa import whitener_scope
 from .methods.registry import METHODS, make_options
 from .saving import InitRecord, check_initial_adapter_dir, remember_record, save_initial_adapter
@@ -38,6 +38,8 @@ from .sweeps import check_given_stats_fit, collect, grouped_init, init_layers, s
 from .weights import base_weight_readers, tuned_weights
 
 logger = logging.getLogger(__name__)
+
+GUARDED = ("lora_fa", "lora_one")  # the methods whose init is a step of the model's function (guard_batches=)
 
 
 def _check_lora_config(lora_config, init_config: InitConfig) -> None:
@@ -102,7 +104,7 @@ def _check_variant_targets(targets: dict, lora_config: LoraConfig, init_config: 
 
 def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=None, batches=None, loss_fn=None,
                  progress: bool = True, search_batches=None, align=None, tuned=None,
-                 base_weights=None) -> dict[str, InitResult]:
+                 base_weights=None, guard_batches=None) -> dict[str, InitResult]:
     """Every target layer's InitResult, computed from the untouched base model (nothing is modified).
 
     With `init_config.rank="auto"` each result has its allocated rank (`info["rank"]`); `initialize` also writes
@@ -114,11 +116,11 @@ def compute_init(model, lora_config: LoraConfig, init_config: InitConfig, stats=
     init_config = as_init_config(init_config)
     _check_lora_config(lora_config, init_config)
     return _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches, align,
-                         tuned, base_weights)[0]
+                         tuned, base_weights, guard_batches)[0]
 
 
 def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, progress, search_batches=None,
-                  align=None, tuned=None, base_weights=None):
+                  align=None, tuned=None, base_weights=None, guard_batches=None):
     """(results, the LoraConfig the results are for, summary, {name: a function reading W})."""
     if init_config.align_init:
         from .align.term import aligned_loss
@@ -143,6 +145,11 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
     shard = sharded(base, init_config, stats)
     _check_sketch_size(init_config, lora_config, targets)
     check_budget(init_config, targets)
+    if guard_batches is not None:
+        guard_batches = list(guard_batches)
+        if init_config.method not in GUARDED:
+            raise ValueError(f"guard_batches= checks the init step of {' and '.join(GUARDED)}; {init_config.method}'s "
+                             "init does not step the model's function. Drop guard_batches=.")
     if init_config.line_search and batches is None and search_batches is None:
         raise ValueError("scale='line_search' chooses the step by the loss on the statistics batches: pass batches= "
                          "(or search_batches=) to initialize, also when stats= are given, or use scale='stable' or "
@@ -156,7 +163,7 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
             results, lora_config, kept, summary = grouped_init(base, targets, lora_config, init_config, groups,
                                                                batches, loss_fn, progress, weights, tuned, shard)
             return _finish(base, kept, results, lora_config, init_config, summary, batches, search_batches,
-                           loss_fn, weights)
+                           loss_fn, weights, guard_batches)
         stats = collect(base, batches, list(targets), init_config, loss_fn, progress)
     elif stats is not None and init_config.stats_memory is not None:
         check_given_stats_fit(stats, targets, init_config.stats_memory)
@@ -172,10 +179,11 @@ def _compute_init(model, lora_config, init_config, stats, batches, loss_fn, prog
                                                           tuned)
         results = init_layers(targets, lora_config, init_config, stats, opts, progress, weights, tuned)
     return _finish(base, targets, results, lora_config, init_config, summary, batches, search_batches, loss_fn,
-                   weights)
+                   weights, guard_batches)
 
 
-def _finish(base, targets, results, lora_config, init_config, summary, batches, search_batches, loss_fn, weights):
+def _finish(base, targets, results, lora_config, init_config, summary, batches, search_batches, loss_fn, weights,
+            guard_batches=None):
     if init_config.line_search:
         own = search_batches is None  # the statistics batches: this process's share of init.iters
         summary["line_search"] = line_search(base, targets, results, lora_config, batches if own else search_batches,
@@ -183,6 +191,9 @@ def _finish(base, targets, results, lora_config, init_config, summary, batches, 
                                              max_batches=len(range(world()[0], init_config.iters, world()[1]))
                                              if own else None)
         summary["line_search"]["on"] = "statistics batches" if own else "search_batches"
+    if guard_batches is not None:  # after the line search: it checks the step the model will start from
+        summary["guard"] = guard_step(base, targets, results, lora_config, guard_batches, loss_fn,
+                                      can_offset=not any(is_quantized(m) for m in targets.values()))
     if summary["ranks"] is None:
         del summary["ranks"]
     return results, lora_config, summary, weights
@@ -224,7 +235,7 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
                adapter_name: str = "default", loss_fn=None, progress: bool = True,
                initial_adapter_dir: str | os.PathLike | None = None,
                autocast_adapter_dtype: bool = True, search_batches=None, align=None, tuned=None,
-               base_weights=None) -> PeftModel:
+               base_weights=None, guard_batches=None) -> PeftModel:
     """Build a PEFT model whose adapters are initialised by `init_config`.
 
     Runs the statistics pass over `batches` if the method needs statistics and `stats` is None, computes every
@@ -253,6 +264,12 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
             The statistics batches are the data the step was computed from, so a search on them favours long steps
             that fit those examples (measured: on a probe-first classifier, 128 statistics reviews' loss fell from
             0.61 to 0.03 while the held-out loss rose); other training examples avoid that.
+        guard_batches: for lora_fa and lora_one, batches of examples outside the statistics sample on which the init
+            step must not raise the loss (`methods.line_search.guard_step`): where it does, the step is shortened
+            (the factors keep their scale and the base is offset by the rest; a quantized base takes no offset,
+            so there the factors shrink). Where it does not, nothing changes. The runner (`init.guard_iters`,
+            default 2) and `initialize_trainer` pass them;
+            `lorafa.saving.init_record(peft_model).summary["guard"]` says what it found.
         tuned: for method="extract", the fine-tuned model (same architecture as `model`) or its state dict: each
             target layer's adapter is extracted from W_tuned − W.
         base_weights: for a bitsandbytes-quantized model (SPEC §10), the full-precision weights it was loaded from:
@@ -279,8 +296,9 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
         on_main_process(lambda: check_initial_adapter_dir(initial_adapter_dir), "checking initial_adapter_dir",
                         errors=(FileExistsError,))
     results, lora_config, summary, weights = _compute_init(model, lora_config, init_config, stats, batches, loss_fn,
-                                                           progress, search_batches, align, tuned, base_weights)
-    subtract = init_config.subtracts()
+                                                           progress, search_batches, align, tuned, base_weights,
+                                                           guard_batches)
+    subtract = init_config.subtracts() or any(r.subtract for r in results.values())  # the guard may offset
     variant = METHODS[init_config.method].variant
     if variant == "kasa":
         opts = make_options("kasa", **init_config.method_options())

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checks import is_real
+from .checks import check_positive_int, is_real
 from .config import InitConfig
 from .methods.registry import METHODS, resolve_method
 from .options import OPTIONS, RENAMED, check_fields, renamed_message
@@ -34,7 +34,7 @@ class ModelSection:
     bnb_4bit_use_double_quant: bool = False
     max_length: int = 256
     learning_rate: float | str = 1e-3  # or "auto": lorafa.suggest_lr after each arm's init (SPEC §11)
-    lr_rule: str = "adam_step"  # learning_rate=auto: suggest_lr's rule (adam_step | lambda_max | range_test)
+    lr_rule: str = "adam_step"  # learning_rate=auto: suggest_lr's rule (lorafa.lr.RULES; default lr.DEFAULT_RULE)
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     eval_epochs: float = 1.0  # held-out loss every this many epochs
@@ -90,6 +90,7 @@ class InitSection:
     r_max: int | None = None
     tau: float = 0.9
     search_iters: int = 0  # scale=line_search: 0 searches on the statistics batches, k > 0 on k batches of others
+    guard_iters: int = 2  # lora_fa, lora_one: the init step must not raise the loss on k batches of others (0: off)
     tuned: str | None = None  # method=extract: the fine-tuned checkpoint (HF id or path) to extract from
     metric: str | None = None  # extract: input (null: the method's default) | kfac | identity
     kasa_beta: float | None = None  # kasa: weight of Σσ² (null: 1e-4)
@@ -132,7 +133,8 @@ class InitSection:
         return self.method or self.direction or MODE_DEFAULT.get(self.mode, MODE_DEFAULT["gradient"])
 
 
-RUNNER_INIT_KEYS = ("mode", "method", "direction", "weight", "search_iters", "tuned", "plan_only", "dtype", "cache")
+RUNNER_INIT_KEYS = ("mode", "method", "direction", "weight", "search_iters", "guard_iters", "tuned", "plan_only",
+                    "dtype", "cache")
 check_fields(InitSection, runner=True, extra=RUNNER_INIT_KEYS)  # every other key is a declared InitConfig option
 
 
@@ -240,8 +242,8 @@ class RunConfig:
         if i.dtype != "fp32":
             raise ValueError(f"init.dtype={i.dtype!r}: the statistics are always accumulated in fp32, whatever the "
                              "model's dtype, so init.dtype (the seed's key) takes only 'fp32': remove it.")
-        if not isinstance(i.search_iters, int) or i.search_iters < 0:
-            raise ValueError(f"init.search_iters must be an integer >= 0, got {i.search_iters!r}")
+        for key_ in ("search_iters", "guard_iters"):
+            check_positive_int(f"init.{key_}", getattr(i, key_), low=0)
         if i.search_iters and (i.scale or i.weight) != "line_search":
             raise ValueError("init.search_iters chooses the batches of the line search: set ++init.scale=line_search "
                              "too, or leave search_iters at 0.")

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .peft_bridge import initialize
+from .peft_bridge import GUARDED, initialize
 from .runconfig import RunConfig
 from .saving import save_adapter
 from .fsio import write_json
@@ -464,9 +464,12 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
         search_batches = batches if init_config.line_search and cfg.init.search_iters else None
         batches = stat_batches(task.train, stats_collate, init_config.bsz, init_config.iters, init_config.sample,
                                init_config.seed)
+    guard_batches = None
+    if cfg.init.guard_iters and init_config.method in GUARDED:  # examples after the statistics and search samples
+        guard_batches = _held_out_batches(cfg, task, stats_collate, init_config, cfg.init.guard_iters)
     peft_model = initialize(model, lora_config, init_config, stats=stats, batches=batches,
                             search_batches=search_batches, initial_adapter_dir=initial_dir, align=align_term,
-                            tuned=tuned, base_weights=_base_weights(cfg, init_config))
+                            tuned=tuned, base_weights=_base_weights(cfg, init_config), guard_batches=guard_batches)
     del tuned
     out["init_s"] = round(time.perf_counter() - t, 2)
     out.update(_init_report(peft_model, run_dir, state))
@@ -514,18 +517,25 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     return out
 
 
+def _held_out_batches(cfg: RunConfig, task, collate, init_config, n: int) -> list[dict]:
+    """n batches of init.bsz examples that the statistics pass and the line search did not see (the seeded order,
+    continued), the same on every process: the init step's guard and the rate's suggestion use them (the same
+    ones: both only evaluate)."""
+    from .stats.sampling import sample_indices
+
+    skip = init_config.iters + (cfg.init.search_iters if init_config.line_search else 0)
+    chosen = sample_indices(len(task.train), init_config.bsz, n, init_config.sample, init_config.seed, skip=skip)
+    return [collate([task.train[i] for i in idx]) for idx in chosen]
+
+
 def _auto_learning_rate(cfg: RunConfig, peft_model, task, tokenizer, init_config, out: dict) -> RunConfig:
     """`model.learning_rate=auto`: `lorafa.suggest_lr` (`model.lr_rule`) on 2 batches of init.bsz examples outside
     the statistics and line-search samples (the same batches on every process; every process takes rank 0's
     rate). The rate and the evidence go into `out`; returns `cfg` with that rate."""
     from .lr import MAX_BATCHES, suggest_lr
-    from .stats.sampling import sample_indices
 
-    skip = init_config.iters + (cfg.init.search_iters if init_config.line_search else 0)
     collate = _collator(cfg, task, tokenizer, init_config.max_length)
-    chosen = sample_indices(len(task.train), init_config.bsz, MAX_BATCHES, init_config.sample, init_config.seed,
-                            skip=skip)
-    batches = [collate([task.train[i] for i in idx]) for idx in chosen]
+    batches = _held_out_batches(cfg, task, collate, init_config, MAX_BATCHES)
     s = suggest_lr(peft_model, batches, cfg.model.optimizer, rule=cfg.model.lr_rule, seed=init_config.seed)
     lr, evidence = s.lr, s.evidence  # the main process's, on every process
     out["learning_rate"], out["lr_suggestion"] = lr, evidence
@@ -566,9 +576,7 @@ def _init_report(peft_model, run_dir: str, state) -> dict:
     record = init_record(peft_model)
     report = {"init_layers": {n: {k: i[k] for k in ("rank", "step_norm", "eta", "global_factor", "offset_scale")
                                   if k in i} for n, i in record.infos.items()}}
-    if "line_search" in record.summary:
-        report["line_search"] = record.summary["line_search"]
-    for key in ("stats_groups", "stats_sharding"):  # how the statistics were collected (grouped sweeps, owners)
+    for key in ("line_search", "guard", "stats_groups", "stats_sharding"):  # the step's length, how stats were taken  # how the statistics were collected (grouped sweeps, owners)
         if key in record.summary:
             report[key] = record.summary[key]
     if "ranks" in record.summary:

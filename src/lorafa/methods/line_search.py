@@ -1,5 +1,6 @@
 """The length of the init step chosen by the loss (scale="line_search", SPEC §2.5): one global factor on every
-layer's step, tried by forward passes over the statistics batches (or `search_batches`).
+layer's step, tried by forward passes over the statistics batches (or `search_batches`); and the step's guard
+(`guard_batches`), which only ever shortens a step that raises the loss on examples outside the statistics sample.
 
 Unlike the methods beside it this is not a pure function of W and the statistics: it runs the model, with the steps
 added through forward hooks, so no weight is changed.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -24,25 +26,13 @@ LINE_SEARCH_MAX_DOUBLINGS = 8  # up to 256× the starting steps
 LINE_SEARCH_MAX_HALVINGS = 10  # down to 1/1024 of them
 
 
-@torch.no_grad()
-def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, offset: bool,
-                max_batches: int | None = None) -> dict:
-    """Choose one global factor g on every layer's init step by the loss on the statistics batches (forward passes
-    only, SPEC §2.5), and apply it to `results`.
-
-    g = 1 (the steps as computed: `stable` or `kfac`) is tried first, then doubled while the loss falls (only if g = 1
-    lowers it), else halved until the loss stops falling below the model's loss before the init; the lowest loss tried
-    is kept, so on these batches the result is never worse than g = 1 nor
-    than the model before the init (g = 0, a candidate when the base is offset; without an offset both factors would
-    be zero and could not train, so there the smallest g tried is 2^-10). The steps are applied through forward
-    hooks (x ↦ y + g·c·s·(x Aᵀ) Bᵀ), so the weights are never modified and nothing is rounded.
-
-    Returns:
-        {"tried": [[g, loss], ...], "chosen": g, "loss_before": loss at g = 0, "loss_chosen": ...}.
-    """
-    batches = list(batches)[: max_batches] if max_batches is not None else list(batches)
+@contextmanager
+def _step_losses(model, targets, results, lora_config, batches, loss_fn):
+    """Yields (loss_at, tried): loss_at(g) is the mean loss over `batches` (over every process's) with g times each
+    layer's init step added through forward hooks (x ↦ y + g·c·s·(x Aᵀ) Bᵀ; no weight is modified, nothing is
+    rounded), in eval mode and without a graph; `tried` holds every {g: loss} computed."""
     if not batches:
-        raise ValueError("scale='line_search' got no statistics batches for this process.")
+        raise ValueError("the init step's line search / guard got no batches for this process.")
     # under FSDP2 or ZeRO-3 each forward gathers weights on every rank: a rank with fewer batches runs blank passes
     blank = max(all_gather_objects(len(batches))) - len(batches) if fsdp_sharded(model) else 0
     deltas = {}
@@ -79,6 +69,30 @@ def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, 
         return tried[g]
 
     try:
+        yield loss_at, tried
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+
+
+def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, offset: bool,
+                max_batches: int | None = None) -> dict:
+    """Choose one global factor g on every layer's init step by the loss on the statistics batches (forward passes
+    only, SPEC §2.5), and apply it to `results`.
+
+    g = 1 (the steps as computed: `stable` or `kfac`) is tried first, then doubled while the loss falls (only if g = 1
+    lowers it), else halved until the loss stops falling below the model's loss before the init; the lowest loss tried
+    is kept, so on these batches the result is never worse than g = 1 nor
+    than the model before the init (g = 0, a candidate when the base is offset; without an offset both factors would
+    be zero and could not train, so there the smallest g tried is 2^-10). The steps are applied through forward
+    hooks (x ↦ y + g·c·s·(x Aᵀ) Bᵀ), so the weights are never modified and nothing is rounded.
+
+    Returns:
+        {"tried": [[g, loss], ...], "chosen": g, "loss_before": loss at g = 0, "loss_chosen": ...}.
+    """
+    batches = list(batches)[: max_batches] if max_batches is not None else list(batches)
+    with _step_losses(model, targets, results, lora_config, batches, loss_fn) as (loss_at, tried):
         before = loss_at(0.0)
         # up only while the steps help: where g = 1 already raises the loss, a longer step is never looked for
         # (far past the minimum the loss is not unimodal: measured 15.0 at g = 1 and 12.7 at g = 2, 1.4 at g = 0)
@@ -93,10 +107,6 @@ def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, 
         best = min((g for g in tried if g > 0), key=lambda g: tried[g])
         if offset and before < tried[best]:
             best = 0.0
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
     for res in results.values():
         res.scale_step(best)
         res.info.update(step_norm=res.info.get("step_norm", 0.0) * best, global_factor=best)
@@ -106,3 +116,51 @@ def line_search(model, targets, results, lora_config, batches, loss_fn=None, *, 
                 tried[best], before, tried[1.0])
     return {"tried": sorted([g, v] for g, v in tried.items()), "chosen": best, "loss_before": before,
             "loss_chosen": tried[best], "loss_at_1": tried[1.0]}
+
+
+def guard_step(model, targets, results, lora_config, batches, loss_fn=None, *, can_offset: bool) -> dict:
+    """The init step's guard: the step never raises the loss on `batches` (examples outside the statistics sample).
+
+    The loss with the step (g = 1) is compared with the loss before the init (g = 0): where the step does not raise
+    it, nothing changes. Where it does, the step is halved until it no longer does (g = 2^-k, k ≤ 10), else g = 0. The
+    model then starts at W + g·step: the factors keep their scale and the base is offset by the rest of the step,
+    W − (1 − g)·s·B·A (as offset="partial" does; the saved adapter loads on the original base). A quantized base
+    takes no offset: there both factors shrink by √g instead (g ≥ 2^-10, the smallest tried; the returned
+    "raises" says whether even that raised the loss).
+
+    Returns:
+        {"loss_before", "loss_step" (at g = 1), "chosen" (g), "loss_chosen", "tried", "remedy" (None: kept;
+        "offset" or "shrink"), "raises" (the chosen step's loss above the loss before)}.
+    """
+    batches = list(batches)
+    with _step_losses(model, targets, results, lora_config, batches, loss_fn) as (loss_at, tried):
+        before, at_step = loss_at(0.0), loss_at(1.0)
+        best = 1.0
+        if at_step > before:
+            best = 0.0 if can_offset else 2.0 ** -LINE_SEARCH_MAX_HALVINGS
+            for k in range(1, LINE_SEARCH_MAX_HALVINGS + 1):
+                if loss_at(2.0 ** -k) <= before:
+                    best = 2.0 ** -k
+                    break
+    remedy = None if best == 1.0 else "offset" if can_offset else "shrink"
+    for res in results.values():
+        if remedy == "offset" and not res.subtract:  # the factors keep their scale; the base takes the rest
+            res.subtract, res.offset_scale = True, 1.0 - best
+            if res.step is not None:
+                res.step *= best
+        elif remedy is not None:
+            res.scale_step(best)
+        if remedy is not None:
+            res.info.update(step_norm=res.info.get("step_norm", 0.0) * best, guard_factor=best)
+            if res.subtract:
+                res.info["offset_scale"] = res.offset_scale
+    loss = tried.get(best, before)
+    out = {"loss_before": before, "loss_step": at_step, "chosen": best, "loss_chosen": loss,
+           "tried": sorted([g, v] for g, v in tried.items()), "remedy": remedy, "raises": loss > before}
+    if remedy is None:
+        logger.info("lorafa guard: the init step keeps the held-out loss at %.4f (%.4f before the init)", at_step,
+                    before)
+    else:
+        logger.warning("lorafa guard: the init step raised the held-out loss from %.4f to %.4f; its factor is now %g "
+                       "(%s; loss %.4f)", before, at_step, best, remedy, loss)
+    return out
