@@ -1,0 +1,139 @@
+"""The held-out loss right after the init, against the base model's (issue 23, item 6): does the default init step
+ever raise it? For each preset and seed, the init (lora_fa and lora_one, the methods whose init is a step) is
+built twice from the same statistics batches: as `lorafa.initialize` makes it (no guard) and with the step's guard
+on the 2 training batches that follow the statistics sample (`guard_batches=`, the runner's and
+`initialize_trainer`'s default). The validation and test losses of both, and the base model's, are written per run
+to `OUT/<preset>_<init>_s<seed>.json`; `--summary` tables them (`OUT/step0.md|csv`), with the main job's step-0
+losses from its results.json (`docs/results/main_job`, written by benchmarks/first_command.py).
+
+    python benchmarks/step0.py --preset classification --seeds 0 1 2 --threads 1
+    python benchmarks/step0.py --preset causal --seeds 0 1 2 --threads 1
+    python benchmarks/step0.py --summary
+
+The validation and test sets are the convergence protocol's (benchmarks/convergence.py), so the rows match its
+runs' step-0 losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import convergence as cv  # noqa: E402
+from common import write_json, write_table  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "benchmarks", "results", "step0")
+MAIN_JOB = os.path.join(ROOT, "docs", "results", "main_job", "results.json")
+INITS = ("lora_fa", "lora_one")
+RAISE_TOL = 1e-3  # a held-out loss more than this above the base model's counts as raised
+
+
+def _losses(model, task, val, collate, device, p) -> dict:
+    return {"val": cv.heldout(model, val, collate, device)["loss"],
+            "test": cv.heldout(model, task.test[: p.n_heldout], collate, device)["loss"]}
+
+
+def run_one(job: dict) -> dict:
+    from lorafa import InitConfig, initialize
+    from lorafa.saving import init_record
+
+    res = {"preset": job["preset_name"], "init": job["method"], "seed": job["seed"]}
+    for guarded in (True, False):
+        args, p, device, task, model, collate, seed, split = cv.prepare(job)
+        val = [task.train[i] for i in split["val"]]
+        if guarded:
+            res["base"] = _losses(model, task, val, collate, device, p)
+        batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
+        guard = [cv.to_device(collate([task.train[i] for i in idx]), device)
+                 for idx in cv.train_order(split["train"], p, seed)[:2]]  # an auto run's rate batches too
+        init = InitConfig(method=job["method"], bsz=p.init_bsz, iters=p.init_iters, seed=seed)
+        t = time.perf_counter()
+        pm = initialize(model, cv.lora_config(p, args, task, True), init, batches=batches,
+                        guard_batches=guard if guarded else None, progress=False)
+        key = "guarded" if guarded else "unguarded"
+        res[key] = dict(_losses(pm, task, val, collate, device, p), init_s=time.perf_counter() - t)
+        if guarded:
+            res["guard"] = init_record(pm).summary["guard"]
+            if res["guard"]["remedy"] is None:  # the guard changed nothing: the same model as without it
+                res["unguarded"] = dict(res["guarded"], same_as_guarded=True)
+                break
+    write_json(job["path"], res)
+    return res
+
+
+def _mean(xs) -> float:
+    return statistics.mean(xs)
+
+
+def summary(out: str) -> str:
+    runs = [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out))
+            if f.endswith(".json") and "_s" in f]
+    rows = []
+    for preset in sorted({r["preset"] for r in runs}):
+        for init in INITS:
+            mine = [r for r in runs if r["preset"] == preset and r["init"] == init]
+            if not mine:
+                continue
+            base_v, base_t = _mean([r["base"]["val"] for r in mine]), _mean([r["base"]["test"] for r in mine])
+            raised = sum(r["guarded"][k] > r["base"][k] + RAISE_TOL for r in mine for k in ("val", "test"))
+            rows.append({"set-up": preset, "init": init, "seeds": len(mine),
+                         "base val": f"{base_v:.4f}", "init val": f"{_mean([r['guarded']['val'] for r in mine]):.4f}",
+                         "base test": f"{base_t:.4f}",
+                         "init test": f"{_mean([r['guarded']['test'] for r in mine]):.4f}",
+                         "raised (runs × sets)": f"{raised} of {2 * len(mine)}",
+                         "guard shortened the step": f"{sum(r['guard']['remedy'] is not None for r in mine)} of "
+                                                     f"{len(mine)}",
+                         "without the guard: val / test":
+                             f"{_mean([r['unguarded']['val'] for r in mine]):.4f} / "
+                             f"{_mean([r['unguarded']['test'] for r in mine]):.4f}"})
+    if os.path.exists(MAIN_JOB):
+        with open(MAIN_JOB) as f:
+            job = json.load(f)
+        mine, base = job["validation_loss"]["at_init"], job["baseline"]["validation_loss"]["at_init"]
+        guard = job.get("guard")
+        rows.append({"set-up": "main job (leg_counting, every linear layer)", "init": job.get("method", "lora_fa"),
+                     "seeds": 1, "base val": f"{base:.4f}", "init val": f"{mine:.4f}", "base test": None,
+                     "init test": None, "raised (runs × sets)": f"{int(mine > base + RAISE_TOL)} of 1",
+                     "guard shortened the step": None if guard is None else
+                     f"{int(guard['remedy'] is not None)} of 1",
+                     "without the guard: val / test": None})
+    return write_table(rows, list(rows[0]), os.path.join(out, "step0"),
+                       "Held-out loss right after the init (means over seeds), against the base model's")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--summary", action="store_true", help="only table the runs in --out")
+    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    args, rest = ap.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.summary:
+        print(summary(args.out))
+        return
+    cargs = cv.parser().parse_args(rest + ["--out", args.out])
+    p = cv.resolve_preset(cargs)
+    os.makedirs(args.out, exist_ok=True)
+    for m in args.inits:
+        for s in args.seeds:
+            path = os.path.join(args.out, f"{cargs.preset}_{m}_s{s}.json")
+            if os.path.exists(path):
+                continue
+            job = {"method": m, "lr": 0.0, "seed": s, "args": vars(cargs),
+                   "preset": dataclasses.asdict(p), "preset_name": cargs.preset, "probe": None, "path": path}
+            r = run_one(job)
+            logging.info("%s %s seed %d: base %s, init %s, guard %s", cargs.preset, m, s, r["base"], r["guarded"],
+                         r["guard"]["remedy"])
+
+
+if __name__ == "__main__":
+    main()
