@@ -13,6 +13,7 @@ FIT="--fit benchmarks/results/rate_cls/fit.json"
 O="--preset causal --max-extend 3 --eval-every 40 --threads 1"
 RULE=${RULE:-polyak}
 $PY benchmarks/rate.py probe --out $OUT --seeds 0 1 2 --rules polyak adam_step --inits lora $O
+$PY benchmarks/rate.py probe --out $OUT --seeds 0 --rules polyak adam_step $O
 $PY benchmarks/convergence.py $O --lrs 0.0016 0.0032 0.0064 --seeds 0 1 2 --out $OUT/grid --methods lora
 $PY benchmarks/rate.py probe --out $OUT --seeds 0 1 2 --rules polyak adam_step $O
 $PY benchmarks/rate.py auto --out $OUT --seeds 0 1 2 --rule $RULE --inits lora $FIT $O
