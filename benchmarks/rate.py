@@ -26,6 +26,8 @@ The stages share one results folder `OUT` and resume where they stopped (one JSO
    `OUT/rules.md|csv`: every rule's fitted rate per init, and the grid's validation loss at that rate, interpolated
    in log rate; `OUT/step0.md|csv`: the held-out losses right after each init against the base model's) and the
    figure `OUT/rate.png` (final validation loss against rate, one line per init, each auto run marked).
+6. `transfer`: every rule's rate with another preset's constants (`--fit`) against an earlier benchmark's grid of
+   this preset (`--grid-from`, `--alias init=spec`), beside the constant this preset's LoRA would fit (OUT/transfer).
 
     python benchmarks/rate.py probe   --preset classification --out benchmarks/results/rate_cls --seeds 0 1 2
     python benchmarks/rate.py fit     --preset classification --out benchmarks/results/rate_cls
@@ -149,6 +151,58 @@ def _probes(out: str) -> list[dict]:
 def _gmean(xs) -> float:
     xs = [x for x in xs if x is not None and x > 0]
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else math.nan
+
+
+def grid_from(folder: str, aliases: dict[str, str]) -> dict:
+    """grid_of's {init: {"val", "best", "edge", "runs"}} from one convergence.py results folder (e.g. an earlier
+    4x-grid benchmark of the same preset), its specs renamed by `aliases` ({init: spec in that folder})."""
+    runs, methods = cv.saved_runs(folder)
+    s0 = cv.first_seed(folder)
+    s0 = min(r["seed"] for r in runs) if s0 is None else s0
+    grid = {}
+    for m in INITS:
+        spec = aliases.get(m, m)
+        mine = [r for r in runs if r["method"] == spec and r["seed"] == s0]
+        if not mine:
+            continue
+        val = {r["lr"]: r["final_val_loss"] for r in mine}
+        best, edge = choose(val)
+        grid[m] = {"val": val, "best": best, "edge": edge,
+                   "runs": [r for r in runs if r["method"] == spec and r["lr"] == best]}
+    return grid
+
+
+def transfer(out: str, fit_path: str, folder: str, aliases: dict[str, str], title: str) -> str:
+    """Every rule's rate on this preset's probes, with the constants of `fit_path` (fitted on another preset's
+    default LoRA), against the grid of an earlier benchmark `folder` of this preset: the rate ratio, the grid's
+    validation loss there, and the constant this preset's own LoRA would have fitted (k here / k there: how far the
+    constant is from transferring). -> OUT/transfer.md|csv"""
+    grid = grid_from(folder, aliases)
+    with open(fit_path) as f:
+        fitted = json.load(f)
+    probes = _probes(out)
+    rows = []
+    for rule in RULES:
+        k = fitted["rules"].get(rule, {}).get("k")
+        raws = {m: _gmean(r["rules"][rule]["raw"] for r in probes if r["method"] == m and rule in r["rules"])
+                for m in INITS}
+        if not k or "lora" not in grid or not raws.get("lora") == raws.get("lora"):
+            continue
+        k_here = grid["lora"]["best"] / raws["lora"]
+        for m in INITS:
+            if m not in grid or not raws[m] == raws[m]:
+                continue
+            lr = k * raws[m]
+            loss, where = interpolate(grid[m]["val"], lr)
+            n = sum(1 for r in probes if r["method"] == m and rule in r["rules"])
+            rows.append({"init": m, "rule": rule, "probe seeds": n, "rate (constant fitted there)": _g(lr),
+                         "grid-best rate": _g(grid[m]["best"]), "ratio": _f(lr / grid[m]["best"], 2),
+                         "val loss there": _f(loss), "grid-best val loss": _f(grid[m]["val"][grid[m]["best"]]),
+                         "outside grid": where, "rate (constant fitted here)": _g(k_here * raws[m]),
+                         "ratio (here)": _f(k_here * raws[m] / grid[m]["best"], 2),
+                         "k here / k there": _f(k_here / k, 2)})
+    return write_table(rows, list(rows[0]), os.path.join(out, "transfer"),
+                       f"{title}: each rule against {os.path.basename(folder)}'s grid (seed 0)")
 
 
 def grid_of(out: str) -> dict:
@@ -335,7 +389,7 @@ def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str) 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["probe", "fit", "auto", "summary"])
+    ap.add_argument("stage", choices=["probe", "fit", "auto", "summary", "transfer"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--inits", nargs="+", default=INITS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -343,6 +397,8 @@ def main(argv=None) -> None:
                     help="auto: the rule to train with; summary: the rule whose auto runs the figure marks")
     ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="probe: the rules to probe")
     ap.add_argument("--fit", default=None, help="the fit.json whose constants to use (default: OUT/fit.json)")
+    ap.add_argument("--grid-from", default=None, help="transfer: an earlier convergence.py results folder")
+    ap.add_argument("--alias", nargs="*", default=[], help="transfer: init=spec, the init's spec in --grid-from")
     args, rest = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cargs = cv.parser().parse_args(rest + ["--out", os.path.join(args.out, "grid")])
@@ -356,6 +412,9 @@ def main(argv=None) -> None:
         with open(fit_path) as f:
             args.k = json.load(f)["rules"][args.rule]["k"]
         _run(_jobs(args, cargs, p, "auto"), cv._run_caught)
+    elif args.stage == "transfer":
+        aliases = dict(a.split("=", 1) for a in args.alias)
+        print(transfer(args.out, fit_path, args.grid_from, aliases, cargs.preset))
     else:
         res = summarise(args.out, fit_path, cargs.preset, args.rule)
         print(res["markdown"])

@@ -3,11 +3,14 @@ ever raise it? For each preset and seed, the init (lora_fa and lora_one, the met
 built twice from the same statistics batches: as `lorafa.initialize` makes it (no guard) and with the step's guard
 on the 2 training batches that follow the statistics sample (`guard_batches=`, the runner's and
 `initialize_trainer`'s default). The validation and test losses of both, and the base model's, are written per run
-to `OUT/<preset>_<init>_s<seed>.json`; `--summary` tables them (`OUT/step0.md|csv`), with the main job's step-0
-losses from its results.json (`docs/results/main_job`, written by benchmarks/first_command.py).
+to `OUT/<preset>_<init>_s<seed>.json`. `--main-job` runs the main job's command (`run_exp.py ++baseline=lora`) for
+one training step and keeps its step-0 validation losses (LoRA-FA's, guarded as the runner does by default, and the
+baseline's, B = 0: the base model's) and the guard's record in `OUT/main_job.json`. `--summary` tables them all
+(`OUT/step0.md|csv`).
 
     python benchmarks/step0.py --preset classification --seeds 0 1 2 --threads 1
     python benchmarks/step0.py --preset causal --seeds 0 1 2 --threads 1
+    python benchmarks/step0.py --main-job
     python benchmarks/step0.py --summary
 
 The validation and test sets are the convergence protocol's (benchmarks/convergence.py), so the rows match its
@@ -31,7 +34,6 @@ from common import write_json, write_table  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks", "results", "step0")
-MAIN_JOB = os.path.join(ROOT, "docs", "results", "main_job", "results.json")
 INITS = ("lora_fa", "lora_one")
 RAISE_TOL = 1e-3  # a held-out loss more than this above the base model's counts as raised
 
@@ -69,13 +71,32 @@ def run_one(job: dict) -> dict:
     return res
 
 
+def main_job(out: str) -> dict:
+    """The main job's command, one training step, no test evaluation: its results.json's step-0 losses and guard."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "run_exp.py", "++baseline=lora", "++model.max_steps=1", "++eval.enabled=false",
+               f"++output_root={tmp}"]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        path = next(os.path.join(dp, "results.json") for dp, _, files in os.walk(tmp)
+                    if "results.json" in files and "baseline" not in dp)
+        with open(path) as f:
+            res = json.load(f)
+    keep = {"command": " ".join(cmd[1:-1]), "method": res["method"], "val_at_init": res["validation_loss"]["at_init"],
+            "base_val": res["baseline"]["validation_loss"]["at_init"], "guard": res.get("guard")}
+    write_json(os.path.join(out, "main_job.json"), keep)
+    return keep
+
+
 def _mean(xs) -> float:
     return statistics.mean(xs)
 
 
 def summary(out: str) -> str:
     runs = [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out))
-            if f.endswith(".json") and "_s" in f]
+            if f.endswith(".json") and f != "main_job.json"]
     rows = []
     for preset in sorted({r["preset"] for r in runs}):
         for init in INITS:
@@ -94,12 +115,11 @@ def summary(out: str) -> str:
                          "without the guard: val / test":
                              f"{_mean([r['unguarded']['val'] for r in mine]):.4f} / "
                              f"{_mean([r['unguarded']['test'] for r in mine]):.4f}"})
-    if os.path.exists(MAIN_JOB):
-        with open(MAIN_JOB) as f:
+    if os.path.exists(os.path.join(out, "main_job.json")):
+        with open(os.path.join(out, "main_job.json")) as f:
             job = json.load(f)
-        mine, base = job["validation_loss"]["at_init"], job["baseline"]["validation_loss"]["at_init"]
-        guard = job.get("guard")
-        rows.append({"set-up": "main job (leg_counting, every linear layer)", "init": job.get("method", "lora_fa"),
+        mine, base, guard = job["val_at_init"], job["base_val"], job["guard"]
+        rows.append({"set-up": "main job (leg_counting, every linear layer)", "init": job["method"],
                      "seeds": 1, "base val": f"{base:.4f}", "init val": f"{mine:.4f}", "base test": None,
                      "init test": None, "raised (runs × sets)": f"{int(mine > base + RAISE_TOL)} of 1",
                      "guard shortened the step": None if guard is None else
@@ -112,6 +132,7 @@ def summary(out: str) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--summary", action="store_true", help="only table the runs in --out")
+    ap.add_argument("--main-job", action="store_true", help="the main job's step-0 losses (one training step)")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -119,6 +140,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.summary:
         print(summary(args.out))
+        return
+    if args.main_job:
+        os.makedirs(args.out, exist_ok=True)
+        print(json.dumps(main_job(args.out), indent=1))
         return
     cargs = cv.parser().parse_args(rest + ["--out", args.out])
     p = cv.resolve_preset(cargs)

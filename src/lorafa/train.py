@@ -576,7 +576,7 @@ def _init_report(peft_model, run_dir: str, state) -> dict:
     record = init_record(peft_model)
     report = {"init_layers": {n: {k: i[k] for k in ("rank", "step_norm", "eta", "global_factor", "offset_scale")
                                   if k in i} for n, i in record.infos.items()}}
-    for key in ("line_search", "guard", "stats_groups", "stats_sharding"):  # the step's length, how stats were taken  # how the statistics were collected (grouped sweeps, owners)
+    for key in ("line_search", "guard", "stats_groups", "stats_sharding"):  # the step's length; how the statistics were taken
         if key in record.summary:
             report[key] = record.summary[key]
     if "ranks" in record.summary:
