@@ -110,6 +110,7 @@ def summary(out: str) -> str:
                          "base test": f"{base_t:.4f}",
                          "init test": f"{_mean([r['guarded']['test'] for r in mine]):.4f}",
                          "raised (runs × sets)": f"{raised} of {2 * len(mine)}",
+                         "largest rise": f"{max(r['guarded'][k] - r['base'][k] for r in mine for k in ('val', 'test')):+.4f}",
                          "guard shortened the step": f"{sum(r['guard']['remedy'] is not None for r in mine)} of "
                                                      f"{len(mine)}",
                          "without the guard: val / test":
@@ -122,6 +123,7 @@ def summary(out: str) -> str:
         rows.append({"set-up": "main job (leg_counting, every linear layer)", "init": job["method"],
                      "seeds": 1, "base val": f"{base:.4f}", "init val": f"{mine:.4f}", "base test": None,
                      "init test": None, "raised (runs × sets)": f"{int(mine > base + RAISE_TOL)} of 1",
+                     "largest rise": f"{mine - base:+.4f}",
                      "guard shortened the step": None if guard is None else
                      f"{int(guard['remedy'] is not None)} of 1",
                      "without the guard: val / test": None})

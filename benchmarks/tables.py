@@ -605,6 +605,11 @@ def render_rate_effect(root: str) -> str:
 
 RATE_CLS = "benchmarks/results/rate_cls"  # issue 23's rate benchmark, classification preset (benchmarks/rate.py)
 RATE_CMD = "python benchmarks/rate.py summary --preset classification --out benchmarks/results/rate_cls"
+RATE_CAUSAL = "benchmarks/results/rate_causal"  # the same on the causal preset (CPU protocol, benchmarks/rate_causal.sh)
+RATE_TRANSFER_CMD = ("python benchmarks/rate.py transfer --preset causal --out benchmarks/results/rate_causal "
+                     "--fit benchmarks/results/rate_cls/fit.json --grid-from benchmarks/results/causal_gpu "
+                     "--alias lora_fa=lora_fa:target=gradient,scale=stable,offset=none")
+STEP0 = "benchmarks/results/step0"  # issue 23 item 6: the held-out loss right after the step inits (step0.py)
 STATS_MEMORY = "benchmarks/results/stats_memory"  # issue 24: grouped sweeps against one pass
 FACTORISATIONS = "benchmarks/results/factorisations"  # issue 24 (4): decomposition time against size
 FITS = "benchmarks/results/fits"  # issue 24: what fits where, the plan on the published shapes
@@ -739,6 +744,10 @@ BLOCKS: dict[str, Block] = {
     "rate_cls_rules": csv_block(RATE_CLS, "rules", RATE_CMD, "docs/learning_rate.md: every rule, fitted on LoRA"),
     "rate_cls_step0": csv_block(RATE_CLS, "step0", RATE_CMD, "docs/learning_rate.md: held-out loss after the init"),
     "rate_cls_free": csv_block(RATE_CLS, "free", RATE_CMD, "docs/learning_rate.md: Prodigy and schedule-free AdamW"),
+    "rate_causal_transfer": csv_block(RATE_CAUSAL, "transfer", RATE_TRANSFER_CMD,
+                                      "docs/learning_rate.md: the classification constants on the causal preset"),
+    "step0": csv_block(STEP0, "step0", "python benchmarks/step0.py --summary",
+                       "docs/learning_rate.md: the held-out loss after the step inits, guarded, every set-up"),
     "stats_memory": csv_block(STATS_MEMORY, "summary", "python benchmarks/stats_memory.py --out "
                               "benchmarks/results/stats_memory", "docs/scale.md: one pass against grouped sweeps"),
     "factorisations": csv_block(FACTORISATIONS, "summary", "python benchmarks/factorisations.py --out "

@@ -52,8 +52,8 @@ logger = logging.getLogger(__name__)
 # preset: (LoRA's grid-best rate) / (the rule's raw number) on the classification preset
 # (benchmarks/results/rate_cls/fit.json, 3 seeds). The other rules' constants are not fitted (their cost rules them
 # out as defaults: docs/learning_rate.md).
-POLYAK_C = 0.0397  # rate = c·(L − floor)/gᵀd
-ADAM_STEP_C = 0.195  # rate = c·η*
+POLYAK_C = 0.0387  # rate = c·(L − floor)/gᵀd
+ADAM_STEP_C = 0.216  # rate = c·η*
 LAMBDA_MAX_C = 1.0  # rate = c/λ_max; 1: gradient descent's best step along the top eigenvector (2/λ_max diverges)
 RANGE_DIVISOR = 10.0  # rate = (rate of the lowest loss after RANGE_STEPS steps) / 10: the classic LR-finder rule
 RANGE_STEPS = 3  # optimiser steps per rate of the range test
@@ -494,7 +494,7 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
             eps (the optimiser's, 1e-8), floor (the loss's least value, 0), c (POLYAK_C).
         "adam_step" (default): c·η*, η* = gᵀd / dᵀHd along the optimiser's first update d (Adam: g/(|g| + eps);
             SGD: g); dᵀHd ≤ 0 falls back to the Gauss-Newton dᵀGd (recorded). Options: eps (the optimiser's,
-            1e-8), curvature ("auto" | "hessian" | "gauss_newton"), c (ADAM_STEP_C = 0.195).
+            1e-8), curvature ("auto" | "hessian" | "gauss_newton"), c (ADAM_STEP_C).
         "lambda_max": c / λ_max of H (or G) by Lanczos. Options: curvature ("hessian" | "gauss_newton"), c
             (LAMBDA_MAX_C = 1), steps (LANCZOS_STEPS = 20 products on every batch).
         "range_test": the rate with the lowest mean loss after `steps` optimiser steps from the init (each rate from
