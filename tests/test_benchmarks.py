@@ -792,3 +792,63 @@ def test_a_run_that_did_not_learn_ranks_with_the_diverged():
     assert harness.next_values(gated, [5e-4, 1e-3, 2e-3], 2.0)["next"] == [5e-4]
     assert harness.selection_loss(run(5e-4, 0.60), 0.03) == 0.60
     assert harness.selection_loss(run(5e-4, float("nan")), 0.03) == float("inf")
+
+
+# -- benchmarks/rate.py: the constant fitted on LoRA, the targets, the transfer to another preset's grid -----------
+def _rate_results(root, grids: dict, probes: dict, autos: dict):
+    """A rate.py results folder: grids {init: {lr: seed-0 val loss}} (the best rate also at seeds 1, 2), probes
+    {init: raw polyak number} (3 seeds), autos {init: (lr, test loss)} (3 seeds)."""
+    def write(path, obj):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(obj, f)
+
+    write(os.path.join(root, "grid", "meta.json"), {"format": 2, "methods": list(grids),
+                                                    "args": {"seeds": [0, 1, 2], "min_gain": None}})
+    for m, val in grids.items():
+        best = min(val, key=val.get)
+        runs = [(lr, 0, v) for lr, v in val.items()] + [(best, s, val[best] + 0.01 * s) for s in (1, 2)]
+        for lr, s, v in runs:
+            write(os.path.join(root, "grid", "runs", f"{m}_{lr}_s{s}.json"),
+                  {"method": m, "lr": lr, "seed": s, "final_val_loss": v, "final_loss": v, "init_s": 1.0,
+                   "train_s": 99.0, "curve": [[0, 0.9], [10, v]], "val_curve": [[0, 0.9], [10, v]]})
+    for m, raw in probes.items():
+        for s in (0, 1, 2):
+            write(os.path.join(root, "probes", f"{m}_s{s}_polyak.json"),
+                  {"method": m, "seed": s, "rules": {"polyak": {"raw": raw, "seconds": 2.0, "evidence": {}}}})
+    for m, (lr, loss) in autos.items():
+        for s in (0, 1, 2):
+            write(os.path.join(root, "auto_polyak", f"{m}_s{s}.json"),
+                  {"method": m, "seed": s, "lr": lr, "final_loss": loss, "final_val_loss": loss, "suggest_s": 5.0})
+
+
+def test_rate_fit_summary_and_transfer(tmp_path):
+    import rate
+
+    root = str(tmp_path / "rate")
+    grids = {"lora": {1e-3: 0.60, 2e-3: 0.50, 4e-3: 0.70}, "lora_fa": {5e-4: 0.65, 1e-3: 0.55, 2e-3: 0.68}}
+    # the raw numbers: LoRA's 0.04 (k = 2e-3/0.04 = 0.05); LoRA-FA's gives 0.05 × 0.04 = 2e-3, twice its best
+    _rate_results(root, grids, {"lora": 0.04, "lora_fa": 0.04},
+                  {"lora": (2e-3, 0.505), "lora_fa": (2e-3, 0.60)})
+    fit = rate.fit(root)
+    assert fit["rules"]["polyak"]["k"] == pytest.approx(0.05) and fit["grid_best_lora"] == 2e-3
+    res = rate.summarise(root, os.path.join(root, "fit.json"), "toy", "polyak")
+    rows = {r["init"]: r for r in common.read_table(os.path.join(root, "summary.csv"))[1]}
+    # LoRA: 0.505 against 0.51 ± 0.01 -> within a seed-std; LoRA-FA: 0.60 against 0.56 ± 0.01 -> 4 stds above
+    assert rows["lora"]["(a) ≤ 1"] == "met" and rows["lora_fa"]["(a) ≤ 1"] == "missed"
+    assert rows["lora_fa"]["auto / best"] == "2.00" and rows["lora"]["cost / run"] == "0.050"
+    verdict = res["verdict"]["polyak"]
+    assert verdict["a"] == [("lora", True), ("lora_fa", False)]
+    assert verdict["c"] == {"init": "lora_fa", "auto test loss": 0.60, "lora grid-best test loss": pytest.approx(0.51),
+                            "met": False}
+    assert os.path.getsize(os.path.join(root, "rate.png")) > 0
+    # the same constant on "another preset" whose grids (one folder, specs renamed) put every best 4x higher
+    other = str(tmp_path / "other")
+    _rate_results(other, {"lora": {4e-3: 0.6, 8e-3: 0.5, 1.6e-2: 0.7}, "lora_fa:x=1": {2e-3: 0.6, 4e-3: 0.5,
+                                                                                       8e-3: 0.7}}, {}, {})
+    md = rate.transfer(root, os.path.join(root, "fit.json"), os.path.join(other, "grid"), {"lora_fa": "lora_fa:x=1"},
+                       "toy")
+    rows = {r["init"]: r for r in common.read_table(os.path.join(root, "transfer.csv"))[1]}
+    assert rows["lora"]["ratio"] == "0.25" and rows["lora"]["outside grid"] == "below"
+    assert rows["lora"]["k here / k there"] == "4.00" and rows["lora_fa"]["ratio (here)"] == "2.00"
+    assert "lora_fa" in md
