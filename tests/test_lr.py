@@ -78,6 +78,28 @@ def test_polyak_is_the_loss_over_the_first_order_decrease():
         suggest_lr(model, QUAD_BATCHES, rule="polyak", floor=loss + 1.0)
 
 
+@pytest.mark.parametrize("rule", ["polyak", "adam_step"])
+def test_reference_carries_a_known_rate_over_by_the_ratio(rule):
+    """rate = the reference's rate × (this model's number / the reference's): the constant cancels."""
+    a, b = Quadratic([5.0, 2.0, 1.0, 0.5, 0.1], seed=1), Quadratic([50.0, 9.0, 3.0, 0.2, 0.1], seed=2)
+    floor = {"floor": -100.0} if rule == "polyak" else {}  # these quadratics' losses can be negative
+    ref = suggest_lr(b, QUAD_BATCHES, rule=rule, **floor)
+    mine = suggest_lr(a, QUAD_BATCHES, rule=rule, **floor)
+    s = suggest_lr(a, QUAD_BATCHES, rule=rule, reference=(ref, 3e-4), **floor)
+    assert s.lr == pytest.approx(3e-4 * mine.lr / ref.lr, rel=1e-12)
+    assert s.evidence["reference"]["ratio"] == pytest.approx(mine.lr / ref.lr, rel=1e-12)
+    assert suggest_lr(b, QUAD_BATCHES, rule=rule, reference=(ref, 3e-4), **floor).lr == pytest.approx(3e-4)
+    with pytest.raises(ValueError, match=r"other settings \({'c'"):
+        suggest_lr(a, QUAD_BATCHES, rule=rule, reference=(ref, 3e-4), c=2.0, **floor)
+    with pytest.raises(ValueError, match="other settings .*'rule'"):
+        suggest_lr(a, QUAD_BATCHES, rule="polyak" if rule != "polyak" else "adam_step", reference=(ref, 3e-4),
+                   **({} if rule == "polyak" else {"floor": -100.0}))
+    with pytest.raises(TypeError, match="reference must be a pair"):
+        suggest_lr(a, QUAD_BATCHES, rule=rule, reference=ref, **floor)
+    with pytest.raises(ValueError, match="reference's rate must be a positive number"):
+        suggest_lr(a, QUAD_BATCHES, rule=rule, reference=(ref, 0.0), **floor)
+
+
 def test_lambda_max_is_the_top_eigenvalue_of_a_quadratic():
     eigenvalues = [7.0, 3.0, 2.5, 1.0, -4.0, 0.2]  # the top algebraic eigenvalue, not the largest magnitude
     s = suggest_lr(Quadratic(eigenvalues), QUAD_BATCHES, rule="lambda_max")

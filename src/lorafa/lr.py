@@ -434,7 +434,8 @@ def _rule(impl: Callable, needs_double_backward: bool) -> Callable:
     allowed = [p for p in inspect.signature(impl).parameters if p not in ("probe", "optimizer", "seed")]
 
     def run(model, batches: Iterable[dict], optimizer: str = "adamw", *, seed: int = 0,
-            loss_fn: Callable | None = None, max_batches: int = MAX_BATCHES, **options) -> LrSuggestion:
+            loss_fn: Callable | None = None, max_batches: int = MAX_BATCHES, reference=None,
+            **options) -> LrSuggestion:
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise TypeError(f"{name} has no option(s) {unknown}; its options are {allowed}.")
@@ -457,6 +458,11 @@ def _rule(impl: Callable, needs_double_backward: bool) -> Callable:
         evidence = {"rule": name, "optimizer": optimizer, "lr": lr, **evidence, "n_batches": len(batches),
                     "n_params": probe.size, "dtype": str(probe.params[0].dtype).removeprefix("torch."),
                     "seed": seed, "seconds": round(time.perf_counter() - t, 3)}
+        if reference is not None:  # the reference's known rate, times this model's number over the reference's
+            ref, ref_lr = _check_reference(reference, evidence)
+            lr = ref_lr * lr / ref.lr
+            evidence.update(lr=lr, reference={"lr": ref_lr, "suggested": ref.lr, "n_params": ref.evidence.get(
+                "n_params"), "ratio": lr / ref_lr})
         if world()[1] > 1:  # every process trains at one rate: the main process's (round-off cannot split them)
             lr, evidence = all_gather_objects((lr, evidence))[0]
         logger.info("suggest_lr: %s gives %.3g (%.1f s)", name, lr, evidence["seconds"])
@@ -469,6 +475,26 @@ def _rule(impl: Callable, needs_double_backward: bool) -> Callable:
     return run
 
 
+REFERENCE_KEYS = ("rule", "optimizer", "c", "divisor", "floor", "eps", "curvature")  # must match the reference's
+
+
+def _check_reference(reference, evidence: dict) -> tuple[LrSuggestion, float]:
+    """(the reference's LrSuggestion, its known rate), checked: the same rule, optimiser and constants, so the
+    constant cancels in the ratio."""
+    if not (isinstance(reference, (tuple, list)) and len(reference) == 2 and isinstance(reference[0], LrSuggestion)):
+        raise TypeError("reference must be a pair (LrSuggestion of the reference model, the rate that model trains "
+                        f"well at), got {reference!r}")
+    ref, ref_lr = reference
+    if isinstance(ref_lr, bool) or not isinstance(ref_lr, (int, float)) or not (math.isfinite(ref_lr) and ref_lr > 0):
+        raise ValueError(f"reference's rate must be a positive number, got {ref_lr!r}")
+    differ = {k: (evidence.get(k), ref.evidence.get(k)) for k in REFERENCE_KEYS
+              if evidence.get(k) != ref.evidence.get(k)}
+    if differ:
+        raise ValueError(f"The reference was suggested with other settings ({differ}, as (here, reference)): suggest "
+                         "both with the same rule, optimizer and options, so the ratio compares like with like.")
+    return ref, float(ref_lr)
+
+
 polyak = _rule(_polyak, needs_double_backward=False)
 adam_step = _rule(_adam_step, needs_double_backward=True)
 lambda_max = _rule(_lambda_max, needs_double_backward=True)
@@ -478,7 +504,7 @@ RULES: dict[str, Callable[..., LrSuggestion]] = {"polyak": polyak, "adam_step": 
 
 
 def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule: str = DEFAULT_RULE, seed: int = 0,
-               loss_fn: Callable | None = None, **options) -> LrSuggestion:
+               loss_fn: Callable | None = None, reference=None, **options) -> LrSuggestion:
     """A learning rate for training `model`'s trainable parameters, from the loss's response on `batches`.
 
     Works on any PEFT LoRA model after any init (lorafa's `initialize`, PEFT's `get_peft_model`, PEFT's LoRA-GA): the
@@ -509,6 +535,11 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
         rule: "polyak" | "adam_step" | "lambda_max" | "range_test" (see RULES).
         seed: the seed of any random choice (lambda_max's Lanczos start vector).
         loss_fn: `loss_fn(model, batch) -> scalar tensor`; default `model(**batch).loss`.
+        reference: a pair (LrSuggestion of a reference model, the rate it trains well at): the rate returned is that
+            rate × (this model's number / the reference's), the rule's constant cancelling. E.g. your usual rate for
+            plain PEFT LoRA, carried over to another init: suggest on a default-LoRA model of the same base and
+            data, then pass (that suggestion, your LoRA rate) here. The reference must come from the same rule,
+            optimiser and options (else ValueError). The evidence keeps the reference's numbers and the ratio.
         **options: max_batches, and the rule's options above.
 
     Under torch.distributed every process calls it (on the same batches) and every process gets the main
@@ -521,7 +552,8 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
     Raises:
         ValueError: no trainable parameters, no batches, a non-finite loss or gradient, a zero gradient, a loss not
             above polyak's floor, no positive curvature, an unbracketed range test, an unknown rule, optimiser or option value.
-        TypeError: an option the rule does not have, a batch that is not a dict, a loss_fn that returns no scalar.
+        TypeError: an option the rule does not have, a batch that is not a dict, a loss_fn that returns no scalar,
+            a reference that is not a (LrSuggestion, rate) pair.
     """
     check_choice("rule", rule, tuple(RULES))
-    return RULES[rule](model, batches, optimizer, seed=seed, loss_fn=loss_fn, **options)
+    return RULES[rule](model, batches, optimizer, seed=seed, loss_fn=loss_fn, reference=reference, **options)

@@ -543,7 +543,7 @@ def _auto_learning_rate(cfg: RunConfig, peft_model, task, tokenizer, init_config
 
 
 def _brief(evidence: dict) -> str:
-    keys = ("eta_star", "curvature", "lambda_max", "best_lr", "n_batches", "seconds")
+    keys = ("eta_polyak", "eta_star", "curvature", "lambda_max", "best_lr", "n_batches", "seconds")
     return f"{evidence['rule']} (" + ", ".join(f"{k}={evidence[k]:.4g}" if isinstance(evidence[k], float) else
                                               f"{k}={evidence[k]}" for k in keys if k in evidence) + ")"
 
