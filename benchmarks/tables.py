@@ -742,7 +742,6 @@ BLOCKS: dict[str, Block] = {
                          "docs/main_job.md: memory of the init before and after issue 8"),
     "rate_cls": csv_block(RATE_CLS, "summary", RATE_CMD, "docs/learning_rate.md: grid-best rate against auto"),
     "rate_cls_rules": csv_block(RATE_CLS, "rules", RATE_CMD, "docs/learning_rate.md: every rule, fitted on LoRA"),
-    "rate_cls_step0": csv_block(RATE_CLS, "step0", RATE_CMD, "docs/learning_rate.md: held-out loss after the init"),
     "rate_cls_free": csv_block(RATE_CLS, "free", RATE_CMD, "docs/learning_rate.md: Prodigy and schedule-free AdamW"),
     "rate_causal_transfer": csv_block(RATE_CAUSAL, "transfer", RATE_TRANSFER_CMD,
                                       "docs/learning_rate.md: the classification constants on the causal preset"),

@@ -236,7 +236,7 @@ def test_bad_input_is_refused():
         suggest_lr(model, make_batches(), loss_fn=lambda m, x: m(**x).loss + 0 * b.abs().sqrt().sum())
     with pytest.raises(ValueError, match="rule must be one of"):
         suggest_lr(model, make_batches(), rule="newton")
-    with pytest.raises(TypeError, match=r"adam_step has no option\(s\) \['steps'\]"):
+    with pytest.raises(TypeError, match=r"polyak has no option\(s\) \['steps'\]"):
         suggest_lr(model, make_batches(), steps=3)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         suggest_lr(model, make_batches(), "lion")
@@ -295,7 +295,7 @@ def test_runner_learning_rate_auto_records_and_uses_each_arms_rate(tmp_path):
     saved = json.loads((run_dir / "results.json").read_text())
     for arm, folder in ((saved, run_dir), (saved["baseline"], run_dir / "baseline")):
         lr = arm["learning_rate"]
-        assert lr == arm["lr_suggestion"]["lr"] > 0 and arm["lr_suggestion"]["rule"] == "adam_step"
+        assert lr == arm["lr_suggestion"]["lr"] > 0 and arm["lr_suggestion"]["rule"] == lrmod.DEFAULT_RULE
         assert arm["lr_suggestion"]["n_batches"] == 2
         rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         used = [r["learning_rate"] for r in rows if "learning_rate" in r]
@@ -304,7 +304,7 @@ def test_runner_learning_rate_auto_records_and_uses_each_arms_rate(tmp_path):
     from lorafa.cli import report_lines
 
     shown = [line for line in report_lines(saved) if line.strip().startswith("learning rate")]
-    assert len(shown) == 2 and f"{saved['learning_rate']:.3g} (auto: adam_step" in shown[0]
+    assert len(shown) == 2 and f"{saved['learning_rate']:.3g} (auto: {lrmod.DEFAULT_RULE}" in shown[0]
 
 
 def test_runner_learning_rate_values_are_checked():

@@ -61,7 +61,7 @@ RANGE_GRID = (1e-6, 1.0, 2.0)  # the range test's rates: lr_min, lr_max, factor 
 LANCZOS_STEPS = 20  # Lanczos iterations (Hessian-vector products on every batch) for λ_max
 MAX_BATCHES = 2  # batches used (the first ones given)
 
-DEFAULT_RULE = "adam_step"  # suggest_lr's, the runner's (model.lr_rule) and initialize_trainer's
+DEFAULT_RULE = "polyak"  # suggest_lr's, the runner's (model.lr_rule) and initialize_trainer's
 OPTIMIZERS = ("adamw", "sgd")
 CURVATURES = ("hessian", "gauss_newton")
 
@@ -516,9 +516,10 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
 
     The rules (`rule=`) and their constants (module-level; polyak's and adam_step's are fitted on one preset with
     default LoRA only and held fixed, the others are not fitted):
-        "polyak": c·(L − floor)/gᵀd, Polyak's step size along the optimiser's first update d (one gradient). Options:
+        "polyak" (default): c·(L − floor)/gᵀd, Polyak's step size along the optimiser's first update d (one
+            gradient). Options:
             eps (the optimiser's, 1e-8), floor (the loss's least value, 0), c (POLYAK_C).
-        "adam_step" (default): c·η*, η* = gᵀd / dᵀHd along the optimiser's first update d (Adam: g/(|g| + eps);
+        "adam_step": c·η*, η* = gᵀd / dᵀHd along the optimiser's first update d (Adam: g/(|g| + eps);
             SGD: g); dᵀHd ≤ 0 falls back to the Gauss-Newton dᵀGd (recorded). Options: eps (the optimiser's,
             1e-8), curvature ("auto" | "hessian" | "gauss_newton"), c (ADAM_STEP_C).
         "lambda_max": c / λ_max of H (or G) by Lanczos. Options: curvature ("hessian" | "gauss_newton"), c
@@ -532,7 +533,7 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
         model: a PEFT model (or any torch module) whose trainable parameters are to be trained.
         batches: HF-style dicts (input_ids, attention_mask, labels); the first `max_batches` (default 2) are used.
         optimizer: "adamw" (also "adam") or "sgd": whose first step the rule models.
-        rule: "polyak" | "adam_step" | "lambda_max" | "range_test" (see RULES).
+        rule: "polyak" (default) | "adam_step" | "lambda_max" | "range_test" (see RULES).
         seed: the seed of any random choice (lambda_max's Lanczos start vector).
         loss_fn: `loss_fn(model, batch) -> scalar tensor`; default `model(**batch).loss`.
         reference: a pair (LrSuggestion of a reference model, the rate it trains well at): the rate returned is that

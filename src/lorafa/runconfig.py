@@ -34,7 +34,7 @@ class ModelSection:
     bnb_4bit_use_double_quant: bool = False
     max_length: int = 256
     learning_rate: float | str = 1e-3  # or "auto": lorafa.suggest_lr after each arm's init (SPEC §11)
-    lr_rule: str = "adam_step"  # learning_rate=auto: suggest_lr's rule (lorafa.lr.RULES; default lr.DEFAULT_RULE)
+    lr_rule: str = "polyak"  # learning_rate=auto: suggest_lr's rule (lorafa.lr.RULES; default lr.DEFAULT_RULE)
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     eval_epochs: float = 1.0  # held-out loss every this many epochs
