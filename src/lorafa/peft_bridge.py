@@ -298,7 +298,8 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
     results, lora_config, summary, weights = _compute_init(model, lora_config, init_config, stats, batches, loss_fn,
                                                            progress, search_batches, align, tuned, base_weights,
                                                            guard_batches)
-    subtract = init_config.subtracts() or any(r.subtract for r in results.values())  # the guard may offset
+    # the guard offsets where it shortens a step (the factors keep their scale); offset="none" is otherwise kept
+    subtract = init_config.subtracts() or summary.get("guard", {}).get("remedy") == "offset"
     variant = METHODS[init_config.method].variant
     if variant == "kasa":
         opts = make_options("kasa", **init_config.method_options())
