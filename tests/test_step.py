@@ -33,6 +33,16 @@ def mean_loss(model, batches):
 
 
 @pytest.fixture(scope="module")
+def ascent_stats():
+    """Statistics whose gradients point uphill: every positive init step raises the loss."""
+    other = make_batches(n_batches=3, bsz=4, seq=12, seed=7)
+    stats = collect_stats(tiny_llama(), other, TARGETS, kinds=("kfac",), progress=False)
+    for st in stats.values():
+        st.grad = -st.grad
+    return stats
+
+
+@pytest.fixture(scope="module")
 def sbatches():
     return make_batches(n_batches=3, bsz=4, seq=12)
 
@@ -201,11 +211,9 @@ def test_partial_offset_starts_where_the_step_goes_with_trainable_factors(method
     assert all(0 < i["offset_scale"] < 1 for i in infos.values())
 
 
-@pytest.mark.parametrize("method,rslora", [("lora_fa", False), ("lora_one", True), ("lora_fa", True)])
-def test_partial_offset_round_trips_on_the_original_base(method, rslora, sbatches, tmp_path):
-    pristine = logits(tiny_llama(), sbatches)
-    pm = lorafa.initialize(tiny_llama(), cfg(use_rslora=rslora), InitConfig(method=method, offset="partial"),
-                           batches=sbatches, progress=False, initial_adapter_dir=tmp_path / "init")
+def _train_save_and_reload(pm, sbatches, tmp_path):
+    """A few SGD steps, then `save_adapter` and stock PEFT's load on a fresh (original) base: the loaded model must
+    compute what the trained one does. Returns the trained logits."""
     opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
     pm.train()
     for b in sbatches:
@@ -216,6 +224,15 @@ def test_partial_offset_round_trips_on_the_original_base(method, rslora, sbatche
     lorafa.save_adapter(pm, tmp_path / "adapter", initial_adapter=tmp_path / "init")
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
     torch.testing.assert_close(logits(loaded, sbatches), trained, atol=2e-5, rtol=1e-4)
+    return trained
+
+
+@pytest.mark.parametrize("method,rslora", [("lora_fa", False), ("lora_one", True), ("lora_fa", True)])
+def test_partial_offset_round_trips_on_the_original_base(method, rslora, sbatches, tmp_path):
+    pristine = logits(tiny_llama(), sbatches)
+    pm = lorafa.initialize(tiny_llama(), cfg(use_rslora=rslora), InitConfig(method=method, offset="partial"),
+                           batches=sbatches, progress=False, initial_adapter_dir=tmp_path / "init")
+    trained = _train_save_and_reload(pm, sbatches, tmp_path)
     assert (trained - pristine).abs().max() > 1e-3
 
 
@@ -251,14 +268,11 @@ def test_line_search_needs_batches(kfac_stats):
         lorafa.initialize(tiny_llama(), cfg(), InitConfig(method="lora_fa", scale="line_search"), stats=kfac_stats)
 
 
-def test_line_search_keeps_the_base_when_every_step_hurts(sbatches):
+def test_line_search_keeps_the_base_when_every_step_hurts(ascent_stats, sbatches):
     """Statistics from other data than the search's batches: with the offset, g = 0 (the base) is a candidate."""
     other = make_batches(n_batches=3, bsz=4, seq=12, seed=7)
-    stats = collect_stats(tiny_llama(), other, TARGETS, kinds=("kfac",), progress=False)
-    for st in stats.values():  # ascend instead of descend: every positive step raises the loss
-        st.grad = -st.grad
     init = InitConfig(method="lora_fa", scale="line_search", offset="partial", iters=3)
-    pm = lorafa.initialize(tiny_llama(), cfg(), init, batches=other, stats=stats, progress=False)
+    pm = lorafa.initialize(tiny_llama(), cfg(), init, batches=other, stats=ascent_stats, progress=False)
     ls = init_record(pm).summary["line_search"]
     assert ls["chosen"] == 0.0
     torch.testing.assert_close(logits(pm, sbatches), logits(tiny_llama(), sbatches), atol=2e-5, rtol=1e-4)
@@ -370,16 +384,6 @@ def test_line_search_on_other_batches(sbatches):
 
 
 # ------------------------------------------------------------------------------------------ the step's guard
-@pytest.fixture(scope="module")
-def ascent_stats():
-    """Statistics whose gradients point uphill: every positive init step raises the loss."""
-    other = make_batches(n_batches=3, bsz=4, seq=12, seed=7)
-    stats = collect_stats(tiny_llama(), other, TARGETS, kinds=("kfac",), progress=False)
-    for st in stats.values():
-        st.grad = -st.grad
-    return stats
-
-
 @pytest.mark.parametrize("method", ["lora_fa", "lora_one"])
 def test_guard_shortens_a_step_that_raises_the_held_out_loss(method, ascent_stats, sbatches, tmp_path):
     base = mean_loss(tiny_llama(), sbatches)
@@ -399,16 +403,7 @@ def test_guard_shortens_a_step_that_raises_the_held_out_loss(method, ascent_stat
             torch.testing.assert_close(p1, p2)
     assert init_record(pm).subtracted
     # trained a little, saved, loaded by stock PEFT on the original (un-offset) base: the same function
-    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
-    pm.train()
-    for b in sbatches:
-        pm(**b).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    trained = logits(pm, sbatches)
-    lorafa.save_adapter(pm, tmp_path / "adapter", initial_adapter=tmp_path / "init")
-    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
-    torch.testing.assert_close(logits(loaded, sbatches), trained, atol=2e-5, rtol=1e-4)
+    _train_save_and_reload(pm, sbatches, tmp_path)
 
 
 def test_guard_keeps_a_step_that_lowers_the_held_out_loss(sbatches):
