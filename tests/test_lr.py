@@ -78,6 +78,43 @@ def test_polyak_is_the_loss_over_the_first_order_decrease():
         suggest_lr(model, QUAD_BATCHES, rule="polyak", floor=loss + 1.0)
 
 
+def test_anchored_is_default_lora_s_first_order_decrease_over_the_model_s():
+    """anchored's reference is exactly the gᵀd of a default PEFT LoRA on the same layers (A drawn by
+    `_reference_a`, B = 0, rsLoRA scaling alpha/√r) at the same point, non-LoRA trainable parameters included."""
+    def model_with(a_of=None, alpha=16):
+        m = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=alpha, use_rslora=True,
+                                                    target_modules=["q_proj", "v_proj"]))
+        m.base_model.model.model.norm.weight.requires_grad_(True)  # a trainable parameter outside the adapters
+        with torch.no_grad():
+            for name, layer, adapter in lrmod._reference_layers(m):
+                w = layer.lora_A[adapter].weight
+                w.copy_(a_of[f"{name}/{adapter}"] if a_of else 5 * w)  # B stays 0: the point is the base model
+        return m
+
+    model = model_with()
+    s = suggest_lr(model, make_batches(), rule="anchored", seed=5)
+    same_a = model_with(lrmod._reference_a(lrmod._reference_layers(model), 5))
+    default = suggest_lr(same_a, make_batches(), rule="polyak", c=1.0)
+    assert s.evidence["ref_g_dot_d"] == pytest.approx(default.evidence["g_dot_d"], rel=1e-6)
+    assert s.evidence["other_g_dot_d"] > 0 and s.evidence["alpha"] == lrmod.ANCHOR_ALPHA
+    assert s.lr == pytest.approx(lrmod.ANCHORED_C * s.evidence["ref_g_dot_d"] / s.evidence["g_dot_d"], rel=1e-12)
+    assert s.evidence["ratio"] < 1  # A five times PEFT's: five times the decrease per unit rate on the adapters
+    # the reference's scaling is alpha/√r: a quarter of the alpha, a quarter of the adapters' part
+    quarter = suggest_lr(model, make_batches(), rule="anchored", seed=5, alpha=4.0).evidence
+    lora_part = s.evidence["ref_g_dot_d"] - s.evidence["other_g_dot_d"]
+    assert quarter["ref_g_dot_d"] - quarter["other_g_dot_d"] == pytest.approx(lora_part / 4, rel=1e-4)  # eps
+    # PEFT's default LoRA at the reference's alpha: the rate is c up to the draw of A
+    plain = suggest_lr(same_a, make_batches(), rule="anchored", seed=5)
+    assert plain.lr == pytest.approx(lrmod.ANCHORED_C, rel=1e-6)
+    with pytest.raises(ValueError, match="no active PEFT LoRA layer"):
+        suggest_lr(Quadratic([1.0, 2.0]), QUAD_BATCHES, rule="anchored")
+    emb = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(ValueError, match=r"1 LoRA layer\(s\) are not linear .*Use rule='polyak'"):
+        suggest_lr(emb, make_batches(), rule="anchored")
+    with pytest.raises(ValueError, match="alpha .* must be positive"):
+        suggest_lr(model, make_batches(), rule="anchored", alpha=0.0)
+
+
 @pytest.mark.parametrize("rule", ["polyak", "adam_step"])
 def test_reference_carries_a_known_rate_over_by_the_ratio(rule):
     """rate = the reference's rate × (this model's number / the reference's): the constant cancels."""
@@ -180,7 +217,7 @@ def _lora_llama(seed=0):
     return get_peft_model(tiny_llama(seed), lora_cfg(["q_proj", "v_proj"]))
 
 
-FAST = {"polyak": {}, "adam_step": {}, "lambda_max": {"steps": 8},
+FAST = {"polyak": {}, "anchored": {}, "adam_step": {}, "lambda_max": {"steps": 8},
         "range_test": {"lr_min": 1e-4, "lr_max": 1e3, "factor": 4.0}}  # tiny random models take huge rates
 
 
@@ -290,13 +327,14 @@ def test_runner_learning_rate_auto_records_and_uses_each_arms_rate(tmp_path):
         f"++dataset.test_path={tmp_path / 'gsm'}", f"++output_root={tmp_path / 'runs'}", "++model.max_steps=2",
         "++eval.enabled=false", "++init.bsz=2", "++init.iters=2", "++dataset.validation_size=4",
         "++wandb.name=auto", "++model.learning_rate=auto", "++model.lr_scheduler_type=constant", "++model.warmup=0",
-        "++baseline=lora", "++peft.target_modules=[q_proj,v_proj]"])
+        "++baseline=lora", "++peft.target_modules=[q_proj,v_proj]", "++model.lr_c=2e-4"])
     run_dir = Path(results["run_dir"])
     saved = json.loads((run_dir / "results.json").read_text())
     for arm, folder in ((saved, run_dir), (saved["baseline"], run_dir / "baseline")):
         lr = arm["learning_rate"]
         assert lr == arm["lr_suggestion"]["lr"] > 0 and arm["lr_suggestion"]["rule"] == lrmod.DEFAULT_RULE
-        assert arm["lr_suggestion"]["n_batches"] == 2
+        assert arm["lr_suggestion"]["n_batches"] == 2 and arm["lr_suggestion"]["c"] == 2e-4  # model.lr_c
+        assert lr == pytest.approx(2e-4 * arm["lr_suggestion"]["ratio"], rel=1e-12)
         rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         used = [r["learning_rate"] for r in rows if "learning_rate" in r]
         assert used and all(x == pytest.approx(lr, rel=1e-6) for x in used)  # the Trainer trained at that rate
@@ -314,13 +352,18 @@ def test_runner_learning_rate_values_are_checked():
 
     assert parse_run_config(composed(["++model.learning_rate=auto"])).model.learning_rate == "auto"
     assert parse_run_config(composed(["++model.learning_rate=2e-4"])).model.learning_rate == 2e-4
+    assert parse_run_config(composed(["++model.lr_c=2e-4"])).model.lr_c == 2e-4
     for override, match in (("++model.learning_rate=fast", "positive number or 'auto', got 'fast'"),
                             ("++model.learning_rate=0", "positive number or 'auto', got 0"),
-                            ("++model.lr_rule=newton", "lr_rule must be one of")):
+                            ("++model.lr_rule=newton", "lr_rule must be one of"),
+                            ("++model.lr_c=-1", "lr_c must be a positive number"),
+                            ("++model.lr_c=fast", "must be a number")):
         with pytest.raises(ValueError, match=match):
             parse_run_config(composed([override]))
     with pytest.raises(ValueError, match="learning_rate=auto models the first step of plain AdamW or SGD"):
         parse_run_config(composed(["++model.learning_rate=auto", "++model.optimizer=lora_pro"]))
+    with pytest.raises(ValueError, match="lr_rule=range_test has none"):
+        parse_run_config(composed(["++model.lr_c=2", "++model.lr_rule=range_test"]))
 
 
 def test_initialize_trainer_sets_the_rate_before_the_optimizer(tmp_path):
@@ -350,7 +393,7 @@ def test_initialize_trainer_sets_the_rate_before_the_optimizer(tmp_path):
 
 
 def test_the_fitted_constants_are_the_benchmark_s():
-    """POLYAK_C and ADAM_STEP_C are the constants benchmarks/rate.py fitted on default LoRA (classification preset), rounded to 3
+    """POLYAK_C, ANCHORED_C and ADAM_STEP_C are the constants benchmarks/rate.py fitted on default LoRA (classification preset), rounded to 3
     significant digits: a refit that is not carried over (or a hand edit) fails here."""
     import json
     import os
@@ -361,6 +404,7 @@ def test_the_fitted_constants_are_the_benchmark_s():
     assert fit["fitted_on"] == "lora"
     assert lrmod.ADAM_STEP_C == float(f"{fit['rules']['adam_step']['k']:.3g}")
     assert lrmod.POLYAK_C == float(f"{fit['rules']['polyak']['k']:.3g}")
+    assert lrmod.ANCHORED_C == float(f"{fit['rules']['anchored']['k']:.3g}")
 
 
 def test_one_default_rule_everywhere():

@@ -8,6 +8,12 @@ number, seconds), so a benchmark can compare them and refit their constants from
 - `polyak`: Polyak's step size for the optimiser's first update d (below): the rate at which the first-order model
   L − η·gᵀd reaches the loss's floor (0 for cross-entropy), η = (L − floor)/gᵀd; rate = c·η. One gradient (for
   Adam gᵀd ≈ |g|₁), no curvature, so no double backward.
+- `anchored`: default LoRA's rate, carried over to this model's adapters by the first step's reach. gᵀd is the
+  first-order loss decrease per unit rate; the same number for a PEFT default LoRA on the same layers and at the
+  same point (A drawn as PEFT draws it, B = 0, rsLoRA scaling alpha/√r) comes from the same backward pass (hooks
+  on the LoRA layers: s·Σ dy ⊗ (A·x)), so rate = c·(gᵀd of default LoRA)/(gᵀd). c is the rate default LoRA trains
+  at: the rule measures only how much further (or less far) this init's first step reaches than default LoRA's.
+  Pass your own LoRA rate as c if you know it. One gradient, no double backward.
 - `adam_step`: the quadratic model of the mean loss along the optimiser's first update. Adam's first bias-corrected
   step is −η·d with d = g/(|g| + eps) (≈ sign g; zero where g is zero); SGD's is −η·g (d = g). Then
   L(θ − ηd) ≈ L − η·gᵀd + ½η²·dᵀHd is least at η* = gᵀd / dᵀHd, one Hessian-vector product. Rate = c·η*.
@@ -48,12 +54,14 @@ from .stats.distributed import all_gather_objects, world
 
 logger = logging.getLogger(__name__)
 
-# polyak's and adam_step's constants, fitted on ONE preset with default LoRA only and held fixed for every init and
+# polyak's, anchored's and adam_step's constants, fitted on ONE preset with default LoRA only and held fixed for every init and
 # preset: (LoRA's grid-best rate) / (the rule's raw number) on the classification preset
 # (benchmarks/results/rate_cls/fit.json, 3 seeds). The other rules' constants are not fitted (their cost rules them
 # out as defaults: docs/learning_rate.md).
 POLYAK_C = 0.0387  # rate = c·(L − floor)/gᵀd
 ADAM_STEP_C = 0.216  # rate = c·η*
+ANCHORED_C = 0.003  # rate = c·(gᵀd of a default LoRA on the same layers)/(gᵀd): c is default LoRA's rate
+ANCHOR_ALPHA = 16.0  # the reference LoRA's lora_alpha, rsLoRA scaling alpha/√r (the fitting preset's)
 LAMBDA_MAX_C = 1.0  # rate = c/λ_max; 1: gradient descent's best step along the top eigenvector (2/λ_max diverges)
 RANGE_DIVISOR = 10.0  # rate = (rate of the lowest loss after RANGE_STEPS steps) / 10: the classic LR-finder rule
 RANGE_STEPS = 3  # optimiser steps per rate of the range test
@@ -61,7 +69,7 @@ RANGE_GRID = (1e-6, 1.0, 2.0)  # the range test's rates: lr_min, lr_max, factor 
 LANCZOS_STEPS = 20  # Lanczos iterations (Hessian-vector products on every batch) for λ_max
 MAX_BATCHES = 2  # batches used (the first ones given)
 
-DEFAULT_RULE = "polyak"  # suggest_lr's, the runner's (model.lr_rule) and initialize_trainer's
+DEFAULT_RULE = "anchored"  # suggest_lr's, the runner's (model.lr_rule) and initialize_trainer's
 OPTIMIZERS = ("adamw", "sgd")
 CURVATURES = ("hessian", "gauss_newton")
 
@@ -296,8 +304,9 @@ def _adam_direction(g: list[torch.Tensor], optimizer: str, eps: float) -> list[t
     return [x / (x.abs() + eps) for x in g] if optimizer == "adamw" else g
 
 
-def _first_step(probe: _Probe, optimizer: str, eps: float) -> tuple[list[torch.Tensor], float, dict]:
-    """The optimiser's first update per unit rate d, gᵀd (the first-order loss decrease per unit rate) and the
+def _first_step(probe: _Probe, optimizer: str, eps: float) -> tuple[list[torch.Tensor], list[torch.Tensor], float,
+                                                                    dict]:
+    """The gradient g, the optimiser's first update per unit rate d, gᵀd (the first-order loss decrease per unit rate) and the
     evidence they share (loss, |g|, gᵀd, eps)."""
     loss, g = probe.gradient()
     d = _adam_direction(g, optimizer, eps)
@@ -305,12 +314,12 @@ def _first_step(probe: _Probe, optimizer: str, eps: float) -> tuple[list[torch.T
     if not gd > 0:
         raise ValueError("The gradient is zero on these batches, so the first step goes nowhere and has no rate to "
                          "choose: check that the loss depends on the trainable parameters.")
-    return d, gd, {"loss": loss, "grad_norm": math.sqrt(_dot(g, g)), "g_dot_d": gd, "eps": eps}
+    return g, d, gd, {"loss": loss, "grad_norm": math.sqrt(_dot(g, g)), "g_dot_d": gd, "eps": eps}
 
 
 def _polyak(probe: _Probe, optimizer: str, seed: int, *, eps: float = 1e-8, floor: float = 0.0,
             c: float = POLYAK_C) -> tuple[float, dict]:
-    d, gd, ev = _first_step(probe, optimizer, eps)
+    _, d, gd, ev = _first_step(probe, optimizer, eps)
     if not ev["loss"] > floor:
         raise ValueError(f"The mean loss on these batches ({ev['loss']:.4g}) is not above floor={floor}: Polyak's "
                          "step has nothing left to descend. Give a floor below the loss (the loss's least value; "
@@ -319,10 +328,98 @@ def _polyak(probe: _Probe, optimizer: str, seed: int, *, eps: float = 1e-8, floo
     return c * ev["eta_polyak"], ev
 
 
+def _reference_layers(model) -> list[tuple[str, torch.nn.Module, str]]:
+    """(name, LoRA layer, adapter) for every active adapter of every PEFT LoRA layer; ValueError for a layer kind
+    whose default-LoRA reference is not defined here (embeddings, convolutions)."""
+    from peft.tuners.lora import LoraLayer
+
+    found, other = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.active_adapters:
+            if adapter in getattr(module, "lora_embedding_A", {}) or (
+                    adapter in module.lora_A and not isinstance(module.lora_A[adapter], torch.nn.Linear)):
+                other.append(f"{name} ({type(module).__name__})")
+            elif adapter in module.lora_A:
+                found.append((name, module, adapter))
+    if other:
+        raise ValueError(f"rule='anchored' compares with a default LoRA of linear layers, but {len(other)} LoRA "
+                         f"layer(s) are not linear ({other[:3]}...). Use rule='polyak'.")
+    if not found:
+        raise ValueError("rule='anchored' compares the model's adapters with a default PEFT LoRA on the same layers, "
+                         "but the model has no active PEFT LoRA layer. Use rule='polyak' for other trainable "
+                         "parameters.")
+    return found
+
+
+def _reference_a(layers: list, seed: int) -> dict[str, torch.Tensor]:
+    """The reference LoRA's A per "layer/adapter": PEFT's default draw (kaiming-uniform with a = √5, i.e. uniform on
+    ±1/√in), float32 on the layer's device, from one generator seeded with `seed`, layer by layer in module order."""
+    gen, out = torch.Generator().manual_seed(seed), {}
+    for name, module, adapter in layers:
+        r, fan_in = module.r[adapter], module.in_features
+        a = (torch.rand(r, fan_in, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(fan_in)
+        out[f"{name}/{adapter}"] = a.to(device=module.lora_A[adapter].weight.device, dtype=torch.float32)
+    return out
+
+
+@contextmanager
+def _reference_gradients(model, seed: int, alpha: float):
+    """While active, every forward and backward through a LoRA layer adds to `acc[name]` the gradient that a default
+    PEFT LoRA B (zero, with A drawn as PEFT draws it: uniform on ±1/√in, rsLoRA scaling alpha/√r) would get at this
+    point: s·Σ_tokens dy ⊗ (A·x), with x the layer's input and dy the gradient of its output. Nothing of the model
+    changes; A is drawn from a generator seeded with `seed` (the same draw for the same seed and layers)."""
+    layers = _reference_layers(model)
+    draws = _reference_a(layers, seed)
+    acc, handles = {}, []
+
+    def hook(key, a, scale):
+        def forward(module, args, out):
+            if not (isinstance(out, torch.Tensor) and out.requires_grad):
+                return
+            z = args[0].detach().reshape(-1, a.shape[1]).to(a) @ a.T  # (tokens, r): A·x
+
+            def backward(dy):
+                part = scale * dy.detach().reshape(-1, dy.shape[-1]).to(z).T @ z  # (out, r)
+                acc[key] = part if key not in acc else acc[key] + part
+            out.register_hook(backward)
+        return forward
+
+    for name, module, adapter in layers:
+        key = f"{name}/{adapter}"
+        handles.append(module.register_forward_hook(hook(key, draws[key], alpha / math.sqrt(module.r[adapter]))))
+    try:
+        yield acc, layers
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _anchored(probe: _Probe, optimizer: str, seed: int, *, eps: float = 1e-8, alpha: float = ANCHOR_ALPHA,
+              c: float = ANCHORED_C) -> tuple[float, dict]:
+    if not alpha > 0:
+        raise ValueError(f"anchored's alpha (the reference LoRA's lora_alpha) must be positive, got {alpha}")
+    with _reference_gradients(probe.model, seed, alpha) as (acc, layers):
+        g, d, gd, ev = _first_step(probe, optimizer, eps)
+    n = len(probe.batches)
+    ref = [x / n for x in acc.values()]  # the gradient is the mean over the batches, so is the reference's
+    adapter_params = {id(p) for _, module, _ in layers for name, p in module.named_parameters()
+                      if not name.startswith("base_layer")}
+    others = [(g, x) for g, x, p in zip(g, d, probe.params) if id(p) not in adapter_params]
+    other_gd = _dot([g for g, _ in others], [x for _, x in others])
+    ref_gd = _dot(ref, _adam_direction(ref, optimizer, eps)) + other_gd
+    if not ref_gd > 0:
+        raise ValueError("The default-LoRA reference's gradient is zero on these batches (the LoRA layers' outputs "
+                         "get no gradient): check that the loss depends on them.")
+    ev.update(alpha=alpha, c=c, ref_g_dot_d=ref_gd, other_g_dot_d=other_gd, ratio=ref_gd / gd)
+    return c * ev["ratio"], ev
+
+
 def _adam_step(probe: _Probe, optimizer: str, seed: int, *, eps: float = 1e-8, curvature: str = "auto",
                c: float = ADAM_STEP_C) -> tuple[float, dict]:
     check_choice("curvature", curvature, ("auto",) + CURVATURES)
-    d, gd, ev = _first_step(probe, optimizer, eps)
+    _, d, gd, ev = _first_step(probe, optimizer, eps)
     ev["c"] = c
     if curvature in ("auto", "hessian"):
         ev["dHd"] = probe.quadratic(d, "hessian")
@@ -475,7 +572,7 @@ def _rule(impl: Callable, needs_double_backward: bool) -> Callable:
     return run
 
 
-REFERENCE_KEYS = ("rule", "optimizer", "c", "divisor", "floor", "eps", "curvature")  # must match the reference's
+REFERENCE_KEYS = ("rule", "optimizer", "c", "divisor", "floor", "eps", "curvature", "alpha")  # must match the reference's
 
 
 def _check_reference(reference, evidence: dict) -> tuple[LrSuggestion, float]:
@@ -496,10 +593,11 @@ def _check_reference(reference, evidence: dict) -> tuple[LrSuggestion, float]:
 
 
 polyak = _rule(_polyak, needs_double_backward=False)
+anchored = _rule(_anchored, needs_double_backward=False)
 adam_step = _rule(_adam_step, needs_double_backward=True)
 lambda_max = _rule(_lambda_max, needs_double_backward=True)
 range_test = _rule(_range_test, needs_double_backward=False)
-RULES: dict[str, Callable[..., LrSuggestion]] = {"polyak": polyak, "adam_step": adam_step,
+RULES: dict[str, Callable[..., LrSuggestion]] = {"polyak": polyak, "anchored": anchored, "adam_step": adam_step,
                                                   "lambda_max": lambda_max, "range_test": range_test}
 
 
@@ -514,11 +612,14 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
     model is left as it was (see the module docstring). Use batches the statistics pass did not see (the runner and
     `initialize_trainer(..., learning_rate="auto")` take the 2 batches after them).
 
-    The rules (`rule=`) and their constants (module-level; polyak's and adam_step's are fitted on one preset with
+    The rules (`rule=`) and their constants (module-level; anchored's, polyak's and adam_step's are fitted on one preset with
     default LoRA only and held fixed, the others are not fitted):
-        "polyak" (default): c·(L − floor)/gᵀd, Polyak's step size along the optimiser's first update d (one
+        "polyak": c·(L − floor)/gᵀd, Polyak's step size along the optimiser's first update d (one
             gradient). Options:
             eps (the optimiser's, 1e-8), floor (the loss's least value, 0), c (POLYAK_C).
+        "anchored" (default): c·(gᵀd of a default PEFT LoRA on the same layers at the same point)/(gᵀd) (one gradient;
+            the reference's A drawn with `seed`). c is the rate default LoRA trains at. Options: eps (1e-8),
+            alpha (the reference's lora_alpha with rsLoRA scaling, ANCHOR_ALPHA = 16), c (ANCHORED_C).
         "adam_step": c·η*, η* = gᵀd / dᵀHd along the optimiser's first update d (Adam: g/(|g| + eps);
             SGD: g); dᵀHd ≤ 0 falls back to the Gauss-Newton dᵀGd (recorded). Options: eps (the optimiser's,
             1e-8), curvature ("auto" | "hessian" | "gauss_newton"), c (ADAM_STEP_C).
@@ -533,8 +634,8 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
         model: a PEFT model (or any torch module) whose trainable parameters are to be trained.
         batches: HF-style dicts (input_ids, attention_mask, labels); the first `max_batches` (default 2) are used.
         optimizer: "adamw" (also "adam") or "sgd": whose first step the rule models.
-        rule: "polyak" (default) | "adam_step" | "lambda_max" | "range_test" (see RULES).
-        seed: the seed of any random choice (lambda_max's Lanczos start vector).
+        rule: "anchored" (default) | "polyak" | "adam_step" | "lambda_max" | "range_test" (see RULES).
+        seed: the seed of any random choice (lambda_max's Lanczos start vector, anchored's reference A).
         loss_fn: `loss_fn(model, batch) -> scalar tensor`; default `model(**batch).loss`.
         reference: a pair (LrSuggestion of a reference model, the rate it trains well at): the rate returned is that
             rate × (this model's number / the reference's), the rule's constant cancelling. E.g. your usual rate for
@@ -552,7 +653,8 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
 
     Raises:
         ValueError: no trainable parameters, no batches, a non-finite loss or gradient, a zero gradient, a loss not
-            above polyak's floor, no positive curvature, an unbracketed range test, an unknown rule, optimiser or option value.
+            above polyak's floor, no positive curvature, an unbracketed range test, anchored on a model without
+            PEFT LoRA layers (or with non-linear ones), an unknown rule, optimiser or option value.
         TypeError: an option the rule does not have, a batch that is not a dict, a loss_fn that returns no scalar,
             a reference that is not a (LrSuggestion, rate) pair.
     """

@@ -34,7 +34,9 @@ class ModelSection:
     bnb_4bit_use_double_quant: bool = False
     max_length: int = 256
     learning_rate: float | str = 1e-3  # or "auto": lorafa.suggest_lr after each arm's init (SPEC §11)
-    lr_rule: str = "polyak"  # learning_rate=auto: suggest_lr's rule (lorafa.lr.RULES; default lr.DEFAULT_RULE)
+    lr_rule: str = "anchored"  # learning_rate=auto: suggest_lr's rule (lorafa.lr.RULES; default lr.DEFAULT_RULE)
+    lr_c: float | None = None  # learning_rate=auto: the rule's constant c (anchored: the rate default LoRA trains
+    # at, e.g. your own LoRA rate); None: its fitted value
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     eval_epochs: float = 1.0  # held-out loss every this many epochs
@@ -364,6 +366,13 @@ def _check_learning_rate(cfg: RunConfig) -> None:
         raise ValueError(f"model.learning_rate must be a positive number or 'auto', got {lr!r}")
     if m.lr_rule not in RULES:
         raise ValueError(f"model.lr_rule must be one of {list(RULES)}, got {m.lr_rule!r}")
+    if m.lr_c is not None:
+        if isinstance(m.lr_c, bool) or not isinstance(m.lr_c, (int, float)) or not 0 < m.lr_c < math.inf:
+            raise ValueError(f"model.lr_c must be a positive number (or null: the rule's fitted constant), got "
+                             f"{m.lr_c!r}")
+        if "c" not in RULES[m.lr_rule].options:
+            raise ValueError(f"model.lr_c is the rule's constant c, but model.lr_rule={m.lr_rule} has none (its "
+                             f"options: {list(RULES[m.lr_rule].options)}): leave model.lr_c null.")
     if lr == "auto" and (m.optimizer not in ("adamw", "sgd") or m.prec_reg is not None or cfg.peft.use_loraplus):
         raise ValueError("model.learning_rate=auto models the first step of plain AdamW or SGD, which model.optimizer="
                          f"{m.optimizer}, model.prec_reg={m.prec_reg} and peft.use_loraplus={cfg.peft.use_loraplus} "

@@ -536,14 +536,15 @@ def _auto_learning_rate(cfg: RunConfig, peft_model, task, tokenizer, init_config
 
     collate = _collator(cfg, task, tokenizer, init_config.max_length)
     batches = _held_out_batches(cfg, task, collate, init_config, MAX_BATCHES)
-    s = suggest_lr(peft_model, batches, cfg.model.optimizer, rule=cfg.model.lr_rule, seed=init_config.seed)
+    c = {} if cfg.model.lr_c is None else {"c": float(cfg.model.lr_c)}
+    s = suggest_lr(peft_model, batches, cfg.model.optimizer, rule=cfg.model.lr_rule, seed=init_config.seed, **c)
     lr, evidence = s.lr, s.evidence  # the main process's, on every process
     out["learning_rate"], out["lr_suggestion"] = lr, evidence
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, learning_rate=lr))
 
 
 def _brief(evidence: dict) -> str:
-    keys = ("eta_polyak", "eta_star", "curvature", "lambda_max", "best_lr", "n_batches", "seconds")
+    keys = ("ratio", "c", "eta_polyak", "eta_star", "curvature", "lambda_max", "best_lr", "n_batches", "seconds")
     return f"{evidence['rule']} (" + ", ".join(f"{k}={evidence[k]:.4g}" if isinstance(evidence[k], float) else
                                               f"{k}={evidence[k]}" for k in keys if k in evidence) + ")"
 
