@@ -54,8 +54,8 @@ from .stats.distributed import all_gather_objects, world
 
 logger = logging.getLogger(__name__)
 
-# polyak's, anchored's and adam_step's constants, fitted on ONE preset with default LoRA only and held fixed for every init and
-# preset: (LoRA's grid-best rate) / (the rule's raw number) on the classification preset
+# polyak's, anchored's and adam_step's constants, fitted on ONE preset with default LoRA only and held fixed for every
+# init and preset: (LoRA's grid-best rate) / (the rule's raw number) on the classification preset
 # (benchmarks/results/rate_cls/fit.json, 3 seeds). The other rules' constants are not fitted (their cost rules them
 # out as defaults: docs/learning_rate.md).
 POLYAK_C = 0.0387  # rate = c·(L − floor)/gᵀd
@@ -306,8 +306,8 @@ def _adam_direction(g: list[torch.Tensor], optimizer: str, eps: float) -> list[t
 
 def _first_step(probe: _Probe, optimizer: str, eps: float) -> tuple[list[torch.Tensor], list[torch.Tensor], float,
                                                                     dict]:
-    """The gradient g, the optimiser's first update per unit rate d, gᵀd (the first-order loss decrease per unit rate) and the
-    evidence they share (loss, |g|, gᵀd, eps)."""
+    """The gradient g, the optimiser's first update per unit rate d, gᵀd (the first-order loss decrease per unit
+    rate) and the evidence they share (loss, |g|, gᵀd, eps)."""
     loss, g = probe.gradient()
     d = _adam_direction(g, optimizer, eps)
     gd = _dot(g, d)
@@ -375,10 +375,11 @@ def _reference_gradients(model, seed: int, alpha: float):
     acc, handles = {}, []
 
     def hook(key, a, scale):
-        def forward(module, args, out):
+        def forward(module, args, kwargs, out):
             if not (isinstance(out, torch.Tensor) and out.requires_grad):
                 return
-            z = args[0].detach().reshape(-1, a.shape[1]).to(a) @ a.T  # (tokens, r): A·x
+            x = args[0] if args else kwargs["x"]
+            z = x.detach().reshape(-1, a.shape[1]).to(a) @ a.T  # (tokens, r): A·x
 
             def backward(dy):
                 part = scale * dy.detach().reshape(-1, dy.shape[-1]).to(z).T @ z  # (out, r)
@@ -388,7 +389,8 @@ def _reference_gradients(model, seed: int, alpha: float):
 
     for name, module, adapter in layers:
         key = f"{name}/{adapter}"
-        handles.append(module.register_forward_hook(hook(key, draws[key], alpha / math.sqrt(module.r[adapter]))))
+        handles.append(module.register_forward_hook(hook(key, draws[key], alpha / math.sqrt(module.r[adapter])),
+                                                    with_kwargs=True))
     try:
         yield acc, layers
     finally:

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 23's rate benchmark on one preset in two lanes (one thread each, for 2 cores), resumable: every run and probe
+# is a JSON file under $OUT, reused when present. Called by rate_causal.sh and rate_main.sh, which set:
+#   OUT   the results folder          O     convergence.py's options (--preset ... --threads 1)
+#   HIGH  the 2x grid of lora, lora_fa, lora_one       MID  of pissa, eva, PEFT's LoRA-GA       LOW  of lora_ga
+# Each grid is extended past an edge until its best validation rate is bracketed (--max-extend in O). The rules keep
+# the constants fitted on the classification preset (--fit); RULE (default anchored, suggest_lr's default) is the
+# one trained with.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+FIT="--fit benchmarks/results/rate_cls/fit.json"
+RULE=${RULE:-anchored}
+lane_a() {
+  $PY benchmarks/convergence.py $O --lrs $HIGH --seeds 0 1 2 --out $OUT/grid --methods lora lora_fa lora_one
+  $PY benchmarks/rate.py auto --out $OUT --seeds 0 1 2 --rule $RULE --inits lora lora_fa lora_one $FIT $O
+}
+lane_b() {
+  $PY benchmarks/rate.py probe --out $OUT --seeds 0 1 2 --rules anchored polyak $O
+  $PY benchmarks/convergence.py $O --lrs $MID --seeds 0 1 2 --out $OUT/grid_mid --methods pissa eva peft_lora_ga
+  $PY benchmarks/convergence.py $O --lrs $LOW --seeds 0 1 2 --out $OUT/grid_low --methods lora_ga
+  $PY benchmarks/rate.py auto --out $OUT --seeds 0 1 2 --rule $RULE --inits lora_ga pissa eva peft_lora_ga $FIT $O
+}
+lane_a & a=$!
+lane_b & b=$!
+wait $a
+wait $b
+$PY benchmarks/rate.py summary --out $OUT --rule $RULE $FIT $O
