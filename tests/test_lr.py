@@ -19,7 +19,7 @@ import lorafa
 from lorafa import lr as lrmod
 from lorafa.lr import LrSuggestion, suggest_lr
 
-from conftest import lora_cfg, make_batches, tiny_llama
+from conftest import lora_cfg, make_batches, tiny_gpt2, tiny_llama
 
 
 # -- closed forms ------------------------------------------------------------------------------------------------
@@ -78,13 +78,22 @@ def test_polyak_is_the_loss_over_the_first_order_decrease():
         suggest_lr(model, QUAD_BATCHES, rule="polyak", floor=loss + 1.0)
 
 
-def test_anchored_is_default_lora_s_first_order_decrease_over_the_model_s():
+ARCHS = {  # (tiny model, LoRA targets, a norm's weight to train besides the adapters); GPT-2's layers are Conv1D
+    "llama": (tiny_llama, {"target_modules": ["q_proj", "v_proj"]}, lambda m: m.model.norm.weight),
+    "gpt2": (tiny_gpt2, {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True},
+             lambda m: m.transformer.ln_f.weight),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_anchored_is_default_lora_s_first_order_decrease_over_the_model_s(arch):
     """anchored's reference is exactly the gᵀd of a default PEFT LoRA on the same layers (A drawn by
     `_reference_a`, B = 0, rsLoRA scaling alpha/√r) at the same point, non-LoRA trainable parameters included."""
+    build, targets, norm = ARCHS[arch]
+
     def model_with(a_of=None, alpha=16):
-        m = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=alpha, use_rslora=True,
-                                                    target_modules=["q_proj", "v_proj"]))
-        m.base_model.model.model.norm.weight.requires_grad_(True)  # a trainable parameter outside the adapters
+        m = get_peft_model(build(), LoraConfig(r=4, lora_alpha=alpha, use_rslora=True, **targets))
+        norm(m.base_model.model).requires_grad_(True)  # a trainable parameter outside the adapters
         with torch.no_grad():
             for name, layer, adapter in lrmod._reference_layers(m):
                 w = layer.lora_A[adapter].weight
@@ -103,7 +112,7 @@ def test_anchored_is_default_lora_s_first_order_decrease_over_the_model_s():
     quarter = suggest_lr(model, make_batches(), rule="anchored", seed=5, alpha=4.0).evidence
     lora_part = s.evidence["ref_g_dot_d"] - s.evidence["other_g_dot_d"]
     assert quarter["ref_g_dot_d"] - quarter["other_g_dot_d"] == pytest.approx(lora_part / 4, rel=1e-4)  # eps
-    # PEFT's default LoRA at the reference's alpha: the rate is c up to the draw of A
+    # the reference itself (the same A, the reference's alpha): the rate is c
     plain = suggest_lr(same_a, make_batches(), rule="anchored", seed=5)
     assert plain.lr == pytest.approx(lrmod.ANCHORED_C, rel=1e-6)
     with pytest.raises(ValueError, match="no active PEFT LoRA layer"):
