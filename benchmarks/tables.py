@@ -560,6 +560,33 @@ def _rate(x: float) -> str:
     return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
 
 
+def render_rate_grids(root: str) -> str:
+    """docs/learning_rate.md: the causal and main-job rate grids so far: seed 0's validation loss at every rate each
+    init ran (the chosen rate in bold), and the rate `anchored` gives that init at seed 0 with the classification
+    constant (its probe; — where not probed yet)."""
+    with open(_path(root, f"{RATE_CLS}/fit.json")) as f:
+        k = json.load(f)["rules"]["anchored"]["k"]
+    out = []
+    for preset, folders in RATE_GRIDS.items():
+        grid = [r for folder in folders for r in read_table(_path(root, f"{folder}/lr_grid.csv"))[1]]
+        probes = os.path.dirname(folders[0]) + "/probes"
+        rates = sorted({float(r["lr"]) for r in grid})
+        rows = []
+        for init in dict.fromkeys(r["method"] for r in grid):
+            row = {"init": init}
+            for r in (r for r in grid if r["method"] == init):
+                cell = f"{float(r['final val loss']):.3f}"
+                row[_rate(float(r["lr"]))] = f"**{cell}**" if r["chosen"] else cell
+            rules = [json.load(open(f))["rules"] for f in sorted(glob.glob(_path(root, f"{probes}/{init}_s0_*.json")))]
+            raw = [r["anchored"]["raw"] for r in rules if "anchored" in r]
+            row["auto"] = _rate(float(f"{k * raw[0]:.3g}")) if raw else None
+            rows.append(row)
+        columns = [_rate(x) for x in rates]
+        out.append(f"{preset}:\n\n" + markdown_table(rows, ["init"] + columns + ["auto"],
+                                                       header=["validation loss at lr"] + columns + ["anchored"]))
+    return "\n".join(out)
+
+
 def render_which_init(root: str) -> str:
     """README: each main init at its own rate, chosen on the validation split and bracketed: the final test loss on
     the H200 (mean ± std over seeds) and, where it ran, on the CPU set-up; sorted by the H200 loss."""
@@ -609,6 +636,10 @@ RATE_CAUSAL = "benchmarks/results/rate_causal"  # the same on the causal preset 
 RATE_TRANSFER_CMD = ("python benchmarks/rate.py transfer --preset causal --out benchmarks/results/rate_causal "
                      "--fit benchmarks/results/rate_cls/fit.json --grid-from benchmarks/results/causal_gpu "
                      "--alias lora_fa=lora_fa:target=gradient,scale=stable,offset=none")
+RATE_MAIN = "benchmarks/results/rate_main"  # the same on the main job's set-up (benchmarks/rate_main.sh)
+# the grids of the causal and main-job protocols, while they run (convergence.py writes lr_grid.csv per folder)
+RATE_GRIDS = {"causal (CPU protocol)": [f"{RATE_CAUSAL}/grid", f"{RATE_CAUSAL}/grid_mid"],
+              "main job (leg_counting, every linear layer)": [f"{RATE_MAIN}/grid"]}
 STEP0 = "benchmarks/results/step0"  # issue 23 item 6: the held-out loss right after the step inits (step0.py)
 STATS_MEMORY = "benchmarks/results/stats_memory"  # issue 24: grouped sweeps against one pass
 FACTORISATIONS = "benchmarks/results/factorisations"  # issue 24 (4): decomposition time against size
@@ -745,6 +776,9 @@ BLOCKS: dict[str, Block] = {
     "rate_cls_free": csv_block(RATE_CLS, "free", RATE_CMD, "docs/learning_rate.md: Prodigy and schedule-free AdamW"),
     "rate_causal_transfer": csv_block(RATE_CAUSAL, "transfer", RATE_TRANSFER_CMD,
                                       "docs/learning_rate.md: the classification constants on the causal preset"),
+    "rate_grids": Block(render_rate_grids, tuple(f"{d}/lr_grid.csv" for ds in RATE_GRIDS.values() for d in ds)
+                        + (f"{RATE_CLS}/fit.json", f"{RATE_CAUSAL}/probes", f"{RATE_MAIN}/probes"),
+                        "docs/learning_rate.md: the causal and main-job grids so far, with anchored's seed-0 rate"),
     "step0": csv_block(STEP0, "step0", "python benchmarks/step0.py --summary",
                        "docs/learning_rate.md: the held-out loss after the step inits, guarded, every set-up"),
     "stats_memory": csv_block(STATS_MEMORY, "summary", "python benchmarks/stats_memory.py --out "
