@@ -3,6 +3,7 @@
 # is a JSON file under $OUT, reused when present. Called by rate_causal.sh and rate_main.sh, which set:
 #   OUT   the results folder          O     convergence.py's options (--preset ... --threads 1)
 #   HIGH  the 2x grid of lora, lora_fa, lora_one       MID  of pissa, eva, PEFT's LoRA-GA       LOW  of lora_ga
+#   SEEDS the seeds (default 0 1 2; the first is where each grid's rate is chosen)
 # Each grid is extended past an edge until its best validation rate is bracketed (--max-extend in O). The rules keep
 # the constants fitted on the classification preset (--fit); RULE (default anchored, suggest_lr's default) is the
 # one trained with.
@@ -11,15 +12,16 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 FIT="--fit benchmarks/results/rate_cls/fit.json"
 RULE=${RULE:-anchored}
+SEEDS=${SEEDS:-0 1 2}
 lane_a() {
-  $PY benchmarks/convergence.py $O --lrs $HIGH --seeds 0 1 2 --out $OUT/grid --methods lora lora_fa lora_one
-  $PY benchmarks/rate.py auto --out $OUT --seeds 0 1 2 --rule $RULE --inits lora lora_fa lora_one $FIT $O
+  $PY benchmarks/convergence.py $O --lrs $HIGH --seeds $SEEDS --out $OUT/grid --methods lora lora_fa lora_one
+  $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits lora lora_fa lora_one $FIT $O
 }
 lane_b() {
-  $PY benchmarks/rate.py probe --out $OUT --seeds 0 1 2 --rules anchored polyak $O
-  $PY benchmarks/convergence.py $O --lrs $MID --seeds 0 1 2 --out $OUT/grid_mid --methods pissa eva peft_lora_ga
-  $PY benchmarks/convergence.py $O --lrs $LOW --seeds 0 1 2 --out $OUT/grid_low --methods lora_ga
-  $PY benchmarks/rate.py auto --out $OUT --seeds 0 1 2 --rule $RULE --inits lora_ga pissa eva peft_lora_ga $FIT $O
+  $PY benchmarks/rate.py probe --out $OUT --seeds $SEEDS --rules anchored polyak $O
+  $PY benchmarks/convergence.py $O --lrs $MID --seeds $SEEDS --out $OUT/grid_mid --methods pissa eva peft_lora_ga
+  $PY benchmarks/convergence.py $O --lrs $LOW --seeds $SEEDS --out $OUT/grid_low --methods lora_ga
+  $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits lora_ga pissa eva peft_lora_ga $FIT $O
 }
 lane_a & a=$!
 lane_b & b=$!

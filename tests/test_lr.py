@@ -282,7 +282,7 @@ def test_bad_input_is_refused():
         suggest_lr(model, make_batches(), loss_fn=lambda m, x: m(**x).loss + 0 * b.abs().sqrt().sum())
     with pytest.raises(ValueError, match="rule must be one of"):
         suggest_lr(model, make_batches(), rule="newton")
-    with pytest.raises(TypeError, match=r"polyak has no option\(s\) \['steps'\]"):
+    with pytest.raises(TypeError, match=r"anchored has no option\(s\) \['steps'\]"):
         suggest_lr(model, make_batches(), steps=3)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         suggest_lr(model, make_batches(), "lion")

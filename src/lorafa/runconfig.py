@@ -284,8 +284,9 @@ def _key_suggestions(key: str, names: list[str], where: str) -> list[str]:
     if where and key in {f.name for f in dataclasses.fields(RunConfig)} and key not in sections:
         elsewhere.append(key)  # a top-level key given inside a section
     alias = _KEY_ALIASES.get(key)
-    # close matches in its own section only when the key is not another section's as written
-    close = [] if elsewhere else [f"{where}{c}" for c in difflib.get_close_matches(key, names, 2)]
+    # close matches in its own section only when the key is neither another section's as written nor a known alias
+    # (model.lr means model.learning_rate, not model.lr_c)
+    close = [] if elsewhere or alias else [f"{where}{c}" for c in difflib.get_close_matches(key, names, 2)]
     return list(dict.fromkeys([*elsewhere, *([alias] if alias and alias != where + key else []), *close]))
 
 
