@@ -361,18 +361,19 @@ def test_runner_learning_rate_values_are_checked():
 
     assert parse_run_config(composed(["++model.learning_rate=auto"])).model.learning_rate == "auto"
     assert parse_run_config(composed(["++model.learning_rate=2e-4"])).model.learning_rate == 2e-4
-    assert parse_run_config(composed(["++model.lr_c=2e-4"])).model.lr_c == 2e-4
+    assert parse_run_config(composed(["++model.learning_rate=auto", "++model.lr_c=2e-4"])).model.lr_c == 2e-4
     for override, match in (("++model.learning_rate=fast", "positive number or 'auto', got 'fast'"),
                             ("++model.learning_rate=0", "positive number or 'auto', got 0"),
                             ("++model.lr_rule=newton", "lr_rule must be one of"),
                             ("++model.lr_c=-1", "lr_c must be a positive number"),
-                            ("++model.lr_c=fast", "must be a number")):
+                            ("++model.lr_c=fast", "must be a number"),
+                            ("++model.lr_c=2e-4", "model.learning_rate=0.001 is a number")):
         with pytest.raises(ValueError, match=match):
             parse_run_config(composed([override]))
     with pytest.raises(ValueError, match="learning_rate=auto models the first step of plain AdamW or SGD"):
         parse_run_config(composed(["++model.learning_rate=auto", "++model.optimizer=lora_pro"]))
     with pytest.raises(ValueError, match="lr_rule=range_test has none"):
-        parse_run_config(composed(["++model.lr_c=2", "++model.lr_rule=range_test"]))
+        parse_run_config(composed(["++model.learning_rate=auto", "++model.lr_c=2", "++model.lr_rule=range_test"]))
 
 
 def test_initialize_trainer_sets_the_rate_before_the_optimizer(tmp_path):

@@ -371,6 +371,9 @@ def _check_learning_rate(cfg: RunConfig) -> None:
         if isinstance(m.lr_c, bool) or not isinstance(m.lr_c, (int, float)) or not 0 < m.lr_c < math.inf:
             raise ValueError(f"model.lr_c must be a positive number (or null: the rule's fitted constant), got "
                              f"{m.lr_c!r}")
+        if lr != "auto":
+            raise ValueError(f"model.lr_c sets the constant of learning_rate=auto's rule, but model.learning_rate={lr} "
+                             "is a number: set model.learning_rate=auto, or leave model.lr_c null.")
         if "c" not in RULES[m.lr_rule].options:
             raise ValueError(f"model.lr_c is the rule's constant c, but model.lr_rule={m.lr_rule} has none (its "
                              f"options: {list(RULES[m.lr_rule].options)}): leave model.lr_c null.")
