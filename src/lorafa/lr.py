@@ -32,7 +32,8 @@ flag, the attention implementation, requires_grad, the trainable values and ever
 `.grad` but by the range test's own optimiser, and those are put back).
 
 Each rule's constant is fitted on ONE preset with default LoRA only, then held fixed for every other init and
-preset (issue 23): adam_step's is (ADAM_STEP_C); the others keep the value their comment justifies.
+preset (issue 23): anchored's (ANCHORED_C), polyak's (POLYAK_C) and adam_step's (ADAM_STEP_C) are; lambda_max and
+range_test keep the value their comment justifies.
 """
 
 from __future__ import annotations
