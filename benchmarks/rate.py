@@ -62,10 +62,10 @@ from harness import choose, finite, selection_loss  # noqa: E402
 
 INITS = ["lora", "lora_fa", "lora_one", "lora_ga", "pissa", "eva", "peft_lora_ga"]
 FREE = ["lora+prodigy", "lora+sf"]
-RULES = ("polyak", "anchored", "adam_step", "lambda_max", "range_test")
-# each rule with its constant set to 1
+# each rule (lorafa.lr.RULES) with its constant set to 1
 RAW = {"polyak": {"c": 1.0}, "anchored": {"c": 1.0}, "adam_step": {"c": 1.0}, "lambda_max": {"c": 1.0},
        "range_test": {"divisor": 1.0}}
+RULES = tuple(RAW)
 LORAFA_INITS = ("lora_fa", "lora_one", "lora_ga", "eva")  # the inits lorafa computes (target (c))
 
 

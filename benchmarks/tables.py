@@ -577,8 +577,10 @@ def render_rate_grids(root: str) -> str:
             for r in (r for r in grid if r["method"] == init):
                 cell = f"{float(r['final val loss']):.3f}"
                 row[_rate(float(r["lr"]))] = f"**{cell}**" if r["chosen"] else cell
-            rules = [json.load(open(f))["rules"] for f in sorted(glob.glob(_path(root, f"{probes}/{init}_s0_*.json")))]
-            raw = [r["anchored"]["raw"] for r in rules if "anchored" in r]
+            raw = []
+            for path in sorted(glob.glob(_path(root, f"{probes}/{init}_s0_*.json"))):
+                with open(path) as f:
+                    raw += [v["raw"] for rule, v in json.load(f)["rules"].items() if rule == "anchored"]
             row["auto"] = _rate(float(f"{k * raw[0]:.3g}")) if raw else None
             rows.append(row)
         columns = [_rate(x) for x in rates]

@@ -822,6 +822,16 @@ def _rate_results(root, grids: dict, probes: dict, autos: dict):
                   {"method": m, "seed": s, "lr": lr, "final_loss": loss, "final_val_loss": loss, "suggest_s": 5.0})
 
 
+def test_rate_benchmark_probes_every_rule_of_the_library():
+    """rate.py's raw-constant options cover exactly lorafa.lr.RULES, each with the constant option that rule has."""
+    import rate
+
+    from lorafa import lr
+
+    assert set(rate.RAW) == set(lr.RULES)
+    assert all(set(opts) <= set(lr.RULES[rule].options) for rule, opts in rate.RAW.items())
+
+
 def test_rate_fit_summary_and_transfer(tmp_path):
     import rate
 

@@ -355,12 +355,13 @@ def _reference_layers(model) -> list[tuple[str, torch.nn.Module, str]]:
 
 
 def _reference_a(layers: list, seed: int) -> dict[str, torch.Tensor]:
-    """The reference LoRA's A per "layer/adapter": PEFT's default draw (kaiming-uniform with a = √5, i.e. uniform on
-    ±1/√in), float32 on the layer's device, from one generator seeded with `seed`, layer by layer in module order."""
+    """The reference LoRA's A per "layer/adapter": PEFT's default draw (torch's kaiming_uniform_ with a = √5, i.e.
+    uniform on ±1/√in), float32 on the layer's device, from one generator seeded with `seed`, layer by layer in
+    module order."""
     gen, out = torch.Generator().manual_seed(seed), {}
     for name, module, adapter in layers:
-        r, fan_in = module.r[adapter], module.in_features
-        a = (torch.rand(r, fan_in, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(fan_in)
+        a = torch.empty(module.r[adapter], module.in_features, dtype=torch.float64)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
         out[f"{name}/{adapter}"] = a.to(device=module.lora_A[adapter].weight.device, dtype=torch.float32)
     return out
 
