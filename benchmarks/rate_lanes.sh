@@ -13,15 +13,19 @@ PY=${PY:-.venv/bin/python}
 FIT="--fit benchmarks/results/rate_cls/fit.json"
 RULE=${RULE:-anchored}
 SEEDS=${SEEDS:-0 1 2}
+FIRST=${SEEDS%% *}
+# lane A: the high and low grids and their inits' auto runs; lane B: the seed-0 probes, the middle grid and its inits'
+# auto runs, then the other seeds' probes (only the summary's rule table reads them). About the same work each.
 lane_a() {
   $PY benchmarks/convergence.py $O --lrs $HIGH --seeds $SEEDS --out $OUT/grid --methods lora lora_fa lora_one
-  $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits lora lora_fa lora_one $FIT $O
+  $PY benchmarks/convergence.py $O --lrs $LOW --seeds $SEEDS --out $OUT/grid_low --methods lora_ga
+  $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits lora lora_fa lora_one lora_ga $FIT $O
 }
 lane_b() {
-  $PY benchmarks/rate.py probe --out $OUT --seeds $SEEDS --rules anchored polyak $O
+  $PY benchmarks/rate.py probe --out $OUT --seeds $FIRST --rules anchored polyak $O
   $PY benchmarks/convergence.py $O --lrs $MID --seeds $SEEDS --out $OUT/grid_mid --methods pissa eva peft_lora_ga
-  $PY benchmarks/convergence.py $O --lrs $LOW --seeds $SEEDS --out $OUT/grid_low --methods lora_ga
-  $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits lora_ga pissa eva peft_lora_ga $FIT $O
+  $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits pissa eva peft_lora_ga $FIT $O
+  $PY benchmarks/rate.py probe --out $OUT --seeds $SEEDS --rules anchored polyak $O
 }
 lane_a & a=$!
 lane_b & b=$!
