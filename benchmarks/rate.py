@@ -284,8 +284,23 @@ def _autos(out: str) -> dict[str, list[dict]]:
     return {rule: runs for rule in RULES if (runs := _load(os.path.join(out, f"auto_{rule}")))}
 
 
-def summarise(out: str, fit_path: str, title: str, shown: str) -> dict:
-    """The tables, the verdict per rule trained with, and the figure (its ★ are rule `shown`'s auto runs)."""
+def runner_rate(model: str) -> float | None:
+    """The runner's fixed learning rate for `model` (its packaged `conf/model/*.yaml` whose `name` it is): the rate a
+    user who does not choose one trains at, the row the rules table sets `auto` beside (issue 23, item 5)."""
+    from importlib.resources import files
+
+    import yaml
+
+    for f in sorted(files("lorafa").joinpath("conf", "model").iterdir()):
+        if f.name.endswith(".yaml") and (c := yaml.safe_load(f.read_text())).get("name") == model:
+            return float(c["learning_rate"])
+    logging.warning("no conf/model/*.yaml of the runner names %r: the rules table has no fixed-rate row", model)
+    return None
+
+
+def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | None = None) -> dict:
+    """The tables, the verdict per rule trained with, and the figure (its ★ are rule `shown`'s auto runs). `fixed`:
+    the runner's fixed rate, given a row per init in the rules table (the grid's validation loss there)."""
     grid = grid_of(out)
     with open(fit_path) as f:
         fitted = json.load(f)
@@ -326,6 +341,12 @@ def summarise(out: str, fit_path: str, title: str, shown: str) -> dict:
                               "ratio": _f(lr / g["best"], 2), "val loss there": _f(loss),
                               "grid-best val loss": _f(g["val"][g["best"]]), "outside grid": where,
                               "probe s": _f(statistics.mean(x["seconds"] for x in mine_p), 1)})
+        if fixed:
+            loss, where = interpolate(g["val"], fixed)
+            rule_rows.append({"init": m, "rule": "runner's fixed rate", "fitted rate": _g(fixed),
+                              "grid-best rate": _g(g["best"]), "ratio": _f(fixed / g["best"], 2),
+                              "val loss there": _f(loss), "grid-best val loss": _f(g["val"][g["best"]]),
+                              "outside grid": where, "probe s": None})
         s0 = [r for r in grid[m]["runs"]]
         step0.append({"init": m, "test loss at step 0": _f(_mean_std([r["curve"][0][1] for r in s0])[0]),
                       "val loss at step 0": _f(_mean_std([r["val_curve"][0][1] for r in s0])[0])})
@@ -417,7 +438,7 @@ def main(argv=None) -> None:
         aliases = dict(a.split("=", 1) for a in args.alias)
         print(transfer(args.out, fit_path, args.grid_from, aliases, cargs.preset))
     else:
-        res = summarise(args.out, fit_path, cargs.preset, args.rule)
+        res = summarise(args.out, fit_path, cargs.preset, args.rule, runner_rate(p.model))
         print(res["markdown"])
         print(json.dumps(res["verdict"], indent=1))
 

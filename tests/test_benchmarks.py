@@ -842,7 +842,7 @@ def test_rate_fit_summary_and_transfer(tmp_path):
                   {"lora": (2e-3, 0.505), "lora_fa": (2e-3, 0.60)})
     fit = rate.fit(root)
     assert fit["rules"]["polyak"]["k"] == pytest.approx(0.05) and fit["grid_best_lora"] == 2e-3
-    res = rate.summarise(root, os.path.join(root, "fit.json"), "toy", "polyak")
+    res = rate.summarise(root, os.path.join(root, "fit.json"), "toy", "polyak", fixed=1.5e-3)
     rows = {r["init"]: r for r in common.read_table(os.path.join(root, "summary.csv"))[1]}
     # LoRA: 0.505 against 0.51 ± 0.01 -> within a seed-std; LoRA-FA: 0.60 against 0.56 ± 0.01 -> 4 stds above
     assert rows["lora"]["(a) ≤ 1"] == "met" and rows["lora_fa"]["(a) ≤ 1"] == "missed"
@@ -852,6 +852,12 @@ def test_rate_fit_summary_and_transfer(tmp_path):
     assert verdict["c"] == {"init": "lora_fa", "auto test loss": 0.60, "lora grid-best test loss": pytest.approx(0.51),
                             "met": False}
     assert os.path.getsize(os.path.join(root, "rate.png")) > 0
+    # the runner's fixed rate beside each rule: the grid's validation loss there, midway (in log rate) for LoRA
+    fixed = {r["init"]: r for r in common.read_table(os.path.join(root, "rules.csv"))[1]
+             if r["rule"] == "runner's fixed rate"}
+    assert fixed["lora"]["val loss there"] == f"{0.60 + math.log(1.5) / math.log(2) * (0.50 - 0.60):.3f}"
+    assert fixed["lora_fa"]["ratio"] == "1.50" and fixed["lora_fa"]["outside grid"] in ("", None)
+    assert rate.runner_rate("smollm2-135m-instruct") > 0 and rate.runner_rate("no-such-model") is None
     # the same constant on "another preset" whose grids (one folder, specs renamed) put every best 4x higher
     other = str(tmp_path / "other")
     _rate_results(other, {"lora": {4e-3: 0.6, 8e-3: 0.5, 1.6e-2: 0.7}, "lora_fa:x=1": {2e-3: 0.6, 4e-3: 0.5,
