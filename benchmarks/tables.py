@@ -567,9 +567,10 @@ def render_rate_grids(root: str) -> str:
     with open(_path(root, f"{RATE_CLS}/fit.json")) as f:
         k = json.load(f)["rules"]["anchored"]["k"]
     out = []
-    for preset, folders in RATE_GRIDS.items():
-        grid = [r for folder in folders for r in read_table(_path(root, f"{folder}/lr_grid.csv"))[1]]
-        probes = os.path.dirname(folders[0]) + "/probes"
+    for preset, results_dir in RATE_GRIDS.items():
+        folders = sorted(glob.glob(_path(root, f"{results_dir}/grid*/lr_grid.csv")))  # grid, grid_low, grid_mid
+        grid = [r for path in folders for r in read_table(path)[1]]
+        probes = f"{results_dir}/probes"
         rates = sorted({float(r["lr"]) for r in grid})
         rows = []
         for init in dict.fromkeys(r["method"] for r in grid):
@@ -639,9 +640,9 @@ RATE_TRANSFER_CMD = ("python benchmarks/rate.py transfer --preset causal --out b
                      "--fit benchmarks/results/rate_cls/fit.json --grid-from benchmarks/results/causal_gpu "
                      "--alias lora_fa=lora_fa:target=gradient,scale=stable,offset=none")
 RATE_MAIN = "benchmarks/results/rate_main"  # the same on the main job's set-up (benchmarks/rate_main.sh)
-# the grids of the causal and main-job protocols, while they run (convergence.py writes lr_grid.csv per folder)
-RATE_GRIDS = {"causal (CPU protocol)": [f"{RATE_CAUSAL}/grid", f"{RATE_CAUSAL}/grid_mid"],
-              "main job (leg_counting, every linear layer)": [f"{RATE_MAIN}/grid"]}
+# the grids of the causal and main-job protocols, while they run (convergence.py writes lr_grid.csv in each of the
+# results folder's grid* folders, one per grid centre)
+RATE_GRIDS = {"causal (CPU protocol)": RATE_CAUSAL, "main job (leg_counting, every linear layer)": RATE_MAIN}
 STEP0 = "benchmarks/results/step0"  # issue 23 item 6: the held-out loss right after the step inits (step0.py)
 STATS_MEMORY = "benchmarks/results/stats_memory"  # issue 24: grouped sweeps against one pass
 FACTORISATIONS = "benchmarks/results/factorisations"  # issue 24 (4): decomposition time against size
@@ -778,7 +779,15 @@ BLOCKS: dict[str, Block] = {
     "rate_cls_free": csv_block(RATE_CLS, "free", RATE_CMD, "docs/learning_rate.md: Prodigy and schedule-free AdamW"),
     "rate_causal_transfer": csv_block(RATE_CAUSAL, "transfer", RATE_TRANSFER_CMD,
                                       "docs/learning_rate.md: the classification constants on the causal preset"),
-    "rate_grids": Block(render_rate_grids, tuple(f"{d}/lr_grid.csv" for ds in RATE_GRIDS.values() for d in ds)
+    "rate_causal": csv_block(RATE_CAUSAL, "summary", "bash benchmarks/rate_causal.sh",
+                             "docs/learning_rate.md: the causal protocol, grid-best rate against auto"),
+    "rate_causal_rules": csv_block(RATE_CAUSAL, "rules", "bash benchmarks/rate_causal.sh",
+                                   "docs/learning_rate.md: the causal protocol, each rule and the runner's fixed rate"),
+    "rate_main": csv_block(RATE_MAIN, "summary", "bash benchmarks/rate_main.sh",
+                           "docs/learning_rate.md: the main job's set-up, grid-best rate against auto"),
+    "rate_main_rules": csv_block(RATE_MAIN, "rules", "bash benchmarks/rate_main.sh",
+                                 "docs/learning_rate.md: the main job's set-up, each rule and the runner's fixed rate"),
+    "rate_grids": Block(render_rate_grids, tuple(f"{d}/grid*/lr_grid.csv" for d in RATE_GRIDS.values())
                         + (f"{RATE_CLS}/fit.json", f"{RATE_CAUSAL}/probes", f"{RATE_MAIN}/probes"),
                         "docs/learning_rate.md: the causal and main-job grids so far, with anchored's seed-0 rate"),
     "step0": csv_block(STEP0, "step0", "python benchmarks/step0.py --summary",
