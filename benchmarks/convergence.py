@@ -467,7 +467,15 @@ def run_one(job: dict) -> dict:
         res["seconds"].append(clock)
         eval_s += time.perf_counter() - t0
 
-    evaluate(0, res["init_s"])  # after the init
+    cached = step0_cached(job, seed)
+    if cached:  # the init's held-out losses do not depend on the rate: another run of this init and seed measured them
+        res["curve"].append([0, cached["test"]])
+        res["val_curve"].append([0, cached["val"]])
+        res["seconds"].append(res["init_s"])
+        res["step0_cached"] = True
+    else:
+        evaluate(0, res["init_s"])  # after the init
+        step0_store(job, seed, test=res["curve"][0][1], val=res["val_curve"][0][1])
     _, flag, _ = parse_spec(job["method"])
     order = train_order(split["train"], p, seed)
     if job["lr"] == "auto":  # the rate from lorafa.suggest_lr on the first training batches (outside the init's)
@@ -516,6 +524,43 @@ def run_one(job: dict) -> dict:
     res["final_val_loss"] = float("inf") if diverged else res["val_curve"][-1][1]
     write_json(job["path"], res)
     return res
+
+
+# what the held-out losses right after the init depend on, besides the method and the seed: the preset (its rate grid,
+# evaluation points and steps aside) and these options
+STEP0_KEY_ARGS = ("rank", "alpha", "no_rslora", "prec_reg", "kfac_reg", "probe", "gsm8k", "device", "dtype", "model")
+STEP0_FREE = ("lrs", "full_lrs", "sgd_lrs", "eval_every", "steps", "warmup")
+
+
+def _step0_record(job: dict, seed: int) -> tuple[str | None, dict]:
+    """The cache file of this (method, seed) under `--step0-cache` (None without it), and what its losses depend on."""
+    folder = job["args"].get("step0_cache")
+    key = {"method": job["method"], "seed": seed, "probe": job.get("probe"),
+           "preset": {k: v for k, v in job["preset"].items() if k not in STEP0_FREE},
+           "args": {k: job["args"].get(k) for k in STEP0_KEY_ARGS}}
+    return (os.path.join(folder, f"{spec_slug(job['method'])}_s{seed}.json") if folder else None), key
+
+
+def step0_cached(job: dict, seed: int) -> dict | None:
+    """The held-out losses at step 0 another run of the same init and seed measured (`--step0-cache`), else None. The
+    init is deterministic and the losses do not depend on the rate, so every rate of a grid (and the auto runs) can
+    share them: each run then evaluates once, at its end. A record made under other options raises ValueError."""
+    path, key = _step0_record(job, seed)
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rec = json.load(f)
+    if rec["key"] != json.loads(json.dumps(key, default=str)):
+        raise ValueError(f"{path} was measured under other options ({rec['key']} against {key}): use another "
+                         "--step0-cache folder for this set-up")
+    return rec
+
+
+def step0_store(job: dict, seed: int, test: float, val: float) -> None:
+    path, key = _step0_record(job, seed)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json(path, {"key": key, "test": test, "val": val})
 
 
 def suggest_rate(model, batches: list[dict], job: dict, seed: int) -> dict:
@@ -909,6 +954,9 @@ def parser() -> argparse.ArgumentParser:
                     help="a run whose final validation loss is not this far below its step-0 one counts as failed "
                          "when choosing and extending the grid (e.g. 0.03 on the classification preset, whose "
                          "chance-level runs end within ±0.015 of ln 2 and learning ones below 0.63); default: off")
+    ap.add_argument("--step0-cache", default=None,
+                    help="a folder for the held-out losses right after each init (per method and seed): the runs of "
+                         "other rates and the auto runs reuse them instead of evaluating at step 0 again")
     ap.add_argument("--full-grid", action="store_true",
                     help="run every rate of the grid, not only the ones that can win")
     return ap
@@ -986,6 +1034,11 @@ def main(argv=None) -> None:
         return {"method": m, "lr": lr, "seed": s, "args": vars(args), "preset": dataclasses.asdict(p),
                 "probe": probe_files.get(s), "path": os.path.join(runs_dir, run_id(m, lr, s) + ".json")}
 
+    if args.step0_cache:  # the runs already in --out (reused as they are) measured their inits' step-0 losses
+        for r in saved_runs(args.out)[0]:
+            j = job(r["method"], r["lr"], r["seed"])
+            if r.get("val_curve") and r["curve"][0][0] == 0 and not step0_cached(j, r["seed"]):
+                step0_store(j, r["seed"], test=r["curve"][0][1], val=r["val_curve"][0][1])
     lrs_of = {m: (p.full_lrs if m == "full" else p.sgd_lrs if parse_spec(m)[1] == "kfac_sgd"
                   else [FREE_LRS[parse_spec(m)[1]]] if parse_spec(m)[1] in FREE_LRS else p.lrs)
               for m in grid_methods}

@@ -14,6 +14,8 @@ FIT="--fit benchmarks/results/rate_cls/fit.json"
 RULE=${RULE:-anchored}
 SEEDS=${SEEDS:-0 1 2}
 FIRST=${SEEDS%% *}
+# the held-out losses right after each init, measured once per init and seed and shared by all its runs
+O="$O --step0-cache $OUT/step0_cache"
 # lane A: the high and low grids and their inits' auto runs; lane B: the seed-0 probes, the middle grid and its inits'
 # auto runs, then the other seeds' probes (only the summary's rule table reads them). About the same work each.
 lane_a() {

@@ -445,6 +445,34 @@ def test_run_jobs_in_process_records_failures_and_keeps_going(tmp_path, monkeypa
     assert [r["method"] for r in convergence.run_jobs(jobs[1:], 1, in_process=True)] == ["ok"]
 
 
+def test_step0_cache_is_shared_across_rates_and_refuses_other_options(tmp_path):
+    """The held-out losses right after an init are cached per (method, seed): a run of another rate (another grid's
+    preset, an auto run) gets them back, a run under another rank or task raises, and without a folder nothing is
+    kept."""
+    import dataclasses
+
+    cache = str(tmp_path / "step0")
+    args = vars(convergence.parser().parse_args(["--out", str(tmp_path), "--step0-cache", cache]))
+    preset = dataclasses.asdict(convergence.PRESETS["main_job"])
+
+    def job(method="lora_fa", lrs=(1e-3,), **over):
+        return {"method": method, "lr": lrs[0], "args": dict(args, **over), "probe": None,
+                "preset": dict(preset, lrs=list(lrs))}
+
+    assert convergence.step0_cached(job(), 0) is None
+    convergence.step0_store(job(), 0, test=1.25, val=1.5)
+    hit = convergence.step0_cached(job(lrs=(4e-4, 8e-4)), 0)  # another grid's rates: the same init
+    assert (hit["test"], hit["val"]) == (1.25, 1.5)
+    assert convergence.step0_cached(job(), 1) is None and convergence.step0_cached(job("lora"), 0) is None
+    with pytest.raises(ValueError, match="other options"):
+        convergence.step0_cached(job(rank=16), 0)
+    with pytest.raises(ValueError, match="other options"):
+        convergence.step0_cached(dict(job(), preset=dict(preset, task="gsm8k")), 0)
+    none = dict(job(), args=dict(args, step0_cache=None))
+    convergence.step0_store(none, 2, test=1.0, val=1.0)
+    assert convergence.step0_cached(none, 2) is None and sorted(os.listdir(cache)) == ["lora_fa_s0.json"]
+
+
 def test_merge_meta_adds_to_an_earlier_benchmark_and_refuses_another_setup(tmp_path):
     """A second benchmark into the same --out keeps the first one's methods, commands, failures and devices; it
     refuses a different preset or first seed (the cached runs and the chosen rates depend on them)."""
