@@ -25,6 +25,9 @@ Measured costs (SmolLM2-135M on GSM8K, 2-core CPU, 1 thread, fp32): one training
 raised from 24 to 64 problems: +29 s at each of the 5 evaluation points (about +20% on a run of 40 steps with 64
 validation problems), for a test loss whose problem-to-problem noise is 1.6× smaller. (`--n-heldout 24` restores the
 old set.) No base-model evaluation is made per run any more: default LoRA's test loss at 0 is the base model's.
+`--step0-cache DIR` keeps each init's step-0 losses (per method and seed; the init is deterministic and does not see
+the rate), so the other rates' runs evaluate only at their later points: a main-job run's evaluation goes from about
+170 s to 85 s of its ~7 minutes.
 
 Every run is one process (so init memory is measured cleanly); `--in-process` runs them all in the calling process
 instead, one after another (on a GPU: no start-up per run, and seconds no other run contends for). Runs are cached
