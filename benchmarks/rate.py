@@ -27,7 +27,8 @@ The stages share one results folder `OUT` and resume where they stopped (one JSO
    in log rate; `OUT/step0.md|csv`: the held-out losses right after each init against the base model's) and the
    figure `OUT/rate.png` (final validation loss against rate, one line per init, each auto run marked).
 6. `transfer`: every rule's rate with another preset's constants (`--fit`) against an earlier benchmark's grid of
-   this preset (`--grid-from`, `--alias init=spec`), beside the constant this preset's LoRA would fit (OUT/transfer).
+   this preset (`--grid-from`, `--alias init=spec`; without them, the preset's own `OUT/grid*`), beside the constant
+   this preset's LoRA would fit (OUT/transfer).
 
     python benchmarks/rate.py probe   --preset classification --out benchmarks/results/rate_cls --seeds 0 1 2
     python benchmarks/rate.py fit     --preset classification --out benchmarks/results/rate_cls
@@ -173,12 +174,12 @@ def grid_from(folder: str, aliases: dict[str, str]) -> dict:
     return grid
 
 
-def transfer(out: str, fit_path: str, folder: str, aliases: dict[str, str], title: str) -> str:
+def transfer(out: str, fit_path: str, folder: str | None, aliases: dict[str, str], title: str) -> str:
     """Every rule's rate on this preset's probes, with the constants of `fit_path` (fitted on another preset's
-    default LoRA), against the grid of an earlier benchmark `folder` of this preset: the rate ratio, the grid's
-    validation loss there, and the constant this preset's own LoRA would have fitted (k here / k there: how far the
-    constant is from transferring). -> OUT/transfer.md|csv"""
-    grid = grid_from(folder, aliases)
+    default LoRA), against the grid of an earlier benchmark `folder` of this preset (None: this preset's own grids,
+    `OUT/grid*`): the rate ratio, the grid's validation loss there, and the constant this preset's own LoRA would
+    have fitted (k here / k there: how far the constant is from transferring). -> OUT/transfer.md|csv"""
+    grid = grid_from(folder, aliases) if folder else grid_of(out)
     with open(fit_path) as f:
         fitted = json.load(f)
     probes = _probes(out)
@@ -203,7 +204,8 @@ def transfer(out: str, fit_path: str, folder: str, aliases: dict[str, str], titl
                          "ratio (here)": _f(k_here * raws[m] / grid[m]["best"], 2),
                          "k here / k there": _f(k_here / k, 2)})
     return write_table(rows, list(rows[0]), os.path.join(out, "transfer"),
-                       f"{title}: each rule against {os.path.basename(folder)}'s grid (seed 0)")
+                       f"{title}: each rule against {os.path.basename(folder) if folder else 'its own'} grid "
+                       "(seed 0)")
 
 
 def grid_of(out: str) -> dict:
@@ -372,14 +374,15 @@ def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | No
             mean, std = _mean_std([r["final_loss"] for r in grid[m]["runs"]])
             free_rows.append({"optimiser": m, "rate": _g(grid[m]["best"]), "seeds": len(grid[m]["runs"]),
                               "final test loss": f"{mean:.3f} ± {std:.3f}"})
-    md = write_table(rows, list(rows[0]), os.path.join(out, "summary"), f"{title}: grid-best rate against auto")
-    md += "\n" + write_table(rule_rows, list(rule_rows[0]), os.path.join(out, "rules"),
-                             f"{title}: every rule at its constant fitted on default LoRA")
-    md += "\n" + write_table(step0, list(step0[0]), os.path.join(out, "step0"),
-                             f"{title}: held-out loss right after the init (mean over the grid-best runs' seeds)")
-    if free_rows:
-        md += "\n" + write_table(free_rows, list(free_rows[0]), os.path.join(out, "free"),
-                                 f"{title}: learning-rate-free optimisers (no rate chosen)")
+    def table(rows: list[dict], stem: str, what: str) -> str:  # a stage not run yet has no rows and no table
+        if not rows:
+            return f"({title}: no {what} yet in {out})\n"
+        return write_table(rows, list(rows[0]), os.path.join(out, stem), f"{title}: {what}") + "\n"
+
+    md = table(rows, "summary", "grid-best rate against auto")
+    md += table(rule_rows, "rules", "every rule at its constant fitted on default LoRA")
+    md += table(step0, "step0", "held-out loss right after the init (mean over the grid-best runs' seeds)")
+    md += table(free_rows, "free", "learning-rate-free optimisers (no rate chosen)")
     write_json(os.path.join(out, "verdict.json"), verdict)
     plot(grid, autos.get(shown, []), inits, out, f"{title}: the grid (seed 0) and the {shown} rate (★, each seed)")
     return {"markdown": md, "verdict": verdict}
@@ -419,7 +422,8 @@ def main(argv=None) -> None:
                     help="auto: the rule to train with; summary: the rule whose auto runs the figure marks")
     ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="probe: the rules to probe")
     ap.add_argument("--fit", default=None, help="the fit.json whose constants to use (default: OUT/fit.json)")
-    ap.add_argument("--grid-from", default=None, help="transfer: an earlier convergence.py results folder")
+    ap.add_argument("--grid-from", default=None,
+                    help="transfer: an earlier convergence.py results folder (default: OUT's own grid* folders)")
     ap.add_argument("--alias", nargs="*", default=[], help="transfer: init=spec, the init's spec in --grid-from")
     args, rest = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

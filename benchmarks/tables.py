@@ -158,8 +158,8 @@ def render_cls_brief(root: str, random_head: str = CLS, probe_first: str = CLS_P
 
 
 # -- the validation-split protocol (format 2) and the subspaces ---------------------------------------------------
-def _not_run(results_dir: str, command: str) -> str:
-    return f"_Not run yet: `{results_dir}/` is not committed (`{command}`)._\n"
+def _not_run(results_dir: str, command: str, file: str = "") -> str:
+    return f"_Not run yet: `{results_dir}/{file}` is not committed (`{command}`)._\n"
 
 
 PROTOCOL_BRIEF = ["method", "chosen lr", "bracketed", "seeds", "test loss at step", "final test loss", "steps to",
@@ -195,7 +195,7 @@ def render_csv_table(root: str, results_dir: str, stem: str, command: str) -> st
     """A table a benchmark wrote with `write_table` (`<stem>.csv`), as its `.md` shows it (without the title)."""
     path = _path(root, os.path.join(results_dir, f"{stem}.csv"))
     if not os.path.exists(path):
-        return _not_run(results_dir, command)
+        return _not_run(results_dir, command, f"{stem}.csv")
     columns, rows = read_table(path)
     return markdown_table(rows, columns)
 

@@ -896,3 +896,14 @@ def test_rate_fit_summary_and_transfer(tmp_path):
     assert rows["lora"]["ratio"] == "0.25" and rows["lora"]["outside grid"] == "below"
     assert rows["lora"]["k here / k there"] == "4.00" and rows["lora_fa"]["ratio (here)"] == "2.00"
     assert "lora_fa" in md
+    # against this preset's own grids: LoRA's constant here is the fitted one, so every ratio is the same twice
+    rate.transfer(root, os.path.join(root, "fit.json"), None, {}, "toy")
+    rows = {r["init"]: r for r in common.read_table(os.path.join(root, "transfer.csv"))[1]}
+    assert rows["lora_fa"]["ratio"] == rows["lora_fa"]["ratio (here)"] == "2.00"
+    assert rows["lora"]["k here / k there"] == "1.00"
+    # a preset whose grids ran but whose probes and auto runs have not: the tables that can be made, no summary
+    res = rate.summarise(other, os.path.join(root, "fit.json"), "toy", "polyak", fixed=4e-3)
+    assert "no grid-best rate against auto yet" in res["markdown"] and res["verdict"] == {}
+    assert not os.path.exists(os.path.join(other, "summary.csv"))
+    rules = common.read_table(os.path.join(other, "rules.csv"))[1]
+    assert [(r["init"], r["rule"], r["ratio"]) for r in rules] == [("lora", "runner's fixed rate", "0.50")]
