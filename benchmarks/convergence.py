@@ -541,7 +541,16 @@ def _step0_record(job: dict, seed: int) -> tuple[str | None, dict]:
     key = {"method": job["method"], "seed": seed, "probe": job.get("probe"),
            "preset": {k: v for k, v in job["preset"].items() if k not in STEP0_FREE},
            "args": {k: job["args"].get(k) for k in STEP0_KEY_ARGS}}
-    return (os.path.join(folder, f"{spec_slug(job['method'])}_s{seed}.json") if folder else None), key
+    return (os.path.join(folder, f"{spec_slug(job['method'])}_s{seed}.json") if folder else None), _step0_key(key)
+
+
+def _step0_key(key: dict) -> dict:
+    """The key as stored and compared: JSON values, the data path resolved (the default one is relative to the
+    script, so each checkout spells it differently)."""
+    key = json.loads(json.dumps(key, default=str))
+    if key["args"].get("gsm8k"):
+        key["args"]["gsm8k"] = os.path.realpath(key["args"]["gsm8k"])
+    return key
 
 
 def step0_cached(job: dict, seed: int) -> dict | None:
@@ -553,7 +562,7 @@ def step0_cached(job: dict, seed: int) -> dict | None:
         return None
     with open(path) as f:
         rec = json.load(f)
-    if rec["key"] != json.loads(json.dumps(key, default=str)):
+    if _step0_key(rec["key"]) != key:
         raise ValueError(f"{path} was measured under other options ({rec['key']} against {key}): use another "
                          "--step0-cache folder for this set-up")
     return rec

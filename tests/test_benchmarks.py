@@ -464,6 +464,9 @@ def test_step0_cache_is_shared_across_rates_and_refuses_other_options(tmp_path):
     hit = convergence.step0_cached(job(lrs=(4e-4, 8e-4)), 0)  # another grid's rates: the same init
     assert (hit["test"], hit["val"]) == (1.25, 1.5)
     assert convergence.step0_cached(job(), 1) is None and convergence.step0_cached(job("lora"), 0) is None
+    # the data path as another checkout spells it (the default is relative to the script): the same record
+    moved = os.path.join(args["gsm8k"], "..", os.path.basename(os.path.normpath(args["gsm8k"])))
+    assert convergence.step0_cached(job(gsm8k=moved), 0)["test"] == 1.25
     with pytest.raises(ValueError, match="other options"):
         convergence.step0_cached(job(rank=16), 0)
     with pytest.raises(ValueError, match="other options"):
