@@ -384,11 +384,14 @@ def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | No
     md += table(step0, "step0", "held-out loss right after the init (mean over the grid-best runs' seeds)")
     md += table(free_rows, "free", "learning-rate-free optimisers (no rate chosen)")
     write_json(os.path.join(out, "verdict.json"), verdict)
-    plot(grid, autos.get(shown, []), inits, out, f"{title}: the grid (seed 0) and the {shown} rate (★, each seed)")
+    plot(grid, autos.get(shown, []), inits, out, f"{title}: the grid (seed 0) and the {shown} rate (★, each seed)",
+         fixed=fixed)
     return {"markdown": md, "verdict": verdict}
 
 
-def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str) -> None:
+def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str, fixed: float | None = None) -> None:
+    """Validation loss against rate, one line per init, its auto runs starred; the runner's fixed rate (if any)
+    dashed. Both axes are logarithmic: the losses near each best differ by less than the blow-ups above it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -403,7 +406,10 @@ def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str) 
         if mine:
             ax.scatter([r["lr"] for r in mine], [r["final_val_loss"] for r in mine], marker="*", s=120, color=color,
                        edgecolors="black", linewidths=0.5, zorder=5)
+    if fixed:
+        ax.axvline(fixed, color="grey", ls="--", lw=1, label=f"runner's fixed rate ({fixed:g})")
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("learning rate (AdamW)")
     ax.set_ylabel("final validation loss")
     ax.set_title(title)

@@ -4,6 +4,7 @@
 #   OUT   the results folder          O     convergence.py's options (--preset ... --threads 1)
 #   HIGH  the 2x grid of lora, lora_fa, lora_one       MID  of pissa, eva, PEFT's LoRA-GA       LOW  of lora_ga
 #   SEEDS the seeds (default 0 1 2; the first is where each grid's rate is chosen)
+#   FREE  optional: the learning-rate-free rows (e.g. "lora+prodigy lora+sf"), each at its own fixed rate, all seeds
 # Each grid is extended past an edge until its best validation rate is bracketed (--max-extend in O). The rules keep
 # the constants fitted on the classification preset (--fit); RULE (default anchored, suggest_lr's default) is the
 # one trained with.
@@ -22,6 +23,9 @@ lane_a() {
   $PY benchmarks/convergence.py $O --lrs $HIGH --seeds $SEEDS --out $OUT/grid --methods lora lora_fa lora_one
   $PY benchmarks/convergence.py $O --lrs $LOW --seeds $SEEDS --out $OUT/grid_low --methods lora_ga
   $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits lora lora_fa lora_one lora_ga $FIT $O
+  if [ -n "${FREE:-}" ]; then
+    $PY benchmarks/convergence.py $O --lrs $HIGH --seeds $SEEDS --out $OUT/grid --methods $FREE
+  fi
 }
 lane_b() {
   $PY benchmarks/rate.py probe --out $OUT --seeds $FIRST --rules anchored polyak $O
