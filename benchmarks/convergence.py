@@ -535,13 +535,22 @@ STEP0_KEY_ARGS = ("rank", "alpha", "no_rslora", "prec_reg", "kfac_reg", "probe",
 STEP0_FREE = ("lrs", "full_lrs", "sgd_lrs", "eval_every", "steps", "warmup")
 
 
+def _step0_method(spec: str) -> str:
+    """The spec whose step-0 losses `spec` shares: a rate-free optimiser's flag (+prodigy, +sf) only changes the
+    optimiser, so `lora_fa+sf` starts where `lora_fa` does (the K-FAC and preconditioner flags keep their own)."""
+    head, colon, opts = spec.partition(":")
+    name, _, flag = head.partition("+")
+    return name + colon + opts if flag in FREE_LRS else spec
+
+
 def _step0_record(job: dict, seed: int) -> tuple[str | None, dict]:
     """The cache file of this (method, seed) under `--step0-cache` (None without it), and what its losses depend on."""
     folder = job["args"].get("step0_cache")
-    key = {"method": job["method"], "seed": seed, "probe": job.get("probe"),
+    method = _step0_method(job["method"])
+    key = {"method": method, "seed": seed, "probe": job.get("probe"),
            "preset": {k: v for k, v in job["preset"].items() if k not in STEP0_FREE},
            "args": {k: job["args"].get(k) for k in STEP0_KEY_ARGS}}
-    return (os.path.join(folder, f"{spec_slug(job['method'])}_s{seed}.json") if folder else None), _step0_key(key)
+    return (os.path.join(folder, f"{spec_slug(method)}_s{seed}.json") if folder else None), _step0_key(key)
 
 
 def _step0_key(key: dict) -> dict:

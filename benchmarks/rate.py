@@ -20,7 +20,10 @@ The stages share one results folder `OUT` and resume where they stopped (one JSO
    raw numbers' geometric mean over the seeds. Every other init and preset then uses the same k (`--fit PATH` reads
    another preset's fit.json). -> `OUT/fit.json`
 4. `auto`: every init and seed trained at `suggest_lr`'s rate with `--rule` and its fitted constant (convergence's
-   run with lr "auto"). -> `OUT/auto_<rule>/<init>_s<seed>.json`
+   run with lr "auto"). -> `OUT/auto_<rule>/<init>_s<seed>.json`. With `--optimizer sf` the runs train with
+   schedule-free AdamW instead (`<init>+sf`), at `anchored`'s rate with c = schedule-free's own default rate
+   (`convergence.FREE_LRS["sf"]`, 0.0025, the rate it documents for default settings: no constant fitted) ->
+   `OUT/auto_anchored+sf/`; the summary sets them beside the same AdamW grids as rule `anchored+sf`.
 5. `summary`: the tables (`OUT/summary.md|csv`: grid-best against auto per init and rule trained with, with the
    targets;
    `OUT/rules.md|csv`: every rule's fitted rate per init, and the grid's validation loss at that rate, interpolated
@@ -68,6 +71,19 @@ RAW = {"polyak": {"c": 1.0}, "anchored": {"c": 1.0}, "adam_step": {"c": 1.0}, "l
        "range_test": {"divisor": 1.0}}
 RULES = tuple(RAW)
 LORAFA_INITS = ("lora_fa", "lora_one", "lora_ga", "eva")  # the inits lorafa computes (target (c))
+# the optimisers an auto run can train with: AdamW (the grids' optimiser), or schedule-free AdamW (convergence's +sf)
+# at anchored's rate with c = its own default rate: only anchored's c has that meaning (default LoRA's rate)
+AUTO_OPTIMIZERS = ("adamw", "sf")
+
+
+def auto_label(rule: str, optimizer: str) -> str:
+    """The auto runs' folder suffix and summary label: the rule, and `+sf` for schedule-free AdamW."""
+    return rule if optimizer == "adamw" else f"{rule}+{optimizer}"
+
+
+def init_of(method: str) -> str:
+    """The init of a run's method spec: `lora_fa+sf` -> `lora_fa`."""
+    return cv.parse_spec(method)[0]
 
 
 def constant_option(rule: str, k: float) -> dict:
@@ -79,10 +95,11 @@ def constant_option(rule: str, k: float) -> dict:
 def _jobs(args, cargs, p, kind: str) -> list[dict]:
     import dataclasses
 
-    folder = os.path.join(args.out, f"auto_{args.rule}" if kind == "auto" else kind)
+    opt = getattr(args, "optimizer", "adamw") if kind == "auto" else "adamw"
+    folder = os.path.join(args.out, f"auto_{auto_label(args.rule, opt)}" if kind == "auto" else kind)
     os.makedirs(folder, exist_ok=True)
     jobs = []
-    for m in args.inits:
+    for m in (i if opt == "adamw" else f"{i}+{opt}" for i in args.inits):
         for s in args.seeds:
             job = {"method": m, "lr": "auto", "seed": s, "args": vars(cargs), "preset": dataclasses.asdict(p),
                    "probe": None, "path": os.path.join(folder, f"{cv.spec_slug(m)}_s{s}.json")}
@@ -282,8 +299,9 @@ def _g(x) -> str | None:
 
 
 def _autos(out: str) -> dict[str, list[dict]]:
-    """{rule: its auto runs} from `OUT/auto_<rule>`."""
-    return {rule: runs for rule in RULES if (runs := _load(os.path.join(out, f"auto_{rule}")))}
+    """{label: its auto runs} from `OUT/auto_<label>`, a label per rule and optimiser (auto_label)."""
+    labels = [auto_label(rule, o) for o in AUTO_OPTIMIZERS for rule in RULES]
+    return {label: runs for label in labels if (runs := _load(os.path.join(out, f"auto_{label}")))}
 
 
 def runner_rate(model: str) -> float | None:
@@ -315,7 +333,7 @@ def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | No
         best_mean, best_std = _mean_std([r["final_loss"] for r in g["runs"]])
         run_s = statistics.mean(r["init_s"] + r["train_s"] for r in g["runs"])
         for rule, runs in autos.items():
-            mine = [r for r in runs if r["method"] == m]
+            mine = [r for r in runs if init_of(r["method"]) == m]
             if not mine:
                 continue
             a_mean, _ = _mean_std([r["final_loss"] for r in mine])
@@ -361,11 +379,12 @@ def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | No
             row["raises held-out loss"] = "yes" if float(row["val loss at step 0"]) > b_val + 1e-3 else "no"
         lora_best = _mean_std([r["final_loss"] for r in base["runs"]])[0]
         for rule, runs in autos.items():
-            ours = [m for m in LORAFA_INITS if any(r["method"] == m for r in runs)]
+            ours = [m for m in LORAFA_INITS if any(init_of(r["method"]) == m for r in runs)]
             if ours:
-                val = {m: statistics.mean(r["final_val_loss"] for r in runs if r["method"] == m) for m in ours}
+                val = {m: statistics.mean(r["final_val_loss"] for r in runs if init_of(r["method"]) == m)
+                       for m in ours}
                 pick = min(val, key=val.get)  # the best lorafa init, chosen on validation
-                test = statistics.mean(r["final_loss"] for r in runs if r["method"] == pick)
+                test = statistics.mean(r["final_loss"] for r in runs if init_of(r["method"]) == pick)
                 verdict[rule]["c"] = {"init": pick, "auto test loss": test, "lora grid-best test loss": lora_best,
                                       "met": test <= lora_best}
     free_rows = []
@@ -402,7 +421,7 @@ def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str, 
         color = f"C{i}"
         pts = sorted((lr, finite(v)) for lr, v in grid[m]["val"].items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=color, label=m, ms=4)
-        mine = [r for r in autos if r["method"] == m]
+        mine = [r for r in autos if init_of(r["method"]) == m]
         if mine:
             ax.scatter([r["lr"] for r in mine], [r["final_val_loss"] for r in mine], marker="*", s=120, color=color,
                        edgecolors="black", linewidths=0.5, zorder=5)
@@ -427,6 +446,9 @@ def main(argv=None) -> None:
     ap.add_argument("--rule", choices=RULES, default="polyak",
                     help="auto: the rule to train with; summary: the rule whose auto runs the figure marks")
     ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES), help="probe: the rules to probe")
+    ap.add_argument("--optimizer", choices=AUTO_OPTIMIZERS, default="adamw",
+                    help="auto: the optimiser the auto runs train with (sf: schedule-free AdamW, rule anchored with "
+                         "c = its default rate); summary: the optimiser of the auto runs the figure marks")
     ap.add_argument("--fit", default=None, help="the fit.json whose constants to use (default: OUT/fit.json)")
     ap.add_argument("--grid-from", default=None,
                     help="transfer: an earlier convergence.py results folder (default: OUT's own grid* folders)")
@@ -441,14 +463,21 @@ def main(argv=None) -> None:
     elif args.stage == "fit":
         print(json.dumps(fit(args.out), indent=1))
     elif args.stage == "auto":
-        with open(fit_path) as f:
-            args.k = json.load(f)["rules"][args.rule]["k"]
+        if args.optimizer == "sf":
+            if args.rule != "anchored":
+                raise SystemExit("--optimizer sf takes --rule anchored: its c is default LoRA's rate, which for "
+                                 "schedule-free AdamW is its own default rate; the other rules' constants are "
+                                 "fitted for AdamW")
+            args.k = cv.FREE_LRS["sf"]
+        else:
+            with open(fit_path) as f:
+                args.k = json.load(f)["rules"][args.rule]["k"]
         _run(_jobs(args, cargs, p, "auto"), cv._run_caught)
     elif args.stage == "transfer":
         aliases = dict(a.split("=", 1) for a in args.alias)
         print(transfer(args.out, fit_path, args.grid_from, aliases, cargs.preset))
     else:
-        res = summarise(args.out, fit_path, cargs.preset, args.rule, runner_rate(p.model))
+        res = summarise(args.out, fit_path, cargs.preset, auto_label(args.rule, args.optimizer), runner_rate(p.model))
         print(res["markdown"])
         print(json.dumps(res["verdict"], indent=1))
 

@@ -464,6 +464,10 @@ def test_step0_cache_is_shared_across_rates_and_refuses_other_options(tmp_path):
     hit = convergence.step0_cached(job(lrs=(4e-4, 8e-4)), 0)  # another grid's rates: the same init
     assert (hit["test"], hit["val"]) == (1.25, 1.5)
     assert convergence.step0_cached(job(), 1) is None and convergence.step0_cached(job("lora"), 0) is None
+    # a rate-free optimiser's run starts from the same init; a K-FAC-preconditioned one keeps its own record
+    assert convergence.step0_cached(job("lora_fa+sf"), 0)["val"] == 1.5
+    assert convergence.step0_cached(job("lora_fa+prodigy"), 0)["val"] == 1.5
+    assert convergence.step0_cached(job("lora_fa+kfac"), 0) is None
     # the data path as another checkout spells it (the default is relative to the script): the same record
     moved = os.path.join(args["gsm8k"], "..", os.path.basename(os.path.normpath(args["gsm8k"])))
     assert convergence.step0_cached(job(gsm8k=moved), 0)["test"] == 1.25
@@ -910,3 +914,45 @@ def test_rate_fit_summary_and_transfer(tmp_path):
     assert not os.path.exists(os.path.join(other, "summary.csv"))
     rules = common.read_table(os.path.join(other, "rules.csv"))[1]
     assert [(r["init"], r["rule"], r["ratio"]) for r in rules] == [("lora", "runner's fixed rate", "0.50")]
+
+
+def test_rate_auto_with_schedule_free_adamw(tmp_path):
+    """`rate.py auto --optimizer sf`: each init trains as `<init>+sf` at anchored's rate with c = schedule-free
+    AdamW's own default rate, into `auto_anchored+sf`; only anchored can (the other constants are AdamW's); the
+    summary sets those runs beside the same init's AdamW grid as rule `anchored+sf`."""
+    import argparse
+
+    import rate
+
+    root = str(tmp_path / "rate")
+    cargs = convergence.parser().parse_args(["--preset", "classification", "--out", os.path.join(root, "grid")])
+    p = convergence.resolve_preset(cargs)
+    args = argparse.Namespace(out=root, rule="anchored", optimizer="sf", inits=["lora", "lora_fa"], seeds=[0, 1],
+                              k=convergence.FREE_LRS["sf"])
+    jobs = rate._jobs(args, cargs, p, "auto")
+    assert [(j["method"], j["seed"]) for j in jobs] == [("lora+sf", 0), ("lora+sf", 1), ("lora_fa+sf", 0),
+                                                        ("lora_fa+sf", 1)]
+    assert {j["lr_options"]["c"] for j in jobs} == {0.0025} and {j["lr_rule"] for j in jobs} == {"anchored"}
+    assert jobs[2]["path"] == os.path.join(root, "auto_anchored+sf", "lora_fa+sf_s0.json")
+    # AdamW's auto runs keep their folder
+    adamw = rate._jobs(argparse.Namespace(**dict(vars(args), optimizer="adamw", k=3e-3)), cargs, p, "auto")
+    assert adamw[0]["method"] == "lora" and os.path.dirname(adamw[0]["path"]) == os.path.join(root, "auto_anchored")
+    with pytest.raises(SystemExit, match="--rule anchored"):
+        rate.main(["auto", "--optimizer", "sf", "--rule", "polyak", "--out", root, "--preset", "classification"])
+
+    grids = {"lora": {1e-3: 0.60, 2e-3: 0.50, 4e-3: 0.70}, "lora_fa": {5e-4: 0.65, 1e-3: 0.55, 2e-3: 0.68}}
+    _rate_results(root, grids, {"lora": 0.04, "lora_fa": 0.04}, {})
+    rate.fit(root)
+    os.makedirs(os.path.join(root, "auto_anchored+sf"), exist_ok=True)  # _jobs made it
+    for m, loss in (("lora", 0.49), ("lora_fa", 0.70)):
+        for s in (0, 1, 2):
+            with open(os.path.join(root, "auto_anchored+sf", f"{m}+sf_s{s}.json"), "w") as f:
+                json.dump({"method": f"{m}+sf", "seed": s, "lr": 2.5e-3, "final_loss": loss, "final_val_loss": loss,
+                           "suggest_s": 5.0}, f)
+    res = rate.summarise(root, os.path.join(root, "fit.json"), "toy", "anchored+sf")
+    rows = {(r["init"], r["rule"]): r for r in common.read_table(os.path.join(root, "summary.csv"))[1]}
+    # LoRA at 0.49 against its AdamW grid's 0.51 ± 0.01: met; LoRA-FA at 0.70 against 0.56 ± 0.01: missed
+    assert rows[("lora", "anchored+sf")]["(a) ≤ 1"] == "met"
+    assert rows[("lora_fa", "anchored+sf")]["(a) ≤ 1"] == "missed"
+    assert res["verdict"]["anchored+sf"]["c"]["init"] == "lora_fa"
+    assert res["verdict"]["anchored+sf"]["a"] == [("lora", True), ("lora_fa", False)]
