@@ -787,6 +787,8 @@ BLOCKS: dict[str, Block] = {
                            "docs/learning_rate.md: the main job's set-up, grid-best rate against auto"),
     "rate_main_rules": csv_block(RATE_MAIN, "rules", "bash benchmarks/rate_main.sh",
                                  "docs/learning_rate.md: the main job's set-up, each rule and the runner's fixed rate"),
+    "rate_main_free": csv_block(RATE_MAIN, "free", "bash benchmarks/rate_main.sh",
+                                "docs/learning_rate.md: the main job's set-up, Prodigy and schedule-free AdamW"),
     "rate_grids": Block(render_rate_grids, tuple(f"{d}/grid*/lr_grid.csv" for d in RATE_GRIDS.values())
                         + (f"{RATE_CLS}/fit.json", f"{RATE_CAUSAL}/probes", f"{RATE_MAIN}/probes"),
                         "docs/learning_rate.md: the causal and main-job grids so far, with anchored's seed-0 rate"),
