@@ -124,6 +124,29 @@ def test_anchored_is_default_lora_s_first_order_decrease_over_the_model_s(arch):
         suggest_lr(model, make_batches(), rule="anchored", alpha=0.0)
 
 
+def test_anchored_for_schedule_free_adamw_takes_its_default_rate():
+    """Schedule-free AdamW's first step is Adam's, so anchored's ratio is the same; its c is the optimiser's own
+    default rate (SCHEDULE_FREE_C, schedulefree's AdamWScheduleFree default) unless given; the rules whose constants
+    are fitted for AdamW refuse it."""
+    schedulefree = pytest.importorskip("schedulefree")
+    import inspect
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=16, use_rslora=True,
+                                                    target_modules=["q_proj", "v_proj"]))
+    adam = suggest_lr(model, make_batches(), "adamw", rule="anchored", seed=3)
+    sf = suggest_lr(model, make_batches(), "schedulefree", rule="anchored", seed=3)
+    assert sf.evidence["ratio"] == adam.evidence["ratio"] and sf.evidence["optimizer"] == "schedulefree"
+    assert sf.evidence["c"] == lrmod.SCHEDULE_FREE_C and adam.evidence["c"] == lrmod.ANCHORED_C
+    assert sf.lr == pytest.approx(lrmod.SCHEDULE_FREE_C * sf.evidence["ratio"], rel=1e-12)
+    assert lrmod.SCHEDULE_FREE_C == inspect.signature(schedulefree.AdamWScheduleFree).parameters["lr"].default
+    # transformers' optim name is the same optimiser; an explicit c wins
+    alias = suggest_lr(model, make_batches(), "schedule_free_adamw", rule="anchored", seed=3, c=1e-3)
+    assert alias.evidence["optimizer"] == "schedulefree" and alias.lr == pytest.approx(1e-3 * sf.evidence["ratio"])
+    for rule in ("polyak", "adam_step", "range_test"):
+        with pytest.raises(ValueError, match="for schedule-free AdamW use rule='anchored'"):
+            suggest_lr(model, make_batches(), "schedulefree", rule=rule)
+
+
 @pytest.mark.parametrize("rule", ["polyak", "adam_step"])
 def test_reference_carries_a_known_rate_over_by_the_ratio(rule):
     """rate = the reference's rate × (this model's number / the reference's): the constant cancels."""
@@ -354,6 +377,48 @@ def test_runner_learning_rate_auto_records_and_uses_each_arms_rate(tmp_path):
     assert len(shown) == 2 and f"{saved['learning_rate']:.3g} (auto: {lrmod.DEFAULT_RULE}" in shown[0]
 
 
+def test_runner_schedule_free_adamw_at_the_auto_rate_saves_its_averaged_weights(tmp_path, monkeypatch):
+    """++model.optimizer=schedulefree: schedule-free AdamW at anchored's rate with its own default as c, its warm-up
+    from model.warmup, a constant Trainer schedule; the adapter saved is the averaged (eval-mode) weights."""
+    schedulefree = pytest.importorskip("schedulefree")
+    from test_runner import _in_process
+    from tiny_assets import arithmetic_rows, save_tiny_causal_lm, write_jsonl
+
+    from lorafa import train as trainmod
+
+    made, modes_at_save = [], []
+    real_init, real_save = schedulefree.AdamWScheduleFree.__init__, trainmod.save_adapter
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+
+    def save(*a, **k):
+        modes_at_save.append([g["train_mode"] for opt in made for g in opt.param_groups])
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(schedulefree.AdamWScheduleFree, "__init__", init)
+    monkeypatch.setattr(trainmod, "save_adapter", save)
+    model = save_tiny_causal_lm(str(tmp_path / "tiny-lm"))
+    write_jsonl(str(tmp_path / "gsm" / "test.jsonl"), arithmetic_rows(4, seed=1))
+    write_jsonl(str(tmp_path / "metamath.jsonl"), [
+        {"query": r["question"], "response": r["answer"].replace("####", "The answer is:"), "type": "GSM_Rephrased"}
+        for r in arithmetic_rows(32, seed=2)])
+    results = _in_process([
+        "++dataset_name=meta_math", f"++model.name={model}", f"++dataset.path={tmp_path / 'metamath.jsonl'}",
+        f"++dataset.test_path={tmp_path / 'gsm'}", f"++output_root={tmp_path / 'runs'}", "++model.max_steps=4",
+        "++eval.enabled=false", "++init.bsz=2", "++init.iters=2",
+        "++model.learning_rate=auto", "++model.optimizer=schedulefree", "++model.lr_scheduler_type=constant",
+        "++model.warmup=0.5", "++peft.target_modules=[q_proj,v_proj]", "++dataset.validation_size=0"])
+    saved = json.loads((Path(results["run_dir"]) / "results.json").read_text())
+    ev = saved["lr_suggestion"]
+    assert ev["optimizer"] == "schedulefree" and ev["c"] == lrmod.SCHEDULE_FREE_C
+    assert saved["learning_rate"] == pytest.approx(lrmod.SCHEDULE_FREE_C * ev["ratio"], rel=1e-12)
+    assert len(made) == 1 and made[0].param_groups[0]["warmup_steps"] == 2  # half of 4 steps
+    assert made[0].param_groups[0]["lr"] == pytest.approx(saved["learning_rate"], rel=1e-12)  # constant schedule
+    assert made[0].state and modes_at_save == [[False]]  # it trained, and saved the averaged weights
+
+
 def test_runner_learning_rate_values_are_checked():
     from test_runner import composed
 
@@ -370,7 +435,7 @@ def test_runner_learning_rate_values_are_checked():
                             ("++model.lr_c=2e-4", "model.learning_rate=0.001 is a number")):
         with pytest.raises(ValueError, match=match):
             parse_run_config(composed([override]))
-    with pytest.raises(ValueError, match="learning_rate=auto models the first step of plain AdamW or SGD"):
+    with pytest.raises(ValueError, match="learning_rate=auto models the first step of plain AdamW, schedule-free AdamW or SGD"):
         parse_run_config(composed(["++model.learning_rate=auto", "++model.optimizer=lora_pro"]))
     with pytest.raises(ValueError, match="lr_rule=range_test has none"):
         parse_run_config(composed(["++model.learning_rate=auto", "++model.lr_c=2", "++model.lr_rule=range_test"]))
@@ -395,11 +460,33 @@ def test_initialize_trainer_sets_the_rate_before_the_optimizer(tmp_path):
     assert trainer.state.global_step == 2
 
     other = make_trainer(tiny_lm(tok), tok, lm_rows(tok, 12), tmp_path / "b", optim="adafactor")
-    with pytest.raises(ValueError, match="models the first step of AdamW or SGD; the trainer's optim is 'adafactor'"):
+    with pytest.raises(ValueError, match="schedule-free AdamW or SGD; the trainer's optim is 'adafactor'"):
         lorafa.initialize_trainer(other, lora_cfg(["q_proj"]), {"method": "lora", "bsz": 2, "iters": 2},
                                   learning_rate="auto")
     with pytest.raises(ValueError, match="positive number or 'auto'"):
         lorafa.initialize_trainer(other, lora_cfg(["q_proj"]), {"method": "lora"}, learning_rate="fast")
+
+
+def test_initialize_trainer_auto_rate_for_schedule_free_adamw(tmp_path):
+    """TrainingArguments(optim="schedule_free_adamw") with learning_rate="auto": anchored with schedule-free AdamW's
+    own default rate as c, set before transformers builds the optimiser."""
+    pytest.importorskip("schedulefree")
+    from test_integrations import lm_rows, make_trainer, tiny_lm
+    from tiny_assets import char_tokenizer
+
+    tok = char_tokenizer()
+    trainer = make_trainer(tiny_lm(tok), tok, lm_rows(tok, 12), tmp_path, optim="schedule_free_adamw",
+                           lr_scheduler_type="constant")
+    pm = lorafa.initialize_trainer(trainer, lora_cfg(["q_proj", "v_proj"]), {"method": "lora_fa", "bsz": 2,
+                                                                                "iters": 2},
+                                   progress=False, learning_rate="auto")
+    s = lorafa.lr_suggestion(pm)
+    assert s.evidence["optimizer"] == "schedulefree" and s.evidence["c"] == lrmod.SCHEDULE_FREE_C
+    assert trainer.args.learning_rate == s.lr == pytest.approx(lrmod.SCHEDULE_FREE_C * s.evidence["ratio"])
+    trainer.create_optimizer()
+    assert type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+                ).__name__ == "AdamWScheduleFree"
+    assert all(g["lr"] == s.lr for g in trainer.optimizer.param_groups)
 
 
 def test_the_fitted_constants_are_the_benchmark_s():

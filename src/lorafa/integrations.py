@@ -238,7 +238,7 @@ def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig
 
 
 def _check_learning_rate(trainer, learning_rate) -> str | None:
-    """The optimizer whose first step "auto" models ("adamw" or "sgd"; None for a number or None)."""
+    """The optimizer whose first step "auto" models ("adamw", "sgd" or "schedulefree"; None for a number or None)."""
     if learning_rate is None:
         return None
     if learning_rate != "auto":
@@ -256,15 +256,18 @@ def _check_learning_rate(trainer, learning_rate) -> str | None:
         return "adamw"
     if optim == "sgd":
         return "sgd"
-    raise ValueError(f"learning_rate='auto' models the first step of AdamW or SGD; the trainer's optim is {optim!r}. "
-                     "Use TrainingArguments(optim='adamw_torch') or 'sgd', or pass a number.")
+    if optim == "schedule_free_adamw":
+        return "schedulefree"
+    raise ValueError(f"learning_rate='auto' models the first step of AdamW, schedule-free AdamW or SGD; the trainer's "
+                     f"optim is {optim!r}. Use TrainingArguments(optim='adamw_torch'), 'schedule_free_adamw' or "
+                     "'sgd', or pass a number.")
 
 
 def _auto_learning_rate(trainer, peft_model, init_config: InitConfig, optimizer: str, loss_fn, options: dict) -> None:
     from .lr import DEFAULT_RULE, MAX_BATCHES, RULES, suggest_lr
 
     rule = options.pop("rule", DEFAULT_RULE)
-    if rule in RULES and "eps" in RULES[rule].options and optimizer == "adamw":
+    if rule in RULES and "eps" in RULES[rule].options and optimizer in ("adamw", "schedulefree"):
         options.setdefault("eps", trainer.args.adam_epsilon)
     options.setdefault("seed", init_config.seed)
     batches = _held_out_batches(trainer, init_config, options.get("max_batches", MAX_BATCHES), loss_fn)

@@ -13,7 +13,8 @@ number, seconds), so a benchmark can compare them and refit their constants from
   same point (A drawn as PEFT draws it, B = 0, rsLoRA scaling alpha/√r) comes from the same backward pass (hooks
   on the LoRA layers: s·Σ dy ⊗ (A·x)), so rate = c·(gᵀd of default LoRA)/(gᵀd). c is the rate default LoRA trains
   at: the rule measures only how much further (or less far) this init's first step reaches than default LoRA's.
-  Pass your own LoRA rate as c if you know it. One gradient, no double backward.
+  Pass your own LoRA rate as c if you know it. One gradient, no double backward. With schedule-free AdamW
+  (optimizer="schedulefree") c is that optimiser's own default rate, 0.0025.
 - `adam_step`: the quadratic model of the mean loss along the optimiser's first update. Adam's first bias-corrected
   step is −η·d with d = g/(|g| + eps) (≈ sign g; zero where g is zero); SGD's is −η·g (d = g). Then
   L(θ − ηd) ≈ L − η·gᵀd + ½η²·dᵀHd is least at η* = gᵀd / dᵀHd, one Hessian-vector product. Rate = c·η*.
@@ -62,6 +63,10 @@ logger = logging.getLogger(__name__)
 POLYAK_C = 0.0387  # rate = c·(L − floor)/gᵀd
 ADAM_STEP_C = 0.216  # rate = c·η*
 ANCHORED_C = 0.003  # rate = c·(gᵀd of a default LoRA on the same layers)/(gᵀd): c is default LoRA's rate
+# anchored's c for schedule-free AdamW (optimizer="schedulefree"): its own default rate (schedulefree's
+# AdamWScheduleFree, lr=0.0025), the rate its authors give for default settings. Not fitted: default LoRA trained
+# with it at that rate matched or beat AdamW at its tuned rate on the presets it was run on (docs/learning_rate.md).
+SCHEDULE_FREE_C = 0.0025
 ANCHOR_ALPHA = 16.0  # the reference LoRA's lora_alpha, rsLoRA scaling alpha/√r (the fitting preset's)
 LAMBDA_MAX_C = 1.0  # rate = c/λ_max; 1: gradient descent's best step along the top eigenvector (2/λ_max diverges)
 RANGE_DIVISOR = 10.0  # rate = (rate of the lowest loss after RANGE_STEPS steps) / 10: the classic LR-finder rule
@@ -71,7 +76,8 @@ LANCZOS_STEPS = 20  # Lanczos iterations (Hessian-vector products on every batch
 MAX_BATCHES = 2  # batches used (the first ones given)
 
 DEFAULT_RULE = "anchored"  # suggest_lr's, the runner's (model.lr_rule) and initialize_trainer's
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "schedulefree")  # schedulefree: schedule-free AdamW (its first step is Adam's)
+ADAM_LIKE = ("adamw", "schedulefree")
 CURVATURES = ("hessian", "gauss_newton")
 
 
@@ -301,8 +307,9 @@ def _probing(model, eager: bool):
 
 # -- the rules ---------------------------------------------------------------------------------------------------
 def _adam_direction(g: list[torch.Tensor], optimizer: str, eps: float) -> list[torch.Tensor]:
-    """Adam's first bias-corrected step per unit rate, m̂/(√v̂ + eps) = g/(|g| + eps); SGD's is g."""
-    return [x / (x.abs() + eps) for x in g] if optimizer == "adamw" else g
+    """Adam's first bias-corrected step per unit rate, m̂/(√v̂ + eps) = g/(|g| + eps) (schedule-free AdamW's too: its
+    first step moves z, and so y, by the same); SGD's is g."""
+    return [x / (x.abs() + eps) for x in g] if optimizer in ADAM_LIKE else g
 
 
 def _first_step(probe: _Probe, optimizer: str, eps: float) -> tuple[list[torch.Tensor], list[torch.Tensor], float,
@@ -401,7 +408,9 @@ def _reference_gradients(model, seed: int, alpha: float):
 
 
 def _anchored(probe: _Probe, optimizer: str, seed: int, *, eps: float = 1e-8, alpha: float = ANCHOR_ALPHA,
-              c: float = ANCHORED_C) -> tuple[float, dict]:
+              c: float | None = None) -> tuple[float, dict]:
+    if c is None:  # default LoRA's rate with this optimiser
+        c = SCHEDULE_FREE_C if optimizer == "schedulefree" else ANCHORED_C
     if not alpha > 0:
         raise ValueError(f"anchored's alpha (the reference LoRA's lora_alpha) must be positive, got {alpha}")
     with _reference_gradients(probe.model, seed, alpha) as (acc, layers):
@@ -540,8 +549,12 @@ def _rule(impl: Callable, needs_double_backward: bool) -> Callable:
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise TypeError(f"{name} has no option(s) {unknown}; its options are {allowed}.")
-        optimizer = {"adam": "adamw"}.get(optimizer, optimizer)
+        optimizer = {"adam": "adamw", "schedule_free_adamw": "schedulefree"}.get(optimizer, optimizer)
         check_choice("optimizer", optimizer, OPTIMIZERS)
+        if optimizer == "schedulefree" and name != "anchored":
+            raise ValueError(f"{name} models AdamW's or SGD's step with a constant fitted for AdamW under a decaying "
+                             "schedule; for schedule-free AdamW use rule='anchored' (its c defaults to schedule-free "
+                             f"AdamW's own rate, {SCHEDULE_FREE_C}).")
         check_positive_int("max_batches", max_batches)
         for key, value in options.items():
             if isinstance(value, float) and not math.isfinite(value):
@@ -623,7 +636,8 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
             eps (the optimiser's, 1e-8), floor (the loss's least value, 0), c (POLYAK_C).
         "anchored" (default): c·(gᵀd of a default PEFT LoRA on the same layers at the same point)/(gᵀd) (one gradient;
             the reference's A drawn with `seed`). c is the rate default LoRA trains at. Options: eps (1e-8),
-            alpha (the reference's lora_alpha with rsLoRA scaling, ANCHOR_ALPHA = 16), c (ANCHORED_C).
+            alpha (the reference's lora_alpha with rsLoRA scaling, ANCHOR_ALPHA = 16), c (ANCHORED_C for AdamW
+            and SGD; SCHEDULE_FREE_C, schedule-free AdamW's own default rate, for optimizer="schedulefree").
         "adam_step": c·η*, η* = gᵀd / dᵀHd along the optimiser's first update d (Adam: g/(|g| + eps);
             SGD: g); dᵀHd ≤ 0 falls back to the Gauss-Newton dᵀGd (recorded). Options: eps (the optimiser's,
             1e-8), curvature ("auto" | "hessian" | "gauss_newton"), c (ADAM_STEP_C).
@@ -637,7 +651,8 @@ def suggest_lr(model, batches: Iterable[dict], optimizer: str = "adamw", *, rule
     Args:
         model: a PEFT model (or any torch module) whose trainable parameters are to be trained.
         batches: HF-style dicts (input_ids, attention_mask, labels); the first `max_batches` (default 2) are used.
-        optimizer: "adamw" (also "adam") or "sgd": whose first step the rule models.
+        optimizer: "adamw" (also "adam"), "sgd", or "schedulefree" (schedule-free AdamW, `schedulefree`'s
+            AdamWScheduleFree; also "schedule_free_adamw"; rule "anchored" only): whose first step the rule models.
         rule: "anchored" (default) | "polyak" | "adam_step" | "lambda_max" | "range_test" (see RULES).
         seed: the seed of any random choice (lambda_max's Lanczos start vector, anchored's reference A).
         loss_fn: `loss_fn(model, batch) -> scalar tensor`; default `model(**batch).loss`.

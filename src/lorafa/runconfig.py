@@ -47,7 +47,9 @@ class ModelSection:
     lr_scheduler_type: str = "cosine"
     weight_decay: float = 0.0
     prec_reg: float | None = None  # λ of PEFT's Riemannian preconditioner; None: plain optimiser
-    optimizer: str = "adamw"  # adamw | sgd | lora_pro (LoRA-Pro's projected factor gradients, AdamW underneath)
+    # adamw | sgd | lora_pro (LoRA-Pro's projected factor gradients, AdamW underneath) | schedulefree (schedule-free
+    # AdamW, `pip install 'lorafa[schedulefree]'`: its own warm-up from model.warmup, lr_scheduler_type=constant)
+    optimizer: str = "adamw"
     lora_pro_damping: float = 1e-6  # lora_pro: relative damping of BᵀB and AAᵀ (lorafa.lora_pro)
     lora_pro_moments: str = "factor"  # lora_pro: factor (r × n, m × r AdamW state) | full (m × n, the paper's)
     saving: bool = False  # also merge and save a full transformers checkpoint
@@ -377,13 +379,19 @@ def _check_learning_rate(cfg: RunConfig) -> None:
         if "c" not in RULES[m.lr_rule].options:
             raise ValueError(f"model.lr_c is the rule's constant c, but model.lr_rule={m.lr_rule} has none (its "
                              f"options: {list(RULES[m.lr_rule].options)}): leave model.lr_c null.")
-    if lr == "auto" and (m.optimizer not in ("adamw", "sgd") or m.prec_reg is not None or cfg.peft.use_loraplus):
-        raise ValueError("model.learning_rate=auto models the first step of plain AdamW or SGD, which model.optimizer="
-                         f"{m.optimizer}, model.prec_reg={m.prec_reg} and peft.use_loraplus={cfg.peft.use_loraplus} "
-                         "change: set a number, or use ++model.optimizer=adamw without prec_reg and LoRA+.")
+    if lr == "auto" and (m.optimizer not in ("adamw", "sgd", "schedulefree") or m.prec_reg is not None
+                         or cfg.peft.use_loraplus):
+        raise ValueError("model.learning_rate=auto models the first step of plain AdamW, schedule-free AdamW or SGD, "
+                         f"which model.optimizer={m.optimizer}, model.prec_reg={m.prec_reg} and peft.use_loraplus="
+                         f"{cfg.peft.use_loraplus} change: set a number, or use ++model.optimizer=adamw without "
+                         "prec_reg and LoRA+.")
+    if lr == "auto" and m.optimizer == "schedulefree" and m.lr_rule != "anchored":
+        raise ValueError(f"model.lr_rule={m.lr_rule}'s constant is fitted for AdamW under a decaying schedule; with "
+                         "model.optimizer=schedulefree use ++model.lr_rule=anchored (its c is schedule-free AdamW's "
+                         "own default rate).")
 
 
-OPTIMIZERS = ("adamw", "sgd", "lora_pro")
+OPTIMIZERS = ("adamw", "sgd", "lora_pro", "schedulefree")
 
 
 def _check_training(cfg: RunConfig) -> None:
@@ -391,7 +399,15 @@ def _check_training(cfg: RunConfig) -> None:
     the data and the model, the 'before' evaluation and the statistics pass)."""
     m, p = cfg.model, cfg.peft
     if m.optimizer not in OPTIMIZERS:
-        raise ValueError(f"model.optimizer must be adamw, sgd or lora_pro, got {m.optimizer!r}")
+        raise ValueError(f"model.optimizer must be one of {list(OPTIMIZERS)}, got {m.optimizer!r}")
+    if m.optimizer == "schedulefree":
+        if m.lr_scheduler_type != "constant":
+            raise ValueError(f"model.optimizer=schedulefree replaces the schedule (it averages its iterates, after its "
+                             f"own warm-up of model.warmup), so model.lr_scheduler_type={m.lr_scheduler_type!r} would "
+                             "decay it twice: add ++model.lr_scheduler_type=constant.")
+        if m.prec_reg is not None or p.use_loraplus:
+            raise ValueError("model.optimizer=schedulefree cannot be combined with model.prec_reg (Riemannian "
+                             "preconditioner) or peft.use_loraplus: each builds its own AdamW; pick one.")
     for key in ("per_device_batch_size", "real_batch_size"):
         if getattr(m, key) < 1:
             raise ValueError(f"model.{key} must be an integer >= 1, got {getattr(m, key)}")

@@ -157,9 +157,10 @@ def _stats_for_init(cfg: RunConfig, model, lora_config, init_config, task, colla
     return stats
 
 
-def _optimizer(cfg: RunConfig, model, term_params=()):
+def _optimizer(cfg: RunConfig, model, term_params=(), total_steps: int = 1):
     """The run's optimiser over the model's trainable parameters and, in one more group at the run's learning rate
-    and weight decay, the loss terms' own (`term_params`, e.g. a learned projection), built in from the start."""
+    and weight decay, the loss terms' own (`term_params`, e.g. a learned projection), built in from the start.
+    `total_steps`: the run's optimiser steps, for schedule-free AdamW's own warm-up (model.warmup of them)."""
     m, p = cfg.model, cfg.peft
     extra = [{"params": list(term_params), "lr": m.learning_rate, "weight_decay": m.weight_decay}] if term_params else []
     default = type(m)()
@@ -175,9 +176,18 @@ def _optimizer(cfg: RunConfig, model, term_params=()):
 
         return create_lora_pro_optimizer(model, torch.optim.AdamW, lr=m.learning_rate, weight_decay=m.weight_decay,
                                          damping=m.lora_pro_damping, moments=m.lora_pro_moments, param_groups=extra)
+    if m.optimizer == "schedulefree":  # its warm-up is its own; the Trainer's schedule is constant (runconfig)
+        try:
+            from schedulefree import AdamWScheduleFree
+        except ImportError as e:
+            raise ImportError("model.optimizer=schedulefree needs the schedulefree package: pip install "
+                              "'lorafa[schedulefree]'") from e
+        warmup = round(m.warmup * total_steps) if m.warmup < 1 else int(m.warmup)
+        return AdamWScheduleFree([{"params": [q for q in model.parameters() if q.requires_grad]}, *extra],
+                                 lr=m.learning_rate, weight_decay=m.weight_decay, warmup_steps=warmup)
     cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}.get(m.optimizer)
     if cls is None:
-        raise ValueError(f"model.optimizer must be adamw, sgd or lora_pro, got {m.optimizer!r}")
+        raise ValueError(f"model.optimizer must be adamw, sgd, lora_pro or schedulefree, got {m.optimizer!r}")
     if m.prec_reg is not None and p.use_loraplus:
         raise ValueError("model.prec_reg (Riemannian preconditioner) and peft.use_loraplus cannot be combined: pick "
                          "one.")
@@ -476,7 +486,8 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     if cfg.model.learning_rate == "auto":  # this arm's own rate, from its init (SPEC §11)
         cfg = _auto_learning_rate(cfg, peft_model, task, tokenizer, init_config, out)
     terms = _terms(init_config, align, peft_model)
-    optimizer = _optimizer(cfg, peft_model, term_parameters(terms))  # with the terms' own parameters
+    optimizer = _optimizer(cfg, peft_model, term_parameters(terms),  # with the terms' own parameters
+                           total_steps=_total_steps(cfg, len(task.train)))
     del stats
     state.wait_for_everyone()  # rank 0 has written the initial adapter
 
@@ -492,6 +503,8 @@ def _train_arm(cfg: RunConfig, model, tokenizer, task, validation, collate, init
     resume = cfg.resume and _has_checkpoint(args.output_dir)
     at_init = trainer.evaluate()["eval_loss"] if validation and not resume else None  # what the init alone did
     train_out = trainer.train(resume_from_checkpoint=True if resume else None)
+    if callable(getattr(optimizer, "eval", None)):  # schedule-free AdamW: the averaged weights are the model's
+        optimizer.eval()
     out["train_s"] = round(time.perf_counter() - t, 2)  # includes the step-0 and periodic validation passes
     out["train_loss"] = train_out.training_loss
     out["steps"] = trainer.state.global_step
