@@ -393,6 +393,7 @@ def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | No
             mean, std = _mean_std([r["final_loss"] for r in grid[m]["runs"]])
             free_rows.append({"optimiser": m, "rate": _g(grid[m]["best"]), "seeds": len(grid[m]["runs"]),
                               "final test loss": f"{mean:.3f} ± {std:.3f}"})
+    sf_rows = sf_default_rows(out, grid, autos.get(auto_label(shown, "sf"), []))
     def table(rows: list[dict], stem: str, what: str) -> str:  # a stage not run yet has no rows and no table
         if not rows:
             return f"({title}: no {what} yet in {out})\n"
@@ -402,15 +403,45 @@ def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | No
     md += table(rule_rows, "rules", "every rule at its constant fitted on default LoRA")
     md += table(step0, "step0", "held-out loss right after the init (mean over the grid-best runs' seeds)")
     md += table(free_rows, "free", "learning-rate-free optimisers (no rate chosen)")
+    md += table(sf_rows, "sf_default", "schedule-free AdamW at its default rate and at the auto rate (seed 0)")
     write_json(os.path.join(out, "verdict.json"), verdict)
-    plot(grid, autos.get(shown, []), inits, out, f"{title}: the grid (seed 0) and the {shown} rate (★, each seed)",
-         fixed=fixed)
+    sf = auto_label(shown, "sf")  # schedule-free AdamW's auto runs beside AdamW's, if any
+    plot(grid, autos.get(shown, []), inits, out, f"{title}: AdamW's grid (seed 0) and the {shown} rate (★, each seed)",
+         fixed=fixed, others=autos.get(sf, []) if sf != shown else [])
     return {"markdown": md, "verdict": verdict}
 
 
-def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str, fixed: float | None = None) -> None:
-    """Validation loss against rate, one line per init, its auto runs starred; the runner's fixed rate (if any)
-    dashed. Both axes are logarithmic: the losses near each best differ by less than the blow-ups above it."""
+def sf_default_rows(out: str, grid: dict, sf_autos: list[dict]) -> list[dict]:
+    """Does the auto rate matter once the optimiser is schedule-free? Per init at the first seed: schedule-free AdamW
+    at its one default rate (`OUT/sf_default`, convergence.py's `<init>+sf`; default LoRA's is the grid's
+    `lora+sf`), at the auto rate (`sf_autos`), and AdamW's grid-best, validation and test loss each."""
+    runs = cv.saved_runs(os.path.join(out, "sf_default"))[0] if os.path.isdir(os.path.join(out, "sf_default")) else []
+    runs += grid["lora+sf"]["runs"] if "lora+sf" in grid else []
+    rows = []
+    for m in INITS:
+        fixed = [r for r in runs if r["method"] == f"{m}+sf"]
+        if not fixed or m not in grid:
+            continue
+        s0 = min(r["seed"] for r in fixed)
+        f, = [r for r in fixed if r["seed"] == s0]
+        auto = [r for r in sf_autos if init_of(r["method"]) == m and r["seed"] == s0]
+        best = [r for r in grid[m]["runs"] if r["seed"] == s0]
+        rows.append({"init": m, "seed": s0, "default rate": _g(f["lr"]), "val at default": _f(f["final_val_loss"]),
+                     "test at default": _f(f["final_loss"]),
+                     "auto rate": _g(auto[0]["lr"]) if auto else None,
+                     "val at auto": _f(auto[0]["final_val_loss"]) if auto else None,
+                     "test at auto": _f(auto[0]["final_loss"]) if auto else None,
+                     "AdamW grid-best rate": _g(grid[m]["best"]),
+                     "AdamW grid-best val": _f(best[0]["final_val_loss"]) if best else None,
+                     "AdamW grid-best test": _f(best[0]["final_loss"]) if best else None})
+    return rows
+
+
+def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str, fixed: float | None = None,
+         others: list[dict] = ()) -> None:
+    """Validation loss against rate, one line per init, its auto runs starred; `others` (schedule-free AdamW's auto
+    runs) as diamonds; the runner's fixed rate (if any) dashed. Both axes are logarithmic: the losses near each best
+    differ by less than the blow-ups above it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -421,15 +452,19 @@ def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str, 
         color = f"C{i}"
         pts = sorted((lr, finite(v)) for lr, v in grid[m]["val"].items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=color, label=m, ms=4)
-        mine = [r for r in autos if init_of(r["method"]) == m]
-        if mine:
-            ax.scatter([r["lr"] for r in mine], [r["final_val_loss"] for r in mine], marker="*", s=120, color=color,
-                       edgecolors="black", linewidths=0.5, zorder=5)
+        for runs, marker, size in ((autos, "*", 120), (others, "D", 36)):
+            mine = [r for r in runs if init_of(r["method"]) == m]
+            if mine:
+                ax.scatter([r["lr"] for r in mine], [r["final_val_loss"] for r in mine], marker=marker, s=size,
+                           color=color, edgecolors="black", linewidths=0.5, zorder=5)
+    if others:  # a legend entry for the diamonds (their colours are the inits')
+        ax.scatter([], [], marker="D", s=36, color="white", edgecolors="black", linewidths=0.5,
+                   label="schedule-free AdamW, auto rate")
     if fixed:
         ax.axvline(fixed, color="grey", ls="--", lw=1, label=f"runner's fixed rate ({fixed:g})")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("learning rate (AdamW)")
+    ax.set_xlabel("learning rate")
     ax.set_ylabel("final validation loss")
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=2)

@@ -640,6 +640,7 @@ RATE_TRANSFER_CMD = ("python benchmarks/rate.py transfer --preset causal --out b
                      "--fit benchmarks/results/rate_cls/fit.json --grid-from benchmarks/results/causal_gpu "
                      "--alias lora_fa=lora_fa:target=gradient,scale=stable,offset=none")
 RATE_MAIN = "benchmarks/results/rate_main"  # the same on the main job's set-up (benchmarks/rate_main.sh)
+RATE_MAIN_SF_CMD = "bash benchmarks/rate_main_sf.sh"
 # the grids of the causal and main-job protocols, while they run (convergence.py writes lr_grid.csv in each of the
 # results folder's grid* folders, one per grid centre)
 RATE_GRIDS = {"causal (CPU protocol)": RATE_CAUSAL, "main job (leg_counting, every linear layer)": RATE_MAIN}
@@ -789,6 +790,8 @@ BLOCKS: dict[str, Block] = {
                                  "docs/learning_rate.md: the main job's set-up, each rule and the runner's fixed rate"),
     "rate_main_free": csv_block(RATE_MAIN, "free", "bash benchmarks/rate_main.sh",
                                 "docs/learning_rate.md: the main job's set-up, Prodigy and schedule-free AdamW"),
+    "rate_main_sf": csv_block(RATE_MAIN, "sf_default", RATE_MAIN_SF_CMD,
+                              "docs/learning_rate.md: schedule-free AdamW at its default rate and at the auto rate"),
     "rate_grids": Block(render_rate_grids, tuple(f"{d}/grid*/lr_grid.csv" for d in RATE_GRIDS.values())
                         + (f"{RATE_CLS}/fit.json", f"{RATE_CAUSAL}/probes", f"{RATE_MAIN}/probes"),
                         "docs/learning_rate.md: the causal and main-job grids so far, with anchored's seed-0 rate"),

@@ -956,3 +956,14 @@ def test_rate_auto_with_schedule_free_adamw(tmp_path):
     assert rows[("lora_fa", "anchored+sf")]["(a) ≤ 1"] == "missed"
     assert res["verdict"]["anchored+sf"]["c"]["init"] == "lora_fa"
     assert res["verdict"]["anchored+sf"]["a"] == [("lora", True), ("lora_fa", False)]
+    # schedule-free AdamW at its one default rate (OUT/sf_default), beside its auto rate and AdamW's grid-best
+    os.makedirs(os.path.join(root, "sf_default", "runs"))
+    with open(os.path.join(root, "sf_default", "meta.json"), "w") as f:
+        json.dump({"format": 2, "methods": ["lora_fa+sf"], "args": {"seeds": [0]}}, f)
+    with open(os.path.join(root, "sf_default", "runs", "lora_fa+sf_s0.json"), "w") as f:
+        json.dump({"method": "lora_fa+sf", "lr": 2.5e-3, "seed": 0, "final_val_loss": 0.9, "final_loss": 0.95}, f)
+    rate.summarise(root, os.path.join(root, "fit.json"), "toy", "anchored")
+    row, = common.read_table(os.path.join(root, "sf_default.csv"))[1]
+    assert (row["init"], row["val at default"], row["test at default"]) == ("lora_fa", "0.900", "0.950")
+    assert (row["auto rate"], row["val at auto"], row["AdamW grid-best rate"]) == ("0.0025", "0.700", "0.001")
+    assert row["AdamW grid-best val"] == "0.550"
