@@ -30,4 +30,7 @@ lane_b & b=$!
 wait $a
 wait $b
 $PY benchmarks/rate.py fit --out $OUT $C
-$PY benchmarks/rate.py summary --out $OUT --rule polyak $C
+# the default rule (anchored), then the same with schedule-free AdamW at c = its own default rate (no constant fitted)
+$PY benchmarks/rate.py auto --out $OUT --seeds 0 1 2 --rule anchored $C
+$PY benchmarks/rate.py auto --out $OUT --seeds 0 1 2 --rule anchored --optimizer sf $C
+$PY benchmarks/rate.py summary --out $OUT --rule anchored $C
