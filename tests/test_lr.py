@@ -345,7 +345,9 @@ def test_every_rule_gives_a_finite_positive_rate_after_each_init(init):
 
 
 # -- the entry points ---------------------------------------------------------------------------------------------
-def test_runner_learning_rate_auto_records_and_uses_each_arms_rate(tmp_path):
+def _tiny_run(tmp_path, *overrides) -> dict:
+    """The runner in-process on a tiny causal LM and meta_math-shaped arithmetic rows, learning_rate=auto, LoRA on
+    q_proj and v_proj, no accuracy evaluation; `overrides` added."""
     from test_runner import _in_process
     from tiny_assets import arithmetic_rows, save_tiny_causal_lm, write_jsonl
 
@@ -354,12 +356,17 @@ def test_runner_learning_rate_auto_records_and_uses_each_arms_rate(tmp_path):
     write_jsonl(str(tmp_path / "metamath.jsonl"), [
         {"query": r["question"], "response": r["answer"].replace("####", "The answer is:"), "type": "GSM_Rephrased"}
         for r in arithmetic_rows(32, seed=2)])
-    results = _in_process([
+    return _in_process([
         "++dataset_name=meta_math", f"++model.name={model}", f"++dataset.path={tmp_path / 'metamath.jsonl'}",
-        f"++dataset.test_path={tmp_path / 'gsm'}", f"++output_root={tmp_path / 'runs'}", "++model.max_steps=2",
-        "++eval.enabled=false", "++init.bsz=2", "++init.iters=2", "++dataset.validation_size=4",
-        "++wandb.name=auto", "++model.learning_rate=auto", "++model.lr_scheduler_type=constant", "++model.warmup=0",
-        "++baseline=lora", "++peft.target_modules=[q_proj,v_proj]", "++model.lr_c=2e-4"])
+        f"++dataset.test_path={tmp_path / 'gsm'}", f"++output_root={tmp_path / 'runs'}", "++eval.enabled=false",
+        "++init.bsz=2", "++init.iters=2", "++model.learning_rate=auto", "++peft.target_modules=[q_proj,v_proj]",
+        *overrides])
+
+
+def test_runner_learning_rate_auto_records_and_uses_each_arms_rate(tmp_path):
+    results = _tiny_run(tmp_path, "++model.max_steps=2", "++dataset.validation_size=4", "++wandb.name=auto",
+                        "++model.lr_scheduler_type=constant", "++model.warmup=0", "++baseline=lora",
+                        "++model.lr_c=2e-4")
     run_dir = Path(results["run_dir"])
     saved = json.loads((run_dir / "results.json").read_text())
     for arm, folder in ((saved, run_dir), (saved["baseline"], run_dir / "baseline")):
@@ -381,8 +388,6 @@ def test_runner_schedule_free_adamw_at_the_auto_rate_saves_its_averaged_weights(
     """++model.optimizer=schedulefree: schedule-free AdamW at anchored's rate with its own default as c, its warm-up
     from model.warmup, a constant Trainer schedule; the adapter saved is the averaged (eval-mode) weights."""
     schedulefree = pytest.importorskip("schedulefree")
-    from test_runner import _in_process
-    from tiny_assets import arithmetic_rows, save_tiny_causal_lm, write_jsonl
 
     from lorafa import train as trainmod
 
@@ -399,17 +404,8 @@ def test_runner_schedule_free_adamw_at_the_auto_rate_saves_its_averaged_weights(
 
     monkeypatch.setattr(schedulefree.AdamWScheduleFree, "__init__", init)
     monkeypatch.setattr(trainmod, "save_adapter", save)
-    model = save_tiny_causal_lm(str(tmp_path / "tiny-lm"))
-    write_jsonl(str(tmp_path / "gsm" / "test.jsonl"), arithmetic_rows(4, seed=1))
-    write_jsonl(str(tmp_path / "metamath.jsonl"), [
-        {"query": r["question"], "response": r["answer"].replace("####", "The answer is:"), "type": "GSM_Rephrased"}
-        for r in arithmetic_rows(32, seed=2)])
-    results = _in_process([
-        "++dataset_name=meta_math", f"++model.name={model}", f"++dataset.path={tmp_path / 'metamath.jsonl'}",
-        f"++dataset.test_path={tmp_path / 'gsm'}", f"++output_root={tmp_path / 'runs'}", "++model.max_steps=4",
-        "++eval.enabled=false", "++init.bsz=2", "++init.iters=2",
-        "++model.learning_rate=auto", "++model.optimizer=schedulefree", "++model.lr_scheduler_type=constant",
-        "++model.warmup=0.5", "++peft.target_modules=[q_proj,v_proj]", "++dataset.validation_size=0"])
+    results = _tiny_run(tmp_path, "++model.max_steps=4", "++model.optimizer=schedulefree",
+                        "++model.lr_scheduler_type=constant", "++model.warmup=0.5", "++dataset.validation_size=0")
     saved = json.loads((Path(results["run_dir"]) / "results.json").read_text())
     ev = saved["lr_suggestion"]
     assert ev["optimizer"] == "schedulefree" and ev["c"] == lrmod.SCHEDULE_FREE_C
