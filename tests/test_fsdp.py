@@ -21,6 +21,7 @@ WORLD = 2
 N_BATCHES = 5  # odd: rank 0 has 3 batches, rank 1 has 2 and runs one blank pass
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("lora_ga", "pissa", "lora_fa")
+SF_LR = 0.01
 
 
 def _lora_config() -> LoraConfig:
@@ -91,6 +92,23 @@ def _save_sharded(pm, rank: int, out_dir: str) -> None:
     dist.barrier()  # reached by both ranks: neither is stuck in a collective the other skipped
 
 
+def _schedule_free_steps(pm, lora, batches, rank: int, out_dir: str) -> None:
+    """Schedule-free AdamW (the runner's `model.optimizer=schedulefree`) on the sharded adapters: 2 steps, each rank
+    on its own batch, then the averaged (eval-mode) weights, the ones the runner saves."""
+    from schedulefree import AdamWScheduleFree
+
+    pm.zero_grad()
+    opt = AdamWScheduleFree(lora, lr=SF_LR, warmup_steps=1)
+    opt.train()
+    for b in batches[:2]:
+        pm(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    opt.eval()
+    state = {k: v for k, v in _full_state(pm).items() if "lora_" in k}
+    save_file(state, os.path.join(out_dir, f"schedule_free{rank}.safetensors"))
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from datetime import timedelta
 
@@ -124,6 +142,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 trained = {k: v for k, v in _full_state(pm).items() if "lora_" in k}
                 save_file(trained, os.path.join(out_dir, f"trained{rank}.safetensors"))
                 _save_sharded(pm, rank, out_dir)
+                _schedule_free_steps(pm, lora, mine, rank, out_dir)
         # a line search under FSDP: rank 1 runs blank passes so that both ranks gather the weights together
         model, _ = _sharded_llama()
         pm = lorafa.initialize(model, _lora_config(), lorafa.InitConfig(method="lora_fa", iters=N_BATCHES,
@@ -175,6 +194,33 @@ def test_fsdp2_training_step_equals_one_process(fsdp_run):
     opt.step()
     want = {k: v.detach() for k, v in single.state_dict().items() if "lora_" in k}
     assert_ranks_equal(fsdp_run, "trained", want)
+
+
+def test_fsdp2_schedule_free_steps_equal_one_process(fsdp_run):
+    """Schedule-free AdamW on the sharded adapters (after the SGD step): 2 steps on 2 ranks, then its averaged
+    weights, equal one process's steps on the mean of each pair of batches (rank 0 holds batches 0, 2; rank 1
+    holds 1, 3). Its update is elementwise, so each rank updates its own shard of every factor."""
+    from schedulefree import AdamWScheduleFree
+
+    batches = make_batches(N_BATCHES)
+    single = lorafa.initialize(tiny_llama(seed=0), _lora_config(), lorafa.InitConfig(method="pissa", iters=N_BATCHES),
+                               batches=batches, progress=False)
+    lora = [p for p in single.parameters() if p.requires_grad]
+    sgd = torch.optim.SGD(lora, lr=0.1)
+    ((single(**batches[0]).loss + single(**batches[1]).loss) / 2).backward()
+    sgd.step()
+    sgd.zero_grad()
+    before = {k: v.detach().clone() for k, v in single.state_dict().items() if "lora_" in k}
+    opt = AdamWScheduleFree(lora, lr=SF_LR, warmup_steps=1)
+    opt.train()
+    for pair in ((0, 1), (2, 3)):
+        ((single(**batches[pair[0]]).loss + single(**batches[pair[1]]).loss) / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.eval()
+    want = {k: v.detach() for k, v in single.state_dict().items() if "lora_" in k}
+    assert max(float((want[k] - before[k]).abs().max()) for k in want) > 1e-3  # the steps moved the factors
+    assert_ranks_equal(fsdp_run, "schedule_free", want)
 
 
 def test_fsdp2_save_and_reload_equal_the_trained_model(fsdp_run):

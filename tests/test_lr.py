@@ -415,6 +415,23 @@ def test_runner_schedule_free_adamw_at_the_auto_rate_saves_its_averaged_weights(
     assert made[0].state and modes_at_save == [[False]]  # it trained, and saved the averaged weights
 
 
+def test_runner_refuses_schedule_free_adamw_under_deepspeed():
+    """DeepSpeed steps its own fp32 copy of the weights, which the averaged (eval-mode) weights would never reach:
+    the runner refuses the pair before loading anything and says what to launch instead; FSDP and DDP pass."""
+    from accelerate.utils import DistributedType
+    from test_runner import composed
+
+    from lorafa.runconfig import parse_run_config
+    from lorafa.train import _check_backend
+
+    sf = parse_run_config(composed(["++model.optimizer=schedulefree", "++model.lr_scheduler_type=constant"]))
+    with pytest.raises(ValueError, match="under DeepSpeed.*fsdp_version: 2.*model.optimizer=adamw"):
+        _check_backend(sf, DistributedType.DEEPSPEED)
+    for backend in (DistributedType.FSDP, DistributedType.MULTI_CPU, DistributedType.NO):
+        _check_backend(sf, backend)
+    _check_backend(parse_run_config(composed(["++model.optimizer=adamw"])), DistributedType.DEEPSPEED)
+
+
 def test_runner_learning_rate_values_are_checked():
     from test_runner import composed
 

@@ -40,6 +40,17 @@ def _device_checks(cfg: RunConfig) -> torch.dtype:
     return torch.float32
 
 
+def _check_backend(cfg: RunConfig, distributed_type) -> None:
+    """What the launcher's backend cannot run, refused before any data or model is loaded."""
+    from accelerate.utils import DistributedType
+
+    if cfg.model.optimizer == "schedulefree" and distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("model.optimizer=schedulefree under DeepSpeed: DeepSpeed steps its own fp32 copy of the "
+                         "weights, so the averaged weights that schedule-free AdamW evaluates and saves would not "
+                         "reach the model. Launch with FSDP2 (accelerate's fsdp_version: 2) or DDP, or add "
+                         "++model.optimizer=adamw ++model.lr_scheduler_type=cosine.")
+
+
 def _load_model(cfg: RunConfig, task, dtype, device):
     """(model, tokenizer) on `device`; with model.load_in_4bit, quantized by bitsandbytes while loading."""
     from .models import load_causal_lm, load_sequence_classifier
@@ -322,6 +333,7 @@ def run(cfg: RunConfig) -> dict:
     # initialises torch.distributed under accelerate launch / torchrun (gloo on a CPU-only machine)
     state = PartialState(cpu=not torch.cuda.is_available())
     dtype = _device_checks(cfg)
+    _check_backend(cfg, state.distributed_type)
     init_config = cfg.init_config()
     baseline_config = cfg.baseline_init_config()
     set_seed(cfg.seed)
