@@ -304,23 +304,23 @@ def _autos(out: str) -> dict[str, list[dict]]:
     return {label: runs for label in labels if (runs := _load(os.path.join(out, f"auto_{label}")))}
 
 
+# The rate the runner trained at before schedule-free AdamW at learning_rate=auto became its default: AdamW at 1e-3
+# under a decaying schedule, for SmolLM2 (conf/model/smollm2.yaml) and MiniLM (minilm.yaml). The rules table keeps a
+# row for it and the figure a dashed line: what a user of the old default got (issue 23, item 5's comparison).
+FORMER_RUNNER_LR = {"smollm2-135m-instruct": 1e-3, "all-minilm-l6-v2": 1e-3}
+FORMER = "runner's former rate"
+
+
 def runner_rate(model: str) -> float | None:
-    """The runner's fixed learning rate for `model` (its packaged `conf/model/*.yaml` whose `name` it is): the rate a
-    user who does not choose one trains at, the row the rules table sets `auto` beside (issue 23, item 5)."""
-    from importlib.resources import files
-
-    import yaml
-
-    for f in sorted(files("lorafa").joinpath("conf", "model").iterdir()):
-        if f.name.endswith(".yaml") and (c := yaml.safe_load(f.read_text())).get("name") == model:
-            return float(c["learning_rate"])
-    logging.warning("no conf/model/*.yaml of the runner names %r: the rules table has no fixed-rate row", model)
-    return None
+    """The runner's former fixed AdamW rate for `model` (FORMER_RUNNER_LR), or None for a model it had none for."""
+    if model not in FORMER_RUNNER_LR:
+        logging.warning("the runner had no fixed rate for %r: the rules table has no former-rate row", model)
+    return FORMER_RUNNER_LR.get(model)
 
 
 def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | None = None) -> dict:
     """The tables, the verdict per rule trained with, and the figure (its ★ are rule `shown`'s auto runs). `fixed`:
-    the runner's fixed rate, given a row per init in the rules table (the grid's validation loss there)."""
+    the runner's former fixed AdamW rate, given a row per init in the rules table (the grid's validation loss there)."""
     grid = grid_of(out)
     with open(fit_path) as f:
         fitted = json.load(f)
@@ -363,7 +363,7 @@ def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | No
                               "probe s": _f(statistics.mean(x["seconds"] for x in mine_p), 1)})
         if fixed:
             loss, where = interpolate(g["val"], fixed)
-            rule_rows.append({"init": m, "rule": "runner's fixed rate", "fitted rate": _g(fixed),
+            rule_rows.append({"init": m, "rule": FORMER, "fitted rate": _g(fixed),
                               "grid-best rate": _g(g["best"]), "ratio": _f(fixed / g["best"], 2),
                               "val loss there": _f(loss), "grid-best val loss": _f(g["val"][g["best"]]),
                               "outside grid": where, "probe s": None})
@@ -440,7 +440,7 @@ def sf_default_rows(out: str, grid: dict, sf_autos: list[dict]) -> list[dict]:
 def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str, fixed: float | None = None,
          others: list[dict] = ()) -> None:
     """Validation loss against rate, one line per init, its auto runs starred; `others` (schedule-free AdamW's auto
-    runs) as diamonds; the runner's fixed rate (if any) dashed. Both axes are logarithmic: the losses near each best
+    runs) as diamonds; the runner's former fixed AdamW rate (if any) dashed. Both axes are logarithmic: the losses near each best
     differ by less than the blow-ups above it."""
     import matplotlib
 
@@ -461,7 +461,7 @@ def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str, 
         ax.scatter([], [], marker="D", s=36, color="white", edgecolors="black", linewidths=0.5,
                    label="schedule-free AdamW, auto rate")
     if fixed:
-        ax.axvline(fixed, color="grey", ls="--", lw=1, label=f"runner's fixed rate ({fixed:g})")
+        ax.axvline(fixed, color="grey", ls="--", lw=1, label=f"runner's former AdamW rate ({fixed:g})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("learning rate")

@@ -1316,16 +1316,12 @@ case(E, "real_batch_size-not-a-multiple", lambda: run_config("++model.real_batch
      r"model.real_batch_size=6 must be a multiple of model.per_device_batch_size=4")
 case(E, "optimizer-unknown", lambda: run_config("++model.optimizer=adam"), ValueError,
      r"model.optimizer must be one of \['adamw', 'sgd', 'lora_pro', 'schedulefree'\]")
-case(E, "schedulefree-with-a-decaying-schedule", lambda: run_config("++model.optimizer=schedulefree"), ValueError,
+case(E, "schedulefree-with-a-decaying-schedule", lambda: run_config("++model.lr_scheduler_type=cosine"), ValueError,
      r"model.optimizer=schedulefree replaces the schedule .* add \+\+model.lr_scheduler_type=constant")
-case(E, "schedulefree-with-loraplus", lambda: run_config("++model.optimizer=schedulefree",
-                                                         "++model.lr_scheduler_type=constant",
-                                                         "++peft.use_loraplus=true"), ValueError,
-     r"model.optimizer=schedulefree cannot be combined with model.prec_reg .* or peft.use_loraplus")
-case(E, "schedulefree-auto-with-another-rule", lambda: run_config("++model.optimizer=schedulefree",
-                                                                  "++model.lr_scheduler_type=constant",
-                                                                  "++model.learning_rate=auto",
-                                                                  "++model.lr_rule=polyak"), ValueError,
+case(E, "schedulefree-with-loraplus", lambda: run_config("++peft.use_loraplus=true"), ValueError,
+     r"model.optimizer=schedulefree \(the default\) cannot be combined with model.prec_reg .* or peft.use_loraplus"
+     r".* add \+\+model.optimizer=adamw")
+case(E, "schedulefree-auto-with-another-rule", lambda: run_config("++model.lr_rule=polyak"), ValueError,
      r"model.lr_rule=polyak's constant is fitted for AdamW .* use \+\+model.lr_rule=anchored")
 case(E, "string-for-a-number", lambda: run_config("++model.warmup=abc"), ValueError,
      r"Config key model.warmup must be a number, got 'abc'")

@@ -889,7 +889,7 @@ def test_rate_fit_summary_and_transfer(tmp_path):
     assert os.path.getsize(os.path.join(root, "rate.png")) > 0
     # the runner's fixed rate beside each rule: the grid's validation loss there, midway (in log rate) for LoRA
     fixed = {r["init"]: r for r in common.read_table(os.path.join(root, "rules.csv"))[1]
-             if r["rule"] == "runner's fixed rate"}
+             if r["rule"] == rate.FORMER}
     assert fixed["lora"]["val loss there"] == f"{0.60 + math.log(1.5) / math.log(2) * (0.50 - 0.60):.3f}"
     assert fixed["lora_fa"]["ratio"] == "1.50" and fixed["lora_fa"]["outside grid"] in ("", None)
     assert rate.runner_rate("smollm2-135m-instruct") > 0 and rate.runner_rate("no-such-model") is None
@@ -913,7 +913,7 @@ def test_rate_fit_summary_and_transfer(tmp_path):
     assert "no grid-best rate against auto yet" in res["markdown"] and res["verdict"] == {}
     assert not os.path.exists(os.path.join(other, "summary.csv"))
     rules = common.read_table(os.path.join(other, "rules.csv"))[1]
-    assert [(r["init"], r["rule"], r["ratio"]) for r in rules] == [("lora", "runner's fixed rate", "0.50")]
+    assert [(r["init"], r["rule"], r["ratio"]) for r in rules] == [("lora", rate.FORMER, "0.50")]
 
 
 def test_rate_auto_with_schedule_free_adamw(tmp_path):

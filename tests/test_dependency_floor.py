@@ -44,7 +44,7 @@ def test_warmup_is_a_ratio_below_one_and_a_step_count_above(tmp_path, warmup, ex
     the same thing on both: the rate climbs from 0 to the peak over the first ceil(warmup × steps) steps."""
     from lorafa.train import _training_args
 
-    cfg = _run_config(["++model.lr_scheduler_type=linear", f"++model.warmup={warmup}", "++model.max_steps=100",
+    cfg = _run_config(["++model.optimizer=adamw", "++model.lr_scheduler_type=linear", f"++model.warmup={warmup}", "++model.max_steps=100",
                        "++model.learning_rate=0.01", "++model.per_device_batch_size=2", "++model.real_batch_size=2"])
     args = _training_args(cfg, str(tmp_path), n_train=200, world=1)
     assert args.get_warmup_steps(100) == expected_steps

@@ -296,11 +296,12 @@ def test_runner_option():
     assert isinstance(opt, torch.optim.AdamW) and hasattr(opt, "lora_pro")
     assert [(g["lr"], g["weight_decay"], g["lora_pro"]) for g in opt.param_groups] == [(0.01, 0.1, True),
                                                                                         (0.01, 0.1, False)]
-    full = _optimizer(composed(["++model.optimizer=lora_pro", "++model.lora_pro_moments=full"]), pm)
+    full = _optimizer(composed(["++model.optimizer=lora_pro", "++model.learning_rate=0.01",
+                                "++model.lora_pro_moments=full"]), pm)
     assert type(full).__name__ == "LoraProAdamW"
     for extra in (["++model.prec_reg=0.01"], ["++peft.use_loraplus=true"]):
         with pytest.raises(ValueError, match="cannot be combined"):
-            _optimizer(composed(["++model.optimizer=lora_pro", *extra]), pm)
+            _optimizer(composed(["++model.optimizer=lora_pro", "++model.learning_rate=0.01", *extra]), pm)
     with pytest.raises(ValueError, match="model.optimizer=lora_pro"):
         _optimizer(composed(["++model.lora_pro_moments=full"]), pm)
 

@@ -424,7 +424,7 @@ def test_runner_refuses_schedule_free_adamw_under_deepspeed():
     from lorafa.runconfig import parse_run_config
     from lorafa.train import _check_backend
 
-    sf = parse_run_config(composed(["++model.optimizer=schedulefree", "++model.lr_scheduler_type=constant"]))
+    sf = parse_run_config(composed([]))  # the runner's default optimiser
     with pytest.raises(ValueError, match="under DeepSpeed.*fsdp_version: 2.*model.optimizer=adamw"):
         _check_backend(sf, DistributedType.DEEPSPEED)
     for backend in (DistributedType.FSDP, DistributedType.MULTI_CPU, DistributedType.NO):
@@ -435,8 +435,11 @@ def test_runner_refuses_schedule_free_adamw_under_deepspeed():
 def test_runner_learning_rate_values_are_checked():
     from test_runner import composed
 
-    from lorafa.runconfig import parse_run_config
+    from lorafa.runconfig import parse_run_config, scheduler_type
 
+    default = parse_run_config(composed([])).model  # schedule-free AdamW at the auto rate, no decaying schedule
+    assert (default.learning_rate, default.optimizer, scheduler_type(default)) == ("auto", "schedulefree", "constant")
+    assert scheduler_type(parse_run_config(composed(["++model.optimizer=adamw"])).model) == "cosine"
     assert parse_run_config(composed(["++model.learning_rate=auto"])).model.learning_rate == "auto"
     assert parse_run_config(composed(["++model.learning_rate=2e-4"])).model.learning_rate == 2e-4
     assert parse_run_config(composed(["++model.learning_rate=auto", "++model.lr_c=2e-4"])).model.lr_c == 2e-4
@@ -445,9 +448,9 @@ def test_runner_learning_rate_values_are_checked():
                             ("++model.lr_rule=newton", "lr_rule must be one of"),
                             ("++model.lr_c=-1", "lr_c must be a positive number"),
                             ("++model.lr_c=fast", "must be a number"),
-                            ("++model.lr_c=2e-4", "model.learning_rate=0.001 is a number")):
+                            ("++model.lr_c=2e-4 ++model.learning_rate=1e-3", "model.learning_rate=0.001 is a number")):
         with pytest.raises(ValueError, match=match):
-            parse_run_config(composed([override]))
+            parse_run_config(composed(override.split()))
     with pytest.raises(ValueError, match="learning_rate=auto models the first step of plain AdamW, schedule-free AdamW or SGD"):
         parse_run_config(composed(["++model.learning_rate=auto", "++model.optimizer=lora_pro"]))
     with pytest.raises(ValueError, match="lr_rule=range_test has none"):

@@ -328,8 +328,12 @@ def test_classification_preset_on_the_embedded_encoder(tmp_path):
     assert results["after"]["accuracy"] > results["before"]["accuracy"] + 0.1  # measured: 0.58 -> 0.81
 
 
-@pytest.mark.parametrize("extra", [["++model.prec_reg=0.01", "++model.saving=true"],
-                                   ["++peft.use_loraplus=true", "++model.early_stopping_patience=1", "++model.eval_steps=1"],
+ADAMW = ["++model.optimizer=adamw", "++model.learning_rate=1e-3"]  # the options that build their own AdamW
+
+
+@pytest.mark.parametrize("extra", [[*ADAMW, "++model.prec_reg=0.01", "++model.saving=true"],
+                                   [*ADAMW, "++peft.use_loraplus=true", "++model.early_stopping_patience=1",
+                                    "++model.eval_steps=1"],
                                    ["++model.optimizer=sgd", "++model.learning_rate=0.01"]])
 def test_optimisers_and_merged_checkpoint(assets, tmp_path, extra):
     """prec_reg selects PEFT's Riemannian optimiser, use_loraplus LoRA+, optimizer=sgd plain SGD; model.saving writes
@@ -358,7 +362,7 @@ def test_dry_run_checks_without_writing(assets, tmp_path):
 def test_prec_reg_and_loraplus_together_is_an_error(assets, tmp_path):
     with pytest.raises(ValueError, match="cannot be combined"):
         _in_process(["+init=gradient", *local(assets, tmp_path / "runs"), "++eval.enabled=false", "++wandb.name=x",
-                     "++model.prec_reg=0.01", "++peft.use_loraplus=true"])
+                     *ADAMW, "++model.prec_reg=0.01", "++peft.use_loraplus=true"])
 
 
 def test_unknown_model_lists_the_embedded_ones(assets, tmp_path, monkeypatch):
@@ -376,12 +380,12 @@ def test_optimizer_selection_uses_peft():
     from lorafa.train import _optimizer
 
     pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
-    cfg = parse_run_config(composed(["++model.learning_rate=0.01", "++peft.use_loraplus=true",
+    cfg = parse_run_config(composed(["++model.optimizer=adamw", "++model.learning_rate=0.01", "++peft.use_loraplus=true",
                                      "++peft.loraplus_lr_ratio=8"]))
     lrs = {g["lr"] for g in _optimizer(cfg, pm).param_groups if g["params"]}
     assert {0.01, 0.08} <= {round(x, 6) for x in lrs}
 
-    cfg = parse_run_config(composed(["++model.learning_rate=0.01", "++model.prec_reg=0.5"]))
+    cfg = parse_run_config(composed(["++model.optimizer=adamw", "++model.learning_rate=0.01", "++model.prec_reg=0.5"]))
     opt = _optimizer(cfg, pm)
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight

@@ -33,7 +33,7 @@ class ModelSection:
     bnb_4bit_quant_type: str = "nf4"  # nf4 | fp4
     bnb_4bit_use_double_quant: bool = False
     max_length: int = 256
-    learning_rate: float | str = 1e-3  # or "auto": lorafa.suggest_lr after each arm's init (SPEC §11)
+    learning_rate: float | str = "auto"  # lorafa.suggest_lr after each arm's init (SPEC §11), or a number
     lr_rule: str = "anchored"  # learning_rate=auto: suggest_lr's rule (lorafa.lr.RULES; default lr.DEFAULT_RULE)
     lr_c: float | None = None  # learning_rate=auto: the rule's constant c (anchored: the rate default LoRA trains
     # at, e.g. your own LoRA rate); None: its fitted value
@@ -44,12 +44,12 @@ class ModelSection:
     real_batch_size: int = 8  # global batch size: per_device_batch_size × processes × accumulation
     per_device_batch_size: int = 8
     warmup: float = 0.03  # warmup ratio
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: str | None = None  # a transformers schedule; None: the optimiser's own (scheduler_type)
     weight_decay: float = 0.0
     prec_reg: float | None = None  # λ of PEFT's Riemannian preconditioner; None: plain optimiser
-    # adamw | sgd | lora_pro (LoRA-Pro's projected factor gradients, AdamW underneath) | schedulefree (schedule-free
-    # AdamW, `pip install 'lorafa[schedulefree]'`: its own warm-up from model.warmup, lr_scheduler_type=constant)
-    optimizer: str = "adamw"
+    # schedulefree (schedule-free AdamW: its own warm-up from model.warmup, lr_scheduler_type=constant) | adamw | sgd
+    # | lora_pro (LoRA-Pro's projected factor gradients, AdamW underneath)
+    optimizer: str = "schedulefree"
     lora_pro_damping: float = 1e-6  # lora_pro: relative damping of BᵀB and AAᵀ (lorafa.lora_pro)
     lora_pro_moments: str = "factor"  # lora_pro: factor (r × n, m × r AdamW state) | full (m × n, the paper's)
     saving: bool = False  # also merge and save a full transformers checkpoint
@@ -394,6 +394,14 @@ def _check_learning_rate(cfg: RunConfig) -> None:
 OPTIMIZERS = ("adamw", "sgd", "lora_pro", "schedulefree")
 
 
+def scheduler_type(m: ModelSection) -> str:
+    """`model.lr_scheduler_type`, or with none set the optimiser's own: constant for schedule-free AdamW (it
+    averages its iterates instead of decaying the rate), cosine for the others."""
+    if m.lr_scheduler_type is not None:
+        return m.lr_scheduler_type
+    return "constant" if m.optimizer == "schedulefree" else "cosine"
+
+
 def _check_training(cfg: RunConfig) -> None:
     """The LoraConfig's and the Trainer's numbers, refused at parse time (run() would meet them only after loading
     the data and the model, the 'before' evaluation and the statistics pass)."""
@@ -401,13 +409,14 @@ def _check_training(cfg: RunConfig) -> None:
     if m.optimizer not in OPTIMIZERS:
         raise ValueError(f"model.optimizer must be one of {list(OPTIMIZERS)}, got {m.optimizer!r}")
     if m.optimizer == "schedulefree":
-        if m.lr_scheduler_type != "constant":
+        if m.lr_scheduler_type not in (None, "constant"):
             raise ValueError(f"model.optimizer=schedulefree replaces the schedule (it averages its iterates, after its "
                              f"own warm-up of model.warmup), so model.lr_scheduler_type={m.lr_scheduler_type!r} would "
-                             "decay it twice: add ++model.lr_scheduler_type=constant.")
+                             "decay it twice: add ++model.lr_scheduler_type=constant (or null, the optimiser's own).")
         if m.prec_reg is not None or p.use_loraplus:
-            raise ValueError("model.optimizer=schedulefree cannot be combined with model.prec_reg (Riemannian "
-                             "preconditioner) or peft.use_loraplus: each builds its own AdamW; pick one.")
+            raise ValueError("model.optimizer=schedulefree (the default) cannot be combined with model.prec_reg "
+                             "(Riemannian preconditioner) or peft.use_loraplus: each builds its own AdamW. For them, "
+                             "add ++model.optimizer=adamw.")
     for key in ("per_device_batch_size", "real_batch_size"):
         if getattr(m, key) < 1:
             raise ValueError(f"model.{key} must be an integer >= 1, got {getattr(m, key)}")
@@ -455,10 +464,10 @@ def parse_run_config(data: dict) -> RunConfig:
         if any(c is not None and METHODS[c.method].variant for c in (cfg.init_config(), cfg.baseline_init_config())):
             raise ValueError("model.load_in_4bit=true does not run KaSA or GOAT (they need float base layers): "
                              "choose another init, or load the model in full precision.")
-    _check_learning_rate(cfg)
     if cfg.dataset.validation_size < 0:
         raise ValueError(f"dataset.validation_size must be >= 0 (0: no validation set), got {cfg.dataset.validation_size}")
-    _check_training(cfg)
+    _check_training(cfg)  # first: an unknown optimiser is named before learning_rate=auto's check meets it
+    _check_learning_rate(cfg)
     cfg.init_config()  # method and options are validated up front, before any long work
     cfg.baseline_init_config()
     from .align.build import check_align_section

@@ -21,7 +21,7 @@ import time
 import torch
 
 from .peft_bridge import GUARDED, initialize
-from .runconfig import RunConfig
+from .runconfig import RunConfig, scheduler_type
 from .saving import save_adapter
 from .fsio import write_json
 from .run_io import MetricsLogger, plot_curves, prepare_run_dir, report_to, resolve_targets_keyword
@@ -48,7 +48,7 @@ def _check_backend(cfg: RunConfig, distributed_type) -> None:
         raise ValueError("model.optimizer=schedulefree under DeepSpeed: DeepSpeed steps its own fp32 copy of the "
                          "weights, so the averaged weights that schedule-free AdamW evaluates and saves would not "
                          "reach the model. Launch with FSDP2 (accelerate's fsdp_version: 2) or DDP, or add "
-                         "++model.optimizer=adamw ++model.lr_scheduler_type=cosine.")
+                         "++model.optimizer=adamw.")
 
 
 def _load_model(cfg: RunConfig, task, dtype, device):
@@ -191,8 +191,8 @@ def _optimizer(cfg: RunConfig, model, term_params=(), total_steps: int = 1):
         try:
             from schedulefree import AdamWScheduleFree
         except ImportError as e:
-            raise ImportError("model.optimizer=schedulefree needs the schedulefree package: pip install "
-                              "'lorafa[schedulefree]'") from e
+            raise ImportError("model.optimizer=schedulefree needs the schedulefree package (a lorafa "
+                              "dependency): pip install 'schedulefree>=1.4'") from e
         warmup = round(m.warmup * total_steps) if m.warmup < 1 else int(m.warmup)
         return AdamWScheduleFree([{"params": [q for q in model.parameters() if q.requires_grad]}, *extra],
                                  lr=m.learning_rate, weight_decay=m.weight_decay, warmup_steps=warmup)
@@ -255,7 +255,7 @@ def _training_args(cfg: RunConfig, run_dir: str, n_train: int, world: int, evalu
         output_dir=os.path.join(run_dir, "checkpoints"), per_device_train_batch_size=m.per_device_batch_size,
         per_device_eval_batch_size=m.per_device_batch_size, gradient_accumulation_steps=accum,
         num_train_epochs=m.epochs, max_steps=m.max_steps, learning_rate=m.learning_rate,
-        lr_scheduler_type=m.lr_scheduler_type, **_warmup_arg(m.warmup),
+        lr_scheduler_type=scheduler_type(m), **_warmup_arg(m.warmup),
         weight_decay=m.weight_decay, logging_steps=m.logging_steps, eval_strategy="steps" if evaluate else "no",
         eval_steps=eval_steps,
         save_strategy="steps" if (m.save_steps or early) else "no", save_steps=save_steps, save_total_limit=2,
