@@ -5,6 +5,7 @@
 #   HIGH  the 2x grid of lora, lora_fa, lora_one       MID  of pissa, eva, PEFT's LoRA-GA       LOW  of lora_ga
 #   SEEDS the seeds (default 0 1 2; the first is where each grid's rate is chosen)
 #   FREE  optional: the learning-rate-free rows (e.g. "lora+prodigy lora+sf"), each at its own fixed rate, all seeds
+#   SF    optional (SF=1): each init also trained with schedule-free AdamW at anchored's rate, c = its default rate
 # Each grid is extended past an edge until its best validation rate is bracketed (--max-extend in O). The rules keep
 # the constants fitted on the classification preset (--fit); RULE (default anchored, suggest_lr's default) is the
 # one trained with.
@@ -23,6 +24,10 @@ lane_a() {
   $PY benchmarks/convergence.py $O --lrs $HIGH --seeds $SEEDS --out $OUT/grid --methods lora lora_fa lora_one
   $PY benchmarks/convergence.py $O --lrs $LOW --seeds $SEEDS --out $OUT/grid_low --methods lora_ga
   $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits lora lora_fa lora_one lora_ga $FIT $O
+  if [ -n "${SF:-}" ]; then
+    $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule anchored --optimizer sf \
+      --inits lora lora_fa lora_one lora_ga $FIT $O
+  fi
   if [ -n "${FREE:-}" ]; then
     $PY benchmarks/convergence.py $O --lrs $HIGH --seeds $SEEDS --out $OUT/grid --methods $FREE
   fi
@@ -31,6 +36,10 @@ lane_b() {
   $PY benchmarks/rate.py probe --out $OUT --seeds $FIRST --rules anchored polyak $O
   $PY benchmarks/convergence.py $O --lrs $MID --seeds $SEEDS --out $OUT/grid_mid --methods pissa eva peft_lora_ga
   $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits pissa eva peft_lora_ga $FIT $O
+  if [ -n "${SF:-}" ]; then
+    $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule anchored --optimizer sf \
+      --inits pissa eva peft_lora_ga $FIT $O
+  fi
   $PY benchmarks/rate.py probe --out $OUT --seeds $SEEDS --rules anchored polyak $O
 }
 lane_a & a=$!

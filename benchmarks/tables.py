@@ -451,7 +451,9 @@ def _accuracy(p: dict | None) -> str | None:
 def _seconds(x) -> str | None:
     if x is None:
         return None
-    return f"{x:.1f} s" if x < 60 else f"{x:.1f} s ({int(x // 60)} min {x % 60:.0f} s)"
+    from lorafa.cli import minutes
+
+    return f"{x:.1f} s" if x < 60 else f"{x:.1f} s ({minutes(x)})"
 
 
 def render_main_job(root: str, path: str = MAIN_JOB) -> str:

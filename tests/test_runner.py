@@ -269,6 +269,14 @@ def test_baseline_trains_on_the_same_batches(assets, tmp_path):
     assert "(baseline)" in text and "accuracy before" in text and str(run_dir / "adapter") in text
 
 
+def test_durations_read_as_minutes_and_seconds():
+    """The report's and the tables' durations: rounded once, so 599.8 s reads 10 min 0 s, never 9 min 60 s."""
+    from lorafa.cli import minutes
+
+    assert [minutes(s) for s in (42.46, 60.0, 599.8, 599.4, 3725.0)] == ["42.5 s", "1 min 0 s", "10 min 0 s",
+                                                                     "9 min 59 s", "62 min 5 s"]
+
+
 def test_classification_preset_runs(tmp_path):
     model = save_tiny_classifier(str(tmp_path / "tiny-bert"))
     rows = [{"text": ("good fun " if i % 2 else "dull bad ") * 3 + str(i), "label": i % 2} for i in range(64)]

@@ -30,8 +30,13 @@ def _accuracy(p: dict) -> str:
     return f"{100 * p['accuracy']:.1f}% ({p['correct']}/{p['n']})"
 
 
-def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.1f} s"
+def minutes(seconds: float) -> str:
+    """A duration as people read it: "42.5 s" under a minute, else whole minutes and seconds ("10 min 0 s" for
+    599.8 s: rounded once, so the seconds never read 60)."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60} s"
 
 
 def report_lines(r: dict) -> list[str]:
@@ -55,9 +60,9 @@ def report_lines(r: dict) -> list[str]:
             lines.append(f"  learning rate, {arm['method']:<9}: {arm['learning_rate']:.3g} (auto: {ev['rule']}, "
                          f"{ev['seconds']:.1f} s)")
     if r.get("wall_s") is not None:
-        parts = ", ".join(f"{a['method']}: init {_minutes(a['init_s'])}, {a['steps']} steps {_minutes(a['train_s'])}"
+        parts = ", ".join(f"{a['method']}: init {minutes(a['init_s'])}, {a['steps']} steps {minutes(a['train_s'])}"
                           for a in arms if "train_s" in a)
-        lines.append(f"  time                     : {_minutes(r['wall_s'])} ({parts})")
+        lines.append(f"  time                     : {minutes(r['wall_s'])} ({parts})")
     for label, key in (("adapter", "adapter_dir"), ("merged model", "merged_dir"), ("loss curves", "plot")):
         if r.get(key):
             lines.append(f"  {label:<25}: {r[key]}")
