@@ -318,6 +318,11 @@ def runner_rate(model: str) -> float | None:
     return FORMER_RUNNER_LR.get(model)
 
 
+def _pm(mean: float, std: float) -> str:
+    """mean ± std, or the mean alone where one seed gives no std."""
+    return f"{mean:.3f}" if std != std else f"{mean:.3f} ± {std:.3f}"
+
+
 def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | None = None) -> dict:
     """The tables, the verdict per rule trained with, and the figure (its ★ are rule `shown`'s auto runs). `fixed`:
     the runner's former fixed AdamW rate, given a row per init in the rules table (the grid's validation loss there)."""
@@ -340,14 +345,17 @@ def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | No
             a_lr = _gmean(r["lr"] for r in mine)
             cost = statistics.mean(r["suggest_s"] for r in mine)
             delta = (a_mean - best_mean) / best_std if best_std > 0 else math.nan
-            verdict[rule]["a"].append((m, delta <= 1.0))
+            # with one grid seed there is no seed-std: at or below the grid-best mean is met, above it undecided
+            met = delta <= 1.0 if delta == delta else (True if a_mean <= best_mean else None)
+            verdict[rule]["a"].append((m, met))
             verdict[rule]["b"].append((m, cost / run_s <= 0.25))
             rows.append({"init": m, "rule": rule, "grid-best rate": _g(g["best"]),
                          "bracketed": "yes" if g["edge"] is None else g["edge"],
-                         "grid-best test loss": f"{best_mean:.3f} ± {best_std:.3f}", "seeds": len(g["runs"]),
+                         "grid-best test loss": _pm(best_mean, best_std), "seeds": len(g["runs"]),
                          "auto rate": _g(a_lr), "auto / best": _f(a_lr / g["best"], 2),
                          "auto test loss": _f(a_mean) + f" ({len(mine)} seeds)", "Δ in seed-stds": _f(delta, 2),
-                         "(a) ≤ 1": "met" if delta <= 1 else "missed", "suggest s": _f(cost, 1),
+                         "(a) ≤ 1": {True: "met", False: "missed", None: "— (one grid seed)"}[met],
+                         "suggest s": _f(cost, 1),
                          "one run s": _f(run_s, 1), "cost / run": _f(cost / run_s, 3)})
         for rule in RULES:
             k = fitted["rules"].get(rule, {}).get("k")
@@ -392,7 +400,7 @@ def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | No
         if m in grid:
             mean, std = _mean_std([r["final_loss"] for r in grid[m]["runs"]])
             free_rows.append({"optimiser": m, "rate": _g(grid[m]["best"]), "seeds": len(grid[m]["runs"]),
-                              "final test loss": f"{mean:.3f} ± {std:.3f}"})
+                              "final test loss": _pm(mean, std)})
     sf_rows = sf_default_rows(out, grid, autos.get(auto_label(shown, "sf"), []))
     def table(rows: list[dict], stem: str, what: str) -> str:  # a stage not run yet has no rows and no table
         if not rows:

@@ -786,6 +786,8 @@ BLOCKS: dict[str, Block] = {
                              "docs/learning_rate.md: the causal protocol, grid-best rate against auto"),
     "rate_causal_rules": csv_block(RATE_CAUSAL, "rules", "bash benchmarks/rate_causal.sh",
                                    "docs/learning_rate.md: the causal protocol, each rule and the runner's former fixed rate"),
+    "rate_causal_free": csv_block(RATE_CAUSAL, "free", "bash benchmarks/rate_causal.sh",
+                                  "docs/learning_rate.md: the causal preset's learning-rate-free row"),
     "rate_main": csv_block(RATE_MAIN, "summary", "bash benchmarks/rate_main.sh",
                            "docs/learning_rate.md: the main job's set-up, grid-best rate against auto"),
     "rate_main_rules": csv_block(RATE_MAIN, "rules", "bash benchmarks/rate_main.sh",

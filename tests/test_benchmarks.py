@@ -867,6 +867,25 @@ def test_rate_benchmark_probes_every_rule_of_the_library():
     assert all(set(opts) <= set(lr.RULES[rule].options) for rule, opts in rate.RAW.items())
 
 
+def test_rate_summary_with_one_grid_seed_decides_only_what_it_can(tmp_path):
+    """A grid run at one seed has no seed-std: an auto run at or below its grid-best is met (a), one above it is
+    undecided, shown as such and kept out of the count; the loss shows no "± nan"."""
+    import rate
+
+    root = str(tmp_path / "rate")
+    grids = {"lora": {1e-3: 0.60, 2e-3: 0.50, 4e-3: 0.70}, "lora_fa": {5e-4: 0.65, 1e-3: 0.55, 2e-3: 0.68}}
+    _rate_results(root, grids, {"lora": 0.04, "lora_fa": 0.04}, {"lora": (2e-3, 0.49), "lora_fa": (2e-3, 0.60)})
+    for m, lr in (("lora", 2e-3), ("lora_fa", 1e-3)):
+        for s in (1, 2):
+            os.remove(os.path.join(root, "grid", "runs", f"{m}_{lr}_s{s}.json"))
+    rate.fit(root)
+    res = rate.summarise(root, os.path.join(root, "fit.json"), "toy", "polyak")
+    rows = {r["init"]: r for r in common.read_table(os.path.join(root, "summary.csv"))[1]}
+    assert rows["lora"]["(a) ≤ 1"] == "met" and rows["lora_fa"]["(a) ≤ 1"] == "— (one grid seed)"
+    assert rows["lora_fa"]["grid-best test loss"] == "0.550" and rows["lora_fa"]["Δ in seed-stds"] in ("", None)
+    assert res["verdict"]["polyak"]["a"] == [("lora", True), ("lora_fa", None)]
+
+
 def test_rate_fit_summary_and_transfer(tmp_path):
     import rate
 
