@@ -414,7 +414,8 @@ def summarise(out: str, fit_path: str, title: str, shown: str, fixed: float | No
     md += table(sf_rows, "sf_default", "schedule-free AdamW at its default rate and at the auto rate (seed 0)")
     write_json(os.path.join(out, "verdict.json"), verdict)
     sf = auto_label(shown, "sf")  # schedule-free AdamW's auto runs beside AdamW's, if any
-    plot(grid, autos.get(shown, []), inits, out, f"{title}: AdamW's grid (seed 0) and the {shown} rate (★, each seed)",
+    plot(grid, autos.get(shown, []), inits, out,
+         f"{title}: AdamW's grid (seed 0) and the {shown} rate (★, each seed)",
          fixed=fixed, others=autos.get(sf, []) if sf != shown else [])
     return {"markdown": md, "verdict": verdict}
 
@@ -448,8 +449,8 @@ def sf_default_rows(out: str, grid: dict, sf_autos: list[dict]) -> list[dict]:
 def plot(grid: dict, autos: list[dict], inits: list[str], out: str, title: str, fixed: float | None = None,
          others: list[dict] = ()) -> None:
     """Validation loss against rate, one line per init, its auto runs starred; `others` (schedule-free AdamW's auto
-    runs) as diamonds; the runner's former fixed AdamW rate (if any) dashed. Both axes are logarithmic: the losses near each best
-    differ by less than the blow-ups above it."""
+    runs) as diamonds; the runner's former fixed AdamW rate (if any) dashed. Both axes are logarithmic: the losses
+    near each best differ by less than the blow-ups above it."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -405,12 +405,12 @@ def test_runner_schedule_free_adamw_at_the_auto_rate_saves_its_averaged_weights(
     monkeypatch.setattr(schedulefree.AdamWScheduleFree, "__init__", init)
     monkeypatch.setattr(trainmod, "save_adapter", save)
     results = _tiny_run(tmp_path, "++model.max_steps=4", "++model.optimizer=schedulefree",
-                        "++model.lr_scheduler_type=constant", "++model.warmup=0.5", "++dataset.validation_size=0")
+                        "++model.lr_scheduler_type=constant", "++model.warmup=0.3", "++dataset.validation_size=0")
     saved = json.loads((Path(results["run_dir"]) / "results.json").read_text())
     ev = saved["lr_suggestion"]
     assert ev["optimizer"] == "schedulefree" and ev["c"] == lrmod.SCHEDULE_FREE_C
     assert saved["learning_rate"] == pytest.approx(lrmod.SCHEDULE_FREE_C * ev["ratio"], rel=1e-12)
-    assert len(made) == 1 and made[0].param_groups[0]["warmup_steps"] == 2  # half of 4 steps
+    assert len(made) == 1 and made[0].param_groups[0]["warmup_steps"] == 2  # ceil(0.3 × 4), as the Trainer counts
     assert made[0].param_groups[0]["lr"] == pytest.approx(saved["learning_rate"], rel=1e-12)  # constant schedule
     assert made[0].state and modes_at_save == [[False]]  # it trained, and saved the averaged weights
 

@@ -193,7 +193,8 @@ def _optimizer(cfg: RunConfig, model, term_params=(), total_steps: int = 1):
         except ImportError as e:
             raise ImportError("model.optimizer=schedulefree needs the schedulefree package (a lorafa "
                               "dependency): pip install 'schedulefree>=1.4'") from e
-        warmup = round(m.warmup * total_steps) if m.warmup < 1 else int(m.warmup)
+        # the same count the Trainer's own schedules warm up over: ceil(ratio × steps) for a ratio, else the count
+        warmup = math.ceil(m.warmup * total_steps) if m.warmup < 1 else int(m.warmup)
         return AdamWScheduleFree([{"params": [q for q in model.parameters() if q.requires_grad]}, *extra],
                                  lr=m.learning_rate, weight_decay=m.weight_decay, warmup_steps=warmup)
     cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}.get(m.optimizer)
