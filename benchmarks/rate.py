@@ -503,7 +503,10 @@ def main(argv=None) -> None:
     p = cv.resolve_preset(cargs)
     fit_path = args.fit or os.path.join(args.out, "fit.json")
     if args.stage == "probe":
-        _run(_jobs(args, cargs, p, "probes"), probe_one)
+        # an (init, seed) whose every asked rule is already in the probes (from any earlier `probe` run) is skipped
+        have = {(r["method"], r["seed"]): set(r["rules"]) for r in _probes(args.out)}
+        _run([j for j in _jobs(args, cargs, p, "probes")
+              if not set(args.rules) <= have.get((j["method"], j["seed"]), set())], probe_one)
     elif args.stage == "fit":
         print(json.dumps(fit(args.out), indent=1))
     elif args.stage == "auto":

@@ -18,29 +18,30 @@ SEEDS=${SEEDS:-0 1 2}
 FIRST=${SEEDS%% *}
 # the held-out losses right after each init, measured once per init and seed and shared by all its runs
 O="$O --step0-cache $OUT/step0_cache"
-# lane A: the high and low grids, then their inits' auto runs (schedule-free AdamW's, the runner's default, before
-# AdamW's); lane B: the seed-0 probes, the middle grid and its inits' auto runs in the same order, then the other
-# seeds' probes (only the summary's rule table reads them). About the same work each.
+# lane A: the high and low grids, then the high grid's inits' auto runs (schedule-free AdamW's, the runner's
+# default, before AdamW's); lane B: the seed-0 probes, the middle grid, then the auto runs of its inits and of
+# lora_ga in the same order, then the other seeds' probes (only the summary's rule table reads them). About the same
+# work each.
 lane_a() {
   $PY benchmarks/convergence.py $O --lrs $HIGH --seeds $SEEDS --out $OUT/grid --methods lora lora_fa lora_one
   $PY benchmarks/convergence.py $O --lrs $LOW --seeds $SEEDS --out $OUT/grid_low --methods lora_ga
   if [ -n "${SF:-}" ]; then
     $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule anchored --optimizer sf \
-      --inits lora lora_fa lora_one lora_ga $FIT $O
+      --inits lora lora_fa lora_one $FIT $O
   fi
   if [ -n "${FREE:-}" ]; then
     $PY benchmarks/convergence.py $O --lrs $HIGH --seeds $SEEDS --out $OUT/grid --methods $FREE
   fi
-  $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits lora lora_fa lora_one lora_ga $FIT $O
+  $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits lora lora_fa lora_one $FIT $O
 }
 lane_b() {
   $PY benchmarks/rate.py probe --out $OUT --seeds $FIRST --rules anchored polyak $O
   $PY benchmarks/convergence.py $O --lrs $MID --seeds $SEEDS --out $OUT/grid_mid --methods pissa eva peft_lora_ga
   if [ -n "${SF:-}" ]; then
     $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule anchored --optimizer sf \
-      --inits pissa eva peft_lora_ga $FIT $O
+      --inits pissa eva peft_lora_ga lora_ga $FIT $O
   fi
-  $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits pissa eva peft_lora_ga $FIT $O
+  $PY benchmarks/rate.py auto --out $OUT --seeds $SEEDS --rule $RULE --inits pissa eva peft_lora_ga lora_ga $FIT $O
   $PY benchmarks/rate.py probe --out $OUT --seeds $SEEDS --rules anchored polyak $O
 }
 lane_a & a=$!
