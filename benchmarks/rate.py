@@ -167,6 +167,13 @@ def _probes(out: str) -> list[dict]:
     return list(merged.values())
 
 
+def unprobed(jobs: list[dict], out: str) -> list[dict]:
+    """The probe jobs still to run: an (init, seed) whose every asked rule is already in `out`'s probes, from any
+    earlier `probe` run (whatever rules it was asked for together), is left out."""
+    have = {(r["method"], r["seed"]): set(r["rules"]) for r in _probes(out)}
+    return [j for j in jobs if not set(j["rules"]) <= have.get((j["method"], j["seed"]), set())]
+
+
 def _gmean(xs) -> float:
     xs = [x for x in xs if x is not None and x > 0]
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else math.nan
@@ -503,10 +510,7 @@ def main(argv=None) -> None:
     p = cv.resolve_preset(cargs)
     fit_path = args.fit or os.path.join(args.out, "fit.json")
     if args.stage == "probe":
-        # an (init, seed) whose every asked rule is already in the probes (from any earlier `probe` run) is skipped
-        have = {(r["method"], r["seed"]): set(r["rules"]) for r in _probes(args.out)}
-        _run([j for j in _jobs(args, cargs, p, "probes")
-              if not set(args.rules) <= have.get((j["method"], j["seed"]), set())], probe_one)
+        _run(unprobed(_jobs(args, cargs, p, "probes"), args.out), probe_one)
     elif args.stage == "fit":
         print(json.dumps(fit(args.out), indent=1))
     elif args.stage == "auto":

@@ -867,6 +867,21 @@ def test_rate_benchmark_probes_every_rule_of_the_library():
     assert all(set(opts) <= set(lr.RULES[rule].options) for rule, opts in rate.RAW.items())
 
 
+def test_rate_probe_skips_what_earlier_probe_runs_measured(tmp_path):
+    """A probe job is skipped where every rule it asks for is already probed for its (init, seed), in whichever
+    files; a rule still missing, another seed or another init runs."""
+    import rate
+
+    _rate_results(str(tmp_path), {}, {"lora": 1e-3}, {})  # polyak, seeds 0-2
+    with open(tmp_path / "probes" / "lora_s0_anchored.json", "w") as f:
+        json.dump({"method": "lora", "seed": 0, "rules": {"anchored": {"raw": 1.0}}}, f)
+    jobs = [{"method": m, "seed": s, "rules": rules, "path": f"{m}_{s}_{'-'.join(rules)}"}
+            for m, s, rules in [("lora", 0, ["anchored", "polyak"]), ("lora", 1, ["anchored", "polyak"]),
+                                ("lora", 1, ["polyak"]), ("lora", 5, ["polyak"]), ("pissa", 0, ["polyak"])]]
+    assert [j["path"] for j in rate.unprobed(jobs, str(tmp_path))] == [
+        "lora_1_anchored-polyak", "lora_5_polyak", "pissa_0_polyak"]
+
+
 def test_rate_summary_with_one_grid_seed_decides_only_what_it_can(tmp_path):
     """A grid run at one seed has no seed-std: an auto run at or below its grid-best is met (a), one above it is
     undecided, shown as such and kept out of the count; the loss shows no "± nan"."""
