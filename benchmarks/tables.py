@@ -592,6 +592,48 @@ def render_rate_grids(root: str) -> str:
     return "\n".join(out)
 
 
+RATE_PRESETS = {"main job's set-up": "RATE_MAIN", "causal (CPU protocol)": "RATE_CAUSAL",
+                "classification": "RATE_CLS"}
+RATE_RULES = {"anchored+sf": "schedule-free AdamW (the runner's default)", "anchored": "AdamW"}
+
+
+def render_rate_verdict(root: str) -> str:
+    """docs/learning_rate.md: issue 23's three targets per preset, for the `anchored` rule with schedule-free AdamW
+    (the runner's default) and with AdamW, read from each preset's `verdict.json` and `summary.csv` (rate.py
+    summary): (a) how many inits end within one seed-std of their grid-best (the misses named, with their distance),
+    (b) the suggestion's cost as a share of one run, (c) lorafa's init chosen on validation at its auto rate against
+    default LoRA's grid-best."""
+    rows = []
+    for preset, name in RATE_PRESETS.items():
+        folder = globals()[name]
+        with open(_path(root, f"{folder}/verdict.json")) as f:
+            verdict = json.load(f)
+        summary = read_table(_path(root, f"{folder}/summary.csv"))[1]
+        for rule, optimiser in RATE_RULES.items():
+            if rule not in verdict:
+                rows.append({"set-up": preset, "optimiser": optimiser, "(a) within a seed-std": "not run"})
+                continue
+            mine = [r for r in summary if r["rule"] == rule]
+            seeds = sorted({int(r["auto test loss"].split("(")[1].split()[0]) for r in mine})
+            lora = next(r["grid-best test loss"] for r in mine if r["init"] == "lora")
+            a = dict(verdict[rule]["a"])
+            missed = [f"{r['init']} {float(r['Δ in seed-stds']):.2f}" for r in mine if a.get(r["init"]) is False]
+            open_ = [r["init"] for r in mine if a.get(r["init"]) is None]
+            costs = [100 * float(r["cost / run"]) for r in mine]
+            c = verdict[rule]["c"]
+            rows.append({
+                "set-up": preset, "optimiser": optimiser,
+                "seeds": "-".join(str(x) for x in dict.fromkeys([seeds[0], seeds[-1]])),
+                "(a) within a seed-std": f"{sum(v is True for v in a.values())} of {len(a)}"
+                + (f"; missed: {', '.join(missed)} stds" if missed else "")
+                + (f"; undecided: {', '.join(open_)}" if open_ else ""),
+                "(b) cost / run": f"{min(costs):.1f}-{max(costs):.1f}%",
+                "(c) lorafa's init at auto": f"{c['init']} {c['auto test loss']:.3f}",
+                "default LoRA's grid-best": lora,
+                "(c)": ("met" if c["met"] else f"missed by {c['auto test loss'] - c['lora grid-best test loss']:.3f}")})
+    return markdown_table(rows, list(rows[0]) if rows else [])
+
+
 def render_which_init(root: str) -> str:
     """README: each main init at its own rate, chosen on the validation split and bracketed: the final test loss on
     the H200 (mean ± std over seeds) and, where it ran, on the CPU set-up; sorted by the H200 loss."""
@@ -799,6 +841,9 @@ BLOCKS: dict[str, Block] = {
     "rate_grids": Block(render_rate_grids, tuple(f"{d}/grid*/lr_grid.csv" for d in RATE_GRIDS.values())
                         + (f"{RATE_CLS}/fit.json", f"{RATE_CAUSAL}/probes", f"{RATE_MAIN}/probes"),
                         "docs/learning_rate.md: the causal and main-job grids so far, with anchored's seed-0 rate"),
+    "rate_verdict": Block(render_rate_verdict, tuple(f"{d}/{f}" for d in (RATE_MAIN, RATE_CAUSAL, RATE_CLS)
+                                                     for f in ("verdict.json", "summary.csv")),
+                          "docs/learning_rate.md: issue 23's three targets on every preset, per optimiser"),
     "step0": csv_block(STEP0, "step0", "python benchmarks/step0.py --summary",
                        "docs/learning_rate.md: the held-out loss after the step inits, guarded, every set-up"),
     "stats_memory": csv_block(STATS_MEMORY, "summary", "python benchmarks/stats_memory.py --out "

@@ -1001,3 +1001,32 @@ def test_rate_auto_with_schedule_free_adamw(tmp_path):
     assert (row["init"], row["val at default"], row["test at default"]) == ("lora_fa", "0.900", "0.950")
     assert (row["auto rate"], row["val at auto"], row["AdamW grid-best rate"]) == ("0.0025", "0.700", "0.001")
     assert row["AdamW grid-best val"] == "0.550"
+
+
+def test_rate_verdict_table_counts_each_target_from_the_results(tmp_path):
+    """The targets table: (a) counts the inits within a seed-std and names the misses, (b) the cost's range, (c)
+    compares with default LoRA's grid-best; a preset whose rule has no auto runs says "not run"."""
+    cols = ["init", "rule", "grid-best test loss", "auto test loss", "Δ in seed-stds", "cost / run"]
+    for name, rules in [("RATE_MAIN", {"anchored+sf": True}), ("RATE_CAUSAL", {"anchored+sf": True}),
+                        ("RATE_CLS", {"anchored+sf": False, "anchored": True})]:
+        folder = tmp_path / getattr(tables, name)
+        folder.mkdir(parents=True)
+        rows, verdict = [], {}
+        for rule, lora_fa_ok in rules.items():
+            rows += [{"init": "lora", "rule": rule, "grid-best test loss": "0.500 ± 0.010",
+                      "auto test loss": "0.495 (3 seeds)", "Δ in seed-stds": "-0.50", "cost / run": "0.020"},
+                     {"init": "lora_fa", "rule": rule, "grid-best test loss": "0.490 ± 0.010",
+                      "auto test loss": "0.530 (3 seeds)", "Δ in seed-stds": "1.20" if not lora_fa_ok else "0.20",
+                      "cost / run": "0.050"}]
+            verdict[rule] = {"a": [["lora", True], ["lora_fa", lora_fa_ok]], "b": [],
+                             "c": {"init": "lora_fa", "auto test loss": 0.53 if not lora_fa_ok else 0.49,
+                                   "lora grid-best test loss": 0.5, "met": lora_fa_ok}}
+        common.write_table(rows, cols, str(folder / "summary"))
+        (folder / "verdict.json").write_text(json.dumps(verdict))
+    lines = tables.render_rate_verdict(str(tmp_path)).splitlines()[2:]
+    assert len(lines) == 6
+    main_sf, main_adamw, _, _, cls_sf, cls_adamw = (line.split(" | ") for line in lines)
+    assert main_sf[2:] == ["3", "2 of 2", "2.0-5.0%", "lora_fa 0.490", "0.500 ± 0.010", "met |"]
+    assert main_adamw[3] == "not run"
+    assert cls_sf[3] == "1 of 2; missed: lora_fa 1.20 stds" and cls_sf[-1] == "missed by 0.030 |"
+    assert cls_adamw[3] == "2 of 2" and cls_adamw[-1] == "met |"
