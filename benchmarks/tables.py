@@ -592,9 +592,9 @@ def render_rate_grids(root: str) -> str:
     return "\n".join(out)
 
 
-RATE_PRESETS = {"main job's set-up": "RATE_MAIN", "causal (CPU protocol)": "RATE_CAUSAL",
-                "classification": "RATE_CLS"}
 RATE_RULES = {"anchored+sf": "schedule-free AdamW (the runner's default)", "anchored": "AdamW"}
+RATE_VERDICT_COLUMNS = ["set-up", "optimiser", "seeds", "(a) within a seed-std", "(b) cost / run",
+                        "(c) lorafa's init at auto", "default LoRA's grid-best", "(c)"]
 
 
 def render_rate_verdict(root: str) -> str:
@@ -604,8 +604,8 @@ def render_rate_verdict(root: str) -> str:
     (b) the suggestion's cost as a share of one run, (c) lorafa's init chosen on validation at its auto rate against
     default LoRA's grid-best."""
     rows = []
-    for preset, name in RATE_PRESETS.items():
-        folder = globals()[name]
+    for preset, folder in {"main job's set-up": RATE_MAIN, "causal (CPU protocol)": RATE_CAUSAL,
+                           "classification": RATE_CLS}.items():
         with open(_path(root, f"{folder}/verdict.json")) as f:
             verdict = json.load(f)
         summary = read_table(_path(root, f"{folder}/summary.csv"))[1]
@@ -621,6 +621,7 @@ def render_rate_verdict(root: str) -> str:
             open_ = [r["init"] for r in mine if a.get(r["init"]) is None]
             costs = [100 * float(r["cost / run"]) for r in mine]
             c = verdict[rule]["c"]
+            c_gap = c["auto test loss"] - c["lora grid-best test loss"]
             rows.append({
                 "set-up": preset, "optimiser": optimiser,
                 "seeds": "-".join(str(x) for x in dict.fromkeys([seeds[0], seeds[-1]])),
@@ -630,8 +631,8 @@ def render_rate_verdict(root: str) -> str:
                 "(b) cost / run": f"{min(costs):.1f}-{max(costs):.1f}%",
                 "(c) lorafa's init at auto": f"{c['init']} {c['auto test loss']:.3f}",
                 "default LoRA's grid-best": lora,
-                "(c)": ("met" if c["met"] else f"missed by {c['auto test loss'] - c['lora grid-best test loss']:.3f}")})
-    return markdown_table(rows, list(rows[0]) if rows else [])
+                "(c)": "met" if c["met"] else f"missed by {c_gap:.3f}"})
+    return markdown_table(rows, RATE_VERDICT_COLUMNS)
 
 
 def render_which_init(root: str) -> str:
