@@ -563,7 +563,7 @@ def _rate(x: float) -> str:
 
 
 def render_rate_grids(root: str) -> str:
-    """docs/learning_rate.md: the causal and main-job rate grids so far: seed 0's validation loss at every rate each
+    """docs/learning_rate.md: the causal and main-job rate grids: seed 0's validation loss at every rate each
     init ran (the chosen rate in bold), and the rate `anchored` gives that init at seed 0 with the classification
     constant (its probe; — where not probed yet)."""
     with open(_path(root, f"{RATE_CLS}/fit.json")) as f:
@@ -686,7 +686,7 @@ RATE_TRANSFER_CMD = ("python benchmarks/rate.py transfer --preset causal --out b
                      "--alias lora_fa=lora_fa:target=gradient,scale=stable,offset=none")
 RATE_MAIN = "benchmarks/results/rate_main"  # the same on the main job's set-up (benchmarks/rate_main.sh)
 RATE_MAIN_SF_CMD = "bash benchmarks/rate_main_sf.sh"
-# the grids of the causal and main-job protocols, while they run (convergence.py writes lr_grid.csv in each of the
+# the grids of the causal and main-job protocols (convergence.py writes lr_grid.csv in each of the
 # results folder's grid* folders, one per grid centre)
 RATE_GRIDS = {"causal (CPU protocol)": RATE_CAUSAL, "main job (leg_counting, every linear layer)": RATE_MAIN}
 STEP0 = "benchmarks/results/step0"  # issue 23 item 6: the held-out loss right after the step inits (step0.py)
@@ -841,7 +841,7 @@ BLOCKS: dict[str, Block] = {
                               "docs/learning_rate.md: schedule-free AdamW at its default rate and at the auto rate"),
     "rate_grids": Block(render_rate_grids, tuple(f"{d}/grid*/lr_grid.csv" for d in RATE_GRIDS.values())
                         + (f"{RATE_CLS}/fit.json", f"{RATE_CAUSAL}/probes", f"{RATE_MAIN}/probes"),
-                        "docs/learning_rate.md: the causal and main-job grids so far, with anchored's seed-0 rate"),
+                        "docs/learning_rate.md: the causal and main-job grids, with anchored's seed-0 rate"),
     "rate_verdict": Block(render_rate_verdict, tuple(f"{d}/{f}" for d in (RATE_MAIN, RATE_CAUSAL, RATE_CLS)
                                                      for f in ("verdict.json", "summary.csv")),
                           "docs/learning_rate.md: issue 23's three targets on every preset, per optimiser"),
