@@ -3,6 +3,8 @@ process on the union of the batches, with no full weight gradient on any rank (a
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import pytest
@@ -13,6 +15,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 import lorafa
+from lorafa.saving import init_record
 from lorafa.stats import shard_batches
 
 from spawn_ranks import free_port, require_gloo, run_ranks
@@ -22,6 +25,10 @@ N_BATCHES = 5  # odd: rank 0 has 3 batches, rank 1 has 2 and runs one blank pass
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("lora_ga", "pissa", "lora_fa")
 SF_LR = 0.01
+
+
+def _guard_batches() -> list[dict]:
+    return make_batches(3, bsz=4, seed=11)
 
 
 def _lora_config() -> LoraConfig:
@@ -149,6 +156,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                                                                         scale="line_search"),
                                batches=mine, progress=False)
         save_file(_full_state(pm), os.path.join(out_dir, f"search{rank}.safetensors"))
+        # the step's guard under FSDP: its paired per-example sums are over both ranks' examples (8 and 4 here)
+        model, _ = _sharded_llama()
+        pm = lorafa.initialize(model, _lora_config(), lorafa.InitConfig(method="lora_fa", iters=N_BATCHES),
+                               batches=mine, guard_batches=shard_batches(_guard_batches(), rank, WORLD),
+                               progress=False)
+        with open(os.path.join(out_dir, f"guard{rank}.json"), "w") as f:
+            json.dump(init_record(pm).summary["guard"], f)
+        save_file(_full_state(pm), os.path.join(out_dir, f"guard{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
 
@@ -258,6 +273,20 @@ def test_fsdp2_line_search_equals_one_process(fsdp_run):
                                batches=make_batches(N_BATCHES), progress=False)
     want = {k: v.detach() for k, v in single.state_dict().items()}
     assert_ranks_equal(fsdp_run, "search", want)  # both ranks, not rank 0 alone
+
+
+def test_fsdp2_guard_decides_on_both_ranks_examples(fsdp_run):
+    single = lorafa.initialize(tiny_llama(seed=0), _lora_config(), lorafa.InitConfig(method="lora_fa", iters=N_BATCHES),
+                               batches=make_batches(N_BATCHES), guard_batches=_guard_batches(), progress=False)
+    want = init_record(single).summary["guard"]
+    assert want["examples"] == 12
+    for r in range(WORLD):
+        got = json.loads((fsdp_run / f"guard{r}.json").read_text())
+        assert got["examples"] == want["examples"] and got["chosen"] == want["chosen"]
+        assert got["remedy"] == want["remedy"]
+        for (g1, l1, u1), (g2, l2, u2) in zip(got["tried"], want["tried"], strict=True):
+            assert g1 == g2 and math.isclose(l1, l2, rel_tol=1e-5) and math.isclose(u1, u2, rel_tol=1e-3, abs_tol=1e-6)
+    assert_ranks_equal(fsdp_run, "guard", {k: v.detach() for k, v in single.state_dict().items()})
 
 
 @pytest.mark.parametrize("orig", [False, True])

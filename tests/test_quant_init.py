@@ -150,6 +150,29 @@ def test_no_offset_method_leaves_the_quantized_base_untouched(fp_folder, batches
     assert b.abs().sum() > 0
 
 
+def test_guard_shrinks_the_factors_on_a_quantized_base(fp_folder, batches):
+    """A 4-bit base takes no offset: where the step does not clearly lower the guard's loss (here the statistics'
+    gradients are negated), both factors shrink by √g and the base is left as it was."""
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=ALL, lora_dropout=0.0)
+    stats = collect_stats(nf4(fp_folder), batches, ALL, kinds=("kfac",), progress=False)
+    for st in stats.values():
+        st.grad = -st.grad
+    init = lorafa.InitConfig(method="lora_fa", iters=2)
+    ref = lorafa.initialize(nf4(fp_folder), lora, init, stats=stats, progress=False)
+    q = nf4(fp_folder)
+    before = {n: p.detach().clone() for n, p in q.named_parameters()}
+    guard = make_batches(n_batches=2, seed=11)
+    pm = lorafa.initialize(q, lora, init, stats=stats, guard_batches=guard, progress=False)
+    g = lorafa.saving.init_record(pm).summary["guard"]
+    assert g["remedy"] == "shrink" and 0.0 < g["chosen"] < 1.0 and g["tried"][-1][2] > 0  # g = 1: not clearly lower
+    assert not lorafa.saving.init_record(pm).subtracted
+    for n, p in pm.named_parameters():
+        if "lora_" in n:
+            torch.testing.assert_close(p, dict(ref.named_parameters())[n] * g["chosen"] ** 0.5)
+        else:
+            assert torch.equal(p, before[n.replace("base_model.model.", "").replace(".base_layer", "")]), n
+
+
 def test_dequantized_start_is_allowed_when_asked(fp_folder, batches):
     """base_weights='dequantized': the factors come from Q(W) and the base becomes Q(Q(W) − s·B·A), a valid model
     whose error against W includes both quantizations (so it is never the silent default)."""

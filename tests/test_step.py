@@ -16,6 +16,7 @@ from torch import nn
 
 import lorafa
 from lorafa import InitConfig, collect_stats, init_factors
+from lorafa.methods.line_search import GUARD_Z, _paired_bound
 from lorafa.methods.lora_one import kfac_curvature, kfac_step
 from lorafa.saving import init_record
 
@@ -30,6 +31,14 @@ def cfg(r=2, alpha=4, **kw):
 def mean_loss(model, batches):
     model.eval()
     return sum(float(model(**b).loss) for b in batches) / len(batches)
+
+
+def example_losses(model, batches):
+    """Each example's loss, alone in its forward pass (what the step's guard compares)."""
+    model.eval()
+    with torch.no_grad():
+        return torch.tensor([float(model(**{k: v[i: i + 1] for k, v in b.items()}).loss)
+                             for b in batches for i in range(len(b["input_ids"]))], dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -395,9 +404,12 @@ def test_guard_shortens_a_step_that_raises_the_held_out_loss(method, ascent_stat
     g = init_record(pm).summary["guard"]
     assert g["remedy"] == "offset" and g["chosen"] < 1.0 and not g["raises"]
     assert g["loss_step"] > g["loss_before"] >= g["loss_chosen"]
-    assert math.isclose(g["loss_before"], base, rel_tol=1e-6)
-    assert math.isclose(mean_loss(pm, sbatches), g["loss_chosen"], rel_tol=1e-4)  # the model is what the guard saw
-    assert mean_loss(pm, sbatches) <= base + 1e-5
+    base_each = example_losses(tiny_llama(), sbatches)
+    assert g["examples"] == len(base_each) == 12 and g["z"] == GUARD_Z
+    assert math.isclose(g["loss_before"], float(base_each.mean()), rel_tol=1e-6)  # the mean over examples
+    each = example_losses(pm, sbatches)
+    assert math.isclose(float(each.mean()), g["loss_chosen"], rel_tol=1e-4)  # the model is what the guard saw
+    assert float(each.mean()) <= float(base_each.mean()) + 1e-5
     for (n, p1), (_, p2) in zip(pm.named_parameters(), ref.named_parameters()):
         if "lora_" in n:  # the factors keep their scale: only the function's step is shortened
             torch.testing.assert_close(p1, p2)
@@ -413,9 +425,55 @@ def test_guard_keeps_a_step_that_lowers_the_held_out_loss(sbatches):
     pm = lorafa.initialize(tiny_llama(), cfg(), init, batches=sbatches, guard_batches=sbatches[:2], progress=False)
     g = init_record(pm).summary["guard"]
     assert g["loss_step"] < g["loss_before"]  # on examples the step was computed from, it helps
-    assert g["remedy"] is None and g["chosen"] == 1.0 and [x for x, _ in g["tried"]] == [0.0, 1.0]
+    assert g["remedy"] is None and g["chosen"] == 1.0 and [t[0] for t in g["tried"]] == [0.0, 1.0]
+    assert g["tried"][1][2] <= 0.0  # the change's upper bound: a decrease beyond the examples' noise
     torch.testing.assert_close(logits(pm, other), logits(ref, other))
     assert not init_record(pm).subtracted
+
+
+def test_paired_bound_is_the_mean_change_and_its_upper_confidence_bound():
+    before = torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan")], dtype=torch.float64)
+    after = torch.tensor([0.9, 2.1, 2.5, 3.9, 5.0], dtype=torch.float64)
+    d = (after - before)[:4]  # the example with no finite loss before is left out
+    mean, upper, n = _paired_bound(after, before)
+    assert n == 4 and math.isclose(mean, float(d.mean()), rel_tol=1e-12)
+    assert math.isclose(upper, float(d.mean() + GUARD_Z * d.std() / 2), rel_tol=1e-12)  # sd with n − 1
+    assert mean < 0 < upper  # a decrease on average, but not beyond these four examples' spread
+    after[0] = float("inf")  # a non-finite loss after the step: never kept
+    assert _paired_bound(after, before)[:2] == (math.inf, math.inf)
+    one = torch.tensor([1.0], dtype=torch.float64)
+    assert _paired_bound(one - 0.5, one)[1] == math.inf  # one example has no spread to judge by
+
+
+def test_guard_zeroes_a_decrease_within_the_examples_noise(sbatches):
+    """A step whose mean change on the guard's examples is below zero, but whose per-example changes scatter around
+    it far more than that: the former rule (mean loss not raised) kept it; the guard now takes it out (offset)."""
+    init = InitConfig(method="lora_fa", iters=3)
+    guard = make_batches(n_batches=2, bsz=4, seq=12, seed=11)
+    ref = lorafa.initialize(tiny_llama(), cfg(), init, batches=sbatches, progress=False)
+    d = example_losses(ref, guard) - example_losses(tiny_llama(), guard)
+    # a sign per example (a loss_fn of this test's own): alternating by size, so the changes cancel to near zero
+    sign = torch.ones_like(d)
+    sign[d.abs().argsort()[1::2]] = -1.0
+    if float((sign * d).mean()) > 0:
+        sign = -sign
+    keys = [tuple(b["input_ids"][i].tolist()) for b in guard for i in range(len(b["input_ids"]))]
+    weight = dict(zip(keys, sign.tolist()))
+
+    def loss_fn(model, b):  # the statistics batches (4 examples each) keep the model's loss
+        one = len(b["input_ids"]) == 1
+        return (weight[tuple(b["input_ids"][0].tolist())] if one else 1.0) * model(**b).loss
+
+    mean, upper, _ = _paired_bound(sign * d, torch.zeros_like(d))
+    assert mean < 0 < upper  # the premise: lower on average, within the noise
+    pm = lorafa.initialize(tiny_llama(), cfg(), init, batches=sbatches, guard_batches=guard, loss_fn=loss_fn,
+                           progress=False)
+    g = init_record(pm).summary["guard"]
+    assert g["loss_step"] < g["loss_before"]  # the mean alone would have kept the step
+    assert math.isclose(g["loss_step"] - g["loss_before"], mean, rel_tol=1e-4, abs_tol=1e-7)
+    assert g["remedy"] == "offset" and g["chosen"] == 0.0 and g["examples"] == 8
+    assert all(upper > 0 for gg, _, upper in g["tried"] if gg > 0)  # no shorter step was clearly lower either
+    torch.testing.assert_close(logits(pm, guard), logits(tiny_llama(), guard))  # the model starts as the base
 
 
 def test_guard_only_for_step_methods(sbatches):

@@ -529,6 +529,19 @@ def fsdp_sharded(model: nn.Module) -> bool:
                for p in model.parameters())
 
 
+def reshard_fsdp(model: nn.Module) -> None:
+    """Put every FSDP2 module of `model` back in its sharded state. A forward without a backward leaves a root FSDP
+    module's weights unsharded (FSDP2 keeps them for the backward it expects); a weight written then (an init's
+    offset) would go into the unsharded copy that FSDP drops, and the shard would keep the old weight."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 has no such module
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def collect_stats(
     model: nn.Module,
     batches: Iterable[dict],
