@@ -339,9 +339,18 @@ def lora_config(p: Preset, args, task, init):
                       task_type=TaskType.CAUSAL_LM if task.kind == "causal_lm" else TaskType.SEQ_CLS)
 
 
-def build(spec: str, model, task, collate, p: Preset, args, seed: int, device, init_idx: list[int]):
+def guard_batches(task, collate, order: list[list[int]], args, device) -> list[dict]:
+    """The init step's guard batches: the first `--guard-iters` training batches, which follow the statistics sample
+    (as the runner's `init.guard_iters` takes them; the same batches an auto run's rate comes from)."""
+    return [to_device(collate([task.train[i] for i in idx]), device)
+            for idx in order[: getattr(args, "guard_iters", 0)]]
+
+
+def build(spec: str, model, task, collate, p: Preset, args, seed: int, device, init_idx: list[int],
+          guard: list[dict] | None = None):
     """(the model to train (PEFT or full), the init's statistics or None), after the method's init from the
-    statistics batches of `init_idx`. The statistics are kept only for the K-FAC optimisers (+kfac, +kfac_sgd)."""
+    statistics batches of `init_idx`. The statistics are kept only for the K-FAC optimisers (+kfac, +kfac_sgd). For
+    lora_fa and lora_one a non-empty `guard` (`guard_batches`) turns the init step's guard on, as the runner does."""
     from peft import get_peft_model
 
     name, flag, options = parse_spec(spec)
@@ -364,6 +373,7 @@ def build(spec: str, model, task, collate, p: Preset, args, seed: int, device, i
             preprocess_loraga(model, cfg, train_step)
         return get_peft_model(model, cfg), None
     from lorafa import InitConfig, collect_stats, initialize
+    from lorafa.peft_bridge import GUARDED
 
     init = InitConfig(method=name, bsz=p.init_bsz, iters=p.init_iters, seed=seed, **options)
     batches = [to_device(b, device) for b in batches]
@@ -371,7 +381,7 @@ def build(spec: str, model, task, collate, p: Preset, args, seed: int, device, i
     if flag.startswith("kfac"):  # the same pass initialize would run, kept for the optimiser
         stats = collect_stats(model, batches, p.targets, kinds=(init.needs,), sketch=init.sketch_sizes, progress=False)
     peft_model = initialize(model, lora_config(p, args, task, True), init, batches=batches, stats=stats,
-                            progress=False)
+                            guard_batches=guard if guard and name in GUARDED else None, progress=False)
     return peft_model, stats
 
 
@@ -449,6 +459,14 @@ def prepare(job: dict):
                                                                    seed)
 
 
+def _guard_record(model) -> dict | None:
+    """What the init step's guard found (lorafa's record), or None where it did not run."""
+    from lorafa.saving import init_record
+
+    record = init_record(model)  # None for PEFT's own inits and full fine-tuning
+    return None if record is None else record.summary.get("guard")
+
+
 def run_one(job: dict) -> dict:
     """Init + train + evaluate one (method, lr, seed); returns the result dict (and writes it to job["path"]). A job
     whose lr is "auto" trains at `suggest_rate`'s rate (from the first `lr_batches` training batches, default 2)."""
@@ -456,9 +474,14 @@ def run_one(job: dict) -> dict:
     test_set, val_set = task.test[: p.n_heldout], [task.train[i] for i in split["val"]]
     res = {"format": FORMAT, "method": job["method"], "lr": job["lr"], "seed": seed, "device": device_info(),
            "n_val": len(val_set), "n_test": len(test_set)}
+    order = train_order(split["train"], p, seed)
     with PeakMemory(device) as mem, timed(device) as t:
-        model, stats = build(job["method"], model, task, collate, p, args, seed, device, split["init"])
+        model, stats = build(job["method"], model, task, collate, p, args, seed, device, split["init"],
+                             guard_batches(task, collate, order, args, device))
     res["init_s"], res["init_peak_mb"] = t["s"], mem.mb
+    guard = _guard_record(model)
+    if guard is not None:
+        res["guard"] = guard
     res.update(curve=[], val_curve=[], seconds=[])
     eval_s = 0.0
 
@@ -480,7 +503,6 @@ def run_one(job: dict) -> dict:
         evaluate(0, res["init_s"])  # after the init
         step0_store(job, seed, test=res["curve"][0][1], val=res["val_curve"][0][1])
     _, flag, _ = parse_spec(job["method"])
-    order = train_order(split["train"], p, seed)
     if job["lr"] == "auto":  # the rate from lorafa.suggest_lr on the first training batches (outside the init's)
         res.update(suggest_rate(model, [to_device(collate([task.train[i] for i in idx]), device)
                                         for idx in order[:job.get("lr_batches", 2)]], job, seed))
@@ -546,10 +568,14 @@ def _step0_method(spec: str) -> str:
 def _step0_record(job: dict, seed: int) -> tuple[str | None, dict]:
     """The cache file of this (method, seed) under `--step0-cache` (None without it), and what its losses depend on."""
     folder = job["args"].get("step0_cache")
+    from lorafa.peft_bridge import GUARDED
+
     method = _step0_method(job["method"])
     key = {"method": method, "seed": seed, "probe": job.get("probe"),
            "preset": {k: v for k, v in job["preset"].items() if k not in STEP0_FREE},
            "args": {k: job["args"].get(k) for k in STEP0_KEY_ARGS}}
+    if parse_spec(method)[0] in GUARDED:  # the guard changes where these inits start (records before it lack this)
+        key["guard_iters"] = job["args"].get("guard_iters", 0)
     return (os.path.join(folder, f"{spec_slug(method)}_s{seed}.json") if folder else None), _step0_key(key)
 
 
@@ -978,6 +1004,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--step0-cache", default=None,
                     help="a folder for the held-out losses right after each init (per method and seed): the runs of "
                          "other rates and the auto runs reuse them instead of evaluating at step 0 again")
+    ap.add_argument("--guard-iters", type=int, default=2,
+                    help="lora_fa, lora_one: the init step's guard on the first k training batches (the runner's "
+                         "default, init.guard_iters=2; 0: off)")
     ap.add_argument("--full-grid", action="store_true",
                     help="run every rate of the grid, not only the ones that can win")
     return ap

@@ -118,11 +118,12 @@ def probe_one(job: dict) -> dict:
 
     cargs, p, device, task, model, collate, seed, split = cv.prepare(job)
     t0 = time.perf_counter()
-    model, _ = cv.build(job["method"], model, task, collate, p, cargs, seed, device, split["init"])
+    order = cv.train_order(split["train"], p, seed)
+    model, _ = cv.build(job["method"], model, task, collate, p, cargs, seed, device, split["init"],
+                        cv.guard_batches(task, collate, order, cargs, device))
     res = {"method": job["method"], "seed": seed, "init_s": time.perf_counter() - t0, "device": cv.device_info(),
-           "rules": {}}
-    batches = [cv.to_device(collate([task.train[i] for i in idx]), device)
-               for idx in cv.train_order(split["train"], p, seed)[:2]]
+           "rules": {}, "guard": cv._guard_record(model)}
+    batches = [cv.to_device(collate([task.train[i] for i in idx]), device) for idx in order[:2]]
     for rule in job["rules"]:
         t0 = time.perf_counter()
         try:

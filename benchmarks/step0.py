@@ -11,6 +11,7 @@ baseline's, B = 0: the base model's) and the guard's record in `OUT/main_job.jso
     python benchmarks/step0.py --preset classification --seeds 0 1 2 --threads 1
     python benchmarks/step0.py --preset causal --seeds 0 1 2 --threads 1
     python benchmarks/step0.py --main-job
+    python benchmarks/step0.py --decisions causal main_job classification --threads 1
     python benchmarks/step0.py --summary
 
 The validation and test sets are the convergence protocol's (benchmarks/convergence.py), so the rows match its
@@ -35,6 +36,7 @@ from common import write_json, write_table  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks", "results", "step0")
 INITS = ("lora_fa", "lora_one")
+PROTOCOL_SEEDS = {"causal": [0, 1, 4]}  # the rate protocol's seeds (benchmarks/rate_causal.sh); others 0 1 2
 RAISE_TOL = 1e-3  # a held-out loss more than this above the base model's counts as raised
 
 
@@ -71,6 +73,37 @@ def run_one(job: dict) -> dict:
     return res
 
 
+def decisions(presets: list[str], seeds: dict, inits, rest: list[str], out: str) -> dict:
+    """The guard's decision alone (no held-out evaluation) for each preset, init and seed: where it keeps the step
+    (remedy None) the guarded model is the unguarded one, so runs made without the guard stand for guarded ones.
+    Written to `OUT/guard_decisions.json` (resumable: entries present are kept)."""
+    from lorafa import InitConfig, initialize
+    from lorafa.saving import init_record
+
+    path = os.path.join(out, "guard_decisions.json")
+    done = json.load(open(path)) if os.path.exists(path) else {}
+    for preset in presets:
+        cargs = cv.parser().parse_args(rest + ["--out", out, "--preset", preset])
+        p = cv.resolve_preset(cargs)
+        for m in inits:
+            for s in seeds[preset]:
+                key = f"{preset}/{m}/s{s}"
+                if key in done:
+                    continue
+                job = {"method": m, "lr": 0.0, "seed": s, "args": vars(cargs), "preset": dataclasses.asdict(p),
+                       "preset_name": preset, "probe": None}
+                args, p, device, task, model, collate, seed, split = cv.prepare(job)
+                batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
+                order = cv.train_order(split["train"], p, seed)
+                init = InitConfig(method=m, bsz=p.init_bsz, iters=p.init_iters, seed=seed)
+                pm = initialize(model, cv.lora_config(p, args, task, True), init, batches=batches,
+                                guard_batches=cv.guard_batches(task, collate, order, args, device), progress=False)
+                done[key] = init_record(pm).summary["guard"]
+                write_json(path, done)
+                logging.info("%s: guard remedy %s (factor %g)", key, done[key]["remedy"], done[key]["chosen"])
+    return done
+
+
 def main_job(out: str) -> dict:
     """The main job's command, one training step, no test evaluation: its results.json's step-0 losses and guard."""
     import subprocess
@@ -96,7 +129,7 @@ def _mean(xs) -> float:
 
 def summary(out: str) -> str:
     runs = [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out))
-            if f.endswith(".json") and f != "main_job.json"]
+            if f.endswith(".json") and f not in ("main_job.json", "guard_decisions.json")]
     rows = []
     for preset in sorted({r["preset"] for r in runs}):
         for init in INITS:
@@ -136,12 +169,22 @@ def main(argv=None) -> None:
     ap.add_argument("--summary", action="store_true", help="only table the runs in --out")
     ap.add_argument("--main-job", action="store_true", help="the main job's step-0 losses (one training step)")
     ap.add_argument("--out", default=OUT)
+    ap.add_argument("--decisions", nargs="+", default=None, metavar="PRESET",
+                    help="only the guard's decision (no evaluation) for these presets, at their protocol's seeds "
+                         "(causal: 0 1 4, others: 0 1 2; --seeds replaces them)")
     ap.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     args, rest = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.summary:
         print(summary(args.out))
+        return
+    if args.decisions:
+        seeds = {pr: args.seeds if "--seeds" in (argv or sys.argv) else PROTOCOL_SEEDS.get(pr, [0, 1, 2])
+                 for pr in args.decisions}
+        os.makedirs(args.out, exist_ok=True)
+        print(json.dumps({k: v["remedy"] for k, v in decisions(args.decisions, seeds, args.inits, rest,
+                                                                 args.out).items()}, indent=1))
         return
     if args.main_job:
         os.makedirs(args.out, exist_ok=True)

@@ -475,9 +475,14 @@ def test_step0_cache_is_shared_across_rates_and_refuses_other_options(tmp_path):
         convergence.step0_cached(job(rank=16), 0)
     with pytest.raises(ValueError, match="other options"):
         convergence.step0_cached(dict(job(), preset=dict(preset, task="gsm8k")), 0)
+    with pytest.raises(ValueError, match="other options"):  # the guard moves where lora_fa starts: its own record
+        convergence.step0_cached(job(guard_iters=0), 0)
+    convergence.step0_store(job("pissa"), 0, test=2.0, val=2.5)  # no step to guard: the option does not matter
+    assert convergence.step0_cached(job("pissa", guard_iters=0), 0)["val"] == 2.5
     none = dict(job(), args=dict(args, step0_cache=None))
     convergence.step0_store(none, 2, test=1.0, val=1.0)
-    assert convergence.step0_cached(none, 2) is None and sorted(os.listdir(cache)) == ["lora_fa_s0.json"]
+    assert convergence.step0_cached(none, 2) is None and sorted(os.listdir(cache)) == ["lora_fa_s0.json",
+                                                                                       "pissa_s0.json"]
 
 
 def test_merge_meta_adds_to_an_earlier_benchmark_and_refuses_another_setup(tmp_path):
