@@ -160,8 +160,31 @@ def summary(out: str) -> str:
                      "guard shortened the step": None if guard is None else
                      f"{int(guard['remedy'] is not None)} of 1",
                      "without the guard: val / test": None})
+    decided = os.path.join(out, "guard_decisions.json")
+    if os.path.exists(decided):
+        with open(decided) as f:
+            decisions_table(json.load(f), out)
     return write_table(rows, list(rows[0]), os.path.join(out, "step0"),
                        "Held-out loss right after the init (means over seeds), against the base model's")
+
+
+def decisions_table(done: dict, out: str) -> str:
+    """`OUT/decisions.md|csv`: per preset and init, the guard's decision at each seed and the bound it decided by."""
+    groups: dict[tuple[str, str], list] = {}
+    for key, g in done.items():
+        preset, init, seed = key.split("/")
+        groups.setdefault((preset, init), []).append((int(seed[1:]), g))
+    rows = []
+    for (preset, init), items in sorted(groups.items()):
+        items.sort()
+        bounds = [next(b for x, _, b in g["tried"] if x == 1.0) for _, g in items]
+        rows.append({"set-up": preset, "init": init, "seeds": " ".join(str(s) for s, _ in items),
+                     "examples": items[0][1]["examples"],
+                     "step kept (g = 1)": f"{sum(g['remedy'] is None for _, g in items)} of {len(items)}",
+                     "mean change at g = 1": " / ".join(f"{g['loss_step'] - g['loss_before']:+.3f}" for _, g in items),
+                     "its upper bound": " / ".join(f"{b:+.3f}" for b in bounds)})
+    return write_table(rows, list(rows[0]), os.path.join(out, "decisions"),
+                       "The guard's decision at the rate protocol's seeds (no evaluation)")
 
 
 def main(argv=None) -> None:

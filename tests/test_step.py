@@ -476,6 +476,13 @@ def test_guard_zeroes_a_decrease_within_the_examples_noise(sbatches):
     torch.testing.assert_close(logits(pm, guard), logits(tiny_llama(), guard))  # the model starts as the base
 
 
+def test_guard_refuses_a_batch_it_cannot_split_into_examples(sbatches):
+    bad = [dict(sbatches[0], extra=torch.zeros(3, 2))]  # a tensor whose first dimension is not the batch's 4
+    with pytest.raises(ValueError, match=r"per-example losses: every tensor .* first dimensions \[3, 4\]"):
+        lorafa.initialize(tiny_llama(), cfg(), InitConfig(method="lora_fa", iters=3), batches=sbatches,
+                          guard_batches=bad, progress=False)
+
+
 def test_guard_only_for_step_methods(sbatches):
     with pytest.raises(ValueError, match=r"guard_batches= checks the init step of lora_fa and lora_one; pissa"):
         lorafa.initialize(tiny_llama(), cfg(), InitConfig(method="pissa"), guard_batches=sbatches, progress=False)

@@ -5,6 +5,8 @@ process on the union of the batches, and every weight is partitioned again after
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from datetime import timedelta
 
@@ -14,9 +16,10 @@ import torch.distributed as dist
 from conftest import make_batches, tiny_llama
 from safetensors.torch import load_file, save_file
 from spawn_ranks import free_port, require_gloo, run_ranks
-from test_fsdp import N_BATCHES, TARGETS, WORLD, _lora_config, assert_ranks_equal
+from test_fsdp import N_BATCHES, TARGETS, WORLD, _guard_batches, _lora_config, assert_ranks_equal
 
 import lorafa
+from lorafa.saving import init_record
 from lorafa.stats import shard_batches
 
 DS_CONFIG = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
@@ -79,6 +82,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                                lorafa.InitConfig(method="lora_fa", iters=N_BATCHES, scale="line_search"),
                                batches=mine, progress=False)
         save_file(_gathered_state(pm), os.path.join(out_dir, f"search{rank}.safetensors"))
+        # the step's guard: 8 examples here, 4 there (rank 1 runs blank passes); its offset reaches the partitions
+        pm = lorafa.initialize(_zero3_llama(full), _lora_config(), lorafa.InitConfig(method="lora_fa", iters=N_BATCHES),
+                               batches=mine, guard_batches=shard_batches(_guard_batches(), rank, WORLD),
+                               progress=False)
+        assert _all_partitioned(pm)
+        with open(os.path.join(out_dir, f"guard{rank}.json"), "w") as f:
+            json.dump(init_record(pm).summary["guard"], f)
+        save_file(_gathered_state(pm), os.path.join(out_dir, f"guard{rank}.safetensors"))
         pm = lorafa.initialize(_zero3_llama(full), _lora_config(),
                                lorafa.InitConfig(method="lora_fa", iters=N_BATCHES, stats_memory=GROUP_BUDGET),
                                batches=mine, progress=False)
@@ -135,6 +146,18 @@ def test_zero3_line_search_equals_one_process(zero3_run):
                                lorafa.InitConfig(method="lora_fa", iters=N_BATCHES, scale="line_search"),
                                batches=make_batches(N_BATCHES), progress=False)
     assert_ranks_equal(zero3_run, "search", {k: v.detach() for k, v in single.state_dict().items()})
+
+
+def test_zero3_guard_decides_on_both_ranks_examples(zero3_run):
+    single = lorafa.initialize(tiny_llama(seed=0), _lora_config(), lorafa.InitConfig(method="lora_fa", iters=N_BATCHES),
+                               batches=make_batches(N_BATCHES), guard_batches=_guard_batches(), progress=False)
+    want = init_record(single).summary["guard"]
+    for r in range(WORLD):
+        got = json.loads((zero3_run / f"guard{r}.json").read_text())
+        assert (got["examples"], got["chosen"], got["remedy"]) == (want["examples"], want["chosen"], want["remedy"])
+        for (g1, l1, u1), (g2, l2, u2) in zip(got["tried"], want["tried"], strict=True):
+            assert g1 == g2 and math.isclose(l1, l2, rel_tol=1e-5) and math.isclose(u1, u2, rel_tol=1e-3, abs_tol=1e-6)
+    assert_ranks_equal(zero3_run, "guard", {k: v.detach() for k, v in single.state_dict().items()})
 
 
 def test_zero3_grouped_sweeps_equal_one_pass(zero3_run):

@@ -178,9 +178,9 @@ def initialize_trainer(trainer, lora_config: LoraConfig, init_config: InitConfig
     adapter with `lorafa.save_adapter(peft_model, path)` (it loads on the original base); `trainer.save_model`
     writes it relative to the offset base.
 
-    For lora_fa and lora_one the init step is guarded (`lorafa.initialize`'s `guard_batches=`): it must not raise the
-    loss on `guard_iters` batches of InitConfig's bsz that the statistics pass did not see (the same batches as
-    "auto"'s below); where it does, it is shortened, and
+    For lora_fa and lora_one the init step is guarded (`lorafa.initialize`'s `guard_batches=`): it must lower the
+    loss, beyond the examples' noise, on `guard_iters` batches of InitConfig's bsz that the statistics pass did not
+    see (the same batches as "auto"'s below); where it does not, it is shortened or taken out, and
     `lorafa.saving.init_record(peft_model).summary["guard"]` says so.
 
     `learning_rate="auto"` sets `trainer.args.learning_rate` (before the optimizer exists, so the optimizer and its

@@ -265,10 +265,12 @@ def initialize(model, lora_config: LoraConfig, init_config: InitConfig | None = 
             that fit those examples (measured: on a probe-first classifier, 128 statistics reviews' loss fell from
             0.61 to 0.03 while the held-out loss rose); other training examples avoid that.
         guard_batches: for lora_fa and lora_one, batches of examples outside the statistics sample on which the init
-            step must not raise the loss (`methods.line_search.guard_step`): where it does, the step is shortened
-            (the factors keep their scale and the base is offset by the rest; a quantized base takes no offset,
-            so there the factors shrink). Where it does not, nothing changes. The runner (`init.guard_iters`,
-            default 2) and `initialize_trainer` pass them;
+            step must lower the loss beyond the examples' noise (`methods.line_search.guard_step`: each example is
+            its own forward pass, and the paired changes' one-sided 95% upper bound must be ≤ 0): where it does
+            not, the step is shortened until it does, else taken out (the factors keep their scale and the base is
+            offset by the rest; a quantized base takes no offset, so there the factors shrink). Where it does,
+            nothing changes. The tensors of each batch must have the batch's size as their first dimension. The
+            runner (`init.guard_iters`, default 2) and `initialize_trainer` pass them;
             `lorafa.saving.init_record(peft_model).summary["guard"]` says what it found.
         tuned: for method="extract", the fine-tuned model (same architecture as `model`) or its state dict: each
             target layer's adapter is extracted from W_tuned − W.

@@ -94,7 +94,7 @@ class InitSection:
     r_max: int | None = None
     tau: float = 0.9
     search_iters: int = 0  # scale=line_search: 0 searches on the statistics batches, k > 0 on k batches of others
-    guard_iters: int = 2  # lora_fa, lora_one: the init step must not raise the loss on k batches of others (0: off)
+    guard_iters: int = 2  # lora_fa, lora_one: the init step must clearly lower the loss on k batches of others (0: off)
     tuned: str | None = None  # method=extract: the fine-tuned checkpoint (HF id or path) to extract from
     metric: str | None = None  # extract: input (null: the method's default) | kfac | identity
     kasa_beta: float | None = None  # kasa: weight of Σσ² (null: 1e-4)
