@@ -15,6 +15,7 @@ lane_a() {
   $PY benchmarks/convergence.py $C --seeds 0 1 2 --out $OUT/grid --methods lora
   $PY benchmarks/rate.py probe --out $OUT --seeds 0 1 2 --rules polyak adam_step $C
   $PY benchmarks/rate.py fit --out $OUT $C
+  $PY benchmarks/rate.py probe --out $OUT --seeds 0 1 2 --rules anchored $C
   $PY benchmarks/convergence.py $C --seeds 0 1 2 --out $OUT/grid --methods lora lora_fa lora_one pissa lora+prodigy \
     lora+sf
   $PY benchmarks/rate.py auto --out $OUT --seeds 0 1 2 --rule polyak $C
