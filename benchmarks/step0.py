@@ -76,7 +76,8 @@ def run_one(job: dict) -> dict:
 def decisions(presets: list[str], seeds: dict, inits, rest: list[str], out: str) -> dict:
     """The guard's decision alone (no held-out evaluation) for each preset, init and seed: where it keeps the step
     (remedy None) the guarded model is the unguarded one, so runs made without the guard stand for guarded ones.
-    Written to `OUT/guard_decisions.json` (resumable: entries present are kept)."""
+    Each entry is the guard's record (its passes over the guard examples and its seconds among them) and the whole
+    init's seconds. Written to `OUT/guard_decisions.json` (resumable: entries present are kept)."""
     from lorafa import InitConfig, initialize
     from lorafa.saving import init_record
 
@@ -96,9 +97,11 @@ def decisions(presets: list[str], seeds: dict, inits, rest: list[str], out: str)
                 batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
                 order = cv.train_order(split["train"], p, seed)
                 init = InitConfig(method=m, bsz=p.init_bsz, iters=p.init_iters, seed=seed)
+                guard = cv.guard_batches(task, collate, order, args, device)
+                t = time.perf_counter()
                 pm = initialize(model, cv.lora_config(p, args, task, True), init, batches=batches,
-                                guard_batches=cv.guard_batches(task, collate, order, args, device), progress=False)
-                done[key] = init_record(pm).summary["guard"]
+                                guard_batches=guard, progress=False)
+                done[key] = dict(init_record(pm).summary["guard"], init_s=time.perf_counter() - t)
                 write_json(path, done)
                 logging.info("%s: guard remedy %s (factor %g)", key, done[key]["remedy"], done[key]["chosen"])
     return done
@@ -169,7 +172,8 @@ def summary(out: str) -> str:
 
 
 def decisions_table(done: dict, out: str) -> str:
-    """`OUT/decisions.md|csv`: per preset and init, the guard's decision at each seed and the bound it decided by."""
+    """`OUT/decisions.md|csv`: per preset and init, the guard's decision at each seed, the bound it decided by, the
+    factors it tried (each a pass over its examples) and its seconds against the whole init's."""
     groups: dict[tuple[str, str], list] = {}
     for key, g in done.items():
         preset, init, seed = key.split("/")
@@ -182,7 +186,10 @@ def decisions_table(done: dict, out: str) -> str:
                      "examples": items[0][1]["examples"],
                      "step kept (g = 1)": f"{sum(g['remedy'] is None for _, g in items)} of {len(items)}",
                      "mean change at g = 1": " / ".join(f"{g['loss_step'] - g['loss_before']:+.3f}" for _, g in items),
-                     "its upper bound": " / ".join(f"{b:+.3f}" for b in bounds)})
+                     "its upper bound": " / ".join(f"{b:+.3f}" for b in bounds),
+                     "passes": " / ".join(str(len(g["tried"])) for _, g in items),
+                     "guard s": " / ".join(f"{g['seconds']:.1f}" if "seconds" in g else "—" for _, g in items),
+                     "init s": " / ".join(f"{g['init_s']:.1f}" if "init_s" in g else "—" for _, g in items)})
     return write_table(rows, list(rows[0]), os.path.join(out, "decisions"),
                        "The guard's decision at the rate protocol's seeds (no evaluation)")
 

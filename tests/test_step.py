@@ -427,6 +427,7 @@ def test_guard_keeps_a_step_that_lowers_the_held_out_loss(sbatches):
     assert g["loss_step"] < g["loss_before"]  # on examples the step was computed from, it helps
     assert g["remedy"] is None and g["chosen"] == 1.0 and [t[0] for t in g["tried"]] == [0.0, 1.0]
     assert g["tried"][1][2] <= 0.0  # the change's upper bound: a decrease beyond the examples' noise
+    assert g["seconds"] > 0
     torch.testing.assert_close(logits(pm, other), logits(ref, other))
     assert not init_record(pm).subtracted
 
@@ -474,6 +475,21 @@ def test_guard_zeroes_a_decrease_within_the_examples_noise(sbatches):
     assert g["remedy"] == "offset" and g["chosen"] == 0.0 and g["examples"] == 8
     assert all(upper > 0 for gg, _, upper in g["tried"] if gg > 0)  # no shorter step was clearly lower either
     torch.testing.assert_close(logits(pm, guard), logits(tiny_llama(), guard))  # the model starts as the base
+
+
+def test_guard_shortens_an_overshooting_step_to_the_longest_clear_decrease(sbatches):
+    """A descent step that overshoots: g = 1 and 1/2 are not clearly lower, 1/4 is; the model starts at W + step/4
+    (the factors keep their scale, the base takes the other 3/4)."""
+    init = InitConfig(method="lora_fa", iters=3, stable_gamma=1.0)
+    pm = lorafa.initialize(tiny_llama(), cfg(), init, batches=sbatches, guard_batches=sbatches, progress=False)
+    g = init_record(pm).summary["guard"]
+    bound = {x: upper for x, _, upper in g["tried"]}
+    assert g["remedy"] == "offset" and 0.0 < g["chosen"] < 1.0 and bound[g["chosen"]] <= 0.0
+    assert all(bound[x] > 0 for x in bound if x > g["chosen"])  # every longer step tried was not clearly lower
+    assert math.isclose(float(example_losses(pm, sbatches).mean()), g["loss_chosen"], rel_tol=1e-4)
+    assert g["loss_chosen"] < g["loss_before"]
+    info = next(iter(init_record(pm).infos.values()))
+    assert math.isclose(info["offset_scale"], 1.0 - g["chosen"]) and info["guard_factor"] == g["chosen"]
 
 
 def test_guard_refuses_a_batch_it_cannot_split_into_examples(sbatches):
