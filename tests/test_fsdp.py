@@ -27,6 +27,10 @@ METHODS = ("lora_ga", "pissa", "lora_fa")
 SF_LR = 0.01
 
 
+def _partial_search() -> lorafa.InitConfig:
+    return lorafa.InitConfig(method="lora_fa", iters=N_BATCHES, scale="line_search", offset="partial")
+
+
 def _guard_batches() -> list[dict]:
     return make_batches(3, bsz=4, seed=11)
 
@@ -156,6 +160,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                                                                         scale="line_search"),
                                batches=mine, progress=False)
         save_file(_full_state(pm), os.path.join(out_dir, f"search{rank}.safetensors"))
+        # with offset="partial" the base is written after the search's forward passes: the write must reach the shards
+        model, _ = _sharded_llama()
+        pm = lorafa.initialize(model, _lora_config(), _partial_search(), batches=mine, progress=False)
+        save_file(_full_state(pm), os.path.join(out_dir, f"partial{rank}.safetensors"))
         # the step's guard under FSDP: its paired per-example sums are over both ranks' examples (8 and 4 here)
         model, _ = _sharded_llama()
         pm = lorafa.initialize(model, _lora_config(), lorafa.InitConfig(method="lora_fa", iters=N_BATCHES),
@@ -273,6 +281,15 @@ def test_fsdp2_line_search_equals_one_process(fsdp_run):
                                batches=make_batches(N_BATCHES), progress=False)
     want = {k: v.detach() for k, v in single.state_dict().items()}
     assert_ranks_equal(fsdp_run, "search", want)  # both ranks, not rank 0 alone
+
+
+def test_fsdp2_partial_offset_after_a_line_search_reaches_the_shards(fsdp_run):
+    single = lorafa.initialize(tiny_llama(seed=0), _lora_config(), _partial_search(), batches=make_batches(N_BATCHES),
+                               progress=False)
+    want = {k: v.detach() for k, v in single.state_dict().items()}
+    base = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert float((want[base] - tiny_llama(seed=0).model.layers[0].self_attn.q_proj.weight).norm()) > 1e-4
+    assert_ranks_equal(fsdp_run, "partial", want)
 
 
 def test_fsdp2_guard_decides_on_both_ranks_examples(fsdp_run):
