@@ -1035,3 +1035,31 @@ def test_rate_verdict_table_counts_each_target_from_the_results(tmp_path):
     assert main_adamw[3] == "not run"
     assert cls_sf[3] == "1 of 2; missed: lora_fa 1.20 stds" and cls_sf[-1] == "missed by 0.030 |"
     assert cls_adamw[3] == "2 of 2" and cls_adamw[-1] == "met |"
+
+
+@pytest.mark.parametrize("out, opts", [
+    ("rate_causal", "--preset causal --max-extend 3 --eval-every 40 --threads 1"),  # benchmarks/rate_causal.sh
+    ("rate_main", "--preset main_job --max-extend 3 --eval-every 22 --threads 1"),  # benchmarks/rate_main.sh
+])
+def test_committed_step0_caches_match_the_keys_a_resumed_protocol_computes(out, opts):
+    """A resumed `rate_lanes.sh` looks up every saved run's step-0 record under the options it runs with; a record
+    whose key no longer matches (e.g. an option added to the key) raises and stops the resume."""
+    import dataclasses
+    import glob
+
+    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", out)
+    checked = 0
+    for sub in sorted(glob.glob(os.path.join(root, "grid*")) + glob.glob(os.path.join(root, "auto_*"))):
+        if not os.path.isdir(os.path.join(sub, "runs")):
+            continue
+        name = opts.split()[1]
+        args = convergence.parser().parse_args(opts.split() + [  # the CPU batch (CUDA would take 4× by default)
+            "--batch", str(convergence.PRESETS[name].batch), "--out", sub, "--step0-cache",
+            os.path.join(root, "step0_cache")])
+        preset = dataclasses.asdict(convergence.resolve_preset(args))
+        for r in convergence.saved_runs(sub)[0]:
+            job = {"method": r["method"], "lr": r["lr"], "seed": r["seed"], "args": vars(args), "preset": preset,
+                   "probe": None}
+            convergence.step0_cached(job, r["seed"])  # raises on a key mismatch
+            checked += 1
+    assert checked >= 30
