@@ -459,7 +459,7 @@ def prepare(job: dict):
                                                                    seed)
 
 
-def _guard_record(model) -> dict | None:
+def guard_record(model) -> dict | None:
     """What the init step's guard found (lorafa's record), or None where it did not run."""
     from lorafa.saving import init_record
 
@@ -479,7 +479,7 @@ def run_one(job: dict) -> dict:
         model, stats = build(job["method"], model, task, collate, p, args, seed, device, split["init"],
                              guard_batches(task, collate, order, args, device))
     res["init_s"], res["init_peak_mb"] = t["s"], mem.mb
-    guard = _guard_record(model)
+    guard = guard_record(model)
     if guard is not None:
         res["guard"] = guard
     res.update(curve=[], val_curve=[], seconds=[])

@@ -122,7 +122,7 @@ def probe_one(job: dict) -> dict:
     model, _ = cv.build(job["method"], model, task, collate, p, cargs, seed, device, split["init"],
                         cv.guard_batches(task, collate, order, cargs, device))
     res = {"method": job["method"], "seed": seed, "init_s": time.perf_counter() - t0, "device": cv.device_info(),
-           "rules": {}, "guard": cv._guard_record(model)}
+           "rules": {}, "guard": cv.guard_record(model)}
     batches = [cv.to_device(collate([task.train[i] for i in idx]), device) for idx in order[:2]]
     for rule in job["rules"]:
         t0 = time.perf_counter()

@@ -45,25 +45,34 @@ def _losses(model, task, val, collate, device, p) -> dict:
             "test": cv.heldout(model, task.test[: p.n_heldout], collate, device)["loss"]}
 
 
-def run_one(job: dict) -> dict:
+def _init(job: dict, prepared: tuple, guarded: bool):
+    """(the PEFT model, its init's seconds): the job's init from its statistics batches, guarded (as the runner and
+    convergence.py's `--guard-iters`, on the first training batches, an auto run's rate batches too) or not."""
     from lorafa import InitConfig, initialize
+
+    args, p, device, task, model, collate, seed, split = prepared
+    batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
+    guard = cv.guard_batches(task, collate, cv.train_order(split["train"], p, seed), args, device) if guarded else None
+    init = InitConfig(method=job["method"], bsz=p.init_bsz, iters=p.init_iters, seed=seed)
+    t = time.perf_counter()
+    pm = initialize(model, cv.lora_config(p, args, task, True), init, batches=batches, guard_batches=guard,
+                    progress=False)
+    return pm, time.perf_counter() - t
+
+
+def run_one(job: dict) -> dict:
     from lorafa.saving import init_record
 
     res = {"preset": job["preset_name"], "init": job["method"], "seed": job["seed"]}
     for guarded in (True, False):
-        args, p, device, task, model, collate, seed, split = cv.prepare(job)
+        prepared = cv.prepare(job)
+        args, p, device, task, model, collate, seed, split = prepared
         val = [task.train[i] for i in split["val"]]
         if guarded:
             res["base"] = _losses(model, task, val, collate, device, p)
-        batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
-        guard = [cv.to_device(collate([task.train[i] for i in idx]), device)
-                 for idx in cv.train_order(split["train"], p, seed)[:2]]  # an auto run's rate batches too
-        init = InitConfig(method=job["method"], bsz=p.init_bsz, iters=p.init_iters, seed=seed)
-        t = time.perf_counter()
-        pm = initialize(model, cv.lora_config(p, args, task, True), init, batches=batches,
-                        guard_batches=guard if guarded else None, progress=False)
+        pm, seconds = _init(job, prepared, guarded)
         key = "guarded" if guarded else "unguarded"
-        res[key] = dict(_losses(pm, task, val, collate, device, p), init_s=time.perf_counter() - t)
+        res[key] = dict(_losses(pm, task, val, collate, device, p), init_s=seconds)
         if guarded:
             res["guard"] = init_record(pm).summary["guard"]
             if res["guard"]["remedy"] is None:  # the guard changed nothing: the same model as without it
@@ -78,11 +87,13 @@ def decisions(presets: list[str], seeds: dict, inits, rest: list[str], out: str)
     (remedy None) the guarded model is the unguarded one, so runs made without the guard stand for guarded ones.
     Each entry is the guard's record (its passes over the guard examples and its seconds among them) and the whole
     init's seconds. Written to `OUT/guard_decisions.json` (resumable: entries present are kept)."""
-    from lorafa import InitConfig, initialize
     from lorafa.saving import init_record
 
     path = os.path.join(out, "guard_decisions.json")
-    done = json.load(open(path)) if os.path.exists(path) else {}
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)
     for preset in presets:
         cargs = cv.parser().parse_args(rest + ["--out", out, "--preset", preset])
         p = cv.resolve_preset(cargs)
@@ -93,15 +104,8 @@ def decisions(presets: list[str], seeds: dict, inits, rest: list[str], out: str)
                     continue
                 job = {"method": m, "lr": 0.0, "seed": s, "args": vars(cargs), "preset": dataclasses.asdict(p),
                        "preset_name": preset, "probe": None}
-                args, p, device, task, model, collate, seed, split = cv.prepare(job)
-                batches = [cv.to_device(b, device) for b in cv.init_batches(task, collate, p, split["init"])]
-                order = cv.train_order(split["train"], p, seed)
-                init = InitConfig(method=m, bsz=p.init_bsz, iters=p.init_iters, seed=seed)
-                guard = cv.guard_batches(task, collate, order, args, device)
-                t = time.perf_counter()
-                pm = initialize(model, cv.lora_config(p, args, task, True), init, batches=batches,
-                                guard_batches=guard, progress=False)
-                done[key] = dict(init_record(pm).summary["guard"], init_s=time.perf_counter() - t)
+                pm, seconds = _init(job, cv.prepare(job), guarded=True)
+                done[key] = dict(init_record(pm).summary["guard"], init_s=seconds)
                 write_json(path, done)
                 logging.info("%s: guard remedy %s (factor %g)", key, done[key]["remedy"], done[key]["chosen"])
     return done
@@ -203,15 +207,15 @@ def main(argv=None) -> None:
                     help="only the guard's decision (no evaluation) for these presets, at their protocol's seeds "
                          "(causal: 0 1 4, others: 0 1 2; --seeds replaces them)")
     ap.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="default 0 1 2; with --decisions, each preset's protocol seeds")
     args, rest = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.summary:
         print(summary(args.out))
         return
     if args.decisions:
-        seeds = {pr: args.seeds if "--seeds" in (argv or sys.argv) else PROTOCOL_SEEDS.get(pr, [0, 1, 2])
-                 for pr in args.decisions}
+        seeds = {pr: args.seeds or PROTOCOL_SEEDS.get(pr, [0, 1, 2]) for pr in args.decisions}
         os.makedirs(args.out, exist_ok=True)
         print(json.dumps({k: v["remedy"] for k, v in decisions(args.decisions, seeds, args.inits, rest,
                                                                  args.out).items()}, indent=1))
@@ -224,7 +228,7 @@ def main(argv=None) -> None:
     p = cv.resolve_preset(cargs)
     os.makedirs(args.out, exist_ok=True)
     for m in args.inits:
-        for s in args.seeds:
+        for s in args.seeds or [0, 1, 2]:
             path = os.path.join(args.out, f"{cargs.preset}_{m}_s{s}.json")
             if os.path.exists(path):
                 continue

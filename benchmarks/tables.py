@@ -847,8 +847,8 @@ BLOCKS: dict[str, Block] = {
                           "docs/learning_rate.md: issue 23's three targets on every preset, per optimiser"),
     "step0": csv_block(STEP0, "step0", "python benchmarks/step0.py --summary",
                        "docs/learning_rate.md: the held-out loss after the step inits, guarded, every set-up"),
-    "step0_decisions": csv_block(STEP0, "decisions", "python benchmarks/step0.py --decisions causal main_job "
-                                 "--threads 1 && python benchmarks/step0.py --summary",
+    "step0_decisions": csv_block(STEP0, "decisions", "python benchmarks/step0.py --decisions classification causal "
+                                 "main_job --threads 1 && python benchmarks/step0.py --summary",
                                  "docs/learning_rate.md: the guard's decision at the rate protocol's seeds"),
     "stats_memory": csv_block(STATS_MEMORY, "summary", "python benchmarks/stats_memory.py --out "
                               "benchmarks/results/stats_memory", "docs/scale.md: one pass against grouped sweeps"),
