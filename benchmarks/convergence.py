@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -580,12 +581,31 @@ def _step0_record(job: dict, seed: int) -> tuple[str | None, dict]:
 
 
 def _step0_key(key: dict) -> dict:
-    """The key as stored and compared: JSON values, the data path resolved (the default one is relative to the
-    script, so each checkout spells it differently)."""
+    """The key as stored and compared: JSON values, with the GSM8K folder named by its content (`data_fingerprint`), not
+    by where it lies (each checkout and machine spells the path differently), and dropped where the task is another."""
     key = json.loads(json.dumps(key, default=str))
-    if key["args"].get("gsm8k"):
-        key["args"]["gsm8k"] = os.path.realpath(key["args"]["gsm8k"])
+    path = key["args"].get("gsm8k")
+    if key["preset"].get("task") != "gsm8k":
+        key["args"]["gsm8k"] = None
+    elif path and not str(path).startswith("sha256:"):
+        key["args"]["gsm8k"] = data_fingerprint(path)
     return key
+
+
+@functools.lru_cache(maxsize=None)
+def data_fingerprint(path: str) -> str:
+    """'sha256:' and the first 16 hex digits of the hash of a GSM8K folder's train.jsonl and test.jsonl (or of a
+    file), so that two copies of the same data match wherever they lie. A missing path raises FileNotFoundError."""
+    files = ([os.path.join(path, n) for n in ("train.jsonl", "test.jsonl")] if os.path.isdir(path) else [path])
+    h = hashlib.sha256()
+    for f in files:
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f} does not exist: --gsm8k must name the GSM8K folder (train.jsonl, test.jsonl)")
+        h.update(os.path.basename(f).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def step0_cached(job: dict, seed: int) -> dict | None:
