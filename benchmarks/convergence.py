@@ -1023,7 +1023,8 @@ def parser() -> argparse.ArgumentParser:
                          "chance-level runs end within ±0.015 of ln 2 and learning ones below 0.63); default: off")
     ap.add_argument("--step0-cache", default=None,
                     help="a folder for the held-out losses right after each init (per method and seed): the runs of "
-                         "other rates and the auto runs reuse them instead of evaluating at step 0 again")
+                         "other rates and the auto runs reuse them instead of evaluating at step 0 again; each record "
+                         "is keyed by the options it depends on, with the GSM8K data named by content, not by path")
     ap.add_argument("--guard-iters", type=int, default=2,
                     help="lora_fa, lora_one: the init step's guard on the first k training batches (the runner's "
                          "default, init.guard_iters=2; 0: off)")
