@@ -567,8 +567,11 @@ def _step0_method(spec: str) -> str:
 
 
 def _step0_record(job: dict, seed: int) -> tuple[str | None, dict]:
-    """The cache file of this (method, seed) under `--step0-cache` (None without it), and what its losses depend on."""
+    """The cache file of this (method, seed) under `--step0-cache` and what its losses depend on; (None, {}) without
+    a folder (nothing is kept, and the data are not hashed)."""
     folder = job["args"].get("step0_cache")
+    if not folder:
+        return None, {}
     from lorafa.peft_bridge import GUARDED
 
     method = _step0_method(job["method"])
@@ -577,7 +580,7 @@ def _step0_record(job: dict, seed: int) -> tuple[str | None, dict]:
            "args": {k: job["args"].get(k) for k in STEP0_KEY_ARGS}}
     if parse_spec(method)[0] in GUARDED:  # the guard changes where these inits start (records before it lack this)
         key["guard_iters"] = job["args"].get("guard_iters", 0)
-    return (os.path.join(folder, f"{spec_slug(method)}_s{seed}.json") if folder else None), _step0_key(key)
+    return os.path.join(folder, f"{spec_slug(method)}_s{seed}.json"), _step0_key(key)
 
 
 def _step0_key(key: dict) -> dict:
