@@ -588,23 +588,20 @@ def _step0_key(key: dict) -> dict:
     by where it lies (each checkout and machine spells the path differently), and dropped where the task is another."""
     key = json.loads(json.dumps(key, default=str))
     path = key["args"].get("gsm8k")
-    if key["preset"].get("task") != "gsm8k":
-        key["args"]["gsm8k"] = None
-    elif path and not str(path).startswith("sha256:"):
-        key["args"]["gsm8k"] = data_fingerprint(path)
+    key["args"]["gsm8k"] = data_fingerprint(path) if path and key["preset"].get("task") == "gsm8k" else None
     return key
 
 
 @functools.lru_cache(maxsize=None)
-def data_fingerprint(path: str) -> str:
-    """'sha256:' and the first 16 hex digits of the hash of a GSM8K folder's train.jsonl and test.jsonl (or of a
-    file), so that two copies of the same data match wherever they lie. A missing path raises FileNotFoundError."""
-    files = ([os.path.join(path, n) for n in ("train.jsonl", "test.jsonl")] if os.path.isdir(path) else [path])
+def data_fingerprint(folder: str) -> str:
+    """'sha256:' and the first 16 hex digits of the hash of a GSM8K folder's train.jsonl and test.jsonl, so that two
+    copies of the same data match wherever they lie. A missing file raises FileNotFoundError."""
     h = hashlib.sha256()
-    for f in files:
-        if not os.path.exists(f):
+    for name in ("train.jsonl", "test.jsonl"):
+        f = os.path.join(folder, name)
+        if not os.path.isfile(f):
             raise FileNotFoundError(f"{f} does not exist: --gsm8k must name the GSM8K folder (train.jsonl, test.jsonl)")
-        h.update(os.path.basename(f).encode())
+        h.update(name.encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
@@ -620,7 +617,7 @@ def step0_cached(job: dict, seed: int) -> dict | None:
         return None
     with open(path) as f:
         rec = json.load(f)
-    if _step0_key(rec["key"]) != key:
+    if rec["key"] != key:
         raise ValueError(f"{path} was measured under other options ({rec['key']} against {key}): use another "
                          "--step0-cache folder for this set-up")
     return rec
